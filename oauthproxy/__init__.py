@@ -1,0 +1,78 @@
+"""oauthproxy: an OAuth 2.1 authorization server and streaming reverse proxy for MCP servers (application factory)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from flask import Flask
+
+from oauthproxy.config import Settings, load_settings
+
+MIGRATIONS_DIRECTORY = str(Path(__file__).parent / "migrations")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(env: Mapping[str, str] | None = None) -> Flask:
+    """Build the application from `env` (default: the process environment plus `.env`).
+
+    Raises `oauthproxy.config.ConfigError` listing every invalid setting; `wsgi.py` and the CLI print it and exit.
+    """
+    if env is None:
+        from dotenv import load_dotenv
+
+        load_dotenv(os.environ.get("OAUTHPROXY_ENV_FILE", ".env"))
+    app = Flask(__name__, template_folder=str(PROJECT_ROOT / "templates"), instance_relative_config=True)
+    settings = load_settings(env, instance_path=app.instance_path)
+    if settings.database_dsn.startswith("sqlite:"):
+        Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    configure_app(app, settings)
+    return app
+
+
+def configure_app(app: Flask, settings: Settings) -> None:
+    from flask_migrate import Migrate
+
+    from oauthproxy import endpoints
+    from oauthproxy.authorization_server import AuthorizationServer
+    from oauthproxy.client_metadata import ClientMetadataFetcher
+    from oauthproxy.crypto import SecretBox
+    from oauthproxy.models import db
+    from oauthproxy.rate_limits import init_rate_limits
+    from oauthproxy.upstream import build_upstream_provider
+
+    if settings.is_loopback:
+        # Authlib refuses http:// URLs unless this is set; allowed only when PUBLIC_URL is loopback.
+        os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"
+    app.config.update(
+        SETTINGS=settings,
+        SECRET_KEY=settings.secret_key,
+        SQLALCHEMY_DATABASE_URI=settings.database_dsn,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        OAUTH_SCOPES_SUPPORTED=settings.scopes_supported,
+        SESSION_COOKIE_NAME="__Host-oauthproxy-session" if settings.secure_cookies else "oauthproxy-session",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    db.init_app(app)
+    Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
+    app.extensions["secret_box"] = SecretBox(settings.encryption_keys)
+    app.extensions["client_metadata_fetcher"] = ClientMetadataFetcher(
+        allow_private_networks=settings.allow_private_client_metadata_urls)
+    upstream = build_upstream_provider(settings)
+    upstream.init_app(app)
+    app.extensions["upstream"] = upstream
+    if not settings.scopes_supported:
+        app.config["OAUTH_SCOPES_SUPPORTED"] = upstream.default_scopes
+    AuthorizationServer(app, settings)
+    app.register_blueprint(endpoints.blueprint)
+    app.extensions["rate_limiter"] = init_rate_limits(app, settings)
+
+    from oauthproxy import cli
+
+    cli.register_commands(app)

@@ -1,0 +1,296 @@
+"""The OAuth 2.1 authorization server: Authlib grants, token issuance and rotation, revocation, RFC 8414 metadata."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+from authlib.integrations.flask_oauth2 import AuthorizationServer as FlaskAuthorizationServer
+from authlib.oauth2.rfc6749 import OAuth2Request, grants
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError, OAuth2Error
+from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc9207 import IssuerParameter
+from flask import Flask
+from sqlalchemy import or_, select, update
+
+from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
+from oauthproxy.config import Settings
+from oauthproxy.crypto import hash_token, new_token
+from oauthproxy.models import AuthorizationCode, Grant, Token, db, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class InvalidTargetError(OAuth2Error):
+    """RFC 8707 §2: the requested resource is not one this server issues tokens for."""
+
+    error = "invalid_target"
+
+
+def canonical_resource(uri: str) -> str:
+    """RFC 8707 comparison form: scheme and host lower-cased, no trailing slash, no query or fragment.
+
+    Some clients (reported for ChatGPT) append query parameters to `resource`; they don't name another resource.
+    """
+    parts = urlsplit(uri.strip())
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+class ParamsRequest(OAuth2Request):
+    """An authorization request rebuilt from stored parameters (after consent, or at the upstream callback)."""
+
+    def __init__(self, issuer: str, params: dict[str, str]):
+        super().__init__("GET", issuer + "/authorize")
+        self.payload = BasicOAuth2Payload(params)
+
+    @property
+    def args(self) -> dict[str, str]:
+        return self.payload.data
+
+
+class S256CodeChallenge(CodeChallenge):
+    """PKCE with S256 only, and never optional (OAuth 2.1 §4.1.1, §7.5.2; MCP authorization).
+
+    Authlib's `CodeChallenge(required=True)` lets a request without `code_challenge` through and accepts
+    `plain`; since every code here carries a challenge, the verifier check at the token endpoint then
+    always applies, whatever the client's authentication method.
+    """
+
+    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
+    DEFAULT_CODE_CHALLENGE_METHOD = "S256"
+
+    def validate_code_challenge(self, grant, redirect_uri):
+        data = grant.request.payload.data
+        if not data.get("code_challenge"):
+            raise InvalidRequestError("PKCE is required: send code_challenge with code_challenge_method=S256")
+        if data.get("code_challenge_method") != "S256":
+            raise InvalidRequestError("code_challenge_method must be S256 (plain is not allowed)")
+        return super().validate_code_challenge(grant, redirect_uri)
+
+    def get_authorization_code_challenge(self, authorization_code: AuthorizationCode) -> str:
+        return authorization_code.code_challenge
+
+    def get_authorization_code_challenge_method(self, authorization_code: AuthorizationCode) -> str:
+        return authorization_code.code_challenge_method
+
+
+def revoke_grant(grant_id: int, reason: str) -> None:
+    """Revoke a whole family: the grant, its tokens and any code still unused. The caller commits."""
+    now = utcnow()
+    db.session.execute(update(Grant).where(Grant.id == grant_id, Grant.revoked_at.is_(None))
+                       .values(revoked_at=now, revoked_reason=reason))
+    db.session.execute(update(Token).where(Token.grant_id == grant_id, Token.revoked_at.is_(None)).values(revoked_at=now))
+    db.session.execute(update(AuthorizationCode).where(AuthorizationCode.grant_id == grant_id,
+                                                       AuthorizationCode.used_at.is_(None)).values(used_at=now))
+    log.info("revoked grant %s: %s", grant_id, reason)
+
+
+def check_token_resource(grant, result=None) -> None:
+    """RFC 8707 §2.2: a `resource` at the token endpoint must be one the grant was issued for."""
+    requested = grant.request.payload.datalist.get("resource", [])
+    family = grant.request.user if isinstance(grant.request.user, Grant) else None
+    if family is None:
+        code = grant.request.authorization_code
+        target = code.resource if code is not None else grant.request.refresh_token.resource
+    else:
+        target = family.resource
+    for resource in requested:
+        if canonical_resource(resource) != canonical_resource(target):
+            raise InvalidTargetError(f"this token is for {target}; resource {resource!r} was not authorized")
+
+
+class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = list(SUPPORTED_AUTH_METHODS)
+
+    def save_authorization_code(self, code: str, request) -> AuthorizationCode:
+        family: Grant = request.user
+        settings: Settings = self.server.settings
+        row = AuthorizationCode(
+            code_hash=hash_token(code),
+            grant_id=family.id,
+            client_id=request.client.get_client_id(),
+            redirect_uri=request.payload.redirect_uri or "",
+            scope=family.scope,
+            resource=family.resource,
+            code_challenge=request.payload.data["code_challenge"],
+            code_challenge_method=request.payload.data.get("code_challenge_method", "S256"),
+            expires_at=utcnow() + timedelta(seconds=settings.authorization_code_ttl),
+        )
+        db.session.add(row)
+        db.session.commit()
+        return row
+
+    def query_authorization_code(self, code: str, client) -> AuthorizationCode | None:
+        row = db.session.get(AuthorizationCode, hash_token(code))
+        if row is None or row.client_id != client.get_client_id():
+            return None
+        if row.used_at is not None:
+            # OAuth 2.1 §4.1.3: a second use must fail and should revoke what the first produced.
+            revoke_grant(row.grant_id, "authorization_code_reuse")
+            db.session.commit()
+            return None
+        if row.expires_at <= utcnow():
+            return None
+        return row
+
+    def authenticate_user(self, authorization_code: AuthorizationCode) -> Grant:
+        # Redeem atomically: of two concurrent redemptions exactly one updates the row.
+        claimed = db.session.execute(
+            update(AuthorizationCode)
+            .where(AuthorizationCode.code_hash == authorization_code.code_hash, AuthorizationCode.used_at.is_(None))
+            .values(used_at=utcnow())
+        ).rowcount
+        family = db.session.get(Grant, authorization_code.grant_id)
+        if claimed != 1 or family is None or family.revoked_at is not None:
+            db.session.rollback()
+            raise InvalidGrantError("the authorization code was already used")
+        return family
+
+    def delete_authorization_code(self, authorization_code: AuthorizationCode) -> None:
+        pass  # kept, marked used, so that a replay is recognised and revokes the family; `purge` deletes it
+
+
+class RefreshTokenGrant(grants.RefreshTokenGrant):
+    """Refresh with rotation; a replayed refresh token revokes its family, outside a short retry grace window.
+
+    The grace rule: a rotated refresh token presented again within `REFRESH_GRACE_SECONDS` of its rotation,
+    by the client it was issued to, is honoured once more with a fresh pair (its first response was lost,
+    or two requests raced). Later than that, the replay is treated as theft and the whole grant is revoked.
+    """
+
+    TOKEN_ENDPOINT_AUTH_METHODS = list(SUPPORTED_AUTH_METHODS)
+    INCLUDE_NEW_REFRESH_TOKEN = True
+
+    def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
+        row = db.session.scalar(select(Token).where(Token.refresh_token_hash == hash_token(refresh_token)))
+        now = utcnow()
+        if row is None or row.revoked_at is not None or (row.refresh_expires_at and row.refresh_expires_at <= now):
+            return None
+        family = db.session.get(Grant, row.grant_id)
+        if family is None or family.revoked_at is not None:
+            return None
+        if row.rotated_at is not None:
+            grace = timedelta(seconds=self.server.settings.refresh_grace_seconds)
+            if now - row.rotated_at > grace:
+                revoke_grant(row.grant_id, "refresh_token_reuse")
+                db.session.commit()
+                return None
+        return row
+
+    def authenticate_user(self, refresh_token: Token) -> Grant | None:
+        return db.session.get(Grant, refresh_token.grant_id)
+
+    def revoke_old_credential(self, refresh_token: Token) -> None:
+        db.session.execute(update(Token).where(Token.id == refresh_token.id, Token.rotated_at.is_(None))
+                           .values(rotated_at=utcnow()))
+        db.session.commit()
+
+
+class Revocation(RevocationEndpoint):
+    """RFC 7009. Revoking either token of a pair ends the whole grant: it is how a client logs out."""
+
+    CLIENT_AUTH_METHODS = list(SUPPORTED_AUTH_METHODS)
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> Token | None:
+        digest = hash_token(token_string)
+        return db.session.scalar(select(Token).where(or_(Token.access_token_hash == digest,
+                                                         Token.refresh_token_hash == digest)))
+
+    def revoke_token(self, token: Token, request) -> None:
+        revoke_grant(token.grant_id, "revoked_by_client")
+        db.session.commit()
+
+
+class IssuerIdentification(IssuerParameter):
+    """RFC 9207 `iss` on authorization responses (the MCP Python SDK 2.x rejects a missing one)."""
+
+    def __init__(self, issuer: str):
+        self.issuer = issuer
+
+    def get_issuer(self) -> str:
+        return self.issuer
+
+
+class AuthorizationServer(FlaskAuthorizationServer):
+    """Authlib's Flask authorization server, wired to our models and settings."""
+
+    def __init__(self, app: Flask, settings: Settings):
+        self.settings = settings
+        super().__init__(app, query_client=load_client, save_token=self.store_token)
+        self.scopes_supported = list(app.config["OAUTH_SCOPES_SUPPORTED"])
+        self.register_token_generator("default", self.generate_bearer_token)
+        self.register_grant(AuthorizationCodeGrant, [S256CodeChallenge(required=True)])
+        self.register_grant(RefreshTokenGrant)
+        self.register_endpoint(Revocation)
+        self.register_extension(IssuerIdentification(settings.issuer))
+        self.register_endpoint(ClientRegistration)
+        app.extensions["authorization_server"] = self
+
+    def create_oauth2_request(self, request):
+        if isinstance(request, OAuth2Request):
+            return request
+        return super().create_oauth2_request(request)
+
+    def get_token_grant(self, request):
+        grant = super().get_token_grant(request)
+        grant.register_hook("after_validate_token_request", check_token_resource)
+        return grant
+
+    def handle_error_response(self, request, error):
+        if error.error == "invalid_client":
+            error.status_code = 401  # RFC 6749 §5.2; Authlib answers 400 when no Authorization header was sent
+        return super().handle_error_response(request, error)
+
+    def generate_bearer_token(self, grant_type: str, client, user=None, scope=None, expires_in=None,
+                              include_refresh_token: bool = True) -> dict:
+        token = {"token_type": "Bearer", "access_token": new_token(), "expires_in": self.settings.access_token_ttl}
+        if scope:
+            token["scope"] = scope
+        if include_refresh_token:
+            token["refresh_token"] = new_token()
+        return token
+
+    def store_token(self, token: dict, request) -> Token:
+        family: Grant = request.user
+        now = utcnow()
+        row = Token(
+            grant_id=family.id,
+            client_id=request.client.get_client_id(),
+            user_id=family.user_id,
+            scope=token.get("scope", ""),
+            resource=family.resource,
+            access_token_hash=hash_token(token["access_token"]),
+            refresh_token_hash=hash_token(token["refresh_token"]) if token.get("refresh_token") else None,
+            issued_at=now,
+            access_expires_at=now + timedelta(seconds=token["expires_in"]),
+            refresh_expires_at=now + timedelta(seconds=self.settings.refresh_token_ttl)
+            if token.get("refresh_token") else None,
+        )
+        db.session.add(row)
+        db.session.commit()
+        return row
+
+    def metadata(self) -> dict:
+        """RFC 8414 metadata; every URL derives from PUBLIC_URL, never from the request."""
+        issuer = self.settings.issuer
+        methods = list(SUPPORTED_AUTH_METHODS)
+        return {
+            "issuer": issuer,
+            "authorization_endpoint": f"{issuer}/authorize",
+            "token_endpoint": f"{issuer}/token",
+            "registration_endpoint": f"{issuer}/register",
+            "revocation_endpoint": f"{issuer}/revoke",
+            "scopes_supported": self.scopes_supported,
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": list(SUPPORTED_GRANT_TYPES),
+            "token_endpoint_auth_methods_supported": methods,
+            "revocation_endpoint_auth_methods_supported": methods,
+            "code_challenge_methods_supported": ["S256"],
+            "authorization_response_iss_parameter_supported": True,
+            "client_id_metadata_document_supported": True,
+        }
+

@@ -1,0 +1,265 @@
+"""OAuth clients: the client model Authlib sees, redirect-URI rules, and RFC 7591 dynamic registration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from authlib.oauth2.rfc6749 import ClientMixin
+from authlib.oauth2.rfc6749.errors import OAuth2Error
+from authlib.oauth2.rfc6749.util import scope_to_list
+from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint, InvalidClientMetadataError
+from flask import current_app
+from flask import request as flask_request
+from sqlalchemy import select
+
+from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document_client_id
+from oauthproxy.config import LOOPBACK_HOSTS, Settings, is_loopback_host
+from oauthproxy.crypto import constant_time_equals
+from oauthproxy.models import OAuthClient, db, utcnow
+
+SUPPORTED_AUTH_METHODS = ("none", "client_secret_post", "client_secret_basic")
+SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
+
+
+class InvalidRedirectURIError(OAuth2Error):
+    """RFC 7591 §3.2.2."""
+
+    error = "invalid_redirect_uri"
+
+
+@dataclass
+class Client(ClientMixin):
+    """A client as Authlib sees it, whether registered (RFC 7591) or described by a metadata document."""
+
+    client_id: str
+    client_name: str
+    redirect_uris: list[str]
+    grant_types: list[str] = field(default_factory=lambda: list(SUPPORTED_GRANT_TYPES))
+    response_types: list[str] = field(default_factory=lambda: ["code"])
+    token_endpoint_auth_method: str = "none"
+    scope: str = ""
+    client_uri: str | None = None
+    logo_uri: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    from_metadata_document: bool = False
+
+    @classmethod
+    def from_metadata(cls, client_id: str, metadata: dict, *, client_secret: str | None = None,
+                      from_metadata_document: bool = False) -> Client:
+        return cls(
+            client_id=client_id,
+            client_name=str(metadata.get("client_name") or client_id),
+            redirect_uris=list(metadata.get("redirect_uris") or []),
+            grant_types=list(metadata.get("grant_types") or ["authorization_code", "refresh_token"]),
+            response_types=list(metadata.get("response_types") or ["code"]),
+            token_endpoint_auth_method=metadata.get("token_endpoint_auth_method") or "none",
+            scope=metadata.get("scope") or "",
+            client_uri=metadata.get("client_uri"),
+            logo_uri=metadata.get("logo_uri"),
+            client_secret=client_secret,
+            from_metadata_document=from_metadata_document,
+        )
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> str | None:
+        # OAuth 2.1 §2.3.2: with several registered URIs the request must name one.
+        return self.redirect_uris[0] if len(self.redirect_uris) == 1 else None
+
+    def get_allowed_scope(self, scope: str | None) -> str:
+        if not scope:
+            # No scope requested: the client's registered scope, else everything this server supports.
+            return self.scope or " ".join(current_app.extensions["authorization_server"].scopes_supported)
+        if not self.scope:
+            return scope
+        allowed = set(scope_to_list(self.scope))
+        return " ".join(s for s in scope_to_list(scope) if s in allowed)
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return any(redirect_uri_matches(registered, redirect_uri) for registered in self.redirect_uris)
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return self.client_secret is not None and constant_time_equals(self.client_secret, client_secret)
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return method == self.token_endpoint_auth_method
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type in self.response_types
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type in self.grant_types
+
+    @property
+    def redirect_hosts(self) -> list[str]:
+        return sorted({urlsplit(uri).netloc or uri for uri in self.redirect_uris})
+
+    @property
+    def only_loopback_redirects(self) -> bool:
+        return all((urlsplit(uri).hostname or "") in LOOPBACK_HOSTS for uri in self.redirect_uris)
+
+
+def redirect_uri_matches(registered: str, requested: str) -> bool:
+    """Exact string match, except that a loopback redirect may use any port (RFC 8252 §7.3).
+
+    VS Code registers http://127.0.0.1:33418/ and falls back to a random port when it is busy.
+    """
+    if registered == requested:
+        return True
+    a, b = urlsplit(registered), urlsplit(requested)
+    if a.scheme != "http" or b.scheme != "http" or not a.hostname or not is_loopback_host(a.hostname):
+        return False
+    return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query) and not b.fragment
+
+
+def redirect_uri_problem(uri: str, settings: Settings) -> str | None:
+    """Why a redirect URI may not be registered, or None: https, or http on loopback (MCP authorization §3.1)."""
+    parts = urlsplit(uri)
+    if parts.fragment or "#" in uri:
+        return f"redirect URI {uri!r} must not contain a fragment (RFC 6749 §3.1.2)"
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return None
+    if parts.scheme not in ("http", "https", "") and settings.allow_custom_redirect_schemes:
+        return None  # private-use schemes (cursor://, vscode://) for native apps, RFC 8252 §7.1: opt-in only
+    return f"redirect URI {uri!r} must use https, or http on a loopback address (localhost, 127.0.0.1, [::1])"
+
+
+def load_client(client_id: str) -> Client | None:
+    """Authlib's `query_client`: registered clients from the database, URL client ids from their document."""
+    settings: Settings = current_app.config["SETTINGS"]
+    if is_metadata_document_client_id(client_id, settings.allow_private_client_metadata_urls):
+        try:
+            document = current_app.extensions["client_metadata_fetcher"].fetch(client_id)
+        except ClientMetadataError as error:
+            current_app.logger.info("client metadata document refused: %s", error.description)
+            return None
+        return Client.from_metadata(client_id, document, from_metadata_document=True)
+    if len(client_id) > 64:
+        return None
+    row = db.session.get(OAuthClient, client_id)
+    if row is None:
+        return None
+    secret = None
+    if row.client_secret_encrypted:
+        secret = current_app.extensions["secret_box"].decrypt(row.client_secret_encrypted, f"client:{row.client_id}:secret")
+    return Client.from_metadata(row.client_id, row.client_metadata, client_secret=secret)
+
+
+def metadata_document_error(client_id: str) -> str | None:
+    """A readable reason a URL client id was refused, for the error page; None when it is not a URL client."""
+    settings: Settings = current_app.config["SETTINGS"]
+    if not is_metadata_document_client_id(client_id, settings.allow_private_client_metadata_urls):
+        return None
+    try:
+        current_app.extensions["client_metadata_fetcher"].fetch(client_id)
+    except ClientMetadataError as error:
+        return error.description
+    return None
+
+
+class ClientRegistration(ClientRegistrationEndpoint):
+    """RFC 7591 dynamic client registration, open (MCP clients register anonymously) but bounded.
+
+    Identical re-registrations from one address return the existing client instead of adding a row:
+    MCP clients that lose their storage re-register on every start. Clients unused for
+    `unused_client_ttl` are deleted by `purge`.
+    """
+
+    def authenticate_token(self, request) -> bool:
+        return True  # open registration, as MCP clients expect; abuse is bounded by rate limits and dedup
+
+    def get_server_metadata(self) -> dict:
+        return current_app.extensions["authorization_server"].metadata()
+
+    def extract_client_metadata(self, request) -> dict:
+        data = request.payload.data
+        if not isinstance(data, dict):
+            raise InvalidClientMetadataError("the registration request body must be a JSON object")
+        # RFC 7591 defaults grant_types to authorization_code alone; MCP clients that omit it still
+        # need refresh, or users would log in again every hour.
+        data.setdefault("grant_types", list(SUPPORTED_GRANT_TYPES))
+        data.pop("offline_access", None)
+        if isinstance(data.get("scope"), str):
+            data["scope"] = " ".join(s for s in data["scope"].split() if s != "offline_access")
+        metadata = super().extract_client_metadata(request)
+        settings: Settings = current_app.config["SETTINGS"]
+        uris = metadata.get("redirect_uris")
+        if not isinstance(uris, list) or not uris:
+            raise InvalidRedirectURIError("redirect_uris is required: list the URIs this client receives codes at")
+        for uri in uris:
+            if not isinstance(uri, str):
+                raise InvalidRedirectURIError("every redirect URI must be a string")
+            problem = redirect_uri_problem(uri, settings)
+            if problem:
+                raise InvalidRedirectURIError(problem)
+        method = metadata.get("token_endpoint_auth_method", "client_secret_basic")
+        if method not in SUPPORTED_AUTH_METHODS:
+            raise InvalidClientMetadataError(
+                f"token_endpoint_auth_method {method!r} is not supported; use one of {', '.join(SUPPORTED_AUTH_METHODS)}")
+        if not set(metadata.get("response_types") or ["code"]) <= {"code"}:
+            raise InvalidClientMetadataError("only response_types ['code'] is supported")
+        return metadata
+
+    def generate_client_info(self, request) -> dict:
+        info = super().generate_client_info(request)
+        info["client_id"] = secrets.token_urlsafe(24)
+        info["client_secret"] = secrets.token_urlsafe(32)
+        return info
+
+    def create_registration_response(self, request):
+        client_metadata = self.extract_client_metadata(request)
+        client_info = self.generate_client_info(request)
+        self.save_client(client_info, client_metadata, request)
+        body = {**client_metadata, **client_info}
+        if client_metadata.get("token_endpoint_auth_method") == "none":
+            body.pop("client_secret", None)
+            body.pop("client_secret_expires_at", None)
+        return 201, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+
+    def save_client(self, client_info: dict, client_metadata: dict, request) -> OAuthClient:
+        """Store the client; for a repeated identical public registration, reuse the row and its id."""
+        public = client_metadata.get("token_endpoint_auth_method") == "none"
+        fingerprint = registration_fingerprint(client_metadata, flask_request.remote_addr or "")
+        if public:
+            existing = db.session.scalar(
+                select(OAuthClient).where(OAuthClient.metadata_fingerprint == fingerprint,
+                                          OAuthClient.client_secret_encrypted.is_(None)).limit(1))
+            if existing is not None:
+                # Reuse: the body of the 201 names the existing id, so the client ends up with one row.
+                existing.last_used_at = utcnow()
+                db.session.commit()
+                client_info["client_id"] = existing.client_id
+                client_info["client_id_issued_at"] = int(existing.created_at.timestamp())
+                return existing
+        row = OAuthClient(
+            client_id=client_info["client_id"],
+            client_metadata_json=json.dumps(client_metadata, sort_keys=True),
+            metadata_fingerprint=fingerprint,
+        )
+        if not public:
+            row.client_secret_encrypted = current_app.extensions["secret_box"].encrypt(
+                client_info["client_secret"], f"client:{row.client_id}:secret")
+        db.session.add(row)
+        db.session.commit()
+        return row
+
+
+def registration_fingerprint(client_metadata: dict, remote_addr: str) -> str:
+    canonical = json.dumps(client_metadata, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{remote_addr}\n{canonical}".encode()).hexdigest()
+
+
+def touch_client(client_id: str) -> None:
+    """Record use at most hourly, so the unused-client reaper spares active clients without a write per request."""
+    row = db.session.get(OAuthClient, client_id) if len(client_id) <= 64 else None
+    if row is not None and utcnow() - row.last_used_at > timedelta(hours=1):
+        row.last_used_at = utcnow()
+

@@ -1,0 +1,277 @@
+"""Configuration: reads the environment (and `.env`), validates every setting, reports all problems at once."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from oauthproxy.routes import ProxySettings, Route, load_proxy_settings, load_routes
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, so an operator fixes them in one pass."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    public_url: str
+    oauth_client_id: str
+    oauth_client_secret: str
+    oauth_authorize_url: str
+    mcp_server_url: str
+    encryption_keys: tuple[bytes, ...]
+    database_dsn: str
+    scopes_supported: tuple[str, ...] = ()
+    oauth_token_url: str | None = None
+    oauth_userinfo_url: str | None = None
+    upstream_scopes: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    access_token_ttl: int = 3600
+    refresh_token_ttl: int = 30 * 24 * 3600
+    authorization_code_ttl: int = 300
+    refresh_grace_seconds: int = 10
+    unused_client_ttl: int = 30 * 24 * 3600
+    allowed_emails: frozenset[str] = frozenset()
+    allowed_email_domains: frozenset[str] = frozenset()
+    allow_private_client_metadata_urls: bool = False
+    allow_custom_redirect_schemes: bool = False
+    register_rate_limit: str = "20 per minute"
+    authorize_rate_limit: str = "60 per minute"
+    token_rate_limit: str = "120 per minute"
+    rate_limit_storage_uri: str = "memory://"
+    secret_key: bytes = field(default=b"", repr=False)
+    routes: tuple[Route, ...] = ()
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+
+    @property
+    def issuer(self) -> str:
+        return self.public_url
+
+    @property
+    def callback_url(self) -> str:
+        return self.public_url + "/callback"
+
+    @property
+    def mcp_path(self) -> str:
+        if self.routes:
+            return self.routes[0].path
+        return urlsplit(self.mcp_server_url).path.rstrip("/") or "/"
+
+    @property
+    def mcp_resource(self) -> str:
+        """The canonical URL clients use for the MCP endpoint (RFC 8707 resource, RFC 9728 `resource`)."""
+        return self.public_url + (self.mcp_path if self.mcp_path != "/" else "")
+
+    @property
+    def is_loopback(self) -> bool:
+        return (urlsplit(self.public_url).hostname or "") in LOOPBACK_HOSTS
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    def user_is_allowed(self, email: str | None) -> bool:
+        if not self.allowed_emails and not self.allowed_email_domains:
+            return True
+        if not email:
+            return False
+        email = email.lower()
+        return email in self.allowed_emails or email.rpartition("@")[2] in self.allowed_email_domains
+
+
+def decode_encryption_keys(value: str) -> tuple[bytes, ...]:
+    """`ENCRYPTION_KEY` is one or more comma-separated base64 keys of 32 bytes; the first encrypts."""
+    keys = []
+    for position, item in enumerate(part.strip() for part in value.split(",")):
+        label = "ENCRYPTION_KEY" if position == 0 else f"ENCRYPTION_KEY (key #{position + 1})"
+        try:
+            key = base64.b64decode(item + "=" * (-len(item) % 4), altchars=b"-_" if ("-" in item or "_" in item) else None, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{label} must be base64 of 32 bytes; it is not valid base64; generate one with `oauthproxy gen-key`") from None
+        if len(key) != 32:
+            raise ValueError(f"{label} must be base64 of 32 bytes; got {len(key)} bytes; generate one with `oauthproxy gen-key`")
+        keys.append(key)
+    return tuple(keys)
+
+
+def normalise_database_dsn(dsn: str) -> str:
+    """Accept `postgres://` (Heroku) and `postgresql://`, and pick psycopg 3, which cooperates with gevent."""
+    for prefix in ("postgres://", "postgresql://"):
+        if dsn.startswith(prefix):
+            return "postgresql+psycopg://" + dsn[len(prefix):]
+    return dsn
+
+
+def _origin_url(name: str, value: str, problems: list[str]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{name} must be an absolute http(s) URL such as https://mcp.example.com; got {value!r}")
+        return value
+    if parts.query or parts.fragment:
+        problems.append(f"{name} must not have a query or fragment; got {value!r}")
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        problems.append(f"{name} must use https unless it is a loopback address (OAuth 2.1 §1.5); got {value!r}")
+    return urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+def _absolute_url(name: str, value: str, problems: list[str]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{name} must be an absolute http(s) URL; got {value!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, problems: list[str], minimum: int = 0, maximum: int | None = None) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        problems.append(f"{name} must be a whole number; got {raw!r}")
+        return default
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        problems.append(f"{name} must be {bound}; got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, problems: list[str]) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    problems.append(f"{name} must be true or false; got {raw!r}")
+    return False
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").replace(" ", ",").split(",") if item.strip())
+
+
+def load_settings(env: Mapping[str, str] | None = None, instance_path: str | None = None) -> Settings:
+    """Build `Settings` from the environment; raise `ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def required(name: str, hint: str) -> str:
+        value = env.get(name, "").strip()
+        if not value:
+            problems.append(f"{name} is required: {hint}")
+        return value
+
+    client_id = required("OAUTH_CLIENT_ID", "the client id you registered at your identity provider")
+    client_secret = required("OAUTH_CLIENT_SECRET", "the client secret you registered at your identity provider")
+    authorize_url = required("OAUTH_AUTHORIZE_URL", "the provider's base URL (e.g. https://accounts.google.com) or its authorize URL")
+    if authorize_url:
+        authorize_url = _absolute_url("OAUTH_AUTHORIZE_URL", authorize_url, problems)
+    if env.get("MCP_ROUTES_FILE", "").strip():
+        mcp_server_url = env.get("MCP_SERVER_URL", "").strip()  # load_routes refuses both at once
+    else:
+        mcp_server_url = required("MCP_SERVER_URL", "the downstream MCP server's URL, e.g. http://localhost:9000/mcp")
+    if mcp_server_url:
+        mcp_server_url = _absolute_url("MCP_SERVER_URL", mcp_server_url, problems)
+
+    port = _int(env, "PORT", 8080, problems, 1, 65535)
+    host = env.get("HOST", "").strip() or "127.0.0.1"
+    public_url = env.get("PUBLIC_URL", "").strip()
+    if not public_url:
+        if host in LOOPBACK_HOSTS:
+            public_url = f"http://{'127.0.0.1' if host == '127.0.0.1' else 'localhost'}:{port}"
+        else:
+            problems.append("PUBLIC_URL is required when HOST is not a loopback address: the external https URL clients use, e.g. https://mcp.example.com")
+    if public_url:
+        public_url = _origin_url("PUBLIC_URL", public_url, problems)
+
+    encryption_keys: tuple[bytes, ...] = ()
+    raw_key = required("ENCRYPTION_KEY", "base64 of 32 random bytes; generate one with `oauthproxy gen-key`")
+    if raw_key:
+        try:
+            encryption_keys = decode_encryption_keys(raw_key)
+        except ValueError as error:
+            problems.append(str(error))
+
+    dsn = env.get("DATABASE_DSN", "").strip() or env.get("DATABASE_URL", "").strip()
+    if not dsn:
+        folder = Path(instance_path or "instance")
+        dsn = f"sqlite:///{(folder / 'oauthproxy.sqlite3').resolve()}"
+    elif not dsn.startswith(("sqlite:", "postgres://", "postgresql://", "postgresql+psycopg://")):
+        problems.append(f"DATABASE_DSN must be a sqlite:/// path or a postgresql:// URL; got a value starting {dsn.split(':', 1)[0]!r}")
+
+    for name in ("OAUTH_TOKEN_URL", "OAUTH_USERINFO_URL"):
+        if env.get(name, "").strip():
+            _absolute_url(name, env[name].strip(), problems)
+
+    access_ttl = _int(env, "ACCESS_TOKEN_TTL", 3600, problems, 60, 30 * 24 * 3600)
+    refresh_ttl = _int(env, "REFRESH_TOKEN_TTL", 30 * 24 * 3600, problems, 3600, 365 * 24 * 3600)
+    grace = _int(env, "REFRESH_GRACE_SECONDS", 10, problems, 0, 60)
+
+    secret_key_raw = env.get("SECRET_KEY", "").strip()
+    if secret_key_raw and len(secret_key_raw) < 32:
+        problems.append(f"SECRET_KEY must be at least 32 characters; got {len(secret_key_raw)}")
+
+    allow_private_cimd = _bool(env, "CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS", problems)
+    allow_custom_schemes = _bool(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES", problems)
+
+    routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
+    proxy = load_proxy_settings(env, public_url, problems)
+
+    if problems:
+        raise ConfigError(problems)
+
+    from oauthproxy.crypto import derive_key  # deferred: crypto imports nothing from here
+
+    secret_key = secret_key_raw.encode() if secret_key_raw else derive_key(encryption_keys[0], b"oauthproxy cookie signing")
+    return Settings(
+        public_url=public_url,
+        oauth_client_id=client_id,
+        oauth_client_secret=client_secret,
+        oauth_authorize_url=authorize_url,
+        oauth_token_url=env.get("OAUTH_TOKEN_URL", "").strip() or None,
+        oauth_userinfo_url=env.get("OAUTH_USERINFO_URL", "").strip() or None,
+        mcp_server_url=mcp_server_url,
+        scopes_supported=_list(env, "SCOPES_SUPPORTED"),
+        upstream_scopes=_list(env, "UPSTREAM_SCOPES"),
+        encryption_keys=encryption_keys,
+        database_dsn=normalise_database_dsn(dsn),
+        host=host,
+        port=port,
+        access_token_ttl=access_ttl,
+        refresh_token_ttl=refresh_ttl,
+        refresh_grace_seconds=grace,
+        allowed_emails=frozenset(e.lower() for e in _list(env, "ALLOWED_EMAILS")),
+        allowed_email_domains=frozenset(d.lower().lstrip("@") for d in _list(env, "ALLOWED_EMAIL_DOMAINS")),
+        allow_private_client_metadata_urls=allow_private_cimd,
+        allow_custom_redirect_schemes=allow_custom_schemes,
+        register_rate_limit=env.get("REGISTER_RATE_LIMIT", "").strip() or "20 per minute",
+        authorize_rate_limit=env.get("AUTHORIZE_RATE_LIMIT", "").strip() or "60 per minute",
+        token_rate_limit=env.get("TOKEN_RATE_LIMIT", "").strip() or "120 per minute",
+        rate_limit_storage_uri=env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://",
+        secret_key=secret_key,
+        routes=routes,
+        proxy=proxy,
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

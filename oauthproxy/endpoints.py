@@ -1,0 +1,156 @@
+"""HTTP endpoints of the authorization server: metadata, registration, authorize, consent, callback, token, revoke."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
+from werkzeug.exceptions import TooManyRequests
+
+from oauthproxy import consent
+from oauthproxy.config import is_loopback_host
+from oauthproxy.login import (
+    SINGLE_VALUED,
+    AuthorizationPageError,
+    AuthorizationRedirectError,
+    begin_upstream_login,
+    complete_upstream_login,
+    error_redirect_url,
+    validate_authorization_request,
+)
+
+blueprint = Blueprint("authorization", __name__, static_folder="static", static_url_path="/static")
+
+# Browser-based clients (MCP Inspector) call these from a page (MCP authorization, AS-16). No credentials
+# are involved, so a wildcard origin is safe here.
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, MCP-Protocol-Version",
+    "Access-Control-Max-Age": "86400",
+}
+CORS_PATHS = ("/.well-known/", "/register", "/token", "/revoke")
+
+
+def _server():
+    return current_app.extensions["authorization_server"]
+
+
+@blueprint.after_app_request
+def add_cors_headers(response: Response) -> Response:
+    if request.path.startswith(CORS_PATHS):
+        response.headers.update(CORS_HEADERS)
+    return response
+
+
+@blueprint.route("/.well-known/oauth-authorization-server")
+@blueprint.route("/.well-known/openid-configuration")
+def authorization_server_metadata() -> Response:
+    response = jsonify(_server().metadata())
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
+
+
+@blueprint.route("/register", methods=["POST", "OPTIONS"])
+def register() -> Response:
+    if request.method == "OPTIONS":
+        return Response(status=204)
+    if not request.is_json or not isinstance(request.get_json(silent=True), dict):
+        return jsonify(error="invalid_client_metadata",
+                       error_description="send the client metadata as a JSON object (Content-Type: application/json)"), 400
+    return _server().create_endpoint_response("client_registration")
+
+
+@blueprint.route("/authorize", methods=["GET"])
+def authorize() -> Response:
+    repeated = [key for key in SINGLE_VALUED if len(request.args.getlist(key)) > 1]
+    validated = validate_authorization_request(request.args.to_dict(flat=True), repeated)
+    if consent.has_consented(request, validated.client.client_id):
+        return begin_upstream_login(validated)
+    return render_consent(validated)
+
+
+def render_consent(validated) -> Response:
+    response = Response(render_template(
+        "consent.html",
+        client=validated.client,
+        scopes=validated.scope.split(),
+        resource=validated.resource,
+        redirect_uri=validated.redirect_uri,
+        signed_request=consent.sign_authorization_request(validated.params),
+        csrf_token=consent.csrf_token(),
+    ))
+    response.headers.update(consent.CONSENT_PAGE_HEADERS)
+    return response
+
+
+@blueprint.route("/authorize/consent", methods=["POST"])
+def submit_consent() -> Response:
+    if not consent.csrf_is_valid(request.form.get("csrf_token")):
+        raise AuthorizationPageError(400, "This page has expired",
+                                     "The consent form could not be verified (it may be stale or opened in "
+                                     "another browser). Start again from your MCP client.")
+    params = consent.load_authorization_request(request.form.get("request", ""))
+    if params is None:
+        raise AuthorizationPageError(400, "This page has expired",
+                                     "The consent form is more than 10 minutes old. Start again from your MCP client.")
+    validated = validate_authorization_request(params)
+    if request.form.get("decision") != "approve":
+        return redirect(error_redirect_url(validated.redirect_uri, "access_denied",
+                                           "the user denied the request", validated.state))
+    response = begin_upstream_login(validated)
+    consent.remember_consent(request, response, validated.client.client_id)
+    return response
+
+
+@blueprint.route("/callback")
+def callback() -> Response:
+    return complete_upstream_login(request.args.to_dict(flat=True))
+
+
+@blueprint.route("/token", methods=["POST", "OPTIONS"])
+def token() -> Response:
+    if request.method == "OPTIONS":
+        return Response(status=204)
+    return _server().create_token_response()
+
+
+@blueprint.route("/revoke", methods=["POST", "OPTIONS"])
+def revoke() -> Response:
+    if request.method == "OPTIONS":
+        return Response(status=204)
+    return _server().create_endpoint_response("revocation")
+
+
+@blueprint.app_errorhandler(AuthorizationPageError)
+def authorization_page_error(error: AuthorizationPageError) -> Response:
+    response = Response(render_template("error.html", title=error.title, message=error.message,
+                                        continue_url=error.continue_url), status=error.status)
+    response.headers.update(consent.CONSENT_PAGE_HEADERS)
+    return response
+
+
+@blueprint.app_errorhandler(AuthorizationRedirectError)
+def authorization_redirect_error(error: AuthorizationRedirectError) -> Response:
+    return redirect(error_redirect_url(error.redirect_uri, error.error, error.description, error.state))
+
+
+@blueprint.app_errorhandler(TooManyRequests)
+def too_many_requests(error: TooManyRequests) -> Response:
+    response = jsonify(error="too_many_requests",
+                       error_description="Too many requests from this address; retry after the Retry-After delay.")
+    response.status_code = 429
+    retry_after = (error.get_response().headers.get("Retry-After") if hasattr(error, "get_response") else None)
+    response.headers["Retry-After"] = retry_after or "60"
+    return response
+
+
+@blueprint.app_template_filter("redirect_host")
+def redirect_host(uri: str) -> str:
+    parts = urlsplit(uri)
+    return parts.netloc or f"{parts.scheme}:"
+
+
+@blueprint.app_template_filter("is_loopback_redirect")
+def is_loopback_redirect(uri: str) -> bool:
+    return is_loopback_host(urlsplit(uri).hostname or "")

@@ -1,0 +1,230 @@
+"""The interactive authorization flow: validate the request, hand the user to the upstream provider, finish at the callback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from authlib.common.urls import add_params_to_uri
+from authlib.oauth2.rfc6749.errors import OAuth2Error
+from flask import Response, current_app, redirect, session
+from sqlalchemy import delete
+
+from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, canonical_resource
+from oauthproxy.clients import Client, metadata_document_error
+from oauthproxy.config import Settings
+from oauthproxy.crypto import hash_token
+from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
+from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
+
+log = logging.getLogger(__name__)
+
+PENDING_LOGIN_TTL = timedelta(minutes=10)
+SINGLE_VALUED = ("response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge",
+                 "code_challenge_method", "resource")
+
+
+class AuthorizationPageError(Exception):
+    """An error shown to the person as a page: the client or redirect URI is not validated (OAuth 2.1 §7.12.2)."""
+
+    def __init__(self, status: int, title: str, message: str, continue_url: str | None = None):
+        super().__init__(message)
+        self.status, self.title, self.message, self.continue_url = status, title, message, continue_url
+
+
+class AuthorizationRedirectError(Exception):
+    """An error returned to the client at its validated redirect URI."""
+
+    def __init__(self, redirect_uri: str, error: str, description: str | None, state: str | None):
+        super().__init__(description or error)
+        self.redirect_uri, self.error, self.description, self.state = redirect_uri, error, description, state
+
+
+@dataclass
+class ValidatedAuthorization:
+    client: Client
+    grant: object  # Authlib's AuthorizationCodeGrant bound to `request`
+    request: ParamsRequest
+    params: dict[str, str]
+    redirect_uri: str
+    scope: str
+    resource: str
+
+    @property
+    def state(self) -> str | None:
+        return self.params.get("state")
+
+
+def _server() -> AuthorizationServer:
+    return current_app.extensions["authorization_server"]
+
+
+def _settings() -> Settings:
+    return current_app.config["SETTINGS"]
+
+
+def error_redirect_url(redirect_uri: str, error: str, description: str | None, state: str | None) -> str:
+    """An authorization error response, with `iss` as RFC 9207 requires on errors too."""
+    params = [("error", error)]
+    if description:
+        params.append(("error_description", description))
+    if state:
+        params.append(("state", state))
+    params.append(("iss", _settings().issuer))
+    return add_params_to_uri(redirect_uri, params)
+
+
+def served_resources() -> list[str]:
+    """Every route's protected resource (RFC 8707 audiences); the first is the default when `resource` is omitted."""
+    settings = _settings()
+    return [route.resource for route in settings.routes] or [settings.mcp_resource]
+
+
+def validate_authorization_request(params: dict[str, str], repeated: list[str] | None = None) -> ValidatedAuthorization:
+    """Check an authorization request exactly as /authorize receives it; raise a page or a redirect error."""
+    if repeated:
+        raise AuthorizationPageError(400, "Invalid request", f"The parameter {repeated[0]!r} was sent more than once.")
+    client_id = params.get("client_id")
+    if not client_id:
+        raise AuthorizationPageError(400, "Invalid request", "The request has no client_id. Start again from your MCP client.")
+    params = dict(params)
+    if "scope" in params:
+        # offline_access is how some clients ask for a refresh token; refresh tokens are issued anyway.
+        params["scope"] = " ".join(s for s in params["scope"].split() if s != "offline_access")
+    request = ParamsRequest(_settings().issuer, params)
+    try:
+        grant = _server().get_consent_grant(request)
+    except OAuth2Error as error:
+        if error.redirect_uri:
+            raise AuthorizationRedirectError(error.redirect_uri, error.error, error.description,
+                                             params.get("state")) from None
+        reason = metadata_document_error(client_id) if error.error == "invalid_client" else None
+        message = reason or error.description or error.error
+        if error.error == "invalid_client" and not reason:
+            message = (f"The client {client_id!r} is not registered here. If it was registered before, its "
+                       "registration may have expired: remove the server in your MCP client and add it again.")
+        raise AuthorizationPageError(400, "This sign-in request cannot continue", message) from None
+    redirect_uri = params.get("redirect_uri") or grant.request.client.get_default_redirect_uri()
+    state = params.get("state")
+
+    resource = params.get("resource")
+    if resource:
+        matches = [r for r in served_resources() if canonical_resource(r) == canonical_resource(resource)]
+        if not matches:
+            raise AuthorizationRedirectError(redirect_uri, "invalid_target",
+                                             f"{resource} is not a resource served here", state)
+        resource = matches[0]
+    else:
+        # The TypeScript SDK omits `resource` when it found no resource metadata (RFC 8707 makes it optional).
+        resource = served_resources()[0]
+    return ValidatedAuthorization(client=grant.request.client, grant=grant, request=request, params=params,
+                                  redirect_uri=redirect_uri, scope=grant.request.scope or "", resource=resource)
+
+
+def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
+    """After consent: create the single-use upstream `state`, store it server-side, and send the user upstream."""
+    upstream: UpstreamProvider = current_app.extensions["upstream"]
+    settings = _settings()
+    scopes = upstream.upstream_scopes(validated.scope.split())
+    try:
+        url, upstream_secrets = upstream.create_authorization_url(settings.callback_url, scopes)
+    except UpstreamError as error:
+        log.warning("cannot start upstream login: %s", error.description)
+        return redirect(error_redirect_url(validated.redirect_uri, "temporarily_unavailable",
+                                           "the identity provider cannot be reached", validated.state))
+    if "browser_id" not in session:
+        session["browser_id"] = secrets.token_urlsafe(32)
+    state_hash = hash_token(upstream_secrets["state"])
+    db.session.add(PendingAuthorization(
+        state_hash=state_hash,
+        browser_binding_hash=hash_token(session["browser_id"]),
+        client_id=validated.client.client_id,
+        request_json=json.dumps(validated.params),
+        upstream_secrets=current_app.extensions["secret_box"].encrypt(
+            json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"),
+        expires_at=utcnow() + PENDING_LOGIN_TTL,
+    ))
+    db.session.commit()
+    return redirect(url)
+
+
+def _claim_pending(state: str) -> PendingAuthorization | None:
+    """Take the pending login for `state` exactly once: the delete that returns it is the claim."""
+    state_hash = hash_token(state)
+    row = db.session.get(PendingAuthorization, state_hash)
+    if row is None:
+        return None
+    claimed = db.session.execute(delete(PendingAuthorization).where(
+        PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > utcnow())).rowcount
+    db.session.commit()
+    return row if claimed == 1 else None
+
+
+def complete_upstream_login(args: dict[str, str]) -> Response:
+    """The provider sent the user back: check state, exchange the code, store the grant, answer the client."""
+    settings = _settings()
+    state = args.get("state")
+    if not state:
+        raise AuthorizationPageError(400, "Sign-in failed", "The identity provider's answer has no state. "
+                                     "Start again from your MCP client.")
+    pending = _claim_pending(state)
+    if pending is None:
+        raise AuthorizationPageError(400, "Sign-in link expired", "This sign-in has expired or was already "
+                                     "used. Start again from your MCP client.")
+    if hash_token(session.get("browser_id", "")) != pending.browser_binding_hash:
+        raise AuthorizationPageError(400, "Sign-in failed", "This sign-in was started in another browser. "
+                                     "Start again from your MCP client in this browser.")
+    validated = validate_authorization_request(pending.request_params)
+    upstream: UpstreamProvider = current_app.extensions["upstream"]
+
+    upstream_error = upstream.error_from_callback(args)
+    if upstream_error is not None:
+        log.info("upstream login ended with %s", upstream_error.kind)
+        error = "access_denied" if upstream_error.kind == "access_denied" else "server_error"
+        raise AuthorizationRedirectError(validated.redirect_uri, error, upstream_error.description, validated.state)
+    code = args.get("code")
+    if not code:
+        raise AuthorizationRedirectError(validated.redirect_uri, "server_error",
+                                         "the identity provider returned no code", validated.state)
+    upstream_secrets = json.loads(current_app.extensions["secret_box"].decrypt(
+        pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets"))
+    scopes = upstream_secrets.pop("scopes", [])
+    try:
+        tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)
+    except UpstreamError as error:
+        log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
+        error_code = "access_denied" if error.kind == "access_denied" else "server_error"
+        raise AuthorizationRedirectError(validated.redirect_uri, error_code,
+                                         "sign-in at the identity provider failed", validated.state) from None
+
+    if not settings.user_is_allowed(identity.email):
+        log.info("user %s is not in the allowlist", identity.id)
+        denied = error_redirect_url(validated.redirect_uri, "access_denied",
+                                    "this account is not allowed to use this server", validated.state)
+        who = identity.email or "This account"
+        raise AuthorizationPageError(403, "Access denied", f"{who} is not allowed to use this server. "
+                                     "Ask its operator to add you, or sign in with another account.", denied)
+
+    family = store_grant(validated, identity, tokens, scopes)
+    response = _server().create_authorization_response(request=validated.request, grant_user=family,
+                                                       grant=validated.grant)
+    return response
+
+
+def store_grant(validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens,
+                upstream_scopes: list[str]) -> Grant:
+    """A new grant for this login, with the upstream tokens sealed to its row."""
+    box = current_app.extensions["secret_box"]
+    family = Grant(client_id=validated.client.client_id, user_id=identity.id, user_email=identity.email,
+                   user_name=identity.name, scope=validated.scope, resource=validated.resource,
+                   upstream_expires_at=tokens.expires_at, upstream_scope=" ".join(upstream_scopes))
+    db.session.add(family)
+    db.session.flush()
+    family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")
+    if tokens.refresh_token:
+        family.upstream_refresh_token = box.encrypt(tokens.refresh_token, f"grant:{family.id}:upstream_refresh_token")
+    db.session.commit()
+    return family

@@ -1,0 +1,150 @@
+"""Models: registered clients, grants (a user's authorization of a client), codes, tokens and pending logins."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import ForeignKey, Index, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+def utcnow() -> datetime:
+    # Stored naive in UTC: SQLite keeps no zone, and one convention for both databases keeps comparisons simple.
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class OAuthClient(db.Model):
+    """A client registered through RFC 7591 dynamic registration."""
+
+    __tablename__ = "oauth_clients"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+    client_metadata_json: Mapped[str] = mapped_column(Text)
+    # Identical re-registrations from one address reuse the row instead of piling up (see registration.py).
+    metadata_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    @property
+    def client_metadata(self) -> dict:
+        return json.loads(self.client_metadata_json)
+
+
+class Grant(db.Model):
+    """One user's authorization of one client: the family every code and token of that login descends from."""
+
+    __tablename__ = "grants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(2048), index=True)
+    user_id: Mapped[str] = mapped_column(String(255), index=True)
+    user_email: Mapped[str | None] = mapped_column(String(320))
+    user_name: Mapped[str | None] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(Text, default="")
+    resource: Mapped[str] = mapped_column(String(2048))
+    upstream_access_token: Mapped[str | None] = mapped_column(Text)
+    upstream_refresh_token: Mapped[str | None] = mapped_column(Text)
+    upstream_expires_at: Mapped[datetime | None] = mapped_column()
+    # The scopes asked of the provider; Microsoft's v2.0 token endpoint wants them again on refresh.
+    upstream_scope: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    revoked_reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuthorizationCode(db.Model):
+    """A single-use code bound to client, redirect URI, PKCE challenge, resource and scope (OAuth 2.1 §4.1.3)."""
+
+    __tablename__ = "authorization_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id", ondelete="CASCADE"), index=True)
+    client_id: Mapped[str] = mapped_column(String(2048))
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    scope: Mapped[str] = mapped_column(Text, default="")
+    resource: Mapped[str] = mapped_column(String(2048))
+    code_challenge: Mapped[str] = mapped_column(String(128))
+    code_challenge_method: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    used_at: Mapped[datetime | None] = mapped_column()
+
+    # Authlib's AuthorizationCodeMixin
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+
+class Token(db.Model):
+    """An access token and its refresh token, stored as hashes; rotation marks the old row `rotated_at`."""
+
+    __tablename__ = "tokens"
+    __table_args__ = (Index("ix_tokens_refresh_expires_at", "refresh_expires_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id", ondelete="CASCADE"), index=True)
+    client_id: Mapped[str] = mapped_column(String(2048))
+    user_id: Mapped[str] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(Text, default="")
+    resource: Mapped[str] = mapped_column(String(2048))
+    access_token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    refresh_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    access_expires_at: Mapped[datetime] = mapped_column()
+    refresh_expires_at: Mapped[datetime | None] = mapped_column()
+    rotated_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+    # Authlib's TokenMixin
+    def check_client(self, client) -> bool:
+        return self.client_id == client.get_client_id()
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_expires_in(self) -> int:
+        return max(0, int((self.access_expires_at - utcnow()).total_seconds()))
+
+    def is_expired(self) -> bool:
+        return self.access_expires_at <= utcnow()
+
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class PendingAuthorization(db.Model):
+    """An approved authorization request waiting for the upstream login; keyed by the upstream `state`."""
+
+    __tablename__ = "pending_authorizations"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Hash of a random value in the browser's session cookie: the callback must come back to the browser
+    # that consented, or anyone could send a victim a pre-approved upstream link (confused deputy).
+    browser_binding_hash: Mapped[str] = mapped_column(String(64))
+    client_id: Mapped[str] = mapped_column(String(2048))
+    request_json: Mapped[str] = mapped_column(Text)
+    upstream_secrets: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+    @property
+    def request_params(self) -> dict:
+        return json.loads(self.request_json)

@@ -1,0 +1,30 @@
+"""Rate limits: per-client-address limits on the endpoints anyone can call without a token."""
+
+from __future__ import annotations
+
+from flask import Flask, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+from oauthproxy.config import Settings
+
+
+def is_preflight() -> bool:
+    return request.method == "OPTIONS"
+
+
+def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
+    """One limiter per application, so storage (memory, or Redis shared by instances) is never shared by accident.
+
+    Keyed on the peer address as Werkzeug sees it: X-Forwarded-For counts only through ProxyFix with a
+    configured hop count, so a client cannot choose its own key by sending the header.
+    """
+    limiter = Limiter(get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
+                      headers_enabled=True, default_limits=[])
+    for endpoint, limit in (("authorization.register", settings.register_rate_limit),
+                            ("authorization.authorize", settings.authorize_rate_limit),
+                            ("authorization.submit_consent", settings.authorize_rate_limit),
+                            ("authorization.token", settings.token_rate_limit),
+                            ("authorization.revoke", settings.token_rate_limit)):
+        limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
+    return limiter

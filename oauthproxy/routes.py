@@ -1,0 +1,341 @@
+"""MCP routes: which public paths front which downstream MCP servers, and how each downstream is authenticated."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+CredentialKind = Literal["none", "upstream_token", "static"]
+CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("none", "upstream_token", "static")
+
+#: Paths the authorization server owns; a route there would shadow it.
+RESERVED_PATHS = ("/authorize", "/token", "/register", "/revoke", "/callback", "/.well-known", "/static")
+
+#: An RFC 9110 field name (token characters).
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Headers a static credential must not replace: the proxy sets or strips them itself.
+PROTECTED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-user", "x-forwarded-email", "x-forwarded-name", "x-forwarded-access-token",
+    "mcp-session-id", "mcp-protocol-version", "content-type", "accept",
+})
+
+ROUTE_KEYS = frozenset({
+    "name", "path", "url", "scopes", "allowed_emails", "allowed_email_domains", "identity_headers", "credential",
+    "credential_header", "credential_scheme", "credential_env", "credential_file",
+})
+
+#: `MCP_SERVER_URL` alone is one route; these variables configure it the way a routes-file entry would.
+SINGLE_ROUTE_ENV = {
+    "scopes": "MCP_REQUIRED_SCOPES",
+    "identity_headers": "DOWNSTREAM_IDENTITY_HEADERS",
+    "credential": "DOWNSTREAM_CREDENTIAL",
+    "credential_header": "DOWNSTREAM_CREDENTIAL_HEADER",
+    "credential_scheme": "DOWNSTREAM_CREDENTIAL_SCHEME",
+    "credential_env": "DOWNSTREAM_CREDENTIAL_ENV",
+    "credential_file": "DOWNSTREAM_CREDENTIAL_FILE",
+}
+
+
+@dataclass(frozen=True)
+class DownstreamCredential:
+    """What the downstream receives besides identity headers: nothing, the user's upstream token, or a fixed secret."""
+
+    kind: CredentialKind = "none"
+    header: str = "Authorization"
+    # The whole header value (scheme included). Never logged, never shown to clients: kept out of repr.
+    value: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One protected resource: `PUBLIC_URL + path` (and everything under it) forwarded to `downstream_url`."""
+
+    name: str
+    path: str
+    downstream_url: str
+    resource: str
+    required_scopes: tuple[str, ...] = ()
+    allowed_emails: frozenset[str] = frozenset()
+    allowed_email_domains: frozenset[str] = frozenset()
+    identity_headers: bool = True
+    credential: DownstreamCredential = field(default_factory=DownstreamCredential)
+
+    @property
+    def metadata_path(self) -> str:
+        """RFC 9728 §3.1: the well-known suffix is inserted before the resource's path."""
+        return "/.well-known/oauth-protected-resource" + (self.path if self.path != "/" else "")
+
+    @property
+    def forwards_upstream_token(self) -> bool:
+        return self.identity_headers or self.credential.kind == "upstream_token"
+
+    def user_is_allowed(self, email: str | None) -> bool:
+        if not self.allowed_emails and not self.allowed_email_domains:
+            return True
+        if not email:
+            return False
+        email = email.lower()
+        return email in self.allowed_emails or email.rpartition("@")[2] in self.allowed_email_domains
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Settings of the MCP endpoint side (resource server and streaming proxy)."""
+
+    #: Origins allowed to call the MCP endpoints (RS-6); `*` allows any. Always includes PUBLIC_URL's origin.
+    allowed_origins: frozenset[str] = frozenset()
+    #: How long a validated access token is answered from memory: the bound on how late a revocation bites.
+    token_cache_ttl: int = 30
+    token_cache_size: int = 10_000
+    #: Refresh the user's upstream token when it expires within this many seconds.
+    upstream_refresh_skew: int = 60
+    downstream_connect_timeout: float = 5.0
+    #: Waiting for the downstream's response headers (and between bytes of a non-streamed body).
+    downstream_read_timeout: float = 300.0
+    #: Between events of an open event stream; 0 means no limit (idle GET streams may stay open for hours).
+    downstream_stream_idle_timeout: float = 0.0
+    downstream_pool_size: int = 256
+
+    def origin_is_allowed(self, origin: str) -> bool:
+        return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
+
+
+def normalise_origin(origin: str) -> str:
+    parts = urlsplit(origin.strip())
+    if not parts.scheme or not parts.netloc:
+        return origin.strip().lower()
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def _strings(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [item for item in re.split(r"[,\s]+", value) if item]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+        problems.append(f"{where} must be a list of non-empty strings")
+        return ()
+    return tuple(item.strip() for item in value)
+
+
+def _bool(value: Any, where: str, problems: list[str]) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    problems.append(f"{where} must be true or false; got {value!r}")
+    return True
+
+
+def _has_control_characters(value: str) -> bool:
+    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
+
+
+def _read_secret(entry: Mapping[str, Any], where: str, env: Mapping[str, str], problems: list[str]) -> str:
+    """A static credential from an environment variable or a file. Error messages name the source, never the value."""
+    env_name, file_name = entry.get("credential_env"), entry.get("credential_file")
+    if bool(env_name) == bool(file_name):
+        problems.append(f"{where}: a static credential needs exactly one of credential_env (the name of an "
+                        "environment variable holding the secret) or credential_file (a file holding it)")
+        return ""
+    if env_name:
+        if not isinstance(env_name, str):
+            problems.append(f"{where}: credential_env must be the name of an environment variable")
+            return ""
+        secret = env.get(env_name, "").strip()
+        if not secret:
+            problems.append(f"{where}: the environment variable {env_name} (credential_env) is unset or empty")
+            return ""
+    else:
+        try:
+            with open(str(file_name), encoding="utf-8") as handle:
+                secret = handle.read().strip()
+        except OSError as error:
+            problems.append(f"{where}: cannot read credential_file {file_name}: {error.strerror}")
+            return ""
+        if not secret:
+            problems.append(f"{where}: credential_file {file_name} is empty")
+            return ""
+    if _has_control_characters(secret):
+        problems.append(f"{where}: the static credential contains a line break or control character")
+        return ""
+    return secret
+
+
+def _credential(entry: Mapping[str, Any], where: str, env: Mapping[str, str],
+                problems: list[str]) -> DownstreamCredential:
+    kind = entry.get("credential", "none")
+    if kind not in CREDENTIAL_KINDS:
+        problems.append(f"{where}: credential must be one of {', '.join(CREDENTIAL_KINDS)}; got {kind!r}")
+        return DownstreamCredential()
+    header = entry.get("credential_header", "Authorization")
+    if not isinstance(header, str) or not HEADER_NAME.match(header):
+        problems.append(f"{where}: credential_header must be an HTTP header name; got {header!r}")
+        return DownstreamCredential()
+    if kind == "none":
+        return DownstreamCredential()
+    if kind == "upstream_token":
+        # RFC 6750 §2.1: the user's upstream access token, as the downstream would send it to the provider's APIs.
+        return DownstreamCredential("upstream_token", "Authorization")
+    if header.lower() in PROTECTED_HEADERS:
+        problems.append(f"{where}: credential_header {header} is set by the proxy itself; choose another header")
+        return DownstreamCredential()
+    default_scheme = "Bearer" if header.lower() == "authorization" else ""
+    scheme = entry.get("credential_scheme", default_scheme)
+    if not isinstance(scheme, str) or (scheme and not HEADER_NAME.match(scheme)):
+        problems.append(f"{where}: credential_scheme must be a word such as Bearer, or empty; got {scheme!r}")
+        return DownstreamCredential()
+    secret = _read_secret(entry, where, env, problems)
+    return DownstreamCredential("static", header, f"{scheme} {secret}" if scheme else secret)
+
+
+def _path(value: Any, where: str, problems: list[str]) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        problems.append(f"{where}: path must start with /, e.g. /mcp/gmail; got {value!r}")
+        return "/"
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or "//" in value or any(seg in (".", "..") for seg in value.split("/")):
+        problems.append(f"{where}: path must be a plain path without query, fragment, // or dot segments; got {value!r}")
+    path = value.rstrip("/") or "/"
+    if any(path == reserved or path.startswith(reserved + "/") for reserved in RESERVED_PATHS):
+        problems.append(f"{where}: path {path} would shadow an authorization server endpoint; choose another path")
+    return path
+
+
+def _downstream_url(value: Any, where: str, problems: list[str]) -> str:
+    if not isinstance(value, str):
+        problems.append(f"{where}: url must be the downstream MCP server's URL, e.g. http://127.0.0.1:9000/mcp")
+        return ""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{where}: url must be an absolute http(s) URL; got {value!r}")
+    if parts.fragment or parts.username or parts.password:
+        problems.append(f"{where}: url must not carry a fragment or credentials (use credential = \"static\")")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
+def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapping[str, str],
+                scopes_supported: tuple[str, ...], problems: list[str]) -> Route:
+    """Validate one route entry (a TOML table, or the single-route environment variables)."""
+    unknown = sorted(set(entry) - ROUTE_KEYS)
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(ROUTE_KEYS))}")
+    path = _path(entry.get("path"), where, problems)
+    url = _downstream_url(entry.get("url"), where, problems)
+    name = entry.get("name") or (path.rstrip("/").rsplit("/", 1)[-1] or "mcp")
+    if not isinstance(name, str) or not ROUTE_NAME.match(name):
+        problems.append(f"{where}: name must be letters, digits, '.', '_' or '-'; got {name!r}")
+        name = "mcp"
+    scopes = _strings(entry.get("scopes", []), f"{where}: scopes", problems)
+    if scopes_supported:
+        missing = [scope for scope in scopes if scope not in scopes_supported]
+        if missing:
+            problems.append(f"{where}: scopes {', '.join(missing)} are not in SCOPES_SUPPORTED, so no token could "
+                            "ever carry them")
+    emails = _strings(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
+    domains = _strings(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
+    return Route(
+        name=name,
+        path=path,
+        downstream_url=url,
+        resource=public_url + (path if path != "/" else ""),
+        required_scopes=scopes,
+        allowed_emails=frozenset(email.lower() for email in emails),
+        allowed_email_domains=frozenset(domain.lower().lstrip("@") for domain in domains),
+        identity_headers=_bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems),
+        credential=_credential(entry, where, env, problems),
+    )
+
+
+def load_routes(env: Mapping[str, str], public_url: str, scopes_supported: tuple[str, ...],
+                problems: list[str]) -> tuple[Route, ...]:
+    """Routes from the TOML file named by `MCP_ROUTES_FILE`, or one route from `MCP_SERVER_URL`."""
+    routes_file = env.get("MCP_ROUTES_FILE", "").strip()
+    server_url = env.get("MCP_SERVER_URL", "").strip()
+    if routes_file and server_url:
+        problems.append("set MCP_SERVER_URL (one downstream) or MCP_ROUTES_FILE (several), not both")
+        return ()
+    if not routes_file:
+        if not server_url:
+            return ()  # config.py reports the missing MCP_SERVER_URL
+        entry: dict[str, Any] = {"path": urlsplit(server_url).path or "/", "url": server_url}
+        for key, variable in SINGLE_ROUTE_ENV.items():
+            if env.get(variable, "").strip():
+                entry[key] = env[variable].strip()
+        return (build_route(entry, "MCP_SERVER_URL", public_url, env, scopes_supported, problems),)
+
+    try:
+        with open(routes_file, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        problems.append(f"MCP_ROUTES_FILE: cannot read {routes_file}: {error.strerror}")
+        return ()
+    except tomllib.TOMLDecodeError as error:
+        problems.append(f"MCP_ROUTES_FILE: {routes_file} is not valid TOML: {error}")
+        return ()
+    entries = document.get("routes")
+    extra = sorted(set(document) - {"routes"})
+    if extra:
+        problems.append(f"MCP_ROUTES_FILE: unknown top-level key(s) {', '.join(extra)}; declare [[routes]] tables")
+    if not isinstance(entries, list) or not entries or not all(isinstance(item, dict) for item in entries):
+        problems.append(f"MCP_ROUTES_FILE: {routes_file} must declare at least one [[routes]] table")
+        return ()
+    routes = tuple(build_route(item, f"MCP_ROUTES_FILE [[routes]] #{index + 1}", public_url, env,
+                               scopes_supported, problems) for index, item in enumerate(entries))
+    seen_paths: dict[str, str] = {}
+    seen_names: set[str] = set()
+    for route in routes:
+        if route.name in seen_names:
+            problems.append(f"MCP_ROUTES_FILE: two routes are named {route.name!r}; names must be unique")
+        seen_names.add(route.name)
+        for other, other_name in seen_paths.items():
+            if route.path == other or route.path.startswith(other.rstrip("/") + "/") or other.startswith(
+                    route.path.rstrip("/") + "/"):
+                # Each route is its own audience; a nested path would make one resource a prefix of another.
+                problems.append(f"MCP_ROUTES_FILE: routes {other_name!r} ({other}) and {route.name!r} ({route.path}) "
+                                "overlap; route paths must not be equal or nested")
+        seen_paths[route.path] = route.name
+    return routes
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float,
+            problems: list[str]) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        problems.append(f"{name} must be a number of seconds; got {raw!r}")
+        return default
+    if not minimum <= value <= maximum:
+        problems.append(f"{name} must be between {minimum:g} and {maximum:g}; got {raw}")
+        return default
+    return value
+
+
+def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[str]) -> ProxySettings:
+    origins = {normalise_origin(public_url)} if public_url else set()
+    for origin in re.split(r"[,\s]+", env.get("ALLOWED_ORIGINS", "")):
+        if not origin:
+            continue
+        if origin != "*" and not re.match(r"^https?://[^/?#]+$", origin.rstrip("/")):
+            problems.append(f"ALLOWED_ORIGINS entries must be origins such as https://app.example.com, or *; "
+                            f"got {origin!r}")
+            continue
+        origins.add(origin if origin == "*" else normalise_origin(origin))
+    return ProxySettings(
+        allowed_origins=frozenset(origins),
+        token_cache_ttl=int(_number(env, "TOKEN_CACHE_TTL", 30, 0, 300, problems)),
+        token_cache_size=int(_number(env, "TOKEN_CACHE_SIZE", 10_000, 1, 10_000_000, problems)),
+        upstream_refresh_skew=int(_number(env, "UPSTREAM_REFRESH_SKEW", 60, 0, 3600, problems)),
+        downstream_connect_timeout=_number(env, "DOWNSTREAM_CONNECT_TIMEOUT", 5, 0.1, 120, problems),
+        downstream_read_timeout=_number(env, "DOWNSTREAM_READ_TIMEOUT", 300, 0.1, 86_400, problems),
+        downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
+        downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
+    )
+

@@ -1,0 +1,133 @@
+"""Shared fixtures: databases (SQLite and real PostgreSQL), the proxy on a real loopback HTTP server, test clients."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+from flask import Flask
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from oauthproxy import create_app
+from oauthproxy.database import upgrade_database
+from oauthproxy.models import db
+from tests.flows import Browser, McpOAuthClient
+
+pytest_plugins = ["tests.provider_fixture"]
+
+if TYPE_CHECKING:
+    from tests.provider_fixture import OidcProvider
+
+POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+TEST_KEY = base64.b64encode(b"k" * 32).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session. Missing PostgreSQL fails the run; it is never skipped."""
+    name = f"oauthproxy_test_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        pytest.fail(f"PostgreSQL is required at {POSTGRES_DSN} (set TEST_POSTGRES_DSN): {error}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_DSN.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_dsn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'oauthproxy.sqlite3'}"
+    return request.getfixturevalue("postgres_database")
+
+
+@dataclass
+class RunningProxy:
+    app: Flask
+    url: str
+    server: BaseWSGIServer
+    provider: OidcProvider
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    def register_client(self, **kwargs) -> McpOAuthClient:
+        return McpOAuthClient.register(self.url, **kwargs)
+
+    def browser(self, login_hint: str = "alice") -> Browser:
+        return Browser(self.url, login_hint=login_hint)
+
+
+def base_env(port: int, provider: OidcProvider, database_dsn: str, client_id: str) -> dict[str, str]:
+    return {
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "PORT": str(port),
+        "OAUTH_CLIENT_ID": client_id,
+        "OAUTH_CLIENT_SECRET": "upstream-secret-" + client_id,
+        "OAUTH_AUTHORIZE_URL": provider.issuer,
+        "SCOPES_SUPPORTED": "openid,email,profile",
+        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        "DATABASE_DSN": database_dsn,
+        "ENCRYPTION_KEY": TEST_KEY,
+        "REGISTER_RATE_LIMIT": "1000 per minute",
+    }
+
+
+@pytest.fixture(scope="session")
+def start_proxy(oidc_provider: OidcProvider, database_dsn: str) -> Iterator[Callable[..., RunningProxy]]:
+    """Factory: start the proxy app on a real loopback HTTP server, with extra environment settings."""
+    running: list[RunningProxy] = []
+    migrated: set[str] = set()
+
+    def start(provider: OidcProvider | None = None, **overrides: str) -> RunningProxy:
+        provider = provider or oidc_provider
+        port = free_port()
+        client_id = f"proxy-{port}"
+        env = {**base_env(port, provider, database_dsn, client_id), **overrides}
+        provider.register_client(client_id, env["OAUTH_CLIENT_SECRET"], [f"{env['PUBLIC_URL']}/callback"])
+        app = create_app(env)
+        if env["DATABASE_DSN"] not in migrated:
+            upgrade_database(app)
+            migrated.add(env["DATABASE_DSN"])
+        server = make_server("127.0.0.1", port, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        proxy = RunningProxy(app, env["PUBLIC_URL"], server, provider)
+        running.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in running:
+        proxy.stop()
+        with proxy.app.app_context():
+            db.engine.dispose()
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
+    return start_proxy()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("TEST_ARTIFACTS", "test-artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
