@@ -48,9 +48,14 @@ def purge() -> None:
 @with_appcontext
 def rotate_key() -> None:
     """Re-encrypt every stored secret under the first key in ENCRYPTION_KEY."""
+    from oauthproxy.crypto import DecryptionError
     from oauthproxy.database import rotate_encryption_key
 
-    changed = rotate_encryption_key()
+    try:
+        changed = rotate_encryption_key()
+    except DecryptionError as error:
+        raise click.ClickException(f"{error}. Nothing was changed: list the old key after the new one in "
+                                   "ENCRYPTION_KEY (ENCRYPTION_KEY=new,old) and run rotate-key again.") from None
     click.echo(f"re-encrypted {changed} value(s) under key {current_app.extensions['secret_box'].current_key_id}")
 
 
@@ -72,3 +77,7 @@ def register_commands(app: Flask) -> None:
 main = FlaskGroup(create_app=create_app_or_exit, add_default_commands=True, load_dotenv=True,
                   help="oauthproxy: OAuth 2.1 proxy for MCP servers.")
 main.add_command(gen_key)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,7 +85,16 @@ def purge_expired() -> PurgeReport:
 
 def rotate_encryption_key() -> int:
     """Re-encrypt every stored secret under the first ENCRYPTION_KEY; returns how many values changed."""
-    box = current_app.extensions["secret_box"]
+    try:
+        changed = _re_encrypt_all(current_app.extensions["secret_box"])
+    except Exception:
+        db.session.rollback()  # all or nothing: a failed rotation leaves every value as it was
+        raise
+    db.session.commit()
+    return changed
+
+
+def _re_encrypt_all(box) -> int:
     changed = 0
     for client in db.session.scalars(select(OAuthClient).where(OAuthClient.client_secret_encrypted.is_not(None))):
         if box.needs_rotation(client.client_secret_encrypted):
@@ -101,5 +110,4 @@ def rotate_encryption_key() -> int:
         if box.needs_rotation(pending.upstream_secrets):
             pending.upstream_secrets = box.rotate(pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets")
             changed += 1
-    db.session.commit()
     return changed

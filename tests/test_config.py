@@ -1,0 +1,111 @@
+"""Start-up configuration: every problem reported at once, with what was expected; the process exits non-zero."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oauthproxy.config import ConfigError, load_settings, normalise_database_dsn
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {
+    "OAUTH_CLIENT_ID": "id",
+    "OAUTH_CLIENT_SECRET": "secret",
+    "OAUTH_AUTHORIZE_URL": "https://accounts.google.com",
+    "MCP_SERVER_URL": "http://localhost:9000/mcp/gmail",
+    "ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode(),
+}
+
+
+def problems_for(env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    return caught.value.problems
+
+
+def test_seed_example_with_a_path_is_valid() -> None:
+    settings = load_settings(GOOD)
+    assert settings.public_url == "http://127.0.0.1:8080"
+    assert settings.mcp_resource == "http://127.0.0.1:8080/mcp/gmail"
+    assert settings.issuer == "http://127.0.0.1:8080"
+    assert settings.callback_url == "http://127.0.0.1:8080/callback"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert (settings.access_token_ttl, settings.refresh_token_ttl, settings.refresh_grace_seconds) == (3600, 2592000, 10)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    problems = problems_for({"ENCRYPTION_KEY": base64.b64encode(b"x" * 17).decode(), "PORT": "eighty",
+                             "ACCESS_TOKEN_TTL": "5", "HOST": "0.0.0.0"})
+    text = "\n".join(problems)
+    for name in ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_AUTHORIZE_URL", "MCP_SERVER_URL", "PORT",
+                 "ACCESS_TOKEN_TTL", "PUBLIC_URL"):
+        assert name in text, name
+    assert "ENCRYPTION_KEY must be base64 of 32 bytes; got 17 bytes; generate one with `oauthproxy gen-key`" in text
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("not base64!", "not valid base64"),
+    (base64.b64encode(b"x" * 31).decode(), "got 31 bytes"),
+])
+def test_bad_encryption_key(value: str, message: str) -> None:
+    assert any(message in p for p in problems_for({**GOOD, "ENCRYPTION_KEY": value}))
+
+
+def test_several_keys_rotate_first_encrypts() -> None:
+    first, second = (base64.b64encode(os.urandom(32)).decode() for _ in range(2))
+    settings = load_settings({**GOOD, "ENCRYPTION_KEY": f"{first},{second}"})
+    assert settings.encryption_keys == (base64.b64decode(first), base64.b64decode(second))
+
+
+def test_public_url_must_be_https_unless_loopback() -> None:
+    assert any("must use https" in p for p in problems_for({**GOOD, "PUBLIC_URL": "http://mcp.example.com"}))
+    assert load_settings({**GOOD, "PUBLIC_URL": "https://MCP.example.com/"}).issuer == "https://mcp.example.com"
+
+
+def test_postgres_urls_use_psycopg3() -> None:
+    assert normalise_database_dsn("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_database_dsn("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert load_settings({**GOOD, "DATABASE_URL": "postgres://u@h/db"}).database_dsn == "postgresql+psycopg://u@h/db"
+
+
+def test_allowlist() -> None:
+    settings = load_settings({**GOOD, "ALLOWED_EMAILS": "Boss@Other.org", "ALLOWED_EMAIL_DOMAINS": "example.com"})
+    assert settings.user_is_allowed("alice@example.com")
+    assert settings.user_is_allowed("boss@other.org")
+    assert not settings.user_is_allowed("eve@example.com.evil.test")
+    assert not settings.user_is_allowed(None)
+    assert load_settings(GOOD).user_is_allowed(None)  # no allowlist: everyone who can log in upstream
+
+
+def test_server_refuses_to_start_and_lists_problems(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "ENCRYPTION_KEY": "c2hvcnQ=", "OAUTHPROXY_ENV_FILE": str(tmp_path / "none.env")}
+    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "OAUTH_CLIENT_ID is required" in result.stderr
+    assert "ENCRYPTION_KEY must be base64 of 32 bytes; got 5 bytes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    lines = [f"{k}={v}" for k, v in {**GOOD, "ENCRYPTION_KEY": "c2hvcnQ="}.items()]
+    (tmp_path / ".env").write_text("\n".join(lines) + "\n")
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    # The .env was read: the only complaint left is the short key it contains.
+    assert result.returncode != 0
+    assert "ENCRYPTION_KEY must be base64 of 32 bytes; got 5 bytes" in result.stderr
+    assert "OAUTH_CLIENT_ID" not in result.stderr
+
+
+def test_gen_key_prints_a_valid_key() -> None:
+    result = subprocess.run([sys.executable, "-m", "oauthproxy.cli", "gen-key"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert len(base64.b64decode(result.stdout.strip())) == 32
