@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -12,6 +14,8 @@ from sqlalchemy import delete, or_, select, text
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
 
 log = logging.getLogger(__name__)
+
+PURGE_INTERVAL_SECONDS = 3600.0
 
 # Any fixed 64-bit number; every instance uses the same one so only one of them migrates at a time.
 MIGRATION_LOCK_ID = 0x6F61757468707278
@@ -81,6 +85,29 @@ def purge_expired() -> PurgeReport:
     )).rowcount
     db.session.commit()
     return PurgeReport(pending, codes, tokens, grants, clients)
+
+
+_purge_lock = threading.Lock()
+_last_purge = 0.0
+
+
+def purge_if_due(interval: float = PURGE_INTERVAL_SECONDS) -> PurgeReport | None:
+    """Purge at most once per `interval` per process, so no cron job is needed to bound the tables."""
+    global _last_purge
+    now = time.monotonic()
+    if now - _last_purge < interval or not _purge_lock.acquire(blocking=False):
+        return None
+    try:
+        _last_purge = now
+        report = purge_expired()
+        log.info("purged expired rows: %s", report)
+        return report
+    except Exception:
+        db.session.rollback()
+        log.exception("purge failed; will retry in %s s", interval)
+        return None
+    finally:
+        _purge_lock.release()
 
 
 def rotate_encryption_key() -> int:

@@ -9,6 +9,7 @@ from werkzeug.exceptions import TooManyRequests
 
 from oauthproxy import consent
 from oauthproxy.config import is_loopback_host
+from oauthproxy.database import purge_if_due
 from oauthproxy.login import (
     SINGLE_VALUED,
     AuthorizationPageError,
@@ -112,7 +113,9 @@ def callback() -> Response:
 def token() -> Response:
     if request.method == "OPTIONS":
         return Response(status=204)
-    return _server().create_token_response()
+    response = _server().create_token_response()
+    purge_if_due()
+    return response
 
 
 @blueprint.route("/revoke", methods=["POST", "OPTIONS"])
