@@ -6,7 +6,6 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
@@ -255,11 +254,4 @@ class ClientRegistration(ClientRegistrationEndpoint):
 def registration_fingerprint(client_metadata: dict, remote_addr: str) -> str:
     canonical = json.dumps(client_metadata, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{remote_addr}\n{canonical}".encode()).hexdigest()
-
-
-def touch_client(client_id: str) -> None:
-    """Record use at most hourly, so the unused-client reaper spares active clients without a write per request."""
-    row = db.session.get(OAuthClient, client_id) if len(client_id) <= 64 else None
-    if row is not None and utcnow() - row.last_used_at > timedelta(hours=1):
-        row.last_used_at = utcnow()
 
