@@ -19,7 +19,7 @@ install: $(STAMP) tests/provider/node_modules/.package-lock.json
 
 ## run: start the proxy on http://127.0.0.1:8080 with SQLite (settings from the environment or .env)
 run: $(STAMP)
-	$(BIN)/oauthproxy upgrade-db
+	$(BIN)/oauthproxy db upgrade
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 ## test: lint, then the whole suite (SQLite and PostgreSQL, the real OpenID provider)

@@ -59,18 +59,8 @@ def rotate_key() -> None:
     click.echo(f"re-encrypted {changed} value(s) under key {current_app.extensions['secret_box'].current_key_id}")
 
 
-@click.command("upgrade-db")
-@with_appcontext
-def upgrade_db() -> None:
-    """Apply database migrations (safe to run from several instances at once)."""
-    from oauthproxy.database import upgrade_database
-
-    upgrade_database(current_app._get_current_object())
-    click.echo("database schema is current")
-
-
 def register_commands(app: Flask) -> None:
-    for command in (purge, rotate_key, upgrade_db):
+    for command in (purge, rotate_key):
         app.cli.add_command(command)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from flask import Flask, current_app
-from sqlalchemy import delete, or_, select, text
+from sqlalchemy import delete, or_, select
 
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
 
@@ -24,23 +24,13 @@ MIGRATION_LOCK_ID = 0x6F61757468707278
 def upgrade_database(app: Flask) -> None:
     """Apply Alembic migrations; safe when several workers or instances start at once.
 
-    On PostgreSQL a session-level advisory lock serialises the upgrade across instances; the ones that wait
-    find the schema current and do nothing. SQLite is single-host, and gunicorn runs this once, in its master.
+    On PostgreSQL, `migrations/env.py` holds an advisory lock for the duration of the upgrade, so the
+    same holds for `oauthproxy db upgrade`. SQLite is single-host, and gunicorn runs this once, in its master.
     """
     from flask_migrate import upgrade
 
     with app.app_context():
-        engine = db.engine
-        if engine.dialect.name == "postgresql":
-            with engine.connect() as connection:
-                connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-                try:
-                    upgrade(directory=app.extensions["migrate"].directory)
-                finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
-                    connection.commit()
-        else:
-            upgrade(directory=app.extensions["migrate"].directory)
+        upgrade(directory=app.extensions["migrate"].directory)
 
 
 def schema_is_current(app: Flask) -> bool:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import threading
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy import func, inspect, select, update
 
 from oauthproxy import create_app
-from oauthproxy.database import purge_expired, rotate_encryption_key, schema_is_current, upgrade_database
+from oauthproxy.database import purge_expired, rotate_encryption_key, schema_is_current
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
 from tests.conftest import POSTGRES_DSN, TEST_KEY, RunningProxy, base_env
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def count(model) -> int:
@@ -23,32 +27,24 @@ def count(model) -> int:
 
 
 def test_concurrent_migrations_on_a_fresh_postgres_database(oidc_provider) -> None:
+    """Four instances starting at once each run `oauthproxy db upgrade`; all succeed and the schema is current."""
     name = f"oauthproxy_migrate_{secrets.token_hex(4)}"
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         dsn = POSTGRES_DSN.rsplit("/", 1)[0] + "/" + name
-        apps = [create_app(base_env(8080 + i, oidc_provider, dsn, "c")) for i in range(4)]
-        errors: list[BaseException] = []
-
-        def migrate(app) -> None:
-            try:
-                upgrade_database(app)
-            except BaseException as error:
-                errors.append(error)
-
-        threads = [threading.Thread(target=migrate, args=(app,)) for app in apps]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
-        with apps[0].app_context():
-            assert schema_is_current(apps[0])
+        env = {"PATH": os.environ["PATH"], **base_env(8080, oidc_provider, dsn, "c"),
+               "OAUTHPROXY_ENV_FILE": "/nonexistent.env"}
+        processes = [subprocess.Popen([sys.executable, "-m", "oauthproxy.cli", "db", "upgrade"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+        outputs = [process.communicate(timeout=120)[0] for process in processes]
+        assert [process.returncode for process in processes] == [0, 0, 0, 0], outputs
+        assert sum("Running upgrade  -> " in output for output in outputs) == 1, outputs
+        app = create_app(base_env(8080, oidc_provider, dsn, "c"))
+        with app.app_context():
+            assert schema_is_current(app)
             assert {"oauth_clients", "grants", "tokens", "authorization_codes"} <= set(inspect(db.engine).get_table_names())
-        for app in apps:
-            with app.app_context():
-                db.engine.dispose()
+            db.engine.dispose()
     finally:
         with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -122,7 +118,7 @@ def test_rotate_key_without_the_old_key_explains_itself(start_proxy) -> None:
     assert "list the old key after the new one in ENCRYPTION_KEY" in result.output
 
 
-@pytest.mark.parametrize("command", [["purge"], ["rotate-key"], ["upgrade-db"]])
+@pytest.mark.parametrize("command", [["purge"], ["rotate-key"], ["db", "upgrade"]])
 def test_cli_commands_run(proxy: RunningProxy, command: list[str]) -> None:
     runner = proxy.app.test_cli_runner()
     result = runner.invoke(args=command)

@@ -3,6 +3,9 @@ from logging.config import fileConfig
 
 from alembic import context
 from flask import current_app
+from sqlalchemy import text
+
+from oauthproxy.database import MIGRATION_LOCK_ID
 
 # this is the Alembic Config object, which provides
 # access to the values within the .ini file in use.
@@ -10,7 +13,7 @@ config = context.config
 
 # Interpret the config file for Python logging.
 # This line sets up loggers basically.
-fileConfig(config.config_file_name)
+fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger('alembic.env')
 
 
@@ -103,6 +106,11 @@ def run_migrations_online():
         )
 
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Several instances may start at once: the first to take this transaction-scoped lock
+                # migrates; the others wait, then find the schema current (the version table is read
+                # after the lock is held) and do nothing.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
             context.run_migrations()
 
 
