@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +38,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.crypto import SecretBox
+    from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
     from oauthproxy.rate_limits import init_rate_limits
     from oauthproxy.upstream import build_upstream_provider
@@ -57,7 +57,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
     db.init_app(app)
     Migrate(app, db, directory=MIGRATIONS_DIRECTORY)

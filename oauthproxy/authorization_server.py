@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer as FlaskAuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request, grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError, OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
@@ -19,15 +19,10 @@ from sqlalchemy import or_, select, update
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
+from oauthproxy.errors import InvalidTargetError, safe_description
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, utcnow
 
 log = logging.getLogger(__name__)
-
-
-class InvalidTargetError(OAuth2Error):
-    """RFC 8707 §2: the requested resource is not one this server issues tokens for."""
-
-    error = "invalid_target"
 
 
 def canonical_resource(uri: str) -> str:
@@ -88,22 +83,19 @@ def revoke_grant(grant_id: int, reason: str) -> None:
     log.info("revoked grant %s: %s", grant_id, reason)
 
 
-def check_token_resource(grant, result=None) -> None:
-    """RFC 8707 §2.2: a `resource` at the token endpoint must be one the grant was issued for."""
-    requested = grant.request.payload.datalist.get("resource", [])
-    family = grant.request.user if isinstance(grant.request.user, Grant) else None
-    if family is None:
-        code = grant.request.authorization_code
-        target = code.resource if code is not None else grant.request.refresh_token.resource
-    else:
-        target = family.resource
-    for resource in requested:
+def check_token_resource(grant: grants.BaseGrant, target: str) -> None:
+    """RFC 8707 §2.2: a `resource` at the token endpoint must be the one the grant was issued for."""
+    for resource in grant.request.payload.datalist.get("resource", []):
         if canonical_resource(resource) != canonical_resource(target):
-            raise InvalidTargetError(f"this token is for {target}; resource {resource!r} was not authorized")
+            raise InvalidTargetError(safe_description(f"this grant is for {target}; resource {resource} was not authorized"))
 
 
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = list(SUPPORTED_AUTH_METHODS)
+
+    def validate_token_request(self) -> None:
+        super().validate_token_request()
+        check_token_resource(self, self.request.authorization_code.resource)
 
     def save_authorization_code(self, code: str, request) -> AuthorizationCode:
         family: Grant = request.user
@@ -163,6 +155,10 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
 
     TOKEN_ENDPOINT_AUTH_METHODS = list(SUPPORTED_AUTH_METHODS)
     INCLUDE_NEW_REFRESH_TOKEN = True
+
+    def validate_token_request(self) -> None:
+        super().validate_token_request()
+        check_token_resource(self, self.request.refresh_token.resource)
 
     def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
         row = db.session.scalar(select(Token).where(Token.refresh_token_hash == hash_token(refresh_token)))
@@ -233,11 +229,6 @@ class AuthorizationServer(FlaskAuthorizationServer):
         if isinstance(request, OAuth2Request):
             return request
         return super().create_oauth2_request(request)
-
-    def get_token_grant(self, request):
-        grant = super().get_token_grant(request)
-        grant.register_hook("after_validate_token_request", check_token_resource)
-        return grant
 
     def handle_error_response(self, request, error):
         if error.error == "invalid_client":

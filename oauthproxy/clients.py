@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
-from authlib.oauth2.rfc6749.errors import OAuth2Error
 from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint, InvalidClientMetadataError
 from flask import current_app
@@ -19,16 +18,11 @@ from sqlalchemy import select
 from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document_client_id
 from oauthproxy.config import LOOPBACK_HOSTS, Settings, is_loopback_host
 from oauthproxy.crypto import constant_time_equals
+from oauthproxy.errors import InvalidRedirectURIError, safe_description
 from oauthproxy.models import OAuthClient, db, utcnow
 
 SUPPORTED_AUTH_METHODS = ("none", "client_secret_post", "client_secret_basic")
 SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
-
-
-class InvalidRedirectURIError(OAuth2Error):
-    """RFC 7591 §3.2.2."""
-
-    error = "invalid_redirect_uri"
 
 
 @dataclass
@@ -117,23 +111,64 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
     return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query) and not b.fragment
 
 
+# Schemes that run code or read local data in the browser; never a redirect target, whatever the settings.
+FORBIDDEN_REDIRECT_SCHEMES = frozenset({"javascript", "data", "file", "about", "blob", "vbscript", "filesystem"})
+
+
 def redirect_uri_problem(uri: str, settings: Settings) -> str | None:
-    """Why a redirect URI may not be registered, or None: https, or http on loopback (MCP authorization §3.1)."""
+    """Why a redirect URI may not be registered, or None: https, or http on loopback (MCP authorization)."""
+    if not uri.isascii() or any(c.isspace() or c in '"\\<>' for c in uri):
+        return "a redirect URI must be plain ASCII with no spaces, quotes, backslashes or angle brackets"
     parts = urlsplit(uri)
-    if parts.fragment or "#" in uri:
-        return f"redirect URI {uri!r} must not contain a fragment (RFC 6749 §3.1.2)"
-    if parts.scheme == "https" and parts.hostname:
-        return None
-    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
-        return None
-    if parts.scheme not in ("http", "https", "") and settings.allow_custom_redirect_schemes:
-        return None  # private-use schemes (cursor://, vscode://) for native apps, RFC 8252 §7.1: opt-in only
-    return f"redirect URI {uri!r} must use https, or http on a loopback address (localhost, 127.0.0.1, [::1])"
+    if "#" in uri:
+        return f"redirect URI {uri} must not contain a fragment (RFC 6749 section 3.1.2)"
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            return f"redirect URI {uri} has no host"
+        if parts.scheme == "https" or is_loopback_host(parts.hostname):
+            return None
+        return f"redirect URI {uri} must use https, or http on a loopback address (localhost, 127.0.0.1, [::1])"
+    if not parts.scheme:
+        return f"redirect URI {uri} must be an absolute URI"
+    if parts.scheme.lower() in FORBIDDEN_REDIRECT_SCHEMES:
+        return f"the {parts.scheme}: scheme is never allowed for a redirect URI"
+    if settings.allow_custom_redirect_schemes:
+        return None  # private-use schemes (cursor://, vscode://) for native apps, RFC 8252 section 7.1: opt-in only
+    return (f"redirect URI {uri} must use https, or http on a loopback address; private-use schemes such as "
+            f"{parts.scheme}: are off on this server (ALLOW_CUSTOM_REDIRECT_SCHEMES)")
+
+
+STRING_METADATA = ("client_name", "client_uri", "logo_uri", "scope", "tos_uri", "policy_uri", "jwks_uri",
+                   "software_id", "software_version", "token_endpoint_auth_method", "application_type")
+LIST_METADATA = ("grant_types", "response_types", "contacts")
+
+
+def check_registration_request(data: object, settings: Settings) -> None:
+    """Types and redirect URIs first, so each problem gets the RFC 7591 §3.2.2 code that names it."""
+    if not isinstance(data, dict):
+        raise InvalidClientMetadataError("the registration request body must be a JSON object")
+    uris = data.get("redirect_uris")
+    if not isinstance(uris, list) or not uris:
+        raise InvalidRedirectURIError("redirect_uris is required: a list of the URIs this client receives codes at")
+    for uri in uris:
+        if not isinstance(uri, str):
+            raise InvalidRedirectURIError("every redirect URI must be a string")
+        problem = redirect_uri_problem(uri, settings)
+        if problem:
+            raise InvalidRedirectURIError(safe_description(problem))
+    for name in STRING_METADATA:
+        if name in data and not isinstance(data[name], str):
+            raise InvalidClientMetadataError(f"{name} must be a string")
+    for name in LIST_METADATA:
+        if name in data and not (isinstance(data[name], list) and all(isinstance(v, str) for v in data[name])):
+            raise InvalidClientMetadataError(f"{name} must be a list of strings")
 
 
 def load_client(client_id: str) -> Client | None:
     """Authlib's `query_client`: registered clients from the database, URL client ids from their document."""
     settings: Settings = current_app.config["SETTINGS"]
+    if not client_id or "\x00" in client_id:
+        return None  # PostgreSQL text cannot hold NUL; no real client id has one
     if is_metadata_document_client_id(client_id, settings.allow_private_client_metadata_urls):
         try:
             document = current_app.extensions["client_metadata_fetcher"].fetch(client_id)
@@ -180,8 +215,8 @@ class ClientRegistration(ClientRegistrationEndpoint):
 
     def extract_client_metadata(self, request) -> dict:
         data = request.payload.data
-        if not isinstance(data, dict):
-            raise InvalidClientMetadataError("the registration request body must be a JSON object")
+        settings: Settings = current_app.config["SETTINGS"]
+        check_registration_request(data, settings)
         # RFC 7591 defaults grant_types to authorization_code alone; MCP clients that omit it still
         # need refresh, or users would log in again every hour.
         data.setdefault("grant_types", list(SUPPORTED_GRANT_TYPES))
@@ -189,22 +224,13 @@ class ClientRegistration(ClientRegistrationEndpoint):
         if isinstance(data.get("scope"), str):
             data["scope"] = " ".join(s for s in data["scope"].split() if s != "offline_access")
         metadata = super().extract_client_metadata(request)
-        settings: Settings = current_app.config["SETTINGS"]
-        uris = metadata.get("redirect_uris")
-        if not isinstance(uris, list) or not uris:
-            raise InvalidRedirectURIError("redirect_uris is required: list the URIs this client receives codes at")
-        for uri in uris:
-            if not isinstance(uri, str):
-                raise InvalidRedirectURIError("every redirect URI must be a string")
-            problem = redirect_uri_problem(uri, settings)
-            if problem:
-                raise InvalidRedirectURIError(problem)
         method = metadata.get("token_endpoint_auth_method", "client_secret_basic")
         if method not in SUPPORTED_AUTH_METHODS:
             raise InvalidClientMetadataError(
-                f"token_endpoint_auth_method {method!r} is not supported; use one of {', '.join(SUPPORTED_AUTH_METHODS)}")
+                safe_description(f"token_endpoint_auth_method {method} is not supported; "
+                                 f"use one of {', '.join(SUPPORTED_AUTH_METHODS)}"))
         if not set(metadata.get("response_types") or ["code"]) <= {"code"}:
-            raise InvalidClientMetadataError("only response_types ['code'] is supported")
+            raise InvalidClientMetadataError("only the response type code is supported")
         return metadata
 
     def generate_client_info(self, request) -> dict:

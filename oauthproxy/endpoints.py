@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
@@ -56,7 +58,11 @@ def authorization_server_metadata() -> Response:
 def register() -> Response:
     if request.method == "OPTIONS":
         return Response(status=204)
-    if not request.is_json or not isinstance(request.get_json(silent=True), dict):
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # absurdly nested JSON
+        body = None
+    if not request.is_json or not isinstance(body, dict):
         return jsonify(error="invalid_client_metadata",
                        error_description="send the client metadata as a JSON object (Content-Type: application/json)"), 400
     return _server().create_endpoint_response("client_registration")
@@ -113,6 +119,9 @@ def callback() -> Response:
 def token() -> Response:
     if request.method == "OPTIONS":
         return Response(status=204)
+    problem = malformed_token_request()
+    if problem is not None:
+        return problem
     response = _server().create_token_response()
     purge_if_due()
     return response
@@ -122,7 +131,34 @@ def token() -> Response:
 def revoke() -> Response:
     if request.method == "OPTIONS":
         return Response(status=204)
-    return _server().create_endpoint_response("revocation")
+    return malformed_token_request() or _server().create_endpoint_response("revocation")
+
+
+SINGLE_VALUED_TOKEN_PARAMS = ("grant_type", "code", "redirect_uri", "code_verifier", "refresh_token", "client_id",
+                              "client_secret", "scope", "token", "token_type_hint")
+
+
+def oauth_error(status: int, error: str, description: str) -> Response:
+    response = jsonify(error=error, error_description=description)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def malformed_token_request() -> Response | None:
+    """What Authlib would not refuse cleanly: repeated parameters (RFC 6749 §3.2) and unreadable Basic credentials."""
+    for name in SINGLE_VALUED_TOKEN_PARAMS:
+        if len(request.form.getlist(name)) > 1:
+            return oauth_error(400, "invalid_request", f"the parameter {name} was sent more than once")
+    header = request.headers.get("Authorization", "")
+    if header[:6].lower() == "basic ":
+        try:
+            base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            response = oauth_error(401, "invalid_client", "the Basic credentials are not base64 of UTF-8 text")
+            response.headers["WWW-Authenticate"] = 'Basic error="invalid_client"'
+            return response
+    return None
 
 
 @blueprint.app_errorhandler(AuthorizationPageError)

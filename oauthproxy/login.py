@@ -17,6 +17,7 @@ from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, 
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token
+from oauthproxy.errors import safe_description
 from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
 
@@ -70,7 +71,7 @@ def error_redirect_url(redirect_uri: str, error: str, description: str | None, s
     """An authorization error response, with `iss` as RFC 9207 requires on errors too."""
     params = [("error", error)]
     if description:
-        params.append(("error_description", description))
+        params.append(("error_description", safe_description(description)))
     if state:
         params.append(("state", state))
     params.append(("iss", _settings().issuer))

@@ -26,5 +26,6 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
                             ("authorization.submit_consent", settings.authorize_rate_limit),
                             ("authorization.token", settings.token_rate_limit),
                             ("authorization.revoke", settings.token_rate_limit)):
-        limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
+        # Flask-Limiter 4 checks inside the wrapper it returns, so the view must be replaced by it.
+        app.view_functions[endpoint] = limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
     return limiter

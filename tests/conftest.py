@@ -93,10 +93,20 @@ def base_env(port: int, provider: OidcProvider, database_dsn: str, client_id: st
 
 
 @pytest.fixture(scope="session")
-def start_proxy(oidc_provider: OidcProvider, database_dsn: str) -> Iterator[Callable[..., RunningProxy]]:
-    """Factory: start the proxy app on a real loopback HTTP server, with extra environment settings."""
+def migrated_databases() -> set[str]:
+    """DSNs already migrated in this session: the schema is built once per database."""
+    return set()
+
+
+@pytest.fixture
+def start_proxy(oidc_provider: OidcProvider, database_dsn: str,
+                migrated_databases: set[str]) -> Iterator[Callable[..., RunningProxy]]:
+    """Factory: start the proxy app on a real loopback HTTP server, with extra environment settings.
+
+    Every proxy a test starts is stopped, and its connection pool closed, when the test ends; kept open, a
+    few hundred idle pools would exhaust PostgreSQL's max_connections.
+    """
     running: list[RunningProxy] = []
-    migrated: set[str] = set()
 
     def start(provider: OidcProvider | None = None, **overrides: str) -> RunningProxy:
         provider = provider or oidc_provider
@@ -105,9 +115,9 @@ def start_proxy(oidc_provider: OidcProvider, database_dsn: str) -> Iterator[Call
         env = {**base_env(port, provider, database_dsn, client_id), **overrides}
         provider.register_client(client_id, env["OAUTH_CLIENT_SECRET"], [f"{env['PUBLIC_URL']}/callback"])
         app = create_app(env)
-        if env["DATABASE_DSN"] not in migrated:
+        if env["DATABASE_DSN"] not in migrated_databases:
             upgrade_database(app)
-            migrated.add(env["DATABASE_DSN"])
+            migrated_databases.add(env["DATABASE_DSN"])
         server = make_server("127.0.0.1", port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         proxy = RunningProxy(app, env["PUBLIC_URL"], server, provider)
@@ -116,7 +126,7 @@ def start_proxy(oidc_provider: OidcProvider, database_dsn: str) -> Iterator[Call
 
     yield start
     for proxy in running:
-        proxy.stop()
+        threading.Thread(target=proxy.stop, daemon=True).start()  # shutdown() waits out a 0.5 s poll
         with proxy.app.app_context():
             db.engine.dispose()
 
