@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,17 @@ $(STAMP): pyproject.toml
 tests/provider/node_modules/.package-lock.json: tests/provider/package-lock.json
 	npm ci --prefix tests/provider --no-audit --no-fund --loglevel=error
 
-install: $(STAMP) tests/provider/node_modules/.package-lock.json
+# Independent MCP clients for the interop tests: the TypeScript SDK, the conformance suite, and Node 22 to run it.
+tests/interop/node_modules/.package-lock.json: tests/interop/package-lock.json
+	npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 
-## run: start the proxy on http://127.0.0.1:8080 with SQLite (settings from the environment or .env)
-run: $(STAMP)
-	$(BIN)/oauthproxy db upgrade
-	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+install: $(STAMP) tests/provider/node_modules/.package-lock.json tests/interop/node_modules/.package-lock.json
+	scripts/install-test-deps
+
+## run: the proxy on http://127.0.0.1:8080 (settings from the environment or .env); without a provider in
+## them, a whole demo on loopback: a test OpenID provider, a demo MCP server and the proxy (scripts/run)
+run: $(STAMP) tests/provider/node_modules/.package-lock.json
+	$(BIN)/python scripts/run
 
 ## test: lint, then the whole suite (SQLite and PostgreSQL, the real OpenID provider)
 test: install
@@ -28,8 +33,12 @@ test: install
 	scripts/ensure-services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+## bench: the benchmarks (bench/run: wrk and nginx from Debian when missing, py-spy); rewrites docs/benchmarks.md
+bench: $(STAMP) tests/provider/node_modules/.package-lock.json
+	bench/run $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) tests/provider/node_modules instance
+	rm -rf $(VENV) tests/provider/node_modules tests/interop/node_modules instance

@@ -40,7 +40,9 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.crypto import SecretBox
     from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
+    from oauthproxy.operations import init_operations
     from oauthproxy.rate_limits import init_rate_limits
+    from oauthproxy.resource_server import init_resource_server
     from oauthproxy.upstream import build_upstream_provider
 
     if settings.is_loopback:
@@ -50,14 +52,16 @@ def configure_app(app: Flask, settings: Settings) -> None:
         SETTINGS=settings,
         SECRET_KEY=settings.secret_key,
         SQLALCHEMY_DATABASE_URI=settings.database_dsn,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, **(
+            # A database host that drops packets fails a request or a /readyz probe in seconds, not TCP's minutes.
+            {"connect_args": {"connect_timeout": 10}} if settings.database_dsn.startswith("postgresql") else {})},
         OAUTH_SCOPES_SUPPORTED=settings.scopes_supported,
         SESSION_COOKIE_NAME="__Host-oauthproxy-session" if settings.secure_cookies else "oauthproxy-session",
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
-    configure_logging()
+    configure_logging(settings.log_format)
 
     db.init_app(app)
     Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
@@ -71,7 +75,9 @@ def configure_app(app: Flask, settings: Settings) -> None:
         app.config["OAUTH_SCOPES_SUPPORTED"] = upstream.default_scopes
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
+    init_resource_server(app, settings)
     app.extensions["rate_limiter"] = init_rate_limits(app, settings)
+    init_operations(app, settings)
 
     from oauthproxy import cli
 

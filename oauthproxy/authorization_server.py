@@ -16,10 +16,12 @@ from authlib.oauth2.rfc9207 import IssuerParameter
 from flask import Flask
 from sqlalchemy import or_, select, update
 
+from oauthproxy import metrics
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.errors import InvalidTargetError, safe_description
+from oauthproxy.logs import set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, utcnow
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ def revoke_grant(grant_id: int, reason: str) -> None:
     db.session.execute(update(Token).where(Token.grant_id == grant_id, Token.revoked_at.is_(None)).values(revoked_at=now))
     db.session.execute(update(AuthorizationCode).where(AuthorizationCode.grant_id == grant_id,
                                                        AuthorizationCode.used_at.is_(None)).values(used_at=now))
+    metrics.GRANTS_REVOKED.labels(reason).inc()
     log.info("revoked grant %s: %s", grant_id, reason)
 
 
@@ -174,6 +177,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
                 revoke_grant(row.grant_id, "refresh_token_reuse")
                 db.session.commit()
                 return None
+            metrics.REFRESH_GRACE.inc()
         return row
 
     def authenticate_user(self, refresh_token: Token) -> Grant | None:
@@ -262,6 +266,8 @@ class AuthorizationServer(FlaskAuthorizationServer):
         )
         db.session.add(row)
         db.session.commit()
+        metrics.TOKENS_ISSUED.labels(request.payload.grant_type or "unknown").inc()
+        set_request_user(family.user_id)
         return row
 
     def metadata(self) -> dict:

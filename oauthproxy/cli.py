@@ -1,4 +1,4 @@
-"""The `oauthproxy` command line (also `flask --app wsgi ...`): keys, database, purge."""
+"""The `oauthproxy` command line (also `flask --app wsgi ...`): keys, database, purge, check, clients, grants."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import click
 from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
+from flask_migrate import cli as migrate_cli
 
 from oauthproxy.crypto import generate_key
 
@@ -18,6 +19,11 @@ def create_app_or_exit() -> Flask:
     try:
         return create_app()
     except ConfigError as error:
+        if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+            # Listing the commands needs no settings: Flask prints this, then the list.
+            from flask.cli import NoAppException
+
+            raise NoAppException("the settings are incomplete; `oauthproxy check` lists what is missing") from None
         report_config_error(error)
         sys.exit(2)
 
@@ -59,14 +65,169 @@ def rotate_key() -> None:
     click.echo(f"re-encrypted {changed} value(s) under key {current_app.extensions['secret_box'].current_key_id}")
 
 
+@click.command("check")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each network request.")
+@click.option("--skip-public-url", is_flag=True,
+              help="Do not walk the discovery chain through PUBLIC_URL (e.g. before the proxy is started).")
+@with_appcontext
+def check(timeout: float, skip_public_url: bool) -> None:
+    """Check the configuration, database, provider, callback URL, downstream and the discovery chain."""
+    import logging
+
+    from oauthproxy.self_check import SelfCheck
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-connection notes are not findings
+    click.echo(f"oauthproxy check ({current_app.config['SETTINGS'].public_url})")
+    failures = 0
+    for finding in SelfCheck(current_app._get_current_object(), timeout, not skip_public_url).run():
+        failures += finding.level == "fail"
+        click.echo(finding.render())
+    if failures:
+        click.echo(f"{failures} problem(s) found.")
+        sys.exit(1)
+    click.echo("No problems found.")
+
+
+def _when(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+@click.group("clients")
+def clients() -> None:
+    """List or delete registered OAuth clients."""
+
+
+@clients.command("list")
+@with_appcontext
+def clients_list() -> None:
+    """Registered clients, with their live grants (users still signed in)."""
+    from sqlalchemy import func, select
+
+    from oauthproxy.models import Grant, OAuthClient, db
+
+    live = dict(db.session.execute(select(Grant.client_id, func.count()).where(Grant.revoked_at.is_(None))
+                                   .group_by(Grant.client_id)).all())
+    rows = db.session.scalars(select(OAuthClient).order_by(OAuthClient.last_used_at.desc())).all()
+    click.echo(f"{'CLIENT ID':<40} {'NAME':<28} {'AUTH':<20} {'CREATED':<16} {'LAST USED':<16} GRANTS  REDIRECT URIS")
+    for row in rows:
+        metadata = row.client_metadata
+        click.echo(f"{row.client_id:<40} {str(metadata.get('client_name', ''))[:28]:<28} "
+                   f"{metadata.get('token_endpoint_auth_method', 'none'):<20} {_when(row.created_at):<16} "
+                   f"{_when(row.last_used_at):<16} {live.pop(row.client_id, 0):<7} "
+                   f"{' '.join(metadata.get('redirect_uris', []))}")
+    for client_id, count in sorted(live.items()):  # metadata-document clients: their id is a URL, not a row
+        click.echo(f"{client_id:<40} {'(client metadata document)':<28} {'none':<20} {'-':<16} {'-':<16} {count}")
+    click.echo(f"{len(rows)} registered client(s)")
+
+
+@clients.command("delete")
+@click.argument("client_id")
+@with_appcontext
+def clients_delete(client_id: str) -> None:
+    """Delete a client and revoke every grant it holds (its users must sign in again)."""
+    from sqlalchemy import delete, select
+
+    from oauthproxy.authorization_server import revoke_grant
+    from oauthproxy.models import Grant, OAuthClient, db
+
+    grant_ids = db.session.scalars(select(Grant.id).where(Grant.client_id == client_id,
+                                                          Grant.revoked_at.is_(None))).all()
+    for grant_id in grant_ids:
+        revoke_grant(grant_id, "revoked_by_operator")
+    deleted = db.session.execute(delete(OAuthClient).where(OAuthClient.client_id == client_id)).rowcount
+    db.session.commit()
+    if not deleted and not grant_ids:
+        raise click.ClickException(f"no client {client_id!r}; see `oauthproxy clients list`")
+    click.echo(f"deleted client {client_id}; revoked {len(grant_ids)} grant(s)")
+    _cache_note(len(grant_ids))
+
+
+def _cache_note(revoked: int) -> None:
+    if revoked:
+        ttl = current_app.config["SETTINGS"].proxy.token_cache_ttl
+        click.echo(f"Running proxies refuse the revoked tokens within {ttl} s (TOKEN_CACHE_TTL).")
+
+
+@click.group("grants")
+def grants() -> None:
+    """List or revoke grants: one user's sign-in through one client, with its tokens."""
+
+
+def _grant_filter(user: str | None, client: str | None):
+    from sqlalchemy import or_
+
+    from oauthproxy.models import Grant
+
+    conditions = []
+    if user:
+        conditions.append(or_(Grant.user_id == user, Grant.user_email == user.lower()))
+    if client:
+        conditions.append(Grant.client_id == client)
+    return conditions
+
+
+@grants.command("list")
+@click.option("--user", help="Only this user (user id or email).")
+@click.option("--client", "client", help="Only this client id.")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked grants.")
+@with_appcontext
+def grants_list(user: str | None, client: str | None, include_revoked: bool) -> None:
+    """Grants, newest first (live ones unless --all)."""
+    from sqlalchemy import select
+
+    from oauthproxy.models import Grant, db
+
+    query = select(Grant).where(*_grant_filter(user, client)).order_by(Grant.created_at.desc())
+    if not include_revoked:
+        query = query.where(Grant.revoked_at.is_(None))
+    rows = db.session.scalars(query).all()
+    click.echo(f"{'ID':<7} {'USER':<24} {'EMAIL':<28} {'CLIENT ID':<40} {'CREATED':<16} {'REVOKED':<16} RESOURCE")
+    for row in rows:
+        revoked = f"{_when(row.revoked_at)} {row.revoked_reason or ''}".strip() if row.revoked_at else "-"
+        click.echo(f"{row.id:<7} {row.user_id[:24]:<24} {(row.user_email or '-')[:28]:<28} {row.client_id[:40]:<40} "
+                   f"{_when(row.created_at):<16} {revoked:<16} {row.resource}")
+    click.echo(f"{len(rows)} grant(s)")
+
+
+@grants.command("revoke")
+@click.argument("grant_id", required=False, type=int)
+@click.option("--user", help="Every live grant of this user (user id or email).")
+@click.option("--client", "client", help="Every live grant of this client id.")
+@with_appcontext
+def grants_revoke(grant_id: int | None, user: str | None, client: str | None) -> None:
+    """Revoke one grant by id, or every live grant of a user and/or a client."""
+    from sqlalchemy import select
+
+    from oauthproxy.authorization_server import revoke_grant
+    from oauthproxy.models import Grant, db
+
+    if grant_id is None and not user and not client:
+        raise click.UsageError("name a GRANT_ID, or --user and/or --client")
+    query = select(Grant.id).where(Grant.revoked_at.is_(None), *_grant_filter(user, client))
+    if grant_id is not None:
+        query = query.where(Grant.id == grant_id)
+    ids = db.session.scalars(query).all()
+    for found in ids:
+        revoke_grant(found, "revoked_by_operator")
+    db.session.commit()
+    if not ids:
+        raise click.ClickException("no live grant matches; see `oauthproxy grants list`")
+    click.echo(f"revoked {len(ids)} grant(s): {', '.join(map(str, ids))}")
+    _cache_note(len(ids))
+
+
 def register_commands(app: Flask) -> None:
-    for command in (purge, rotate_key):
+    for command in (purge, rotate_key, check, clients, grants):
         app.cli.add_command(command)
 
 
 main = FlaskGroup(create_app=create_app_or_exit, add_default_commands=True, load_dotenv=True,
                   help="oauthproxy: OAuth 2.1 proxy for MCP servers.")
 main.add_command(gen_key)
+# Also on the top-level group, so that `oauthproxy --help` lists them even before the settings are complete.
+for _command in (purge, rotate_key, check, clients, grants):
+    main.add_command(_command)
+main.add_command(migrate_cli.db, "db")
 
 
 if __name__ == "__main__":

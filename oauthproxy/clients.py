@@ -66,13 +66,16 @@ class Client(ClientMixin):
         return self.redirect_uris[0] if len(self.redirect_uris) == 1 else None
 
     def get_allowed_scope(self, scope: str | None) -> str:
+        """The scope to grant. SCOPES_SUPPORTED bounds what may be asked (Authlib checks it before this).
+
+        A registered `scope` does not narrow a later request: MCP clients register with the scope of their
+        first challenge and, on 403 insufficient_scope, ask again for more (step-up, RS-4). The user's
+        consent covers the widened scope (see consent.py).
+        """
         if not scope:
             # No scope requested: the client's registered scope, else everything this server supports.
             return self.scope or " ".join(current_app.extensions["authorization_server"].scopes_supported)
-        if not self.scope:
-            return scope
-        allowed = set(scope_to_list(self.scope))
-        return " ".join(s for s in scope_to_list(scope) if s in allowed)
+        return " ".join(dict.fromkeys(scope_to_list(scope)))
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
         return any(redirect_uri_matches(registered, redirect_uri) for registered in self.redirect_uris)

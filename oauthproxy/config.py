@@ -53,6 +53,11 @@ class Settings:
     token_rate_limit: str = "120 per minute"
     rate_limit_storage_uri: str = "memory://"
     secret_key: bytes = field(default=b"", repr=False)
+    #: How many reverse proxies in front are trusted to set X-Forwarded-For/-Proto (0: none, the peer is the client).
+    trusted_proxy_hops: int = 0
+    log_format: str = "text"
+    #: When set, /metrics wants it as a Bearer token or as the password of Basic credentials.
+    metrics_token: str = field(default="", repr=False)
     routes: tuple[Route, ...] = ()
     proxy: ProxySettings = field(default_factory=ProxySettings)
 
@@ -225,6 +230,13 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         problems.append(f"SECRET_KEY must be at least 32 characters; got {len(secret_key_raw)}")
 
     allow_private_cimd = _bool(env, "CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS", problems)
+    trusted_proxy_hops = _int(env, "TRUSTED_PROXY_HOPS", 0, problems, 0, 10)
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or "text"
+    if log_format not in ("text", "json"):
+        problems.append(f"LOG_FORMAT must be text or json; got {log_format!r}")
+    metrics_token = env.get("METRICS_TOKEN", "").strip()
+    if metrics_token and len(metrics_token) < 16:
+        problems.append(f"METRICS_TOKEN must be at least 16 characters (e.g. `oauthproxy gen-key`); got {len(metrics_token)}")
     allow_custom_schemes = _bool(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES", problems)
 
     routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
@@ -262,6 +274,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         token_rate_limit=env.get("TOKEN_RATE_LIMIT", "").strip() or "120 per minute",
         rate_limit_storage_uri=env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://",
         secret_key=secret_key,
+        trusted_proxy_hops=trusted_proxy_hops,
+        log_format=log_format,
+        metrics_token=metrics_token,
         routes=routes,
         proxy=proxy,
     )

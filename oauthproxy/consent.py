@@ -32,27 +32,36 @@ def _serializer(salt: str) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SETTINGS"].secret_key, salt=salt)
 
 
-def approved_client_ids(request: Request) -> list[str]:
+def approved_scopes(request: Request) -> dict[str, list[str]]:
+    """The clients this browser approved, each with the scopes it approved for them."""
     raw = request.cookies.get(consent_cookie_name(current_app.config["SETTINGS"]))
     if not raw:
-        return []
+        return {}
     try:
         value = _serializer("consent").loads(raw, max_age=CONSENT_MAX_AGE)
     except BadSignature:
-        return []
-    return [c for c in value if isinstance(c, str)] if isinstance(value, list) else []
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {client: scopes for client, scopes in value.items()
+            if isinstance(client, str) and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)}
 
 
-def has_consented(request: Request, client_id: str) -> bool:
-    return client_id in approved_client_ids(request)
+def has_consented(request: Request, client_id: str, scope: str) -> bool:
+    """Approved before, for at least these scopes: a wider request (step-up) is shown to the person again."""
+    approved = approved_scopes(request).get(client_id)
+    return approved is not None and set(scope.split()) <= set(approved)
 
 
-def remember_consent(request: Request, response: Response, client_id: str) -> None:
+def remember_consent(request: Request, response: Response, client_id: str, scope: str) -> None:
     settings: Settings = current_app.config["SETTINGS"]
-    clients = [c for c in approved_client_ids(request) if c != client_id] + [client_id]
+    approved = approved_scopes(request)
+    scopes = sorted(set(approved.pop(client_id, [])) | set(scope.split()))
+    approved[client_id] = scopes  # re-inserted last: the most recent approvals survive the cap
+    kept = dict(list(approved.items())[-MAX_REMEMBERED_CLIENTS:])
     response.set_cookie(
         consent_cookie_name(settings),
-        _serializer("consent").dumps(clients[-MAX_REMEMBERED_CLIENTS:]),
+        _serializer("consent").dumps(kept),
         max_age=CONSENT_MAX_AGE,
         path="/",
         secure=settings.secure_cookies,

@@ -72,9 +72,19 @@ def register() -> Response:
 def authorize() -> Response:
     repeated = [key for key in SINGLE_VALUED if len(request.args.getlist(key)) > 1]
     validated = validate_authorization_request(request.args.to_dict(flat=True), repeated)
-    if consent.has_consented(request, validated.client.client_id):
+    if consent.has_consented(request, validated.client.client_id, validated.scope):
         return begin_upstream_login(validated)
     return render_consent(validated)
+
+
+# Plain words for the scopes people meet most; anything else is shown as its code.
+SCOPE_DESCRIPTIONS = {
+    "openid": "Confirm who you are",
+    "email": "Your email address",
+    "profile": "Your name and profile",
+    "read:user": "Your GitHub profile",
+    "user:email": "Your GitHub email addresses",
+}
 
 
 def render_consent(validated) -> Response:
@@ -82,6 +92,8 @@ def render_consent(validated) -> Response:
         "consent.html",
         client=validated.client,
         scopes=validated.scope.split(),
+        scope_descriptions=SCOPE_DESCRIPTIONS,
+        provider_name=current_app.extensions["upstream"].display_name,
         resource=validated.resource,
         redirect_uri=validated.redirect_uri,
         signed_request=consent.sign_authorization_request(validated.params),
@@ -106,7 +118,7 @@ def submit_consent() -> Response:
         return redirect(error_redirect_url(validated.redirect_uri, "access_denied",
                                            "the user denied the request", validated.state))
     response = begin_upstream_login(validated)
-    consent.remember_consent(request, response, validated.client.client_id)
+    consent.remember_consent(request, response, validated.client.client_id, validated.scope)
     return response
 
 

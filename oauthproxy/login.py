@@ -18,6 +18,7 @@ from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token
 from oauthproxy.errors import safe_description
+from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
 
@@ -129,8 +130,10 @@ def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
     """After consent: create the single-use upstream `state`, store it server-side, and send the user upstream."""
     upstream: UpstreamProvider = current_app.extensions["upstream"]
     settings = _settings()
-    scopes = upstream.upstream_scopes(validated.scope.split())
     try:
+        # Both may run discovery, so both are inside the try: an unreachable provider must reach the
+        # client as an OAuth error, or it waits for a redirect that never comes.
+        scopes = upstream.upstream_scopes(validated.scope.split())
         url, upstream_secrets = upstream.create_authorization_url(settings.callback_url, scopes)
     except UpstreamError as error:
         log.warning("cannot start upstream login: %s", error.description)
@@ -201,6 +204,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         raise AuthorizationRedirectError(validated.redirect_uri, error_code,
                                          "sign-in at the identity provider failed", validated.state) from None
 
+    set_request_user(identity.id)
     if not settings.user_is_allowed(identity.email):
         log.info("user %s is not in the allowlist", identity.id)
         denied = error_redirect_url(validated.redirect_uri, "access_denied",

@@ -417,6 +417,12 @@ class UpstreamProvider:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.settings.oauth_authorize_url}>"
 
+    @property
+    def display_name(self) -> str:
+        """What the consent page calls the provider: a brand, or the host people will see in the address bar."""
+        brands = {"google": "Google", "microsoft": "Microsoft", "github": "GitHub"}
+        return brands.get(self.name) or urlsplit(self.settings.oauth_authorize_url).netloc
+
     # -- Flask / Authlib --------------------------------------------------------------------
 
     def init_app(self, app: Any) -> None:

@@ -1,0 +1,76 @@
+"""gunicorn settings: gevent workers sized for many long-lived MCP event streams; migrations once, before workers."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import traceback
+
+# Each open MCP stream holds a client socket and a downstream socket; lift the soft descriptor limit to the hard one.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard == resource.RLIM_INFINITY or _soft < _hard:
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+    except (ValueError, OSError):
+        pass
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
+# One gevent worker serves thousands of connections cooperatively; add workers for CPU, not for concurrency.
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+# Idle SSE streams (legacy GET streams can stay open for hours) each hold a connection slot.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS") or 10_000)
+# With gevent, `timeout` is only the worker heartbeat (the event loop must run); it does not limit a request.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or 30)
+# Longer than typical load balancer idle timeouts (60 s), so the balancer closes first, never mid-request.
+keepalive = int(os.environ.get("KEEPALIVE") or 75)
+# gunicorn 27 opens a control socket under ~/.gunicorn by default; containers and tests need none.
+control_socket_disable = True
+accesslog = os.environ.get("ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+
+def _upgrade_database() -> int:
+    from oauthproxy import create_app
+    from oauthproxy.cli import report_config_error
+    from oauthproxy.config import ConfigError
+    from oauthproxy.database import upgrade_database
+    from oauthproxy.models import db
+
+    try:
+        app = create_app()
+    except ConfigError as error:
+        report_config_error(error)
+        return 2
+    upgrade_database(app)
+    with app.app_context():
+        db.engine.dispose()
+    return 0
+
+
+def on_starting(server) -> None:
+    """Apply database migrations once, before any worker starts (upgrade_database also locks across instances).
+
+    In a forked child of the master: importing the app in the master itself would import ssl and urllib3
+    before the gevent workers monkey-patch them (gevent warns, and HTTPS calls may misbehave), and would
+    leave database connections for the workers to inherit.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = _upgrade_database()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        server.log.error("database upgrade failed (exit code %s); not starting", code)
+        sys.exit(code if code > 0 else 1)

@@ -1,0 +1,63 @@
+"""What the downstream learns about the caller: identity headers and the route's downstream credential."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from oauthproxy.routes import Route
+
+IDENTITY_HEADERS = ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Name", "X-Forwarded-Access-Token")
+
+#: C0 controls (CR and LF among them) and DEL: a value containing them could end the header and start
+#: another one (header injection), or is refused by the downstream's parser.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The user behind a validated access token, as the downstream may see them."""
+
+    user_id: str
+    email: str | None
+    name: str | None
+    upstream_access_token: str | None = field(default=None, repr=False)
+
+
+def header_value(value: str) -> str | bytes:
+    """A safe header value: control characters removed; non-ASCII text sent as UTF-8 bytes.
+
+    http.client would refuse a non-Latin-1 `str`; raw UTF-8 is what other identity-aware proxies send, and a
+    downstream can decode it (Starlette hands it over as Latin-1: `value.encode("latin-1").decode()`).
+    """
+    cleaned = _CONTROL_CHARACTERS.sub("", value).strip()
+    return cleaned if cleaned.isascii() else cleaned.encode("utf-8")
+
+
+def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str | bytes]]:
+    """The headers the route adds: identity headers (modes 1-3), then at most one credential header (2 or 3).
+
+    The four modes: identity headers only (the default); the user's upstream token as a Bearer token; a static
+    operator-configured secret in a named header; nothing. Identity headers combine with either credential.
+    """
+    headers: list[tuple[str, str | bytes]] = []
+    if route.identity_headers:
+        for name, value in zip(IDENTITY_HEADERS, (caller.user_id, caller.email, caller.name,
+                                                  caller.upstream_access_token), strict=True):
+            if value:
+                headers.append((name, header_value(value)))
+    credential = route.credential
+    if credential.kind == "upstream_token" and caller.upstream_access_token:
+        token = header_value(caller.upstream_access_token)
+        headers.append(("Authorization", b"Bearer " + token if isinstance(token, bytes) else "Bearer " + token))
+    elif credential.kind == "static":
+        headers.append((credential.header, credential.value))
+    return headers
+
+
+def credential_header_names(route: Route) -> frozenset[str]:
+    """Lower-cased names the route sets itself; a client's own copies of them are dropped before forwarding."""
+    names = {name.lower() for name in IDENTITY_HEADERS}
+    if route.credential.kind != "none":
+        names.add(route.credential.header.lower())
+    return frozenset(names)

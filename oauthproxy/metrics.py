@@ -1,0 +1,152 @@
+"""Prometheus metrics: every series the proxy exports, defined once, multiprocess-safe under gunicorn."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+T = TypeVar("T")
+
+# Request latencies are time to the response headers; the upper buckets cover slow upstream logins and tools.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STREAM_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+#: OAuth / proxy error codes worth a series of their own; anything else is counted as "other", so that a
+#: client sending made-up error strings cannot grow the number of series.
+KNOWN_ERRORS = frozenset({
+    "invalid_request", "invalid_client", "invalid_grant", "unauthorized_client", "unsupported_grant_type",
+    "invalid_scope", "invalid_target", "invalid_token", "insufficient_scope", "access_denied", "unauthorized",
+    "invalid_client_metadata", "invalid_redirect_uri", "unsupported_token_type", "temporarily_unavailable",
+    "server_error", "too_many_requests", "forbidden_origin", "downstream_unavailable", "downstream_timeout",
+    "downstream_error",
+})
+
+HTTP_REQUESTS = Counter("oauthproxy_http_requests_total", "HTTP requests answered, by route template, method and status.",
+                        ["route", "method", "status"])
+HTTP_LATENCY = Histogram("oauthproxy_http_request_duration_seconds",
+                         "Time from receiving a request to its response headers, by route template.",
+                         ["route", "method"], buckets=LATENCY_BUCKETS)
+HTTP_ERRORS = Counter("oauthproxy_http_errors_total",
+                      "Error answers by route and the OAuth/proxy error code in their JSON body.", ["route", "error"])
+OPEN_STREAMS = Gauge("oauthproxy_open_streams", "Event streams (text/event-stream responses) open right now.",
+                     ["route"], multiprocess_mode="livesum")
+STREAM_DURATION = Histogram("oauthproxy_stream_duration_seconds", "How long event streams stayed open.", ["route"],
+                            buckets=STREAM_BUCKETS)
+TOKENS_ISSUED = Counter("oauthproxy_tokens_issued_total",
+                        "Token pairs issued at /token, by grant type (authorization_code: new logins; refresh_token: "
+                        "refreshes).", ["grant_type"])
+REFRESH_GRACE = Counter("oauthproxy_refresh_grace_total",
+                        "Rotated refresh tokens honoured again inside REFRESH_GRACE_SECONDS (lost response or race).")
+GRANTS_REVOKED = Counter("oauthproxy_grants_revoked_total", "Grants (whole token families) revoked, by reason.",
+                         ["reason"])
+REGISTRATIONS = Counter("oauthproxy_client_registrations_total", "Dynamic client registrations answered with 201.")
+UPSTREAM_LATENCY = Histogram("oauthproxy_upstream_request_duration_seconds",
+                             "Requests to the identity provider, by action.", ["action"], buckets=LATENCY_BUCKETS)
+UPSTREAM_ERRORS = Counter("oauthproxy_upstream_errors_total",
+                          "Failed requests to the identity provider, by action and kind (transient, invalid_grant, "
+                          "misconfigured, ...).", ["action", "kind"])
+
+
+def error_label(error: object) -> str:
+    return error if isinstance(error, str) and error in KNOWN_ERRORS else "other"
+
+
+def upstream_action(description: str) -> str:
+    """A short, fixed label for the provider call described in upstream.py's words."""
+    description = description.lower()
+    if "refresh" in description:
+        return "refresh"
+    if "authorization code" in description:
+        return "code_exchange"
+    if "profile" in description or "email" in description or "user" in description:
+        return "userinfo"
+    if "metadata" in description or "discovery" in description:
+        return "discovery"
+    return "other"
+
+
+def instrument_upstream(upstream: Any) -> None:
+    """Time every request `upstream` sends to the provider, and count its failures by kind.
+
+    Wraps the provider object's two choke points (`_call` for token and profile requests, `_fetch_metadata`
+    for discovery) on this instance only, so upstream.py stays free of metrics code.
+    """
+    from oauthproxy.upstream import UpstreamError
+
+    original_call = upstream._call
+    original_fetch = upstream._fetch_metadata
+
+    def timed(action: str, func: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        try:
+            return func()
+        except UpstreamError as error:
+            UPSTREAM_ERRORS.labels(action, error.kind).inc()
+            raise
+        finally:
+            UPSTREAM_LATENCY.labels(action).observe(time.perf_counter() - started)
+
+    def call(description: str, url: str, func: Callable[[], T]) -> T:
+        return timed(upstream_action(description), lambda: original_call(description, url, func))
+
+    def fetch_metadata(url: str) -> Any:
+        return timed("discovery", lambda: original_fetch(url))
+
+    upstream._call = call
+    upstream._fetch_metadata = fetch_metadata
+
+
+class StreamCounter:
+    """Wraps a streamed response body: counts it as an open stream from first byte to close, then its duration.
+
+    `close()` is forwarded, so the body's own clean-up (ending the downstream request) still runs.
+    """
+
+    def __init__(self, body: Iterable[bytes], route: str):
+        self._body, self._route = body, route
+        self._opened_at: float | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._opened_at = time.monotonic()
+        OPEN_STREAMS.labels(self._route).inc()
+        yield from self._body
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self._opened_at is not None:
+                OPEN_STREAMS.labels(self._route).dec()
+                STREAM_DURATION.labels(self._route).observe(time.monotonic() - self._opened_at)
+
+
+def multiprocess_directory() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics page: this process's registry, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
+    if multiprocess_directory():
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """gunicorn `child_exit` hook: drop a dead worker's live gauges (open streams) from the totals."""
+    if multiprocess_directory():
+        prometheus_multiprocess.mark_process_dead(pid)

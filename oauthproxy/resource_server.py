@@ -1,0 +1,349 @@
+"""The protected MCP endpoints: RFC 9728 metadata, Bearer validation with an in-process cache, challenges, Origin, CORS."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from flask import Flask, Response, current_app, jsonify, request
+from sqlalchemy import select
+
+from oauthproxy.authorization_server import canonical_resource
+from oauthproxy.config import Settings
+from oauthproxy.consent import consent_cookie_name
+from oauthproxy.crypto import hash_token
+from oauthproxy.downstream_credentials import Caller
+from oauthproxy.logs import set_request_user
+from oauthproxy.models import Grant, Token, db
+from oauthproxy.proxy import DownstreamError, DownstreamProxy
+from oauthproxy.routes import Route
+from oauthproxy.upstream_tokens import (
+    KeyedLocks,
+    LoginRequired,
+    UpstreamAccess,
+    UpstreamUnavailable,
+    refresh_upstream_access,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
+#: Request headers a browser client may send (T-1); `Mcp-Param-*` (2026-07-28) are matched by prefix.
+CORS_ALLOWED_HEADERS = frozenset({"authorization", "content-type", "accept", "mcp-session-id", "mcp-protocol-version",
+                                  "last-event-id", "mcp-method", "mcp-name"})
+#: T-6: a browser client must read the challenge and the session headers.
+CORS_EXPOSED_HEADERS = "WWW-Authenticate, Mcp-Session-Id, MCP-Protocol-Version"
+#: RFC 6750 §3: quoted-string values of the challenge may not contain `"` or `\`.
+_UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
+_BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
+
+
+def _epoch(value: datetime) -> float:
+    return value.replace(tzinfo=UTC).timestamp()
+
+
+@dataclass(frozen=True)
+class ValidatedToken:
+    """What one access token stands for; cached in memory for a few seconds after a database check."""
+
+    token_id: int
+    grant_id: int
+    scopes: frozenset[str]
+    resource: str  # canonical form (RFC 8707)
+    expires_at: float  # epoch seconds
+    caller: Caller
+    upstream: UpstreamAccess
+
+
+class TokenCache:
+    """A bounded LRU of recently validated tokens (keyed by hash), each answered for at most `ttl` seconds.
+
+    This is what keeps a database round trip off every MCP request. The price: a token revoked at the database
+    keeps working for up to `ttl` seconds in each worker that cached it (default 30; `TOKEN_CACHE_TTL=0` turns
+    caching off). An entry never outlives its token's own expiry.
+    """
+
+    def __init__(self, ttl: int, max_entries: int):
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: OrderedDict[str, tuple[float, ValidatedToken]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> ValidatedToken | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            item = self._entries.get(key)
+            if item is None:
+                return None
+            if item[0] <= time.monotonic():
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return item[1]
+
+    def put(self, key: str, token: ValidatedToken) -> None:
+        if self.ttl <= 0:
+            return
+        lifetime = min(self.ttl, token.expires_at - time.time())
+        with self._lock:
+            previous = self._entries.get(key)
+            # A refreshed upstream token replaces the entry without extending how long it is trusted.
+            fresh_until = previous[0] if previous else time.monotonic() + lifetime
+            self._entries[key] = (fresh_until, token)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def forget_grant(self, grant_id: int) -> None:
+        with self._lock:
+            for key in [key for key, (_, token) in self._entries.items() if token.grant_id == grant_id]:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def forget_grant(app: Flask, grant_id: int) -> None:
+    """Drop a grant's tokens from this worker's cache (for code that revokes a grant in this process)."""
+    cache: TokenCache | None = app.extensions.get("token_cache")
+    if cache is not None:
+        cache.forget_grant(grant_id)
+
+
+class TokenRejected(Exception):
+    def __init__(self, description: str):
+        super().__init__(description)
+        self.description = description
+
+
+def _settings() -> Settings:
+    return current_app.config["SETTINGS"]
+
+
+def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
+    """Validate an access token: from the cache, else one database query joining the token and its grant."""
+    key = hash_token(token)
+    cache: TokenCache = current_app.extensions["token_cache"]
+    validated = cache.get(key)
+    if validated is None:
+        row = db.session.execute(
+            select(Token.id, Token.grant_id, Token.scope, Token.resource, Token.access_expires_at, Token.revoked_at,
+                   Grant.revoked_at.label("grant_revoked_at"), Grant.user_id, Grant.user_email, Grant.user_name,
+                   Grant.upstream_access_token, Grant.upstream_expires_at)
+            .join(Grant, Grant.id == Token.grant_id)
+            .where(Token.access_token_hash == key)
+        ).first()
+        db.session.rollback()  # end the read transaction now; a stream may outlive this request's context
+        if row is None:
+            raise TokenRejected("the access token is not recognised")
+        if row.revoked_at is not None or row.grant_revoked_at is not None:
+            raise TokenRejected("the access token was revoked")
+        if canonical_resource(row.resource) != canonical_resource(route.resource):
+            # Checked before caching, so a cached entry always belongs to its own route (and carries what
+            # that route forwards).
+            raise TokenRejected("the access token was issued for another resource")
+        upstream_token = None
+        if row.upstream_access_token and route.forwards_upstream_token:
+            upstream_token = current_app.extensions["secret_box"].decrypt(
+                row.upstream_access_token, f"grant:{row.grant_id}:upstream_access_token")
+        validated = ValidatedToken(
+            token_id=row.id, grant_id=row.grant_id, scopes=frozenset((row.scope or "").split()),
+            resource=canonical_resource(row.resource), expires_at=_epoch(row.access_expires_at),
+            caller=Caller(row.user_id, row.user_email, row.user_name, upstream_token),
+            upstream=UpstreamAccess(upstream_token, row.upstream_expires_at))
+        if validated.expires_at > time.time():
+            cache.put(key, validated)
+    if validated.expires_at <= time.time():
+        raise TokenRejected("the access token has expired")
+    # RFC 8707 / MCP RS-3: the audience must be this resource; a token for another route is refused.
+    if validated.resource != canonical_resource(route.resource):
+        raise TokenRejected("the access token was issued for another resource")
+    return key, validated
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def _quoted(value: str) -> str:
+    return '"' + _UNQUOTABLE.sub("", value) + '"'
+
+
+def challenge_scopes(route: Route) -> tuple[str, ...]:
+    """What a client should ask for: the route's required scopes, else every scope the resource offers."""
+    return route.required_scopes or resource_scopes()
+
+
+def resource_scopes() -> tuple[str, ...]:
+    # AS-15: offline_access is a refresh-token request to the AS, not a scope of the resource.
+    return tuple(s for s in current_app.config["OAUTH_SCOPES_SUPPORTED"] if s != "offline_access")
+
+
+def www_authenticate(route: Route, error: str | None = None, description: str | None = None,
+                     scopes: tuple[str, ...] | None = None) -> str:
+    """RFC 6750 §3 challenge with an absolute RFC 9728 `resource_metadata` URL (RS-2, RS-4)."""
+    params = []
+    if error:
+        params.append(f"error={_quoted(error)}")
+        if description:
+            params.append(f"error_description={_quoted(description)}")
+    scopes = challenge_scopes(route) if scopes is None else scopes
+    if scopes:
+        params.append(f"scope={_quoted(' '.join(scopes))}")
+    params.append(f"resource_metadata={_quoted(_settings().public_url + route.metadata_path)}")
+    return "Bearer " + ", ".join(params)
+
+
+def _json_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(error=error, error_description=description)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def unauthorized(route: Route, description: str | None = None, token_sent: bool = True) -> Response:
+    """401: no token (no error code, RFC 6750 §3.1) or a token that is bad, expired, revoked or for elsewhere."""
+    if not token_sent:
+        return _json_error(401, "unauthorized", "this MCP endpoint requires a Bearer access token",
+                           {"WWW-Authenticate": www_authenticate(route)})
+    description = description or "the access token is invalid"
+    return _json_error(401, "invalid_token", description,
+                       {"WWW-Authenticate": www_authenticate(route, "invalid_token", description)})
+
+
+def _cors_headers(origin: str | None) -> dict[str, str]:
+    if not origin:
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": CORS_EXPOSED_HEADERS,
+            "Vary": "Origin"}
+
+
+def _preflight(origin: str) -> Response:
+    requested = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",") if h.strip()]
+    allowed = [h for h in requested if h.lower() in CORS_ALLOWED_HEADERS or h.lower().startswith("mcp-param-")]
+    response = Response(status=204)
+    response.headers.update({
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": ", ".join(allowed or sorted(CORS_ALLOWED_HEADERS)),
+        "Access-Control-Max-Age": "86400",
+        "Vary": "Origin",
+    })
+    return response
+
+
+# -- views ----------------------------------------------------------------------------------------
+
+
+def protected_resource_metadata(route_name: str) -> Response:
+    """RFC 9728 §2-3: what this resource is and which authorization server issues its tokens."""
+    route = current_app.extensions["routes"][route_name]
+    settings = _settings()
+    response = jsonify({
+        "resource": route.resource,
+        "authorization_servers": [settings.issuer],  # byte-identical to the AS metadata's issuer (AS-1)
+        "scopes_supported": list(resource_scopes()),
+        "bearer_methods_supported": ["header"],
+        "resource_name": route.name,
+    })
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+def mcp_endpoint(route_name: str, subpath: str = "") -> Response:
+    """Every method on a route's path and below: check Origin and token, then stream the request through."""
+    route: Route = current_app.extensions["routes"][route_name]
+    settings = _settings()
+    origin = request.headers.get("Origin")
+    if origin is not None and not settings.proxy.origin_is_allowed(origin):
+        # RS-6 / T-5: a present Origin that is not allowed is refused (DNS-rebinding defence).
+        return _json_error(403, "forbidden_origin", "requests from this Origin are not allowed")
+    cors = _cors_headers(origin)
+    if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+        return _preflight(origin)  # browsers send no credentials on a preflight
+    response = _authorize_and_forward(route, settings)
+    response.headers.update(cors)
+    return response
+
+
+def _authorize_and_forward(route: Route, settings: Settings) -> Response:
+    header = request.headers.get("Authorization", "")
+    if not header:
+        return unauthorized(route, token_sent=False)
+    match = _BEARER.match(header)
+    if match is None:
+        return unauthorized(route, "send the access token as: Authorization: Bearer <token>")
+    try:
+        key, validated = load_token(match.group(1), route)
+    except TokenRejected as rejected:
+        return unauthorized(route, rejected.description)
+    set_request_user(validated.caller.user_id)  # the access log names who made the request
+
+    missing = [scope for scope in route.required_scopes if scope not in validated.scopes]
+    if missing:
+        # RS-4: name every scope needed; clients re-authorize with the union of old and new.
+        description = f"this resource requires the scope(s): {' '.join(route.required_scopes)}"
+        return _json_error(403, "insufficient_scope", description, {
+            "WWW-Authenticate": www_authenticate(route, "insufficient_scope", description, route.required_scopes)})
+    if not route.user_is_allowed(validated.caller.email):
+        return _json_error(403, "access_denied", f"this account is not allowed to use {route.path}")
+
+    if route.forwards_upstream_token and validated.upstream.needs_refresh(settings.proxy.upstream_refresh_skew):
+        try:
+            upstream = refresh_upstream_access(current_app._get_current_object(), validated.grant_id,
+                                               settings.proxy.upstream_refresh_skew)
+        except LoginRequired as error:
+            forget_grant(current_app._get_current_object(), validated.grant_id)
+            return unauthorized(route, str(error) + "; sign in again")
+        except UpstreamUnavailable as error:
+            return _json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
+        validated = replace(validated, upstream=upstream,
+                            caller=replace(validated.caller, upstream_access_token=upstream.access_token))
+        current_app.extensions["token_cache"].put(key, validated)
+
+    proxy: DownstreamProxy = current_app.extensions["downstream_proxy"]
+    try:
+        response = proxy.forward(route, request.environ, request.stream, validated.caller)
+    except DownstreamError as error:
+        return _json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
+    if response.status_code == 401:
+        # The downstream refused the credential we sent; its challenge would point the client at an
+        # authorization server it has nothing to do with. Every 401 here carries our own (RS-2).
+        response.headers["WWW-Authenticate"] = www_authenticate(
+            route, "invalid_token", "the downstream MCP server refused the request's credentials")
+    elif response.status_code == 403:
+        response.headers.pop("WWW-Authenticate", None)
+    return response
+
+
+def init_resource_server(app: Flask, settings: Settings) -> None:
+    """Register a protected resource (metadata and endpoint) for every route."""
+    routes = {route.name: route for route in settings.routes}
+    app.extensions["routes"] = routes
+    app.extensions["token_cache"] = TokenCache(settings.proxy.token_cache_ttl, settings.proxy.token_cache_size)
+    app.extensions["upstream_refresh_locks"] = KeyedLocks()
+    app.extensions["downstream_proxy"] = DownstreamProxy(
+        settings.proxy, settings.public_url,
+        frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}))
+    for index, route in enumerate(settings.routes):
+        defaults = {"route_name": route.name}
+        app.add_url_rule(route.metadata_path, f"resource_metadata_{index}", protected_resource_metadata,
+                         defaults=defaults, methods=["GET"])
+        if index == 0 and route.path != "/":
+            # RFC 9728 clients fall back to the root well-known URL; it describes the default resource.
+            app.add_url_rule("/.well-known/oauth-protected-resource", "resource_metadata_root",
+                             protected_resource_metadata, defaults=defaults, methods=["GET"])
+        endpoint = f"mcp_{index}"
+        app.add_url_rule(route.path, endpoint, mcp_endpoint, defaults=defaults, methods=METHODS,
+                         provide_automatic_options=False)
+        if route.path != "/":
+            app.add_url_rule(route.path + "/", endpoint + "_slash", mcp_endpoint, defaults=defaults,
+                             methods=METHODS, provide_automatic_options=False)
+            app.add_url_rule(route.path + "/<path:subpath>", endpoint + "_sub", mcp_endpoint, defaults=defaults,
+                             methods=METHODS, provide_automatic_options=False)
