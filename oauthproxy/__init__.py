@@ -31,6 +31,15 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     return app
 
 
+def engine_options(dsn: str) -> dict:
+    if dsn.startswith("sqlite:"):
+        # An upstream refresh holds SQLite's write lock while it calls the provider (up to its 10 s timeout);
+        # other writers wait that long instead of failing with "database is locked" after the default 5 s.
+        return {"pool_pre_ping": True, "connect_args": {"timeout": 15}}
+    # A database host that drops packets fails a request or a /readyz probe in seconds, not TCP's minutes.
+    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+
+
 def configure_app(app: Flask, settings: Settings) -> None:
     from flask_migrate import Migrate
 
@@ -52,9 +61,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
         SETTINGS=settings,
         SECRET_KEY=settings.secret_key,
         SQLALCHEMY_DATABASE_URI=settings.database_dsn,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, **(
-            # A database host that drops packets fails a request or a /readyz probe in seconds, not TCP's minutes.
-            {"connect_args": {"connect_timeout": 10}} if settings.database_dsn.startswith("postgresql") else {})},
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_dsn),
         OAUTH_SCOPES_SUPPORTED=settings.scopes_supported,
         SESSION_COOKIE_NAME="__Host-oauthproxy-session" if settings.secure_cookies else "oauthproxy-session",
         SESSION_COOKIE_SECURE=settings.secure_cookies,

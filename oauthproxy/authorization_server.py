@@ -13,7 +13,7 @@ from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc9207 import IssuerParameter
-from flask import Flask
+from flask import Flask, current_app
 from sqlalchemy import or_, select, update
 
 from oauthproxy import metrics
@@ -83,6 +83,10 @@ def revoke_grant(grant_id: int, reason: str) -> None:
     db.session.execute(update(AuthorizationCode).where(AuthorizationCode.grant_id == grant_id,
                                                        AuthorizationCode.used_at.is_(None)).values(used_at=now))
     metrics.GRANTS_REVOKED.labels(reason).inc()
+    # Immediate in this worker; other workers and instances notice within TOKEN_CACHE_TTL.
+    cache = current_app.extensions.get("token_cache")
+    if cache is not None:
+        cache.forget_grant(grant_id)
     log.info("revoked grant %s: %s", grant_id, reason)
 
 

@@ -13,7 +13,8 @@ CredentialKind = Literal["none", "upstream_token", "static"]
 CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("none", "upstream_token", "static")
 
 #: Paths the authorization server owns; a route there would shadow it.
-RESERVED_PATHS = ("/authorize", "/token", "/register", "/revoke", "/callback", "/.well-known", "/static")
+RESERVED_PATHS = ("/authorize", "/token", "/register", "/revoke", "/callback", "/.well-known", "/static", "/healthz",
+                  "/readyz", "/metrics")
 
 #: An RFC 9110 field name (token characters).
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -303,10 +303,13 @@ def discovery_candidates(url: str, max_depth: int = 6) -> list[tuple[str, bool]]
 
 
 def choose_token_auth_method(metadata: Mapping[str, Any]) -> str:
-    """`client_secret_basic` unless the provider says it only takes `client_secret_post`.
+    """`client_secret_post` when the provider lists it, else `client_secret_basic`.
+
+    Post first because Authlib 1.9 puts the secret into the Basic header without the form-encoding RFC 6749
+    §2.3.1 requires: a secret with `+` or `%` then fails at strict providers (seen with oidc-provider).
     RFC 8414 §2: an absent `token_endpoint_auth_methods_supported` means client_secret_basic."""
     supported = metadata.get("token_endpoint_auth_methods_supported")
-    if isinstance(supported, list) and "client_secret_basic" not in supported and "client_secret_post" in supported:
+    if isinstance(supported, list) and "client_secret_post" in supported:
         return "client_secret_post"
     return "client_secret_basic"
 

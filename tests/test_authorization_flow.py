@@ -217,3 +217,12 @@ def test_client_identified_by_metadata_document_full_lifecycle(start_proxy, meta
     bad = requests.get(client.authorize_url(redirect_uri="http://127.0.0.1:9/elsewhere"), allow_redirects=False,
                        timeout=10)
     assert bad.status_code == 400 and "Location" not in bad.headers
+
+
+def test_upstream_client_secret_with_reserved_characters(start_proxy) -> None:
+    # RFC 6749 §2.3.1 form-encodes Basic credentials; a secret with `+`, `/`, `%` must still work upstream.
+    proxy = start_proxy(OAUTH_CLIENT_SECRET="s3cret+with/slash%25and=equals")
+    client = proxy.register_client()
+    result = client.login(proxy.browser("bob"))
+    assert "code" in result, result
+    assert_token_response(client.exchange(result["code"]))

@@ -8,6 +8,7 @@ import os
 import secrets
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db, utcnow
 from oauthproxy.self_check import SelfCheck
 from tests.conftest import POSTGRES_DSN, base_env, free_port
-from tests.deployment_fixtures import Instance, Nginx, sdk_oauth, spawn_instance, start_nginx, wait_ready
+from tests.deployment_fixtures import ROOT, Instance, Nginx, sdk_oauth, spawn_instance, start_nginx, wait_ready
 from tests.flows import Browser, McpOAuthClient
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import McpDownstream, launch_mcp_downstream
@@ -124,9 +125,12 @@ def fleet(oidc_provider: OidcProvider, tmp_path_factory: pytest.TempPathFactory)
                    "PUBLIC_URL": nginx.url, "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2",
                    "OAUTHPROXY_ENV_FILE": os.devnull, "MCP_SERVER_URL": downstream.url,
                    "TRUSTED_PROXY_HOPS": "1", "LOG_FORMAT": "json", "TOKEN_CACHE_TTL": "1",
-                   "RATE_LIMIT_STORAGE_URI": REDIS_URL, "REGISTER_RATE_LIMIT": f"{REGISTER_LIMIT} per minute",
-                   "PROMETHEUS_MULTIPROC_DIR": str(folder / f"metrics-{index}")}
-            Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
+                   "RATE_LIMIT_STORAGE_URI": REDIS_URL, "REGISTER_RATE_LIMIT": f"{REGISTER_LIMIT} per minute"}
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            if index == 1:
+                # The second instance gets a folder of the operator's, holding a previous run's counts.
+                env["PROMETHEUS_MULTIPROC_DIR"] = str(folder / "metrics")
+                stale_metrics(env["PROMETHEUS_MULTIPROC_DIR"])
             if index == 0:
                 oidc_provider.register_client(client_id, env["OAUTH_CLIENT_SECRET"], [f"{nginx.url}/callback"])
             # Both start at once on the fresh database: each master runs the migrations first.
@@ -258,9 +262,14 @@ def test_rate_limits_are_shared_by_the_instances_and_keyed_on_the_trusted_addres
     assert [answer.status_code for answer in answers] == [201] * REGISTER_LIMIT + [429]
     assert int(answers[-1].headers["Retry-After"]) > 0
     # The limit held across both instances (with per-process counters each would have allowed REGISTER_LIMIT).
-    served = [sum(1 for line in fleet.json_logs(instance)
-                  if line.get("path") == "/register" and line.get("client") == "127.0.0.2")
-              for instance in fleet.instances]
+    deadline = time.monotonic() + 5
+    while True:  # each line is written when its response is closed, a moment after the client has it
+        served = [sum(1 for line in fleet.json_logs(instance)
+                      if line.get("path") == "/register" and line.get("client") == "127.0.0.2")
+                  for instance in fleet.instances]
+        if sum(served) == REGISTER_LIMIT + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert all(count >= 3 for count in served), served
     # Another address has its own allowance.
     with requests.Session() as session:
@@ -307,9 +316,15 @@ def test_a_streamed_tool_call_through_nginx_arrives_event_by_event(fleet: Fleet)
     assert seen["x-forwarded-proto"] == "https"  # from PUBLIC_URL, not from a header
     assert seen["x-forwarded-for"] == "127.0.0.1"  # the address nginx saw (one trusted hop)
     # nginx's request id reached the MCP server, and names the tool call's line in an instance's log.
-    lines = [line for instance in fleet.instances for line in fleet.json_logs(instance)
-             if line.get("request_id") == seen["x-request-id"]]
-    assert [(line["method"], line["path"], line["status"]) for line in lines] == [("POST", "/mcp", 200)]
+    deadline = time.monotonic() + 5
+    while True:  # the line is written once the response is closed, which may be just after the client has it
+        lines = [line for instance in fleet.instances for line in fleet.json_logs(instance)
+                 if line.get("request_id") == seen["x-request-id"]]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert [(line["method"], line["path"], line["status"], line["user_id"]) for line in lines] == \
+        [("POST", "/mcp", 200, "alice")]
 
 
 def total_open_streams(fleet: Fleet) -> float:
@@ -321,8 +336,20 @@ def total_open_streams(fleet: Fleet) -> float:
     return total
 
 
-def test_metrics_add_up_every_worker_of_an_instance(fleet: Fleet) -> None:
-    instance = fleet.instances[0]
+def stale_metrics(folder: str) -> None:
+    """What a previous run leaves: 1,000 metadata requests counted in a file of the folder."""
+    script = ("from oauthproxy import metrics; metrics.HTTP_REQUESTS.labels("
+              "'/.well-known/oauth-authorization-server', 'GET', '200').inc(1000)")
+    Path(folder).mkdir()
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder},
+                   check=True, timeout=60)
+    assert list(Path(folder).glob("counter_*.db"))
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_metrics_add_up_every_worker_of_an_instance(fleet: Fleet, index: int) -> None:
+    """Instance 0: the folder gunicorn.conf.py makes itself. Instance 1: the operator's folder, emptied at start."""
+    instance = fleet.instances[index]
 
     def served() -> float:
         text = requests.get(instance.url + "/metrics", timeout=5).text
@@ -337,11 +364,14 @@ def test_metrics_add_up_every_worker_of_an_instance(fleet: Fleet) -> None:
                         headers={"Connection": "close"})
     readings = {served() for _ in range(6)}  # whichever worker answers, it reports the sum
     assert readings == {before + 20}, (before, readings)
-    # Both workers counted requests, each in its own file of PROMETHEUS_MULTIPROC_DIR.
-    workers = set(subprocess.run(["ps", "-o", "pid=", "--ppid", str(instance.process.pid)], capture_output=True,
-                                 text=True, timeout=10).stdout.split())
-    writers = {path.stem.rsplit("_", 1)[1] for path in Path(instance.env["PROMETHEUS_MULTIPROC_DIR"]).glob("counter_*.db")}
-    assert len(workers) == 2 and workers <= writers, (workers, writers)
+    assert before < 1000  # the stale file of a previous run was not added in
+    if index == 1:
+        # Both workers counted requests, each in its own file of the folder.
+        workers = set(subprocess.run(["ps", "-o", "pid=", "--ppid", str(instance.process.pid)], capture_output=True,
+                                     text=True, timeout=10).stdout.split())
+        writers = {path.stem.rsplit("_", 1)[1]
+                   for path in Path(instance.env["PROMETHEUS_MULTIPROC_DIR"]).glob("counter_*.db")}
+        assert len(workers) == 2 and workers <= writers, (workers, writers)
     assert total_open_streams(fleet) == 0
 
 

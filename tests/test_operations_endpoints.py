@@ -325,5 +325,8 @@ def test_operations_settings_are_validated() -> None:
     assert "TRUSTED_PROXY_HOPS must be a whole number" in problems
     assert "LOG_FORMAT must be text or json" in problems
     assert "METRICS_TOKEN must be at least 16 characters" in problems
+    for path in ("/healthz", "/readyz", "/metrics"):  # an MCP route there would hide the operations endpoint
+        with pytest.raises(ConfigError, match="would shadow"):
+            load_settings({**ENV, "MCP_SERVER_URL": f"http://127.0.0.1:9{path}"})
     settings = load_settings({**ENV, "TRUSTED_PROXY_HOPS": "1", "LOG_FORMAT": "JSON"})
     assert (settings.trusted_proxy_hops, settings.log_format, settings.metrics_token) == (1, "json", "")

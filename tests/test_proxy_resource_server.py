@@ -115,16 +115,25 @@ def test_expired_and_revoked_tokens_are_refused(start_proxy: Callable[..., Runni
 
 def test_a_revocation_takes_effect_within_the_cache_lifetime(start_proxy: Callable[..., RunningProxy],
                                                              echo_downstream: EchoServer) -> None:
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", TOKEN_CACHE_TTL="2")
-    url = proxy.url + "/mcp"
-    login = log_in(proxy.url, url)
-    assert requests.post(url, headers=login.bearer, timeout=5).status_code == 200
+    """Two instances on one database: the one that revokes forgets at once; the other within TOKEN_CACHE_TTL."""
+    env = {"MCP_SERVER_URL": echo_downstream.url + "/mcp", "TOKEN_CACHE_TTL": "2"}
+    first = start_proxy(**env)
+    second = start_proxy(PUBLIC_URL=first.url, **env)  # one public URL, two instances behind it
+    second_url = f"http://127.0.0.1:{second.server.server_port}"
+    login = log_in(first.url, first.url + "/mcp")
+    for base in (first.url, second_url):
+        assert requests.post(base + "/mcp", headers=login.bearer, timeout=5).status_code == 200
     revoked_at = time.monotonic()
-    assert login.client.revoke(login.access_token).status_code == 200
-    # The documented bound: a worker that validated the token in the last TOKEN_CACHE_TTL seconds still honours it.
-    assert requests.post(url, headers=login.bearer, timeout=5).status_code == 200
+    revocation = requests.post(second_url + "/revoke", data={"token": login.access_token,
+                                                             "client_id": login.client.client_id}, timeout=5)
+    assert revocation.status_code == 200
+    # The instance that revoked forgets the grant at once.
+    assert requests.post(second_url + "/mcp", headers=login.bearer, timeout=5).status_code == 401
+    # The documented bound: an instance that validated the token in the last TOKEN_CACHE_TTL seconds still
+    # honours it, and no longer than that.
+    assert requests.post(first.url + "/mcp", headers=login.bearer, timeout=5).status_code == 200
     time.sleep(max(0.0, 2.05 - (time.monotonic() - revoked_at)))
-    assert requests.post(url, headers=login.bearer, timeout=5).status_code == 401
+    assert requests.post(first.url + "/mcp", headers=login.bearer, timeout=5).status_code == 401
 
 
 def test_two_routes_refuse_each_others_tokens(two_routes: Callable[..., RunningProxy],

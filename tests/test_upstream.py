@@ -380,8 +380,12 @@ def test_token_endpoint_auth_method_choice() -> None:
     )
     assert (
         choose_token_auth_method(
-            {"token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"]}
+            {"token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"]}
         )
+        == "client_secret_post"  # Authlib's Basic header skips RFC 6749 §2.3.1 form-encoding
+    )
+    assert (
+        choose_token_auth_method({"token_endpoint_auth_methods_supported": ["client_secret_basic"]})
         == "client_secret_basic"
     )
 

@@ -13,7 +13,10 @@ config = context.config
 
 # Interpret the config file for Python logging.
 # This line sets up loggers basically.
-fileConfig(config.config_file_name, disable_existing_loggers=False)
+if not logging.getLogger().handlers:
+    # Only for a bare `alembic` run: inside the app, logging is already configured (oauthproxy.logs),
+    # and alembic.ini's handlers would replace it.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger('alembic.env')
 
 
