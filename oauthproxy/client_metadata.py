@@ -28,6 +28,8 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.connection import create_connection
 
+from oauthproxy.config import is_loopback_host
+
 MAX_CLIENT_ID_LENGTH = 2048
 MIN_TTL = 60  # seconds: even `max-age=0` is cached this long, so one client cannot make us refetch per request
 FAILURE_TTL = 30  # seconds: fetch failures are remembered this long, to stop hammering a broken or hostile host
@@ -51,15 +53,6 @@ class ClientMetadataError(Exception):
         super().__init__(description)
         self.error = error  # "invalid_client" (cannot fetch / not a document) or "invalid_client_metadata"
         self.description = description
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _client_id_problem(client_id: object, allow_private_networks: bool) -> str | None:
@@ -95,7 +88,7 @@ def _client_id_problem(client_id: object, allow_private_networks: bool) -> str |
         return "it has no path (the document must live at a URL with a path, not the site root)"
     if any(segment.lower() in _DOT_SEGMENTS for segment in parts.path.split("/")):
         return "its path contains a '.' or '..' segment"
-    if parts.scheme == "http" and not (allow_private_networks and _is_loopback_host(host)):
+    if parts.scheme == "http" and not (allow_private_networks and is_loopback_host(host)):
         if allow_private_networks:
             return "it uses http for a host that is not loopback (http is allowed only for localhost in development)"
         return "it is not an https URL"

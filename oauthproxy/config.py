@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from oauthproxy.routes import ProxySettings, Route, load_proxy_settings, load_routes
+from oauthproxy.routes import ProxySettings, Route, email_is_allowed, load_proxy_settings, load_routes
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
@@ -89,12 +89,7 @@ class Settings:
         return self.public_url.startswith("https://")
 
     def user_is_allowed(self, email: str | None) -> bool:
-        if not self.allowed_emails and not self.allowed_email_domains:
-            return True
-        if not email:
-            return False
-        email = email.lower()
-        return email in self.allowed_emails or email.rpartition("@")[2] in self.allowed_email_domains
+        return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
 
 
 def decode_encryption_keys(value: str) -> tuple[bytes, ...]:

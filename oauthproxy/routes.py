@@ -43,6 +43,16 @@ SINGLE_ROUTE_ENV = {
 }
 
 
+def email_is_allowed(email: str | None, emails: frozenset[str], domains: frozenset[str]) -> bool:
+    """An allowlist check: no list allows everyone; otherwise the (verified) email or its domain must be listed."""
+    if not emails and not domains:
+        return True
+    if not email:
+        return False
+    email = email.lower()
+    return email in emails or email.rpartition("@")[2] in domains
+
+
 @dataclass(frozen=True)
 class DownstreamCredential:
     """What the downstream receives besides identity headers: nothing, the user's upstream token, or a fixed secret."""
@@ -77,12 +87,7 @@ class Route:
         return self.identity_headers or self.credential.kind == "upstream_token"
 
     def user_is_allowed(self, email: str | None) -> bool:
-        if not self.allowed_emails and not self.allowed_email_domains:
-            return True
-        if not email:
-            return False
-        email = email.lower()
-        return email in self.allowed_emails or email.rpartition("@")[2] in self.allowed_email_domains
+        return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
 
 
 @dataclass(frozen=True)
