@@ -132,11 +132,11 @@ def test_one_worker_holds_many_open_streams(start_gunicorn: Callable[..., Gunico
                                             echo_downstream: EchoServer) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp", WEB_CONCURRENCY="1")
     login = log_in(proxy.url, proxy.url + "/mcp")
-    streams = 150
+    streams = 100
 
     def one_stream(_: int) -> list[str]:
         with requests.get(proxy.url + "/mcp/sse?events=2&pause=1.5", headers=login.bearer, stream=True,
-                          timeout=20) as response:
+                          timeout=60) as response:
             return [text for _, text in sse_events(response)]
 
     started = time.monotonic()
@@ -150,7 +150,7 @@ def test_one_worker_holds_many_open_streams(start_gunicorn: Callable[..., Gunico
     elapsed = time.monotonic() - started
     assert all(result[1:] == ["id: 0\ndata: event 0", "id: 1\ndata: event 1"] for result in results)
     assert still_open > 0
-    # Concurrently (about 3 s when the machine is idle); one after another would take 150 x 3 s = 450 s.
+    # Concurrently (about 3 s when the machine is idle); one after another would take 100 x 3 s = 300 s.
     # A structural bound, not a speed target: speed is measured by the benchmarks.
     assert elapsed < 150, elapsed
 
