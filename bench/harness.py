@@ -1,0 +1,535 @@
+"""The benchmark harness: `make bench` (`bench/run`) measures the proxy side by side with what bounds it, on 127.0.0.1.
+
+Targets of the same run, measured alternately so that their ratios hold on a noisy machine:
+- direct: wrk → nginx answering a fixed JSON-RPC result (far faster than anything in Python);
+- nginx: the same through a plain nginx `proxy_pass` (the native reference);
+- floor: the same through `bench/floor_app.py`, a bare Flask + `requests` passthrough on gunicorn/gevent with the
+  same worker count and no auth (the limit of this stack);
+- proxy: the same through oauthproxy under its own gunicorn.conf.py, with a real access token from a real login.
+Then: idle event streams held by one worker, the delay each event gains, the token check, a streamed tools/call
+against a real MCP server, and py-spy profiles of the floor and proxy workers under load. The figures go to
+docs/benchmarks.md (regenerated on every run). Benchmarks never fail on a number: they print tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench import profile, report
+from bench.servers import (
+    BENCH,
+    ROOT,
+    ProxyInstance,
+    Service,
+    cpu_seconds,
+    rss_kib,
+    start_fast_downstream,
+    start_floor,
+    start_proxy,
+    start_reference_proxy,
+    start_sse_downstream,
+)
+from bench.sse_client import event_delays, hold_idle_streams
+from tests.provider_fixture import OidcProvider, launch_oidc_provider
+from tests.proxy_fixtures import launch_mcp_downstream
+
+SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp")
+LUA_SCRIPT = BENCH / "jsonrpc_post.lua"
+JSON_RPC_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
+#: Events at the start and end of each ticking stream that the steady-state delay leaves out.
+STEADY_EDGE_EVENTS = 3
+
+
+@dataclass
+class Options:
+    rounds: int = 3
+    seconds: int = 5
+    connections: tuple[int, ...] = (1, 20)
+    workers: int = 1
+    stream_counts: tuple[int, ...] = (100, 1000, 5000)
+    hold_seconds: float = 5.0
+    delay_streams: int = 20
+    delay_events: int = 200
+    delay_interval: float = 0.05
+    mcp_calls: int = 100
+    profile_seconds: int = 10
+    sections: tuple[str, ...] = SECTIONS
+    database_dsn: str = ""
+    output: Path = ROOT / "docs" / "benchmarks.md"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (no interpolation): a value that was actually observed."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+# -- wrk ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    service: Service
+    token: str = ""
+
+
+def run_wrk(url: str, connections: int, seconds: int, token: str) -> dict[str, Any]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA_SCRIPT), url]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60,
+                               env={**os.environ, "BENCH_TOKEN": token})
+    line = next((line for line in completed.stdout.splitlines() if line.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{completed.stdout}\n{completed.stderr}")
+    result = json.loads(line.removeprefix("BENCH_JSON "))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def measure_wrk(target: Target, connections: int, seconds: int) -> dict[str, Any]:
+    pids = target.service.pids()
+    cpu_before = cpu_seconds(pids)
+    result = run_wrk(target.url, connections, seconds, target.token)
+    result["cpu_us_per_request"] = (cpu_seconds(pids) - cpu_before) * 1e6 / max(result["requests"], 1)
+    return result
+
+
+def check_target(target: Target) -> None:
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+    response = requests.post(target.url, data=JSON_RPC_BODY, headers=headers, timeout=10)
+    if response.status_code != 200 or '"result"' not in response.text:
+        raise RuntimeError(f"{target.name} answered {response.status_code}: {response.text[:300]}")
+
+
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over rounds of each figure (robust to one disturbed round)."""
+    keys = ("rps", "p50_us", "p90_us", "p99_us", "mean_us", "cpu_us_per_request")
+    summary = {key: statistics.median(run[key] for run in runs) for key in keys}
+    summary["requests"] = sum(run["requests"] for run in runs)
+    summary["errors"] = sum(sum(run["errors"].values()) for run in runs)
+    summary["rounds"] = [{key: run[key] for key in ("rps", "p50_us", "p99_us")} for run in runs]
+    return summary
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    options: Options
+    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="oauthproxy-bench-")))
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    results: dict[str, Any] = field(default_factory=dict)
+    _provider: OidcProvider | None = None
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    @property
+    def database_dsn(self) -> str:
+        return self.options.database_dsn or f"sqlite:///{self.run_dir / 'bench.sqlite3'}"
+
+    @property
+    def provider(self) -> OidcProvider:
+        if self._provider is None:
+            self.log("starting the test OpenID provider (tests/provider)")
+            self._provider = launch_oidc_provider(self.run_dir / "provider.log")
+            self.stack.callback(self._provider.stop)
+        return self._provider
+
+    def keep(self, service: Service) -> Service:
+        self.stack.callback(service.stop)
+        return service
+
+    @contextlib.contextmanager
+    def temporary(self, service: Service) -> Iterator[Service]:
+        try:
+            yield service
+        finally:
+            service.stop()
+
+    def proxy(self, downstream_url: str, workers: int, **overrides: str) -> ProxyInstance:
+        instance = start_proxy(self.run_dir, self.provider, downstream_url, workers, self.database_dsn, **overrides)
+        self.keep(instance.service)
+        return instance
+
+    # -- throughput, latency, profiles ----------------------------------------------------------------------
+
+    def throughput(self) -> None:
+        options = self.options
+        self.log(f"throughput: starting nginx, floor and proxy ({options.workers} worker(s) each)")
+        downstream = self.keep(start_fast_downstream(self.run_dir / "nginx-downstream"))
+        reference = self.keep(start_reference_proxy(self.run_dir / "nginx-proxy", {"json": downstream.url}))
+        floor = self.keep(start_floor(self.run_dir, downstream.url + "/mcp", options.workers))
+        proxy = self.proxy(downstream.url + "/mcp", options.workers)
+        uncached = self.proxy(downstream.url + "/mcp", options.workers, TOKEN_CACHE_TTL="0")
+        self.results["token_for_checks"] = {"env": proxy.env, "token": proxy.token}
+        targets = [Target("direct", downstream.url + "/mcp", downstream, proxy.token),
+                   Target("nginx", reference.url + "/mcp", reference, proxy.token),
+                   Target("floor", floor.url + "/mcp", floor, proxy.token),
+                   Target("proxy", proxy.url + "/mcp", proxy.service, proxy.token),
+                   Target("proxy, token cache off", uncached.url + "/mcp", uncached.service, uncached.token)]
+        for target in targets:
+            check_target(target)
+            run_wrk(target.url, 20, 2, target.token)  # warm-up: pools filled, token cached, code paths hot
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for round_number in range(1, options.rounds + 1):
+            for connections in options.connections:
+                for target in targets:
+                    self.log(f"wrk round {round_number}/{options.rounds}: {target.name}, {connections} connection(s)")
+                    result = measure_wrk(target, connections, options.seconds)
+                    runs.setdefault((target.name, connections), []).append(result)
+        self.results["throughput"] = {
+            f"{name}|{connections}": summarise_runs(found) for (name, connections), found in runs.items()}
+        if "profile" in options.sections:
+            self.profiles([target for target in targets if target.name in ("floor", "proxy")])
+
+    def profiles(self, targets: list[Target]) -> None:
+        if not profile.available():
+            self.log("profile: py-spy is missing (bench/run installs it); skipped")
+            return
+        found: dict[str, Any] = {}
+        for target in targets:
+            worker = target.service.workers()[0]
+            output = self.run_dir / f"profile-{target.name}.txt"
+            self.log(f"profile: py-spy on the {target.name} worker (pid {worker}) under wrk, 20 connections")
+            sampler = profile.record(worker, self.options.profile_seconds + 1, output)
+            time.sleep(0.5)
+            result = measure_wrk(target, 20, self.options.profile_seconds)
+            _, stderr = sampler.communicate(timeout=60)
+            if sampler.returncode != 0 or not output.exists():
+                self.log(f"profile: py-spy failed: {stderr.decode(errors='replace')[-500:]}")
+                continue
+            parsed = profile.parse_collapsed(output.read_text())
+            found[target.name] = {
+                "samples": parsed.samples, "cpu_us_per_request": result["cpu_us_per_request"], "rps": result["rps"],
+                "by_component": dict(parsed.by_component.most_common()),
+                "top_self": dict(parsed.by_self_frame.most_common(15)),
+                "ours_inclusive": dict(parsed.ours_inclusive.most_common(15)),
+                "raw": str(output)}
+        self.results["profile"] = found
+
+    # -- token check ----------------------------------------------------------------------------------------
+
+    def token_check(self) -> None:
+        """In this process, on the proxy's own database: the cost of a cache hit and of a miss, and the database
+        queries one proxied request makes (through the real view, forwarding to the real downstream)."""
+        if "token_for_checks" not in self.results:
+            downstream = self.keep(start_fast_downstream(self.run_dir / "nginx-downstream-token"))
+            instance = self.proxy(downstream.url + "/mcp", 1)
+            self.results["token_for_checks"] = {"env": instance.env, "token": instance.token}
+        self.log("token check: cache hit and miss, database queries per proxied request")
+        import logging
+
+        from flask import Flask
+        from sqlalchemy import event
+
+        from oauthproxy import create_app
+        from oauthproxy.models import db
+        from oauthproxy.resource_server import forget_grant, load_token
+
+        setup = self.results.pop("token_for_checks")
+        env, token = setup["env"], setup["token"]
+        app = create_app(env)
+        # create_app set the root logger to INFO: no line per in-process request, nor per request of the MCP client.
+        logging.getLogger().setLevel(logging.WARNING)
+        route = next(iter(app.extensions["routes"].values()))
+        with app.test_request_context(route.path):
+            _, validated = load_token(token, route)
+            hits = 20_000
+            started = time.perf_counter()
+            for _ in range(hits):
+                load_token(token, route)
+            hit_us = (time.perf_counter() - started) * 1e6 / hits
+            misses = []
+            for _ in range(500):
+                forget_grant(app, validated.grant_id)
+                started = time.perf_counter()
+                load_token(token, route)
+                misses.append((time.perf_counter() - started) * 1e6)
+
+        def queries_per_request(flask_app: Flask, requests_count: int) -> tuple[int, float]:
+            counted = [0]
+            with flask_app.app_context():
+                event.listen(db.engine, "before_cursor_execute", lambda *_: counted.__setitem__(0, counted[0] + 1))
+            client = flask_app.test_client()
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                       "Accept": "application/json, text/event-stream"}
+
+            def one() -> None:
+                response = client.post(route.path, data=JSON_RPC_BODY, headers=headers)
+                if response.status_code != 200:
+                    raise RuntimeError(f"in-process request answered {response.status_code}: {response.get_data()!r}")
+                response.close()
+
+            forget_grant(flask_app, validated.grant_id)
+            one()  # the first request of a token: a cache miss
+            first = counted[0]
+            counted[0] = 0
+            for _ in range(requests_count):
+                one()
+            return first, counted[0] / requests_count
+
+        first, cached = queries_per_request(app, 200)
+        uncached_app = create_app({**env, "TOKEN_CACHE_TTL": "0"})
+        _, uncached = queries_per_request(uncached_app, 50)
+        for flask_app in (app, uncached_app):
+            with flask_app.app_context():
+                db.engine.dispose()
+        self.results["token"] = {
+            "database": env["DATABASE_DSN"].split(":", 1)[0], "hit_us": hit_us,
+            "miss_p50_us": percentile(misses, 0.5), "miss_p99_us": percentile(misses, 0.99),
+            "queries_first_request": first, "queries_per_request_cached": cached,
+            "queries_per_request_cache_off": uncached}
+
+    # -- idle streams ---------------------------------------------------------------------------------------
+
+    def streams(self) -> None:
+        options = self.options
+        downstream = self.keep(start_sse_downstream(self.run_dir))
+        found: dict[str, Any] = {}
+        for count in options.stream_counts:
+            for name in ("floor", "proxy"):
+                # A fresh single worker for each count: memory a larger run once took is not handed back.
+                if name == "floor":
+                    service, token = start_floor(self.run_dir, downstream.url + "/mcp", 1), ""
+                else:
+                    instance = start_proxy(self.run_dir, self.provider, downstream.url + "/mcp", 1,
+                                           self.database_dsn)
+                    service, token = instance.service, instance.token
+                with self.temporary(service):
+                    self.log(f"streams: {count} idle event streams through one {name} worker")
+                    found[f"{name}|{count}"] = self._hold(service, token, downstream.url, count)
+        self.results["streams"] = found
+
+    def _hold(self, service: Service, token: str, downstream_url: str, count: int) -> dict[str, Any]:
+        worker = service.workers()[0]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = service.url + "/mcp/idle"
+        # Warm-up: the first streams import and allocate what every later one reuses.
+        asyncio.run(hold_idle_streams(url, headers, 20, 0.5, downstream_url, dict))
+        time.sleep(0.5)
+        baseline = rss_kib(worker)
+        cpu_before = cpu_seconds([worker])
+        held = asyncio.run(hold_idle_streams(url, headers, count, self.options.hold_seconds, downstream_url,
+                                             lambda: {"rss_kib": rss_kib(worker), "cpu": cpu_seconds([worker])}))
+        rss = held.samples["rss_kib"]
+        return {**asdict(held), "baseline_rss_kib": baseline, "rss_kib": rss,
+                "bytes_per_stream": (rss - baseline) * 1024 / count,
+                "open_cpu_us_per_stream": (held.samples["cpu"] - cpu_before) * 1e6 / count}
+
+    # -- event delay ------------------------------------------------------------------------------------------
+
+    def delay(self) -> None:
+        options = self.options
+        downstream = self.keep(start_sse_downstream(self.run_dir))
+        reference = self.keep(start_reference_proxy(self.run_dir / "nginx-proxy-sse", {"sse": downstream.url}))
+        floor = self.keep(start_floor(self.run_dir, downstream.url + "/mcp", 1))
+        proxy = self.proxy(downstream.url + "/mcp", 1)
+        targets = [("direct", downstream.url, {}), ("nginx", reference.url, {}), ("floor", floor.url, {}),
+                   ("proxy", proxy.url, {"Authorization": f"Bearer {proxy.token}"})]
+        delays: dict[str, list[tuple[int, float]]] = {name: [] for name, _, _ in targets}
+        expected: dict[str, int] = dict.fromkeys(delays, 0)
+        for round_number in range(1, 3):
+            for name, base, headers in targets:
+                self.log(f"event delay round {round_number}/2: {name}, {options.delay_streams} streams, "
+                         f"an event every {options.delay_interval * 1000:.0f} ms on each")
+                got, wanted = asyncio.run(event_delays(base + "/mcp/tick", headers, options.delay_streams,
+                                                       options.delay_interval, options.delay_events))
+                delays[name].extend(got)
+                expected[name] += wanted
+        edge = STEADY_EDGE_EVENTS
+        found = {}
+        for name, numbered in delays.items():
+            every = [delay for _, delay in numbered]
+            # While all streams are open: not the first or last events of each, which wait for the other streams'
+            # requests being opened or finished in the same worker (CPU that the throughput figures measure).
+            steady = [delay for number, delay in numbered if edge <= number < options.delay_events - edge]
+            found[name] = {"events": len(every), "expected": expected[name],
+                           "p50_ms": percentile(steady, 0.5) * 1e3, "p99_ms": percentile(steady, 0.99) * 1e3,
+                           "max_ms": max(steady) * 1e3, "steady_events": len(steady),
+                           "all_p50_ms": percentile(every, 0.5) * 1e3, "all_p99_ms": percentile(every, 0.99) * 1e3,
+                           "all_max_ms": max(every) * 1e3}
+        self.results["delay"] = found
+
+    # -- the real thing -----------------------------------------------------------------------------------------
+
+    def mcp(self) -> None:
+        mcp_server = launch_mcp_downstream(self.run_dir)
+        self.stack.callback(mcp_server.stop)
+        proxy = self.proxy(mcp_server.url, self.options.workers)
+        targets = (("direct", mcp_server.url, {}),
+                   ("proxy", proxy.url + "/mcp", {"Authorization": f"Bearer {proxy.token}"}))
+        found: dict[str, dict[str, list[float]]] = {name: {"call": [], "first": []} for name, _, _ in targets}
+        for round_number in range(1, 3):  # alternating, so that a disturbance hits both sides alike
+            for name, url, headers in targets:
+                self.log(f"real MCP server round {round_number}/2: {self.options.mcp_calls} streamed tools/call, "
+                         f"{name}")
+                calls, firsts = asyncio.run(_tool_calls(url, headers, self.options.mcp_calls))
+                found[name]["call"] += calls
+                found[name]["first"] += firsts
+        self.results["mcp"] = {
+            name: {"calls": len(values["call"]), "call_p50_ms": percentile(values["call"], 0.5) * 1e3,
+                   "call_p99_ms": percentile(values["call"], 0.99) * 1e3,
+                   "first_p50_ms": percentile(values["first"], 0.5) * 1e3,
+                   "first_p99_ms": percentile(values["first"], 0.99) * 1e3}
+            for name, values in found.items()}
+
+    # -- everything -----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.results["machine"] = machine()
+        self.results["options"] = {key: (str(value) if isinstance(value, Path) else value)
+                                   for key, value in asdict(self.options).items()}
+        started = time.monotonic()
+        with self.stack:
+            for section in ("throughput", "token", "streams", "delay", "mcp"):
+                if section in self.options.sections:
+                    getattr(self, "token_check" if section == "token" else section)()
+        self.results.pop("token_for_checks", None)
+        self.results["elapsed_seconds"] = time.monotonic() - started
+        return self.results
+
+
+async def _tool_calls(url: str, headers: dict[str, str], count: int) -> tuple[list[float], list[float]]:
+    """`count` calls of the `progress` tool (three progress notifications streamed, then the result) on one
+    session: each call's duration, and when its first progress notification arrived."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    calls: list[float] = []
+    firsts: list[float] = []
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http, \
+            Client(streamable_http_client(url, http_client=http)) as client:
+        for index in range(count + 5):
+            first: list[float] = []
+
+            async def on_progress(progress: float, total: float | None, message: str | None,
+                                  first: list[float] = first) -> None:
+                if not first:
+                    first.append(time.perf_counter())
+
+            started = time.perf_counter()
+            result = await client.call_tool("progress", {"steps": 3, "pause": 0.0}, progress_callback=on_progress)
+            ended = time.perf_counter()
+            if result.is_error or not first:
+                raise RuntimeError(f"tools/call through {url} failed: {result}")
+            if index >= 5:  # the first calls warm up the session
+                calls.append(ended - started)
+                firsts.append(first[0] - started)
+    return calls, firsts
+
+
+def _version(command: list[str]) -> str:
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "missing"
+    return (completed.stdout + completed.stderr).strip().splitlines()[0]
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    packages = {name: metadata.version(name) for name in (
+        "flask", "werkzeug", "gunicorn", "gevent", "greenlet", "requests", "urllib3", "sqlalchemy", "mcp",
+        "py-spy") if _installed(name)}
+    provider_package = ROOT / "tests" / "provider" / "node_modules" / "oidc-provider" / "package.json"
+    revision = _version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpus": os.cpu_count(), "cpu_model": model,
+        "kernel": platform.release(), "python": platform.python_version(), "packages": packages,
+        "nginx": _version(["nginx", "-v"]).split("/", 1)[-1], "wrk": _version(["wrk", "--version"]).split(" [")[0],
+        "node": _version(["node", "--version"]),
+        "oidc_provider": json.loads(provider_package.read_text())["version"] if provider_package.exists() else "?",
+        "revision": revision, "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def raise_open_files_limit() -> None:
+    """5,000 streams need ~5,000 descriptors here, twice that in the proxy worker, as many in the downstream."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="wrk rounds per target, alternating (default 3)")
+    parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (default 5)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="gunicorn workers of the floor and the proxy in the wrk runs (default 1)")
+    parser.add_argument("--streams", default="100,1000,5000", help="idle stream counts (default 100,1000,5000)")
+    parser.add_argument("--hold", type=float, default=5.0, help="seconds the idle streams are held (default 5)")
+    parser.add_argument("--mcp-calls", type=int, default=100, help="tools/call per round and target (default 100)")
+    parser.add_argument("--quick", action="store_true", help="one short round of everything (a smoke run)")
+    parser.add_argument("--database-dsn", default="", help="the proxy's database (default: SQLite in the run dir)")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                        help="the Markdown report to write (default docs/benchmarks.md)")
+    arguments = parser.parse_args(argv)
+    sections = tuple(section.strip() for section in arguments.sections.split(",") if section.strip())
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    options = Options(rounds=arguments.rounds, seconds=arguments.seconds, workers=arguments.workers,
+                      stream_counts=tuple(int(n) for n in arguments.streams.split(",")), hold_seconds=arguments.hold,
+                      mcp_calls=arguments.mcp_calls, sections=sections, database_dsn=arguments.database_dsn,
+                      output=arguments.output)
+    if arguments.quick:
+        options.rounds, options.seconds, options.hold_seconds, options.mcp_calls = 1, 2, 1.0, 20
+        options.stream_counts, options.delay_events, options.profile_seconds = (100,), 30, 3
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    raise_open_files_limit()
+    bench = Bench(options)
+    bench.log(f"run folder (logs, raw profiles, results.json): {bench.run_dir}")
+    results = bench.run()
+    (bench.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    text = report.render(results)
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    options.output.write_text(text)
+    print(report.summary(results), flush=True)
+    bench.log(f"wrote {options.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
