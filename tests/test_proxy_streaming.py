@@ -54,8 +54,9 @@ def test_events_reach_the_client_as_the_downstream_sends_them(echo_proxy: tuple[
     assert headers_at < sent[0], (headers_at - started, sent[0] - started)
     # Each event reaches the client before the downstream sends the next one: nothing is held back.
     # (How many milliseconds the proxy adds is measured by the benchmarks, not asserted here.)
+    # (The downstream notes `sent_at` just after its write, so an arrival may precede it by microseconds.)
     for (arrived, _), sent_at, next_sent_at in zip(data, sent, [*sent[1:], float("inf")], strict=True):
-        assert sent_at <= arrived < next_sent_at, (arrived - started, sent_at - started)
+        assert arrived < next_sent_at, (arrived - started, sent_at - started)
     gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(data)]
     assert all(gap > 1.0 for gap in gaps), gaps
 
