@@ -68,9 +68,10 @@ class Options:
     stream_counts: tuple[int, ...] = (100, 1000, 5000)
     hold_seconds: float = 5.0
     delay_streams: int = 20
-    delay_events: int = 200
+    delay_events: int = 100
+    delay_rounds: int = 4
     delay_interval: float = 0.05
-    mcp_calls: int = 100
+    mcp_calls: int = 50
     profile_seconds: int = 10
     sections: tuple[str, ...] = SECTIONS
     database_dsn: str = ""
@@ -352,28 +353,46 @@ class Bench:
         proxy = self.proxy(downstream.url + "/mcp", 1)
         targets = [("direct", downstream.url, {}), ("nginx", reference.url, {}), ("floor", floor.url, {}),
                    ("proxy", proxy.url, {"Authorization": f"Bearer {proxy.token}"})]
-        delays: dict[str, list[tuple[int, float]]] = {name: [] for name, _, _ in targets}
-        expected: dict[str, int] = dict.fromkeys(delays, 0)
-        for round_number in range(1, 3):
+        rounds = options.delay_rounds
+        # Per round and target: (event number, delay) of every event received, and how many were expected.
+        runs: dict[str, list[list[tuple[int, float]]]] = {name: [] for name, _, _ in targets}
+        expected: dict[str, int] = dict.fromkeys(runs, 0)
+        for round_number in range(1, rounds + 1):
             for name, base, headers in targets:
-                self.log(f"event delay round {round_number}/2: {name}, {options.delay_streams} streams, "
+                self.log(f"event delay round {round_number}/{rounds}: {name}, {options.delay_streams} streams, "
                          f"an event every {options.delay_interval * 1000:.0f} ms on each")
                 got, wanted = asyncio.run(event_delays(base + "/mcp/tick", headers, options.delay_streams,
                                                        options.delay_interval, options.delay_events))
-                delays[name].extend(got)
+                runs[name].append(got)
                 expected[name] += wanted
         edge = STEADY_EDGE_EVENTS
-        found = {}
-        for name, numbered in delays.items():
-            every = [delay for _, delay in numbered]
+
+        def steady(numbered: list[tuple[int, float]]) -> list[float]:
             # While all streams are open: not the first or last events of each, which wait for the other streams'
             # requests being opened or finished in the same worker (CPU that the throughput figures measure).
-            steady = [delay for number, delay in numbered if edge <= number < options.delay_events - edge]
+            return [delay for number, delay in numbered if edge <= number < options.delay_events - edge]
+
+        found = {}
+        for name, per_round in runs.items():
+            every = [delay for numbered in per_round for _, delay in numbered]
+            kept = [delay for numbered in per_round for delay in steady(numbered)]
             found[name] = {"events": len(every), "expected": expected[name],
-                           "p50_ms": percentile(steady, 0.5) * 1e3, "p99_ms": percentile(steady, 0.99) * 1e3,
-                           "max_ms": max(steady) * 1e3, "steady_events": len(steady),
+                           "p50_ms": percentile(kept, 0.5) * 1e3, "p99_ms": percentile(kept, 0.99) * 1e3,
+                           "max_ms": max(kept) * 1e3, "steady_events": len(kept),
                            "all_p50_ms": percentile(every, 0.5) * 1e3, "all_p99_ms": percentile(every, 0.99) * 1e3,
-                           "all_max_ms": max(every) * 1e3}
+                           "all_max_ms": max(every) * 1e3,
+                           "round_p99_ms": [percentile(steady(numbered), 0.99) * 1e3 for numbered in per_round],
+                           "round_all_p99_ms": [percentile([d for _, d in numbered], 0.99) * 1e3
+                                                for numbered in per_round]}
+        for figure in found.values():
+            # Added delay: each round against direct's in the same round (run just before), then the median over
+            # rounds, so that a burst of other work on the machine during one target's run does not decide it.
+            figure["added_p99_ms"] = statistics.median(
+                mine - direct for mine, direct in zip(figure["round_p99_ms"], found["direct"]["round_p99_ms"],
+                                                      strict=True))
+            figure["added_all_p99_ms"] = statistics.median(
+                mine - direct for mine, direct in zip(figure["round_all_p99_ms"],
+                                                      found["direct"]["round_all_p99_ms"], strict=True))
         self.results["delay"] = found
 
     # -- the real thing -----------------------------------------------------------------------------------------
@@ -385,10 +404,11 @@ class Bench:
         targets = (("direct", mcp_server.url, {}),
                    ("proxy", proxy.url + "/mcp", {"Authorization": f"Bearer {proxy.token}"}))
         found: dict[str, dict[str, list[float]]] = {name: {"call": [], "first": []} for name, _, _ in targets}
-        for round_number in range(1, 3):  # alternating, so that a disturbance hits both sides alike
+        rounds = 4
+        for round_number in range(1, rounds + 1):  # alternating, so that a disturbance hits both sides alike
             for name, url, headers in targets:
-                self.log(f"real MCP server round {round_number}/2: {self.options.mcp_calls} streamed tools/call, "
-                         f"{name}")
+                self.log(f"real MCP server round {round_number}/{rounds}: {self.options.mcp_calls} streamed "
+                         f"tools/call, {name}")
                 calls, firsts = asyncio.run(_tool_calls(url, headers, self.options.mcp_calls))
                 found[name]["call"] += calls
                 found[name]["first"] += firsts
@@ -496,7 +516,8 @@ def parse_args(argv: list[str] | None) -> Options:
                         help="gunicorn workers of the floor and the proxy in the wrk runs (default 1)")
     parser.add_argument("--streams", default="100,1000,5000", help="idle stream counts (default 100,1000,5000)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds the idle streams are held (default 5)")
-    parser.add_argument("--mcp-calls", type=int, default=100, help="tools/call per round and target (default 100)")
+    parser.add_argument("--mcp-calls", type=int, default=50,
+                        help="streamed tools/call per round (4 rounds) and path (default 50)")
     parser.add_argument("--quick", action="store_true", help="one short round of everything (a smoke run)")
     parser.add_argument("--database-dsn", default="", help="the proxy's database (default: SQLite in the run dir)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md",
@@ -511,8 +532,9 @@ def parse_args(argv: list[str] | None) -> Options:
                       mcp_calls=arguments.mcp_calls, sections=sections, database_dsn=arguments.database_dsn,
                       output=arguments.output)
     if arguments.quick:
-        options.rounds, options.seconds, options.hold_seconds, options.mcp_calls = 1, 2, 1.0, 20
+        options.rounds, options.seconds, options.hold_seconds, options.mcp_calls = 1, 2, 1.0, 10
         options.stream_counts, options.delay_events, options.profile_seconds = (100,), 30, 3
+        options.delay_rounds = 2
     return options
 
 

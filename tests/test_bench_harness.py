@@ -36,7 +36,7 @@ def test_the_report_names_each_target() -> None:
         "machine": {"date": "today", "cpus": 2, "cpu_model": "cpu", "kernel": "k", "python": "3.11", "packages": {},
                     "nginx": "1", "wrk": "4", "node": "20", "oidc_provider": "9", "revision": "abc"},
         "options": {"workers": 1, "rounds": 3, "seconds": 5, "delay_streams": 20, "delay_interval": 0.05,
-                    "delay_events": 200},
+                    "delay_events": 100, "delay_rounds": 2},
         "throughput": {"direct|1": wrk(40_000, 20, 200), "floor|1": wrk(1_500, 600, 1_500),
                        "proxy|1": wrk(1_400, 650, 1_700), "direct|20": wrk(100_000, 100, 1_000),
                        "floor|20": wrk(1_600, 12_000, 25_000), "proxy|20": wrk(1_300, 14_000, 40_000)},
@@ -44,8 +44,9 @@ def test_the_report_names_each_target() -> None:
                                    "released_ok": 4999, "baseline_rss_kib": 90_000, "rss_kib": 220_000,
                                    "bytes_per_stream": 26_000.0, "open_seconds": 5.0, "open_cpu_us_per_stream": 900}},
         "delay": {name: {"events": 100, "expected": 100, "p50_ms": p50, "p99_ms": p99, "max_ms": p99,
-                         "steady_events": 90, "all_p50_ms": p50, "all_p99_ms": p99, "all_max_ms": p99}
-                  for name, p50, p99 in (("direct", 0.1, 0.5), ("proxy", 0.3, 1.5))},
+                         "steady_events": 90, "all_p50_ms": p50, "all_p99_ms": p99, "all_max_ms": p99,
+                         "round_p99_ms": [p99, p99], "added_p99_ms": added, "added_all_p99_ms": added}
+                  for name, p50, p99, added in (("direct", 0.1, 0.5, 0.0), ("proxy", 0.3, 1.5, 1.0))},
         "token": {"database": "sqlite", "hit_us": 2.0, "miss_p50_us": 200, "miss_p99_us": 300,
                   "queries_first_request": 1, "queries_per_request_cached": 0, "queries_per_request_cache_off": 1},
     }
@@ -55,6 +56,7 @@ def test_the_report_names_each_target() -> None:
     assert found["5,000 idle SSE streams on one worker: memory each"] is True
     assert found["5,000 idle SSE streams on one worker: none dropped"] is False  # one stream lost its last event
     assert found["database queries per proxied request, cached token"] is True
+    assert found["SSE event delay added by the proxy, p99 (steady; all events: 1.00 ms)"] is True
     text = report.render(results)
     assert "## Targets" in text and "## Throughput and latency" in text and "## Event delay" in text
     assert "| proxy | 1,400 |" in text
