@@ -76,6 +76,7 @@ class Options:
     sections: tuple[str, ...] = SECTIONS
     database_dsn: str = ""
     output: Path = ROOT / "docs" / "benchmarks.md"
+    render: Path | None = None
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -384,15 +385,6 @@ class Bench:
                            "round_p99_ms": [percentile(steady(numbered), 0.99) * 1e3 for numbered in per_round],
                            "round_all_p99_ms": [percentile([d for _, d in numbered], 0.99) * 1e3
                                                 for numbered in per_round]}
-        for figure in found.values():
-            # Added delay: each round against direct's in the same round (run just before), then the median over
-            # rounds, so that a burst of other work on the machine during one target's run does not decide it.
-            figure["added_p99_ms"] = statistics.median(
-                mine - direct for mine, direct in zip(figure["round_p99_ms"], found["direct"]["round_p99_ms"],
-                                                      strict=True))
-            figure["added_all_p99_ms"] = statistics.median(
-                mine - direct for mine, direct in zip(figure["round_all_p99_ms"],
-                                                      found["direct"]["round_all_p99_ms"], strict=True))
         self.results["delay"] = found
 
     # -- the real thing -----------------------------------------------------------------------------------------
@@ -522,6 +514,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--database-dsn", default="", help="the proxy's database (default: SQLite in the run dir)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md",
                         help="the Markdown report to write (default docs/benchmarks.md)")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report from an earlier run's results.json")
     arguments = parser.parse_args(argv)
     sections = tuple(section.strip() for section in arguments.sections.split(",") if section.strip())
     unknown = set(sections) - set(SECTIONS)
@@ -530,7 +524,7 @@ def parse_args(argv: list[str] | None) -> Options:
     options = Options(rounds=arguments.rounds, seconds=arguments.seconds, workers=arguments.workers,
                       stream_counts=tuple(int(n) for n in arguments.streams.split(",")), hold_seconds=arguments.hold,
                       mcp_calls=arguments.mcp_calls, sections=sections, database_dsn=arguments.database_dsn,
-                      output=arguments.output)
+                      output=arguments.output, render=arguments.render)
     if arguments.quick:
         options.rounds, options.seconds, options.hold_seconds, options.mcp_calls = 1, 2, 1.0, 10
         options.stream_counts, options.delay_events, options.profile_seconds = (100,), 30, 3
@@ -540,6 +534,11 @@ def parse_args(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    if options.render is not None:
+        results = json.loads(options.render.read_text())
+        options.output.write_text(report.render(results))
+        print(report.summary(results), flush=True)
+        return 0
     raise_open_files_limit()
     bench = Bench(options)
     bench.log(f"run folder (logs, raw profiles, results.json): {bench.run_dir}")
