@@ -238,7 +238,10 @@ class ClientRegistration(ClientRegistrationEndpoint):
 
     def generate_client_info(self, request) -> dict:
         info = super().generate_client_info(request)
-        info["client_id"] = secrets.token_urlsafe(24)
+        # Never a leading "-": operators paste client ids into commands (`oauthproxy clients delete ID`).
+        while (client_id := secrets.token_urlsafe(24)).startswith("-"):
+            pass
+        info["client_id"] = client_id
         info["client_secret"] = secrets.token_urlsafe(32)
         return info
 
