@@ -11,6 +11,7 @@ from html import unescape
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import requests
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 CLIENT_REDIRECT = "http://127.0.0.1:9/callback"  # never contacted: the walker stops at this prefix
 
@@ -142,3 +143,25 @@ class McpOAuthClient:
     def login(self, browser: Browser, **overrides: str) -> dict[str, str]:
         """Authorize through `browser`; return the query of the redirect back to this client."""
         return query_of(browser.authorize(self.authorize_url(**overrides), self.redirect_uri))
+
+
+class MemoryStorage:
+    """The MCP SDK's TokenStorage protocol in memory: what a client keeps between connections."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client_info: OAuthClientInformationFull | None = None
+        self.token_history: list[OAuthToken] = []
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+        self.token_history.append(tokens)
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client_info
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client_info = client_info

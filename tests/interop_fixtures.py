@@ -37,13 +37,13 @@ import sqlalchemy
 from mcp import Client
 from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import OAuthClientMetadata
 
 from oauthproxy.config import normalise_database_dsn
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import utcnow
 from tests.conftest import free_port
-from tests.flows import Browser, query_of
+from tests.flows import Browser, MemoryStorage, query_of
 from tests.proxy_fixtures import GunicornProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,28 +131,6 @@ def walk(browser: Browser, url: str, stop_prefix: str, decision: str = "approve"
 
 
 # -- the MCP Python SDK as a client ---------------------------------------------------------------
-
-
-class MemoryStorage:
-    """The SDK's TokenStorage protocol in memory: what a client keeps between connections."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client_info: OAuthClientInformationFull | None = None
-        self.token_history: list[OAuthToken] = []
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-        self.token_history.append(tokens)
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client_info
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client_info = client_info
 
 
 class AuthorizationFailed(Exception):

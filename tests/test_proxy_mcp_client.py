@@ -13,9 +13,9 @@ import pytest
 from mcp import Client
 from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import OAuthClientMetadata
 
-from tests.flows import Browser, query_of
+from tests.flows import Browser, MemoryStorage, query_of
 from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     GunicornProxy,
     McpDownstream,
@@ -24,26 +24,6 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
 )
 
 REDIRECT_URI = "http://127.0.0.1:9/sdk-callback"  # never contacted: the browser stops at this prefix
-
-
-class MemoryStorage:
-    """The SDK's TokenStorage protocol, in memory."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client_info: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client_info
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client_info = client_info
 
 
 class BrowserAuthorization:
