@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from urllib.parse import urlsplit, urlunsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer as FlaskAuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request, grants
@@ -23,17 +22,9 @@ from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.errors import InvalidTargetError, safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, utcnow
+from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
-
-
-def canonical_resource(uri: str) -> str:
-    """RFC 8707 comparison form: scheme and host lower-cased, no trailing slash, no query or fragment.
-
-    Some clients (reported for ChatGPT) append query parameters to `resource`; they don't name another resource.
-    """
-    parts = urlsplit(uri.strip())
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
 class ParamsRequest(OAuth2Request):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+import logging
 import re
 import socket
 import threading
@@ -28,19 +29,20 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.connection import create_connection
 
-from oauthproxy.config import is_loopback_host
+from oauthproxy.urls import MalformedURL, is_loopback_host, redirect_uri_problem, split_url
 
 MAX_CLIENT_ID_LENGTH = 2048
 MIN_TTL = 60  # seconds: even `max-age=0` is cached this long, so one client cannot make us refetch per request
 FAILURE_TTL = 30  # seconds: fetch failures are remembered this long, to stop hammering a broken or hostile host
 USER_AGENT = "oauthproxy-client-metadata-fetcher"
 
+log = logging.getLogger(__name__)
+
 # `getaddrinfo`-shaped: (host, port, family, type) -> [(family, type, proto, canonname, sockaddr), ...]
 Resolver = Callable[..., list[tuple[Any, ...]]]
 
 _DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
 _HOSTNAME_RE = re.compile(r"^[a-z0-9_.-]+$")
-_URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _FORBIDDEN_AUTH_METHODS = frozenset({"client_secret_basic", "client_secret_post", "client_secret_jwt"})
@@ -64,9 +66,8 @@ def _client_id_problem(client_id: object, allow_private_networks: bool) -> str |
     if not client_id.isascii() or any(c <= " " or c in "\x7f\\" for c in client_id):
         return "it contains spaces, control characters, backslashes or non-ASCII characters"
     try:
-        parts = urlsplit(client_id)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
+        parts = split_url(client_id)
+    except MalformedURL:
         return "it is not a well-formed URL"
     if parts.scheme not in ("https", "http"):
         return "it is not an https URL"
@@ -217,21 +218,6 @@ def _parse_http_date(value: str) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def _redirect_uri_problem(uri: object) -> str | None:
-    if not isinstance(uri, str) or not uri:
-        return "is not a non-empty string"
-    if any(c <= " " or c == "\x7f" for c in uri):
-        return "contains spaces or control characters"
-    if not _URI_SCHEME_RE.match(uri):
-        return "is not an absolute URI (it has no scheme)"
-    if "#" in uri:
-        return "contains a fragment (#)"
-    parts = urlsplit(uri)
-    if parts.scheme.lower() in ("http", "https") and not parts.hostname:
-        return "has no host"
-    return None
-
-
 def _root_cause(exc: BaseException) -> str:
     """The underlying reason for a requests/urllib3 error, without the retry and pool wrappers."""
     cause: BaseException = exc
@@ -244,8 +230,13 @@ def _root_cause(exc: BaseException) -> str:
     return str(cause)
 
 
-def validate_metadata_document(client_id: str, document: object) -> dict[str, Any]:
-    """Check a parsed document against the rules for a metadata document fetched from `client_id`."""
+def validate_metadata_document(
+    client_id: str, document: object, private_use_schemes: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """Check a parsed document against the rules for a metadata document fetched from `client_id`.
+
+    Its redirect URIs follow exactly the rules of dynamic registration (`urls.redirect_uri_problem`).
+    """
 
     def invalid(problem: str) -> ClientMetadataError:
         return ClientMetadataError("invalid_client_metadata", f"The client metadata document at {client_id} {problem}.")
@@ -262,7 +253,7 @@ def validate_metadata_document(client_id: str, document: object) -> dict[str, An
     if not isinstance(redirect_uris, list) or not redirect_uris:
         raise invalid("has no redirect_uris; it must list at least one redirect URI")
     for uri in redirect_uris:
-        problem = _redirect_uri_problem(uri)
+        problem = redirect_uri_problem(uri, private_use_schemes)
         if problem is not None:
             raise invalid(f"lists redirect URI {uri!r}, which {problem}")
     client_name = document.get("client_name")
@@ -295,6 +286,7 @@ class ClientMetadataFetcher:
         self,
         *,
         allow_private_networks: bool = False,
+        private_use_redirect_schemes: frozenset[str] | None = None,
         timeout: float = 5.0,
         max_bytes: int = 5 * 1024,
         max_entries: int = 1024,
@@ -306,6 +298,7 @@ class ClientMetadataFetcher:
         ca_bundle: str | None = None,
     ) -> None:
         self.allow_private_networks = allow_private_networks
+        self.private_use_redirect_schemes = private_use_redirect_schemes
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.max_entries = max_entries
@@ -338,7 +331,7 @@ class ClientMetadataFetcher:
             # refetched next time, so its author sees a fix at once.
             self._cache_put(client_id, _CacheEntry(self._clock() + self.failure_ttl, error=exc))
             raise
-        validate_metadata_document(client_id, document)
+        validate_metadata_document(client_id, document, self.private_use_redirect_schemes)
         ttl = self._ttl_from_headers(headers)
         if ttl is not None:
             self._cache_put(client_id, _CacheEntry(self._clock() + ttl, document=copy.deepcopy(document)))

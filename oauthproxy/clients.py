@@ -6,7 +6,6 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
@@ -16,10 +15,11 @@ from flask import request as flask_request
 from sqlalchemy import select
 
 from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document_client_id
-from oauthproxy.config import LOOPBACK_HOSTS, Settings, is_loopback_host
+from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
 from oauthproxy.errors import InvalidRedirectURIError, safe_description
 from oauthproxy.models import OAuthClient, db, utcnow
+from oauthproxy.urls import MalformedURL, is_loopback_host, is_loopback_url, redirect_uri_problem, split_url
 
 SUPPORTED_AUTH_METHODS = ("none", "client_secret_post", "client_secret_basic")
 SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -93,12 +93,8 @@ class Client(ClientMixin):
         return grant_type in self.grant_types
 
     @property
-    def redirect_hosts(self) -> list[str]:
-        return sorted({urlsplit(uri).netloc or uri for uri in self.redirect_uris})
-
-    @property
     def only_loopback_redirects(self) -> bool:
-        return all((urlsplit(uri).hostname or "") in LOOPBACK_HOSTS for uri in self.redirect_uris)
+        return all(is_loopback_url(uri) for uri in self.redirect_uris)
 
 
 def redirect_uri_matches(registered: str, requested: str) -> bool:
@@ -108,37 +104,14 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
     """
     if registered == requested:
         return True
-    a, b = urlsplit(registered), urlsplit(requested)
+    try:
+        a, b = split_url(registered), split_url(requested)
+    except MalformedURL:
+        return False
     if a.scheme != "http" or b.scheme != "http" or not a.hostname or not is_loopback_host(a.hostname):
         return False
-    return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query) and not b.fragment
-
-
-# Schemes that run code or read local data in the browser; never a redirect target, whatever the settings.
-FORBIDDEN_REDIRECT_SCHEMES = frozenset({"javascript", "data", "file", "about", "blob", "vbscript", "filesystem"})
-
-
-def redirect_uri_problem(uri: str, settings: Settings) -> str | None:
-    """Why a redirect URI may not be registered, or None: https, or http on loopback (MCP authorization)."""
-    if not uri.isascii() or any(c.isspace() or c in '"\\<>' for c in uri):
-        return "a redirect URI must be plain ASCII with no spaces, quotes, backslashes or angle brackets"
-    parts = urlsplit(uri)
-    if "#" in uri:
-        return f"redirect URI {uri} must not contain a fragment (RFC 6749 section 3.1.2)"
-    if parts.scheme in ("http", "https"):
-        if not parts.hostname:
-            return f"redirect URI {uri} has no host"
-        if parts.scheme == "https" or is_loopback_host(parts.hostname):
-            return None
-        return f"redirect URI {uri} must use https, or http on a loopback address (localhost, 127.0.0.1, [::1])"
-    if not parts.scheme:
-        return f"redirect URI {uri} must be an absolute URI"
-    if parts.scheme.lower() in FORBIDDEN_REDIRECT_SCHEMES:
-        return f"the {parts.scheme}: scheme is never allowed for a redirect URI"
-    if settings.allow_custom_redirect_schemes:
-        return None  # private-use schemes (cursor://, vscode://) for native apps, RFC 8252 section 7.1: opt-in only
-    return (f"redirect URI {uri} must use https, or http on a loopback address; private-use schemes such as "
-            f"{parts.scheme}: are off on this server (ALLOW_CUSTOM_REDIRECT_SCHEMES)")
+    return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query) and not b.fragment \
+        and "@" not in b.netloc
 
 
 STRING_METADATA = ("client_name", "client_uri", "logo_uri", "scope", "tos_uri", "policy_uri", "jwks_uri",
@@ -156,9 +129,9 @@ def check_registration_request(data: object, settings: Settings) -> None:
     for uri in uris:
         if not isinstance(uri, str):
             raise InvalidRedirectURIError("every redirect URI must be a string")
-        problem = redirect_uri_problem(uri, settings)
+        problem = redirect_uri_problem(uri, settings.private_use_redirect_schemes)
         if problem:
-            raise InvalidRedirectURIError(safe_description(problem))
+            raise InvalidRedirectURIError(safe_description(f"redirect URI {uri} {problem}"))
     for name in STRING_METADATA:
         if name in data and not isinstance(data[name], str):
             raise InvalidClientMetadataError(f"{name} must be a string")

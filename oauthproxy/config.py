@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,8 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from oauthproxy.routes import ProxySettings, Route, email_is_allowed, load_proxy_settings, load_routes
-
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+from oauthproxy.urls import is_loopback_host, private_use_scheme_problem
 
 
 class ConfigError(Exception):
@@ -47,7 +45,8 @@ class Settings:
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
     allow_private_client_metadata_urls: bool = False
-    allow_custom_redirect_schemes: bool = False
+    #: Private-use redirect schemes (cursor://) allowed: None for any (the default), else only these.
+    private_use_redirect_schemes: frozenset[str] | None = None
     register_rate_limit: str = "20 per minute"
     authorize_rate_limit: str = "60 per minute"
     token_rate_limit: str = "120 per minute"
@@ -82,7 +81,7 @@ class Settings:
 
     @property
     def is_loopback(self) -> bool:
-        return (urlsplit(self.public_url).hostname or "") in LOOPBACK_HOSTS
+        return is_loopback_host(urlsplit(self.public_url).hostname or "")
 
     @property
     def secure_cookies(self) -> bool:
@@ -122,7 +121,7 @@ def _origin_url(name: str, value: str, problems: list[str]) -> str:
         return value
     if parts.query or parts.fragment:
         problems.append(f"{name} must not have a query or fragment; got {value!r}")
-    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         problems.append(f"{name} must use https unless it is a loopback address (OAuth 2.1 §1.5); got {value!r}")
     return urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
@@ -159,6 +158,22 @@ def _bool(env: Mapping[str, str], name: str, problems: list[str]) -> bool:
     return False
 
 
+def _private_use_schemes(env: Mapping[str, str], problems: list[str]) -> frozenset[str] | None:
+    """ALLOW_CUSTOM_REDIRECT_SCHEMES: true (the default: any private-use scheme), false (none), or a list."""
+    raw = env.get("ALLOW_CUSTOM_REDIRECT_SCHEMES", "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return None
+    if raw in ("0", "false", "no", "off"):
+        return frozenset()
+    schemes = frozenset(s.rstrip(":/") for s in _list(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES"))
+    for scheme in sorted(schemes):
+        problem = private_use_scheme_problem(scheme)
+        if problem:
+            problems.append(f"ALLOW_CUSTOM_REDIRECT_SCHEMES must be true, false or a list of private-use schemes "
+                            f"such as cursor,vscode; {problem}")
+    return frozenset(s.lower() for s in schemes)
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").replace(" ", ",").split(",") if item.strip())
 
@@ -190,7 +205,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     host = env.get("HOST", "").strip() or "127.0.0.1"
     public_url = env.get("PUBLIC_URL", "").strip()
     if not public_url:
-        if host in LOOPBACK_HOSTS:
+        if is_loopback_host(host):
             public_url = f"http://{'127.0.0.1' if host == '127.0.0.1' else 'localhost'}:{port}"
         else:
             problems.append("PUBLIC_URL is required when HOST is not a loopback address: the external https URL clients use, e.g. https://mcp.example.com")
@@ -232,7 +247,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     metrics_token = env.get("METRICS_TOKEN", "").strip()
     if metrics_token and len(metrics_token) < 16:
         problems.append(f"METRICS_TOKEN must be at least 16 characters (e.g. `oauthproxy gen-key`); got {len(metrics_token)}")
-    allow_custom_schemes = _bool(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES", problems)
+    private_use_schemes = _private_use_schemes(env, problems)
 
     routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
@@ -263,7 +278,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         allowed_emails=frozenset(e.lower() for e in _list(env, "ALLOWED_EMAILS")),
         allowed_email_domains=frozenset(d.lower().lstrip("@") for d in _list(env, "ALLOWED_EMAIL_DOMAINS")),
         allow_private_client_metadata_urls=allow_private_cimd,
-        allow_custom_redirect_schemes=allow_custom_schemes,
+        private_use_redirect_schemes=private_use_schemes,
         register_rate_limit=env.get("REGISTER_RATE_LIMIT", "").strip() or "20 per minute",
         authorize_rate_limit=env.get("AUTHORIZE_RATE_LIMIT", "").strip() or "60 per minute",
         token_rate_limit=env.get("TOKEN_RATE_LIMIT", "").strip() or "120 per minute",
@@ -275,13 +290,3 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         routes=routes,
         proxy=proxy,
     )
-
-
-def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

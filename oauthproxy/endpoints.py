@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
 from werkzeug.exceptions import TooManyRequests
 
 from oauthproxy import consent
-from oauthproxy.config import is_loopback_host
 from oauthproxy.database import purge_if_due
 from oauthproxy.login import (
     SINGLE_VALUED,
@@ -21,6 +19,7 @@ from oauthproxy.login import (
     error_redirect_url,
     validate_authorization_request,
 )
+from oauthproxy.urls import is_loopback_url, private_use_scheme, redirect_target
 
 blueprint = Blueprint("authorization", __name__, static_folder="static", static_url_path="/static")
 
@@ -196,12 +195,7 @@ def too_many_requests(error: TooManyRequests) -> Response:
     return response
 
 
-@blueprint.app_template_filter("redirect_host")
-def redirect_host(uri: str) -> str:
-    parts = urlsplit(uri)
-    return parts.netloc or f"{parts.scheme}:"
-
-
-@blueprint.app_template_filter("is_loopback_redirect")
-def is_loopback_redirect(uri: str) -> bool:
-    return is_loopback_host(urlsplit(uri).hostname or "")
+# The consent page says where a redirect URI sends the user, by the URL rules in urls.py.
+blueprint.add_app_template_filter(redirect_target, "redirect_target")
+blueprint.add_app_template_filter(private_use_scheme, "private_use_scheme")
+blueprint.add_app_template_filter(is_loopback_url, "is_loopback_redirect")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from oauthproxy.urls import normalise_origin
+
 CredentialKind = Literal["none", "upstream_token", "static"]
 CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("none", "upstream_token", "static")
 
@@ -110,13 +112,6 @@ class ProxySettings:
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
-
-
-def normalise_origin(origin: str) -> str:
-    parts = urlsplit(origin.strip())
-    if not parts.scheme or not parts.netloc:
-        return origin.strip().lower()
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
 
 
 def _strings(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:

@@ -33,6 +33,8 @@ from authlib.common.errors import AuthlibBaseError
 from authlib.integrations.flask_client import OAuth
 from joserfc.errors import InvalidClaimError, JoseError, MissingClaimError
 
+from oauthproxy.urls import is_loopback_host
+
 log = logging.getLogger(__name__)
 
 #: Seconds for every request to the provider (connect and read each). A provider that hangs must
@@ -64,8 +66,6 @@ MICROSOFT_HOSTS = frozenset(
 )
 #: Path segments of an Entra ID URL that are not a tenant (…/oauth2/v2.0/authorize, …/v2.0).
 _MICROSOFT_NON_TENANT_SEGMENTS = frozenset({"oauth2", "v2.0", ".well-known", "authorize", "token"})
-
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 #: Discovery keys handed to Authlib.  Authlib merges server metadata into the keyword arguments of
 #: its requests session (`client_kwargs.update(metadata)`), so a document carrying e.g. `verify`,
@@ -236,7 +236,7 @@ def _is_secure_url(url: Any) -> bool:
     parts = urlsplit(url)
     if not parts.hostname:
         return False
-    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS)
+    return parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))
 
 
 def detect_provider(authorize_url: str) -> Literal["google", "microsoft", "github", "generic"]:

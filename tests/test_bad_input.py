@@ -819,7 +819,8 @@ def test_register_with_fragment_in_redirect_uri_is_invalid_redirect_uri(start_pr
 
 @pytest.mark.parametrize("uri", ["cursor://anysphere.cursor-retrieval/oauth/callback", "vscode://cb",
                                  "com.example.app:/oauth2redirect"])
-def test_register_private_use_scheme_is_refused_by_default(proxy: RunningProxy, uri: str) -> None:
+def test_register_private_use_scheme_is_refused_when_turned_off(start_proxy, uri: str) -> None:
+    proxy = start_proxy(ALLOW_CUSTOM_REDIRECT_SCHEMES="false")
     before = count(proxy, OAuthClient)
     assert_register_error(register(proxy, redirect_uris=[uri]), "invalid_redirect_uri")
     assert count(proxy, OAuthClient) == before

@@ -1,0 +1,48 @@
+"""What a person sees on the consent page for a desktop app's private-use redirect URI, in Debian's chromium."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.conftest import RunningProxy
+from tests.flows import McpOAuthClient
+from tests.interop_fixtures import which_chromium
+from tests.test_interop_browser import CHROMIUM_FLAGS
+
+pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)  # a page, no storage checks
+
+CURSOR = "cursor://anysphere.cursor-retrieval/oauth/user-mcp/callback"
+
+
+@pytest.fixture
+def page() -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1000, "height": 800}, locale="en-US")
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        yield page
+        browser.close()
+
+
+def test_consent_page_names_the_app_behind_a_private_use_scheme(proxy: RunningProxy, page: Page,
+                                                                artifacts_dir: Path) -> None:
+    response = requests.post(proxy.url + "/register", timeout=10, json={
+        "client_name": "Cursor", "redirect_uris": [CURSOR], "token_endpoint_auth_method": "none"})
+    assert response.status_code == 201, response.text
+    client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=CURSOR)
+
+    page.goto(client.authorize_url())
+
+    expect(page.get_by_role("heading", level=1)).to_have_text("Allow Cursor to use this MCP server?")
+    expect(page.locator(".redirect-host")).to_have_text("the app that handles cursor:// links")
+    facts = page.locator("dl.facts")
+    expect(facts).to_contain_text("an application installed on this device")
+    expect(facts).not_to_contain_text("an application on this computer")  # that note is for loopback http
+    expect(page.get_by_role("button", name="Approve")).to_be_visible()
+    page.screenshot(path=str(artifacts_dir / "consent-private-use-scheme.png"), full_page=True)
