@@ -395,50 +395,44 @@ class ClientMetadataFetcher:
         parts = urlsplit(client_id)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
+        # The reason a host is refused is logged, never told to the requester: "host x resolves to 10.0.0.7"
+        # would let anyone map this server's internal DNS. Unresolvable and non-public read alike for the same reason.
+        def refuse(detail: str, rule: str = "client metadata documents are fetched only from public addresses"
+                   ) -> ClientMetadataError:
+            log.info("client metadata document host %s refused: %s", host, detail)
+            return ClientMetadataError(
+                "invalid_client",
+                f"Refusing to fetch the client metadata document at {client_id}: host {host} does not resolve to an"
+                f" address this server may fetch from ({rule}).",
+            )
+
         try:
             infos = self._resolver(host, port, 0, socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
-            raise ClientMetadataError(
-                "invalid_client",
-                f"Cannot fetch the client metadata document at {client_id}: host {host} does not resolve ({exc}).",
-            ) from exc
+            raise refuse(f"it does not resolve ({exc})") from exc
         addresses: list[str] = []
         for info in infos:
             address = str(info[4][0])
             if address not in addresses:
                 addresses.append(address)
         if not addresses:
-            raise ClientMetadataError(
-                "invalid_client",
-                f"Cannot fetch the client metadata document at {client_id}: host {host} has no addresses.",
-            )
+            raise refuse("it has no addresses")
         for address in addresses:
             try:
                 ip = ipaddress.ip_address(address)
             except ValueError:
-                raise ClientMetadataError(
-                    "invalid_client",
-                    f"Cannot fetch the client metadata document at {client_id}: host {host} resolved to {address!r},"
-                    " which is not an IP address.",
-                ) from None
+                raise refuse(f"it resolved to {address!r}, which is not an IP address") from None
             if parts.scheme == "http":
                 # Development mode only (see _client_id_problem): plain http must stay on this machine.
-                if not ip.is_loopback:
-                    raise ClientMetadataError(
-                        "invalid_client",
-                        f"Refusing to fetch the client metadata document at {client_id}: host {host} resolves to"
-                        f" {address}, which is not loopback, and http is allowed only for loopback.",
-                    )
+                if not is_loopback_host(address):
+                    raise refuse(f"it resolves to {address}, which is not loopback",
+                                 "http is allowed only for loopback addresses")
                 continue
             if self.allow_private_networks:
                 continue
             problem = _address_problem(ip)
             if problem is not None:
-                raise ClientMetadataError(
-                    "invalid_client",
-                    f"Refusing to fetch the client metadata document at {client_id}: host {host} resolves to"
-                    f" {address}, {problem}; client metadata documents are fetched only from public addresses.",
-                )
+                raise refuse(f"it resolves to {address}, {problem}")
         return addresses
 
     def _download(self, client_id: str) -> tuple[bytes, Mapping[str, str]]:

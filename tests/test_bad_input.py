@@ -1025,6 +1025,11 @@ def test_metadata_document_on_a_private_address_is_refused_without_fetching(prox
         client = McpOAuthClient(proxy.url, client_id, redirect_uri="http://127.0.0.1:9/cimd-callback")
         response = get(client.authorize_url())
         assert_page(response, text="Refusing to fetch")
+        # Not a DNS oracle: the page does not say what the host resolves to, nor what kind of address it is.
+        page = unescape(response.text).replace(client_id, "")
+        assert "resolves to" not in page and "loopback" not in page and "private" not in page, page[:1500]
+        if host == "localhost":
+            assert "127.0.0.1" not in page and "::1" not in page
         with pytest.raises(TimeoutError):
             listener.accept()  # nothing connected
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -617,37 +618,49 @@ def no_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     ],
 )
 def test_private_addresses_are_refused_before_connecting(
-    address: str, reason: str, no_connections: list[object]
+    address: str, reason: str, no_connections: list[object], caplog: pytest.LogCaptureFixture
 ) -> None:
     f = ClientMetadataFetcher(resolver=fake_resolver(address))
-    err = refused(f, PUBLIC_CLIENT_ID)
+    with caplog.at_level(logging.INFO, logger="oauthproxy.client_metadata"):
+        err = refused(f, PUBLIC_CLIENT_ID)
     assert err.error == "invalid_client"
-    assert reason in err.description
-    assert address in err.description and "metadata.example.com" in err.description
-    assert "public addresses" in err.description
+    assert "metadata.example.com" in err.description and "public addresses" in err.description
+    # Not a DNS oracle: the requester learns neither the address nor its kind; the operator's log has both.
+    assert address not in err.description and reason not in err.description
+    assert f"resolves to {address}, " in caplog.text and reason in caplog.text
     assert no_connections == []
 
 
-def test_any_private_address_among_several_is_refused(no_connections: list[object]) -> None:
+def test_any_private_address_among_several_is_refused(
+    no_connections: list[object], caplog: pytest.LogCaptureFixture
+) -> None:
     f = ClientMetadataFetcher(resolver=fake_resolver("93.184.215.14", "10.1.2.3"))
-    err = refused(f, PUBLIC_CLIENT_ID)
-    assert "10.1.2.3" in err.description
+    with caplog.at_level(logging.INFO, logger="oauthproxy.client_metadata"):
+        err = refused(f, PUBLIC_CLIENT_ID)
+    assert "10.1.2.3" not in err.description and "10.1.2.3" in caplog.text
     assert no_connections == []
 
 
-def test_ip_literal_host_is_checked_too(no_connections: list[object]) -> None:
+def test_ip_literal_host_is_checked_too(no_connections: list[object], caplog: pytest.LogCaptureFixture) -> None:
     f = ClientMetadataFetcher(resolver=fake_resolver("169.254.169.254"))
-    err = refused(f, "https://169.254.169.254/latest/meta-data")
-    assert "link-local" in err.description
+    with caplog.at_level(logging.INFO, logger="oauthproxy.client_metadata"):
+        err = refused(f, "https://169.254.169.254/latest/meta-data")
+    assert "may fetch from" in err.description and "link-local" not in err.description
+    assert "link-local" in caplog.text
     assert no_connections == []
 
 
-def test_unresolvable_host_is_refused(no_connections: list[object]) -> None:
+def test_unresolvable_and_private_hosts_read_alike(no_connections: list[object]) -> None:
+    """Whether an internal name exists is not told either: both answers are the same sentence."""
+
     def resolve(*args: object) -> list[tuple[object, ...]]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    err = refused(ClientMetadataFetcher(resolver=resolve), PUBLIC_CLIENT_ID)
-    assert err.error == "invalid_client" and "does not resolve" in err.description
+    unresolvable = refused(ClientMetadataFetcher(resolver=resolve), PUBLIC_CLIENT_ID)
+    private = refused(ClientMetadataFetcher(resolver=fake_resolver("10.0.0.7")), PUBLIC_CLIENT_ID)
+    assert unresolvable.error == private.error == "invalid_client"
+    assert unresolvable.description == private.description
+    assert "does not resolve to an address this server may fetch from" in private.description
 
 
 @pytest.mark.parametrize(
@@ -660,7 +673,7 @@ def test_public_addresses_pass_the_check(address: str) -> None:
 def test_development_http_must_resolve_to_loopback(no_connections: list[object]) -> None:
     f = ClientMetadataFetcher(allow_private_networks=True, resolver=fake_resolver("10.0.0.7"))
     err = refused(f, "http://localhost:8000/client.json")
-    assert "not loopback" in err.description
+    assert "http is allowed only for loopback" in err.description and "10.0.0.7" not in err.description
     assert no_connections == []
 
 
