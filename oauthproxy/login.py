@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from authlib.common.urls import add_params_to_uri
@@ -204,6 +205,11 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         raise AuthorizationRedirectError(validated.redirect_uri, error_code,
                                          "sign-in at the identity provider failed", validated.state) from None
 
+    identity = storable_identity(identity)
+    if identity is None:
+        raise AuthorizationRedirectError(validated.redirect_uri, "server_error", "the identity provider returned a "
+                                         "user id this server cannot use (over 255 characters, or control "
+                                         "characters)", validated.state)
     set_request_user(identity.id)
     if not settings.user_is_allowed(identity.email):
         log.info("user %s is not in the allowlist", identity.id)
@@ -217,6 +223,37 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
     response = _server().create_authorization_response(request=validated.request, grant_user=family,
                                                        grant=validated.grant)
     return response
+
+
+# Column sizes of Grant.user_id / user_email / user_name (PostgreSQL enforces them; SQLite does not).
+MAX_SUBJECT, MAX_EMAIL, MAX_NAME = 255, 320, 255
+
+
+def _has_control_characters(text: str) -> bool:
+    # Cc (NUL, CR, LF, ...) and Cs (lone surrogates, which no database encoding accepts).
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+
+
+def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
+    """The identity as it can be stored and forwarded on both databases, or None when the subject cannot be.
+
+    The display name is cleaned (control characters dropped, cut to 255 characters): it only labels the user.
+    The subject and the email decide who the user is and what they may reach, so they are never altered: a
+    subject that does not fit (OIDC Core §2 caps `sub` at 255 ASCII characters) ends the sign-in, and an
+    unusable email is dropped (a cut email could end in another domain and match an allowlist).
+    """
+    if len(identity.id) > MAX_SUBJECT or _has_control_characters(identity.id):
+        log.info("the provider's subject is unusable (%d characters, or control characters)", len(identity.id))
+        return None
+    email = identity.email
+    if email is not None and (len(email) > MAX_EMAIL or _has_control_characters(email)):
+        log.info("user %s: the provider's email is unusable (%d characters, or control characters); ignored",
+                 identity.id, len(email))
+        email = None
+    name = identity.name
+    if name is not None:
+        name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cs")).strip()[:MAX_NAME].strip()
+    return replace(identity, email=email, name=name or None)
 
 
 def store_grant(validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens,

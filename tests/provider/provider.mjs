@@ -23,6 +23,8 @@
 //   POST /test/stats/reset
 //   POST /test/failure       {mode: null|"refresh_invalid_grant"|
 //                            "refresh_server_error"|"token_delay", delay_ms?}
+//   POST /test/users         add (or replace) a user {login, email, name,
+//                            emailVerified?}: providers that send odd claims
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -382,6 +384,20 @@ provider.use(async (ctx, next) => {
     }
     failure = { mode, delay_ms: delayMs };
     return json(ctx, 200, failure);
+  }
+  if (ctx.path === '/test/users' && ctx.method === 'POST') {
+    let body;
+    try {
+      body = await readJson(ctx);
+    } catch (err) {
+      return json(ctx, 400, { error: 'invalid_request', error_description: String(err.message) });
+    }
+    if (typeof body.login !== 'string' || !body.login) {
+      return json(ctx, 400, { error: 'invalid_request', error_description: 'login is required' });
+    }
+    const user = { id: 2000 + USERS.size, emailVerified: true, publicEmail: true, ...body };
+    USERS.set(user.login, user);
+    return json(ctx, 201, user);
   }
   if (ctx.path === '/test/clients' && ctx.method === 'POST') {
     let body;
