@@ -54,14 +54,23 @@ def purge() -> None:
 @with_appcontext
 def rotate_key() -> None:
     """Re-encrypt every stored secret under the first key in ENCRYPTION_KEY."""
-    from oauthproxy.crypto import DecryptionError
-    from oauthproxy.database import rotate_encryption_key
+    from oauthproxy.database import UnreadableSecrets, rotate_encryption_key
 
     try:
         changed = rotate_encryption_key()
-    except DecryptionError as error:
-        raise click.ClickException(f"{error}. Nothing was changed: list the old key after the new one in "
-                                   "ENCRYPTION_KEY (ENCRYPTION_KEY=new,old) and run rotate-key again.") from None
+    except UnreadableSecrets as error:
+        for row in error.rows:
+            click.echo(f"cannot decrypt {row}", err=True)
+        advice = [f"Nothing was changed: {len(error.rows)} stored value(s) cannot be decrypted with any key in "
+                  "ENCRYPTION_KEY."]
+        if error.unknown_key:
+            advice.append("For 'no configured ENCRYPTION_KEY has key id' rows: list the old key after the new one "
+                          "in ENCRYPTION_KEY (ENCRYPTION_KEY=new,old) and run rotate-key again.")
+        advice.append("Rows that no key opens (tampered, or copied from another row) cannot be recovered: revoke "
+                      "those grants (`oauthproxy grants revoke ID`; their users sign in again), delete those "
+                      "clients (`oauthproxy clients delete ID`; they register again), let pending logins expire "
+                      "(10 minutes), then run rotate-key again.")
+        raise click.ClickException(" ".join(advice)) from None
     click.echo(f"re-encrypted {changed} value(s) under key {current_app.extensions['secret_box'].current_key_id}")
 
 

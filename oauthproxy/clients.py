@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document_client_id
 from oauthproxy.config import Settings
-from oauthproxy.crypto import constant_time_equals
+from oauthproxy.crypto import DecryptionError, constant_time_equals
 from oauthproxy.errors import InvalidRedirectURIError, safe_description
 from oauthproxy.models import OAuthClient, db, utcnow
 from oauthproxy.urls import MalformedURL, is_loopback_host, is_loopback_url, redirect_uri_problem, split_url
@@ -159,7 +159,13 @@ def load_client(client_id: str) -> Client | None:
         return None
     secret = None
     if row.client_secret_encrypted:
-        secret = current_app.extensions["secret_box"].decrypt(row.client_secret_encrypted, f"client:{row.client_id}:secret")
+        try:
+            secret = current_app.extensions["secret_box"].decrypt(row.client_secret_encrypted,
+                                                                  f"client:{row.client_id}:secret")
+        except DecryptionError as error:
+            # Unusable until the operator restores the key: answered as an unknown client (it registers again).
+            current_app.logger.error("client %s: its secret cannot be decrypted: %s", row.client_id, error)
+            return None
     return Client.from_metadata(row.client_id, row.client_metadata, client_secret=secret)
 
 

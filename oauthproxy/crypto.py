@@ -19,6 +19,10 @@ class DecryptionError(Exception):
     """A ciphertext could not be opened: unknown key id, tampering, or the wrong row or purpose."""
 
 
+class UnknownKeyError(DecryptionError):
+    """The key that sealed a ciphertext is not in ENCRYPTION_KEY here: a configuration fault, the data may be intact."""
+
+
 def generate_key() -> str:
     """A fresh `ENCRYPTION_KEY` value: base64 of 32 random bytes."""
     return base64.b64encode(secrets.token_bytes(32)).decode()
@@ -76,10 +80,12 @@ class SecretBox:
             raise DecryptionError(f"unknown ciphertext version {version!r}")
         aead = self._keys.get(kid)
         if aead is None:
-            raise DecryptionError(f"no configured ENCRYPTION_KEY has key id {kid}; was a key removed before `oauthproxy rotate-key`?")
-        raw = base64.urlsafe_b64decode(payload.encode())
+            raise UnknownKeyError(f"no configured ENCRYPTION_KEY has key id {kid}; was a key removed before `oauthproxy rotate-key`?")
         try:
+            raw = base64.urlsafe_b64decode(payload.encode())
             return aead.decrypt(raw[:12], raw[12:], associated_data.encode()).decode()
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is a nonce of the wrong size
+            raise DecryptionError("malformed ciphertext") from None
         except InvalidTag:
             raise DecryptionError("ciphertext failed authentication (tampered, or bound to another row or purpose)") from None
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 from flask import Flask, current_app
 from sqlalchemy import delete, or_, select
 
+from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
 
 log = logging.getLogger(__name__)
@@ -100,31 +101,60 @@ def purge_if_due(interval: float = PURGE_INTERVAL_SECONDS) -> PurgeReport | None
         _purge_lock.release()
 
 
+class UnreadableSecrets(Exception):
+    """rotate-key found stored values no configured key opens; `rows` names each (never its value)."""
+
+    def __init__(self, rows: list[str], unknown_key: bool):
+        super().__init__(f"{len(rows)} stored value(s) cannot be decrypted")
+        self.rows = rows
+        self.unknown_key = unknown_key  # at least one was sealed under a key not in ENCRYPTION_KEY
+
+
 def rotate_encryption_key() -> int:
-    """Re-encrypt every stored secret under the first ENCRYPTION_KEY; returns how many values changed."""
+    """Re-encrypt every stored secret still in use under the first ENCRYPTION_KEY; returns how many changed.
+
+    All or nothing: when any value cannot be decrypted, nothing is changed and `UnreadableSecrets` names
+    every such row, so the operator fixes them all in one pass.
+    """
     try:
-        changed = _re_encrypt_all(current_app.extensions["secret_box"])
+        changed, unreadable, unknown_key = _re_encrypt_all(current_app.extensions["secret_box"])
+        if unreadable:
+            raise UnreadableSecrets(unreadable, unknown_key)
     except Exception:
-        db.session.rollback()  # all or nothing: a failed rotation leaves every value as it was
+        db.session.rollback()  # a failed rotation leaves every value as it was
         raise
     db.session.commit()
     return changed
 
 
-def _re_encrypt_all(box) -> int:
+def _re_encrypt_all(box) -> tuple[int, list[str], bool]:
+    """Revoked grants and expired pending logins are skipped: they are never decrypted again (purge deletes them)."""
     changed = 0
+    unreadable: list[str] = []
+    unknown_key = False
+
+    def rotate(value: str, associated_data: str, row: str) -> str:
+        nonlocal changed, unknown_key
+        if not box.needs_rotation(value):
+            return value
+        try:
+            rotated = box.rotate(value, associated_data)
+        except DecryptionError as error:
+            unknown_key |= isinstance(error, UnknownKeyError)
+            unreadable.append(f"{row}: {error}")
+            return value
+        changed += 1
+        return rotated
+
     for client in db.session.scalars(select(OAuthClient).where(OAuthClient.client_secret_encrypted.is_not(None))):
-        if box.needs_rotation(client.client_secret_encrypted):
-            client.client_secret_encrypted = box.rotate(client.client_secret_encrypted, f"client:{client.client_id}:secret")
-            changed += 1
-    for grant in db.session.scalars(select(Grant)):
+        client.client_secret_encrypted = rotate(client.client_secret_encrypted, f"client:{client.client_id}:secret",
+                                                f"client {client.client_id} (client secret)")
+    for grant in db.session.scalars(select(Grant).where(Grant.revoked_at.is_(None))):
         for column in ("upstream_access_token", "upstream_refresh_token"):
             value = getattr(grant, column)
-            if value and box.needs_rotation(value):
-                setattr(grant, column, box.rotate(value, f"grant:{grant.id}:{column}"))
-                changed += 1
-    for pending in db.session.scalars(select(PendingAuthorization)):
-        if box.needs_rotation(pending.upstream_secrets):
-            pending.upstream_secrets = box.rotate(pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets")
-            changed += 1
-    return changed
+            if value:
+                setattr(grant, column, rotate(value, f"grant:{grant.id}:{column}", f"grant {grant.id} ({column})"))
+    for pending in db.session.scalars(select(PendingAuthorization).where(PendingAuthorization.expires_at > utcnow())):
+        pending.upstream_secrets = rotate(pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets",
+                                          f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)")
+    return changed, unreadable, unknown_key

@@ -17,7 +17,7 @@ from sqlalchemy import delete
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, canonical_resource
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.config import Settings
-from oauthproxy.crypto import hash_token
+from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
@@ -194,8 +194,13 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
     if not code:
         raise AuthorizationRedirectError(validated.redirect_uri, "server_error",
                                          "the identity provider returned no code", validated.state)
-    upstream_secrets = json.loads(current_app.extensions["secret_box"].decrypt(
-        pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets"))
+    try:
+        upstream_secrets = json.loads(current_app.extensions["secret_box"].decrypt(
+            pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets"))
+    except DecryptionError as error:
+        log.error("pending login %s: its secrets cannot be decrypted: %s", pending.state_hash[:12], error)
+        raise AuthorizationRedirectError(validated.redirect_uri, "temporarily_unavailable",
+                                         "the sign-in could not be completed; start again", validated.state) from None
     scopes = upstream_secrets.pop("scopes", [])
     try:
         tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)

@@ -25,9 +25,12 @@ from oauthproxy.routes import Route
 from oauthproxy.upstream_tokens import (
     KeyedLocks,
     LoginRequired,
+    UnreadableGrant,
     UpstreamAccess,
     UpstreamUnavailable,
+    open_grant_secret,
     refresh_upstream_access,
+    revoke_unreadable_grant,
 )
 
 log = logging.getLogger(__name__)
@@ -149,8 +152,12 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             raise TokenRejected("the access token was issued for another resource")
         upstream_token = None
         if row.upstream_access_token and route.forwards_upstream_token:
-            upstream_token = current_app.extensions["secret_box"].decrypt(
-                row.upstream_access_token, f"grant:{row.grant_id}:upstream_access_token")
+            try:
+                upstream_token = open_grant_secret(current_app._get_current_object(), row.grant_id,
+                                                   "upstream_access_token", row.upstream_access_token)
+            except UnreadableGrant as error:
+                revoke_unreadable_grant(row.grant_id)
+                raise TokenRejected(f"{error}; sign in again") from None
         validated = ValidatedToken(
             token_id=row.id, grant_id=row.grant_id, scopes=frozenset((row.scope or "").split()),
             resource=canonical_resource(row.resource), expires_at=_epoch(row.access_expires_at),
@@ -283,6 +290,8 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
         key, validated = load_token(match.group(1), route)
     except TokenRejected as rejected:
         return unauthorized(route, rejected.description)
+    except UpstreamUnavailable as error:  # the grant's secrets need a key this instance lacks
+        return _json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
     set_request_user(validated.caller.user_id)  # the access log names who made the request
 
     missing = [scope for scope in route.required_scopes if scope not in validated.scopes]
@@ -299,6 +308,8 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
             upstream = refresh_upstream_access(current_app._get_current_object(), validated.grant_id,
                                                settings.proxy.upstream_refresh_skew)
         except LoginRequired as error:
+            if isinstance(error, UnreadableGrant):
+                revoke_unreadable_grant(validated.grant_id)
             forget_grant(current_app._get_current_object(), validated.grant_id)
             return unauthorized(route, str(error) + "; sign in again")
         except UpstreamUnavailable as error:

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from flask import Flask
 from sqlalchemy import Connection, select, update
 
+from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import Grant, db, utcnow
 from oauthproxy.upstream import UpstreamError, UpstreamProvider
 
@@ -22,6 +23,10 @@ GRANTS = Grant.__table__
 
 class LoginRequired(Exception):
     """The grant can no longer reach the provider (revoked, or the upstream refresh token is dead): sign in again."""
+
+
+class UnreadableGrant(LoginRequired):
+    """The grant's sealed upstream secret can never be opened (tampered, or moved from another row)."""
 
 
 class UpstreamUnavailable(Exception):
@@ -93,10 +98,37 @@ def _grant_row_lock(grant_id: int) -> Iterator[tuple[Connection, dict | None]]:
         connection.commit()
 
 
+def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> str:
+    """A grant's sealed upstream secret in clear; logs which grant when it cannot be opened (never the value).
+
+    Raises `UpstreamUnavailable` when the key that sealed it is not configured here: an operator's fix (a key
+    dropped from ENCRYPTION_KEY, or an instance not yet given a new key during a rolling change); the grant is
+    kept because another instance, or this one once fixed, can read it. Raises `UnreadableGrant` when no key
+    can ever open it (tampered, or a ciphertext moved from another row): the caller revokes the grant so the
+    client signs in again instead of failing on every request.
+    """
+    try:
+        return app.extensions["secret_box"].decrypt(sealed, f"grant:{grant_id}:{column}")
+    except UnknownKeyError as error:
+        log.error("grant %s: cannot decrypt its %s: %s", grant_id, column, error)
+        raise UpstreamUnavailable("the server cannot read this sign-in's stored credentials right now (an "
+                                  "encryption key is missing); retry later", retry_after=60) from None
+    except DecryptionError as error:
+        log.error("grant %s: its %s can never be decrypted (%s); the grant is revoked", grant_id, column, error)
+        raise UnreadableGrant("this sign-in's stored credentials cannot be read") from None
+
+
+def revoke_unreadable_grant(grant_id: int) -> None:
+    """End a grant whose secrets cannot be read, so its refresh tokens fail too and the client signs in again."""
+    from oauthproxy.authorization_server import revoke_grant
+
+    revoke_grant(grant_id, "undecryptable")
+    db.session.commit()
+
+
 def _access_from_row(app: Flask, row: dict) -> UpstreamAccess:
-    box = app.extensions["secret_box"]
     sealed = row["upstream_access_token"]
-    token = box.decrypt(sealed, f"grant:{row['id']}:upstream_access_token") if sealed else None
+    token = open_grant_secret(app, row["id"], "upstream_access_token", sealed) if sealed else None
     return UpstreamAccess(token, row["upstream_expires_at"])
 
 
@@ -106,7 +138,8 @@ def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAcc
     Providers rotate refresh tokens: two concurrent refreshes with one refresh token would burn the grant. So
     an in-process lock per grant serialises this worker's requests, the row lock serialises workers and
     instances, and whoever gets the lock second re-reads the row and finds the work already done.
-    Raises `LoginRequired` or `UpstreamUnavailable`.
+    Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant, outside the row lock) or
+    `UpstreamUnavailable`.
     """
     locks: KeyedLocks = app.extensions["upstream_refresh_locks"]
     upstream: UpstreamProvider = app.extensions["upstream"]
@@ -125,7 +158,7 @@ def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAcc
                     return current  # still valid for a few seconds; nothing to refresh it with
                 dead_reason = "upstream_token_expired"
             else:
-                refresh_token = box.decrypt(sealed_refresh, f"grant:{grant_id}:upstream_refresh_token")
+                refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", sealed_refresh)
                 try:
                     tokens = upstream.refresh_upstream_token(refresh_token, upstream.upstream_scopes(
                         (row["scope"] or "").split()))
