@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -204,14 +204,22 @@ class PathRefused(ValueError):
     """A request path that could reach the downstream outside its route's prefix, in some server's reading."""
 
 
-def _decoded_segment(segment: str) -> str:
-    """A path segment percent-decoded until nothing changes, as a downstream that decodes again might read it."""
+def _fully_decoded(value: str, decode: Callable[[str], str] = unquote) -> str | None:
+    """`value` percent-decoded until nothing changes, as a server that decodes again might read it; None when it
+    still changes after DECODING_ROUNDS."""
     for _round in range(DECODING_ROUNDS):
-        decoded = unquote(segment)
-        if decoded == segment:
-            return segment
-        segment = decoded
-    raise PathRefused("a path segment is percent-encoded too many times over")
+        decoded = decode(value)
+        if decoded == value:
+            return value
+        value = decoded
+    return None
+
+
+def _decoded_segment(segment: str) -> str:
+    decoded = _fully_decoded(segment)
+    if decoded is None:
+        raise PathRefused("a path segment is percent-encoded too many times over")
+    return decoded
 
 
 def _check_segment(decoded: str) -> None:
@@ -246,6 +254,21 @@ def confined_suffix(route_path: str, raw_path: str) -> str:
     if "" in below[:-1]:
         raise PathRefused("the path may not contain empty segments (//)")
     return "/" + "/".join(below)
+
+
+def _is_token_parameter(name: str) -> bool:
+    decoded = _fully_decoded(name, unquote_plus)
+    return decoded is None or decoded.strip().lower() == "access_token"
+
+
+def query_without_tokens(query: str) -> str:
+    """The query as sent, less every `access_token` parameter in any spelling (`access%5Ftoken`, `%61ccess_token`,
+    `ACCESS_TOKEN`, encoded twice, after a `;` that some servers take as a separator): tokens are accepted only in
+    the Authorization header (RS-3), and one in the query is never passed on."""
+    if "%" not in query and "access_token" not in query.lower():
+        return query
+    return "&".join(pair for pair in query.split("&")
+                    if not any(_is_token_parameter(part.split("=", 1)[0]) for part in pair.split(";")))
 
 
 class DownstreamProxy:
@@ -293,10 +316,7 @@ class DownstreamProxy:
             suffix = confined_suffix(route.path, raw_path)
         except PathRefused as refused:
             raise DownstreamError(400, "invalid_request", str(refused)) from None
-        query = environ.get("QUERY_STRING", "")
-        if "access_token" in query:
-            # Tokens are accepted only in the Authorization header (RS-3); one in the query is never passed on.
-            query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "access_token"])
+        query = query_without_tokens(environ.get("QUERY_STRING", ""))
         base = urlsplit(route.downstream_url)
         path = base.path + suffix
         return urlunsplit((base.scheme, base.netloc, path or "/", "&".join(q for q in (base.query, query) if q), ""))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from oauthproxy.proxy import PathRefused, confined_suffix
+from oauthproxy.proxy import PathRefused, confined_suffix, query_without_tokens
 from tests.deployment_fixtures import Nginx, start_nginx
 from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     EchoServer,
@@ -114,3 +114,30 @@ def test_the_path_rule_refuses_every_spelling(path: str) -> None:
 ])
 def test_the_path_rule_keeps_what_is_below_the_route(route: str, path: str, suffix: str) -> None:
     assert confined_suffix(route, path) == suffix
+
+
+TOKEN_SPELLINGS = ["access_token", "access%5Ftoken", "access%5ftoken", "%61ccess_token", "%61%63%63%65%73%73%5F%74%6F%6B%65%6E",
+                   "ACCESS_TOKEN", "Access_Token", "access%255Ftoken", "access_token%20", "x=1;access_token"]
+
+
+def test_a_token_in_the_query_never_reaches_the_downstream_in_any_spelling(
+        start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> None:
+    proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    login = log_in(proxy.url, proxy.url + "/mcp")
+    for spelling in TOKEN_SPELLINGS:
+        status, body = raw_get(proxy.url, f"/mcp/x?a=1&{spelling}=leaked-{spelling}&b=%2F2", login.bearer)
+        assert status == 200, (spelling, body)
+        target = echo_downstream.last().target
+        assert target == "/mcp/x?a=1&b=%2F2", (spelling, target)  # the rest of the query passes as sent
+        assert "leaked" not in target
+
+
+@pytest.mark.parametrize("spelling", TOKEN_SPELLINGS)
+def test_query_token_removal_compares_decoded_names(spelling: str) -> None:
+    assert query_without_tokens(f"{spelling}=t&q=a%20b") == "q=a%20b"
+    assert query_without_tokens(f"q=1&{spelling}") == "q=1"
+
+
+def test_query_token_removal_keeps_everything_else_as_sent() -> None:
+    assert query_without_tokens("q=a+b&token=x&my_access_token=y&access_tokens=z") == \
+        "q=a+b&token=x&my_access_token=y&access_tokens=z"
