@@ -26,7 +26,7 @@ ESCAPES = [
     "/mcp/a/%2E%2E%5C{target}", "/mcp/a/..%5c{target}", "/mcp/a/..\\{target}", "/mcp/a/%252e%252e/{target}",
     "/mcp/a/%252e%252e%252f{target}", "/mcp/a/..;/{target}", "/mcp/a/..;jsessionid=1/{target}",
     "/mcp/a/..%00/{target}", "/mcp/a/%2e%2e%00/{target}", "/mcp/a/../{target}", "/mcp/a/%2e%2e/{target}",
-    "/%6dcp/a/..%2f{target}", "/mcp/%61/..%2f{target}", "/mcp/a/...%2f{target}",
+    "/%6dcp/a/..%2f{target}", "/mcp/%61/..%2f{target}", "/mcp/a/...%2f{target}", "/mcp/a//..%2f{target}",
     "/mcp/a/%2e%2e%2f%2e%2e%2f{target}", "/mcp/a%2f..%2f..%2f{target}",
 ]
 TARGETS = ["mcp-b/secret", "admin"]
@@ -141,3 +141,30 @@ def test_query_token_removal_compares_decoded_names(spelling: str) -> None:
 def test_query_token_removal_keeps_everything_else_as_sent() -> None:
     assert query_without_tokens("q=a+b&token=x&my_access_token=y&access_tokens=z") == \
         "q=a+b&token=x&my_access_token=y&access_tokens=z"
+
+
+def test_no_answer_sends_the_client_to_the_host_it_named(
+        start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> None:
+    proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    login = log_in(proxy.url, proxy.url + "/mcp")
+    count = len(echo_downstream.seen)
+    paths = ["/mcp//x", "/mcp//evil.example/x", "//mcp", "/mcp/x//", "/mcp///", "/.well-known//oauth-authorization-server",
+             "//.well-known/oauth-protected-resource/mcp", "/static//x", "/authorize/", "/token//", "//"]
+    for path in paths:
+        for headers in ({"Host": "evil.example"}, {**login.bearer, "Host": "evil.example"}):
+            host, port = proxy.url.split("//", 1)[1].split(":")
+            connection = http.client.HTTPConnection(host, int(port), timeout=10)
+            connection.putrequest("GET", path, skip_host=True)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            body = response.read().decode(errors="replace")
+            connection.close()
+            assert not 300 <= response.status < 400, (path, response.status, response.getheader("Location"))
+            assert "evil.example" not in body + str(response.getheaders()), (path, body)
+            assert response.status < 500, (path, response.status, body)
+    # With a valid token, `//` below the route is the path rule's 400, and nothing reached the downstream.
+    status, body = raw_get(proxy.url, "/mcp//x", login.bearer)
+    assert status == 400 and "invalid_request" in body and "empty segments" in body, body
+    assert len(echo_downstream.seen) == count
