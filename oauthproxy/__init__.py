@@ -54,6 +54,13 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.resource_server import init_resource_server
     from oauthproxy.upstream import build_upstream_provider
 
+    # Werkzeug answers `//` in a path (merge_slashes) and a missing trailing slash (strict_slashes) with a 308 to a URL
+    # built from the request's Host: an open redirect to any host a client names. Every URL we send comes from
+    # PUBLIC_URL; a path that does not match as sent is a 404, or the MCP route's own 400. Rules already added (Flask's
+    # static one) were bound with the old settings.
+    app.url_map.merge_slashes = app.url_map.strict_slashes = False
+    for rule in app.url_map.iter_rules():
+        rule.merge_slashes = rule.strict_slashes = False
     if settings.is_loopback:
         # Authlib refuses http:// URLs unless this is set; allowed only when PUBLIC_URL is loopback.
         os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"

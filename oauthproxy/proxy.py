@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -196,8 +196,79 @@ def _without_cookies(value: str, names: frozenset[str]) -> str:
                      if part.strip() and part.split("=", 1)[0].strip() not in names)
 
 
-def _dot_segment(segment: str) -> bool:
-    return segment.lower().replace("%2e", ".") in (".", "..")
+#: Rounds of percent-decoding a path segment gets; a segment still encoded after this many is refused.
+DECODING_ROUNDS = 4
+
+
+class PathRefused(ValueError):
+    """A request path that could reach the downstream outside its route's prefix, in some server's reading."""
+
+
+def _fully_decoded(value: str, decode: Callable[[str], str] = unquote) -> str | None:
+    """`value` percent-decoded until nothing changes, as a server that decodes again might read it; None when it
+    still changes after DECODING_ROUNDS."""
+    for _round in range(DECODING_ROUNDS):
+        decoded = decode(value)
+        if decoded == value:
+            return value
+        value = decoded
+    return None
+
+
+def _decoded_segment(segment: str) -> str:
+    decoded = _fully_decoded(segment)
+    if decoded is None:
+        raise PathRefused("a path segment is percent-encoded too many times over")
+    return decoded
+
+
+def _check_segment(decoded: str) -> None:
+    # Everything before a `;` (path parameters: Tomcat and Spring read `/..;x/` as `/../`); Windows servers drop
+    # trailing dots and spaces, so `...` and `.. ` are dot segments too.
+    if "." in decoded and not decoded.split(";", 1)[0].strip(" ."):
+        raise PathRefused("the path may not contain . or .. segments, in any spelling")
+    if "/" in decoded or "\\" in decoded:
+        raise PathRefused("the path may not contain an encoded / or a \\ (%2F, %5C)")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in decoded):
+        raise PathRefused("the path may not contain control characters (%00 to %1F, %7F)")
+
+
+def confined_suffix(route_path: str, raw_path: str) -> str:
+    """The part of `raw_path` (the path as sent) below the route's path, kept as sent, or PathRefused.
+
+    The rule (README, "Path confinement"): the route matches on a segment boundary only; no segment of the whole
+    path, percent-decoded repeatedly, is `.` or `..` (also as `..;param`, `...`), contains `/` or `\\` or a control
+    character; and no segment below the route is empty (`//`). A downstream that decodes `%2F`, resolves dot
+    segments or splits on backslashes (nginx, IIS, Tomcat) then still serves a path under the route's prefix.
+    """
+    segments = raw_path.split("/")
+    decoded = [_decoded_segment(segment) for segment in segments]
+    for segment in decoded:
+        _check_segment(segment)
+    prefix = route_path.rstrip("/").split("/")  # "/mcp": ["", "mcp"]; "/": [""]
+    if decoded[:len(prefix)] != [unquote(segment) for segment in prefix]:
+        raise PathRefused("the path is not under this route's path")
+    below = segments[len(prefix):]
+    if not below or (below == [""] and route_path == "/"):
+        return ""
+    if "" in below[:-1]:
+        raise PathRefused("the path may not contain empty segments (//)")
+    return "/" + "/".join(below)
+
+
+def _is_token_parameter(name: str) -> bool:
+    decoded = _fully_decoded(name, unquote_plus)
+    return decoded is None or decoded.strip().lower() == "access_token"
+
+
+def query_without_tokens(query: str) -> str:
+    """The query as sent, less every `access_token` parameter in any spelling (`access%5Ftoken`, `%61ccess_token`,
+    `ACCESS_TOKEN`, encoded twice, after a `;` that some servers take as a separator): tokens are accepted only in
+    the Authorization header (RS-3), and one in the query is never passed on."""
+    if "%" not in query and "access_token" not in query.lower():
+        return query
+    return "&".join(pair for pair in query.split("&")
+                    if not any(_is_token_parameter(part.split("=", 1)[0]) for part in pair.split(";")))
 
 
 class DownstreamProxy:
@@ -234,20 +305,19 @@ class DownstreamProxy:
 
     def downstream_url(self, route: Route, environ: dict[str, Any]) -> str:
         """The route's downstream URL plus whatever followed the route's public path, and the query string."""
-        raw_path = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").split("?", 1)[0]
-        if not raw_path.startswith(route.path):
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if raw:
+            raw_path = raw.split("?", 1)[0].split("#", 1)[0]
+            if not raw_path.startswith("/"):
+                raw_path = urlsplit(raw_path).path  # the absolute form, `GET http://host/mcp HTTP/1.1`
+        else:
             raw_path = requests.utils.quote(environ.get("PATH_INFO", ""), safe="/:@!$&'()*+,;=-._~%")
-        suffix = raw_path[len(route.path):] if route.path != "/" else raw_path[1:]
-        if any(_dot_segment(segment) for segment in suffix.split("/")):
-            # `/mcp/a/../admin` must not reach `/admin` on the downstream host, outside the route's prefix.
-            raise DownstreamError(400, "invalid_request", "the path may not contain . or .. segments")
-        query = environ.get("QUERY_STRING", "")
-        if "access_token" in query:
-            # Tokens are accepted only in the Authorization header (RS-3); one in the query is never passed on.
-            query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "access_token"])
+        try:
+            suffix = confined_suffix(route.path, raw_path)
+        except PathRefused as refused:
+            raise DownstreamError(400, "invalid_request", str(refused)) from None
+        query = query_without_tokens(environ.get("QUERY_STRING", ""))
         base = urlsplit(route.downstream_url)
-        if route.path == "/" and suffix:
-            suffix = "/" + suffix
         path = base.path + suffix
         return urlunsplit((base.scheme, base.netloc, path or "/", "&".join(q for q in (base.query, query) if q), ""))
 

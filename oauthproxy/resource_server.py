@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
+from werkzeug.routing import PathConverter
 
 from oauthproxy.authorization_server import canonical_resource
 from oauthproxy.config import Settings
@@ -333,6 +334,14 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     return response
 
 
+class BelowRoute(PathConverter):
+    """Whatever follows a route's path and `/`, empty segments too (Werkzeug's `path` refuses a leading `/`): so that
+    `/mcp//x` reaches the route and gets its 400 for an empty segment (proxy.confined_suffix), not a bare 404."""
+
+    regex = ".+?"
+    part_isolating = False  # else Werkzeug infers it from the regex, which names no `/`
+
+
 def init_resource_server(app: Flask, settings: Settings) -> None:
     """Register a protected resource (metadata and endpoint) for every route."""
     routes = {route.name: route for route in settings.routes}
@@ -342,6 +351,7 @@ def init_resource_server(app: Flask, settings: Settings) -> None:
     app.extensions["downstream_proxy"] = DownstreamProxy(
         settings.proxy, settings.public_url,
         frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}))
+    app.url_map.converters["below"] = BelowRoute
     for index, route in enumerate(settings.routes):
         defaults = {"route_name": route.name}
         app.add_url_rule(route.metadata_path, f"resource_metadata_{index}", protected_resource_metadata,
@@ -356,5 +366,5 @@ def init_resource_server(app: Flask, settings: Settings) -> None:
         if route.path != "/":
             app.add_url_rule(route.path + "/", endpoint + "_slash", mcp_endpoint, defaults=defaults,
                              methods=METHODS, provide_automatic_options=False)
-            app.add_url_rule(route.path + "/<path:subpath>", endpoint + "_sub", mcp_endpoint, defaults=defaults,
+            app.add_url_rule(route.path + "/<below:subpath>", endpoint + "_sub", mcp_endpoint, defaults=defaults,
                              methods=METHODS, provide_automatic_options=False)

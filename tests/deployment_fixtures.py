@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -110,12 +112,14 @@ class Nginx:
                 self.process.wait(timeout=5)
 
 
-def start_nginx(prefix: Path, upstreams: list[str]) -> Nginx:
-    """Run Debian's nginx in the foreground on loopback with the example configuration and its own folders."""
+def start_nginx(prefix: Path, upstreams: list[str], site: Callable[[int, int, Path, Path], str] | None = None) -> Nginx:
+    """Run Debian's nginx in the foreground on loopback with the example configuration and its own folders.
+
+    `site(https_port, http_port, cert, key)`, when given, is the server configuration instead of the example's."""
     prefix.mkdir(parents=True, exist_ok=True)
     cert, key = self_signed_certificate(prefix)
     https_port, http_port = free_port(), free_port()
-    (prefix / "site.conf").write_text(render_example(upstreams, https_port, http_port, cert, key))
+    (prefix / "site.conf").write_text((site or partial(render_example, upstreams))(https_port, http_port, cert, key))
     temp = {name: prefix / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for folder in temp.values():
         folder.mkdir(exist_ok=True)
