@@ -25,6 +25,9 @@ from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvide
 log = logging.getLogger(__name__)
 
 PENDING_LOGIN_TTL = timedelta(minutes=10)
+#: The client's error for a failed code exchange: a provider refused, hung or answering 5xx is worth a retry
+#: (RFC 6749 §4.1.2.1 `temporarily_unavailable`, as when login cannot start); the rest is not.
+EXCHANGE_ERRORS = {"access_denied": "access_denied", "transient": "temporarily_unavailable"}
 SINGLE_VALUED = ("response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge",
                  "code_challenge_method", "resource")
 
@@ -200,8 +203,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)
     except UpstreamError as error:
         log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
-        error_code = "access_denied" if error.kind == "access_denied" else "server_error"
-        raise AuthorizationRedirectError(validated.redirect_uri, error_code,
+        raise AuthorizationRedirectError(validated.redirect_uri, EXCHANGE_ERRORS.get(error.kind, "server_error"),
                                          "sign-in at the identity provider failed", validated.state) from None
 
     set_request_user(identity.id)

@@ -101,6 +101,29 @@ def test_upstream_denial_or_failure_reaches_the_client(proxy: RunningProxy, logi
     assert "code" not in result
 
 
+def test_provider_failing_at_the_code_exchange_is_temporarily_unavailable(
+        proxy: RunningProxy, provider_failure_reset) -> None:
+    # A 500 from the provider's token endpoint is transient: the client may retry the sign-in later.
+    client = proxy.register_client()
+    provider_failure_reset.set_failure("code_server_error")
+    result = client.login(proxy.browser())
+    assert result["error"] == "temporarily_unavailable", result
+    assert result["state"] == client.state and "code" not in result
+
+
+def test_provider_refusing_connections_at_the_code_exchange_is_temporarily_unavailable(start_proxy) -> None:
+    # Discovery and login work; the token endpoint (configured explicitly) refuses connections.
+    probe = start_proxy()
+    discovery = probe.provider.discovery()
+    proxy = start_proxy(OAUTH_AUTHORIZE_URL=discovery["authorization_endpoint"],
+                        OAUTH_TOKEN_URL="http://127.0.0.1:9/token",
+                        OAUTH_USERINFO_URL=discovery["userinfo_endpoint"])
+    client = proxy.register_client()
+    result = client.login(proxy.browser())
+    assert result["error"] == "temporarily_unavailable", result
+    assert "code" not in result
+
+
 def test_user_outside_allowlist_sees_page_and_client_gets_access_denied(start_proxy) -> None:
     proxy = start_proxy(ALLOWED_EMAIL_DOMAINS="example.com")
     client = proxy.register_client()

@@ -22,7 +22,8 @@
 //   GET  /test/stats         token endpoint counters
 //   POST /test/stats/reset
 //   POST /test/failure       {mode: null|"refresh_invalid_grant"|
-//                            "refresh_server_error"|"token_delay", delay_ms?}
+//                            "refresh_server_error"|"code_server_error"|
+//                            "token_delay", delay_ms?}
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -305,7 +306,7 @@ function json(ctx, status, body) {
 // Test controls: token endpoint statistics and failure injection
 // ---------------------------------------------------------------------------
 
-const FAILURE_MODES = new Set([null, 'refresh_invalid_grant', 'refresh_server_error', 'token_delay']);
+const FAILURE_MODES = new Set([null, 'refresh_invalid_grant', 'refresh_server_error', 'code_server_error', 'token_delay']);
 
 function emptyStats() {
   return { token_requests: 0, refresh_requests: 0, authorization_code_requests: 0 };
@@ -348,6 +349,11 @@ provider.use(async (ctx, next) => {
       error: 'server_error',
       error_description: 'temporarily unavailable (injected failure: refresh_server_error)',
     });
+  }
+  if (grantType === 'authorization_code' && mode === 'code_server_error') {
+    ctx.status = 500;
+    ctx.body = 'Internal Server Error (injected failure: code_server_error)';
+    return undefined;
   }
   return next();
 });
