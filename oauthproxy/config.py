@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from oauthproxy.routes import ProxySettings, Route, email_is_allowed, load_proxy_settings, load_routes
+from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.routes import ProxySettings, Route, load_proxy_settings, load_routes
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 

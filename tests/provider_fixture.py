@@ -48,6 +48,7 @@ USERS: dict[str, dict[str, Any]] = {
     "bob": {"id": 1002, "email": "bob@example.org", "name": "Bob Builder", "email_verified": True},
     "carol": {"id": 1003, "email": "carol@outsider.test", "name": "Carol Outsider", "email_verified": True},
     "dave": {"id": 1004, "email": "dave@example.com", "name": "Dave Unverified", "email_verified": False},
+    "erin": {"id": 1005, "email": "erin@example.com", "name": "Erin Unconfirmed"},  # no email_verified claim
 }
 
 

@@ -66,6 +66,11 @@ const USERS = new Map(
       id: 1004, login: 'dave', email: 'dave@example.com', name: 'Dave Unverified',
       emailVerified: false, publicEmail: true,
     },
+    {
+      // erin's provider says nothing about verification: no email_verified claim at all.
+      id: 1005, login: 'erin', email: 'erin@example.com', name: 'Erin Unconfirmed',
+      emailVerified: undefined, publicEmail: true,
+    },
   ].map((user) => [user.login, user]),
 );
 
