@@ -17,6 +17,7 @@ from flask import Flask, current_app
 from sqlalchemy import or_, select, update
 
 from oauthproxy import metrics
+from oauthproxy.allowlists import grant_is_allowed
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
@@ -175,6 +176,13 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         family = db.session.get(Grant, row.grant_id)
         if family is None or family.revoked_at is not None:
             return None
+        if not grant_is_allowed(self.server.settings, family.user_email, family.resource):
+            # The allowlists as configured now hold for grants made before: a user taken off them is
+            # logged out at the next refresh, not kept in by each refresh extending the last.
+            log.info("user %s is no longer in the allowlist for %s", family.user_id, family.resource)
+            revoke_grant(family.id, "user_not_allowed")
+            db.session.commit()
+            raise InvalidGrantError("this account is no longer allowed to use this server")
         if row.rotated_at is not None:
             grace = timedelta(seconds=self.server.settings.refresh_grace_seconds)
             if now - row.rotated_at > grace:
