@@ -7,21 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import requests
-from flask import Flask
-from sqlalchemy import select
 
-from oauthproxy.crypto import hash_token
-from oauthproxy.models import Grant, Token, db
 from tests.conftest import RunningProxy
 from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in, write_routes  # noqa: F401
-
-
-def grant_of(app: Flask, access_token: str) -> Grant:
-    with app.app_context():
-        token = db.session.scalar(select(Token).where(Token.access_token_hash == hash_token(access_token)))
-        grant = db.session.get(Grant, token.grant_id)
-        db.session.expunge(grant)
-        return grant
+from tests.test_proxy_headers import grant_of
 
 
 def restarted(start_proxy: Callable[..., RunningProxy], before: RunningProxy, **env: str) -> RunningProxy:
