@@ -45,11 +45,9 @@ def route_for_resource(settings: Settings, resource: str) -> Route | None:
 
 def grant_is_allowed(settings: Settings, email: str | None, resource: str) -> bool:
     """Whether a user with this (verified) email may still hold a grant for `resource`: the global list and
-    the route's list as configured now, so narrowing either ends existing grants too. A grant for a
-    resource no route serves any more is not allowed (fail closed)."""
+    the route's list as configured now, so narrowing either ends existing grants too. A grant for a resource
+    no route serves (any more) answers to the global list alone: its tokens open no MCP endpoint anyway."""
     if not settings.user_is_allowed(email):
         return False
-    if not settings.routes:
-        return True
     route = route_for_resource(settings, resource)
-    return route is not None and route.user_is_allowed(email)
+    return route is None or route.user_is_allowed(email)

@@ -15,11 +15,12 @@ from sqlalchemy import delete
 
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, canonical_resource
 from oauthproxy.clients import Client, metadata_document_error
+from oauthproxy.clock import database_now
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token
 from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
-from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
+from oauthproxy.models import Grant, PendingAuthorization, db
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
         request_json=json.dumps(validated.params),
         upstream_secrets=current_app.extensions["secret_box"].encrypt(
             json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"),
-        expires_at=utcnow() + PENDING_LOGIN_TTL,
+        expires_at=database_now(int(PENDING_LOGIN_TTL.total_seconds())),
     ))
     db.session.commit()
     return redirect(url)
@@ -165,7 +166,7 @@ def _claim_pending(state: str) -> PendingAuthorization | None:
     if row is None:
         return None
     claimed = db.session.execute(delete(PendingAuthorization).where(
-        PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > utcnow())).rowcount
+        PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > database_now())).rowcount
     db.session.commit()
     return row if claimed == 1 else None
 

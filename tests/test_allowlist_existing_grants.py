@@ -65,15 +65,3 @@ def test_a_user_taken_off_a_routes_allowlist_loses_the_refresh(start_proxy: Call
     response = refresh_at(after, alice)
     assert response.status_code == 400 and response.json()["error"] == "invalid_grant", response.text
     assert grant_of(after.app, alice.access_token).revoked_reason == "user_not_allowed"
-
-
-def test_a_grant_for_a_route_that_is_gone_is_not_refreshed(start_proxy: Callable[..., RunningProxy],
-                                                           echo_downstream: EchoServer, tmp_path: Path) -> None:
-    files = {"name": "files", "path": "/mcp/files", "url": echo_downstream.url + "/files"}
-    mail = {"name": "mail", "path": "/mcp/mail", "url": echo_downstream.url + "/mail"}
-    before = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=write_routes(tmp_path / "before.toml", [files, mail]))
-    alice = log_in(before.url, before.url + "/mcp/mail", login_hint="alice")
-    after = restarted(start_proxy, before, MCP_SERVER_URL="",
-                      MCP_ROUTES_FILE=write_routes(tmp_path / "after.toml", [files]))
-    response = refresh_at(after, alice)
-    assert response.status_code == 400 and response.json()["error"] == "invalid_grant", response.text
