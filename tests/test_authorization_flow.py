@@ -15,6 +15,7 @@ from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
+from tests.proxy_fixtures import write_routes
 
 
 def assert_token_response(response: requests.Response, scope: str | None = None) -> dict:
@@ -79,6 +80,25 @@ def test_consent_is_remembered_per_client(proxy: RunningProxy) -> None:
     other = proxy.register_client(client_name="Another Client")
     other.login(browser)
     assert browser.consent_pages_seen == 2  # a new client must be approved on its own
+
+
+def test_consent_is_remembered_per_resource(start_proxy, tmp_path) -> None:
+    routes = write_routes(tmp_path / "routes.toml", [
+        {"name": "mail", "path": "/mcp/mail", "url": "http://127.0.0.1:9/mail"},
+        {"name": "files", "path": "/mcp/files", "url": "http://127.0.0.1:9/files"},
+    ])
+    proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes)
+    client = proxy.register_client()
+    browser = proxy.browser()
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/mail")
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/mail")
+    assert browser.consent_pages_seen == 1
+    # Approving the client for the mail server did not approve it for the files server.
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/files")
+    assert browser.consent_pages_seen == 2
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/mail")
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/files")
+    assert browser.consent_pages_seen == 2  # both approvals are remembered
 
 
 def test_denied_consent_returns_access_denied(proxy: RunningProxy) -> None:
