@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer as FlaskAuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request, grants
@@ -16,7 +15,9 @@ from flask import Flask, current_app
 from sqlalchemy import or_, select, update
 
 from oauthproxy import metrics
+from oauthproxy.allowlists import grant_is_allowed
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
+from oauthproxy.clock import database_now
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.errors import InvalidTargetError, safe_description
@@ -107,22 +108,25 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
             resource=family.resource,
             code_challenge=request.payload.data["code_challenge"],
             code_challenge_method=request.payload.data.get("code_challenge_method", "S256"),
-            expires_at=utcnow() + timedelta(seconds=settings.authorization_code_ttl),
+            expires_at=database_now(settings.authorization_code_ttl),
         )
         db.session.add(row)
         db.session.commit()
         return row
 
     def query_authorization_code(self, code: str, client) -> AuthorizationCode | None:
-        row = db.session.get(AuthorizationCode, hash_token(code))
-        if row is None or row.client_id != client.get_client_id():
+        found = db.session.execute(
+            select(AuthorizationCode, (AuthorizationCode.expires_at <= database_now()).label("expired"))
+            .where(AuthorizationCode.code_hash == hash_token(code))).first()
+        if found is None or found.AuthorizationCode.client_id != client.get_client_id():
             return None
+        row = found.AuthorizationCode
         if row.used_at is not None:
             # OAuth 2.1 §4.1.3: a second use must fail and should revoke what the first produced.
             revoke_grant(row.grant_id, "authorization_code_reuse")
             db.session.commit()
             return None
-        if row.expires_at <= utcnow():
+        if found.expired:
             return None
         return row
 
@@ -148,7 +152,12 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
 
     The grace rule: a rotated refresh token presented again within `REFRESH_GRACE_SECONDS` of its rotation,
     by the client it was issued to, is honoured once more with a fresh pair (its first response was lost,
-    or two requests raced). Later than that, the replay is treated as theft and the whole grant is revoked.
+    or two requests raced); any further presentation in the window is refused without revoking anything.
+    Later than that, the replay is treated as theft and the whole grant is revoked.
+
+    Both the rotation and the one grace retry are claimed by a conditional UPDATE (of concurrent requests
+    exactly one changes the row, across workers and instances), and every time comparison runs in SQL on
+    the database's clock, so instances with skewed clocks agree.
     """
 
     TOKEN_ENDPOINT_AUTH_METHODS = list(SUPPORTED_AUTH_METHODS)
@@ -159,29 +168,57 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         check_token_resource(self, self.request.refresh_token.resource)
 
     def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
-        row = db.session.scalar(select(Token).where(Token.refresh_token_hash == hash_token(refresh_token)))
-        now = utcnow()
-        if row is None or row.revoked_at is not None or (row.refresh_expires_at and row.refresh_expires_at <= now):
+        grace = self.server.settings.refresh_grace_seconds
+        found = db.session.execute(
+            select(Token,
+                   (Token.refresh_expires_at <= database_now()).label("expired"),
+                   (Token.rotated_at < database_now(-grace)).label("grace_over"))
+            .where(Token.refresh_token_hash == hash_token(refresh_token))
+        ).first()
+        if found is None:
+            return None
+        row = found.Token
+        if row.revoked_at is not None or found.expired:
             return None
         family = db.session.get(Grant, row.grant_id)
         if family is None or family.revoked_at is not None:
             return None
-        if row.rotated_at is not None:
-            grace = timedelta(seconds=self.server.settings.refresh_grace_seconds)
-            if now - row.rotated_at > grace:
-                revoke_grant(row.grant_id, "refresh_token_reuse")
-                db.session.commit()
-                return None
-            metrics.REFRESH_GRACE.inc()
+        if not grant_is_allowed(self.server.settings, family.user_email, family.resource):
+            # The allowlists as configured now hold for grants made before: a user taken off them is
+            # logged out at the next refresh, not kept in by each refresh extending the last.
+            log.info("user %s is no longer in the allowlist for %s", family.user_id, family.resource)
+            revoke_grant(family.id, "user_not_allowed")
+            db.session.commit()
+            raise InvalidGrantError("this account is no longer allowed to use this server")
+        if row.rotated_at is not None and found.grace_over:
+            revoke_grant(row.grant_id, "refresh_token_reuse")
+            db.session.commit()
+            return None
         return row
 
     def authenticate_user(self, refresh_token: Token) -> Grant | None:
+        """Claim this use of the refresh token: its rotation, else the grace window's one retry, else refuse.
+
+        Runs after every check of the request, just before the new pair is issued, so a refused request
+        (another client, a wrong scope or resource) uses nothing up."""
+        live = (Token.id == refresh_token.id, Token.revoked_at.is_(None))
+        rotated = db.session.execute(update(Token).where(*live, Token.rotated_at.is_(None))
+                                     .values(rotated_at=database_now())).rowcount
+        if rotated != 1:
+            grace = self.server.settings.refresh_grace_seconds
+            retried = db.session.execute(update(Token).where(
+                *live, Token.grace_used_at.is_(None), Token.rotated_at >= database_now(-grace))
+                .values(grace_used_at=database_now())).rowcount
+            if retried != 1:
+                db.session.rollback()
+                log.info("refresh token of grant %s presented again after its grace retry", refresh_token.grant_id)
+                raise InvalidGrantError("this refresh token was already used; use the one issued with it")
+            metrics.REFRESH_GRACE.inc()
+        db.session.commit()
         return db.session.get(Grant, refresh_token.grant_id)
 
     def revoke_old_credential(self, refresh_token: Token) -> None:
-        db.session.execute(update(Token).where(Token.id == refresh_token.id, Token.rotated_at.is_(None))
-                           .values(rotated_at=utcnow()))
-        db.session.commit()
+        pass  # rotation was claimed in authenticate_user, before the new pair was issued
 
 
 class Revocation(RevocationEndpoint):
@@ -245,7 +282,6 @@ class AuthorizationServer(FlaskAuthorizationServer):
 
     def store_token(self, token: dict, request) -> Token:
         family: Grant = request.user
-        now = utcnow()
         row = Token(
             grant_id=family.id,
             client_id=request.client.get_client_id(),
@@ -254,10 +290,10 @@ class AuthorizationServer(FlaskAuthorizationServer):
             resource=family.resource,
             access_token_hash=hash_token(token["access_token"]),
             refresh_token_hash=hash_token(token["refresh_token"]) if token.get("refresh_token") else None,
-            issued_at=now,
-            access_expires_at=now + timedelta(seconds=token["expires_in"]),
-            refresh_expires_at=now + timedelta(seconds=self.settings.refresh_token_ttl)
-            if token.get("refresh_token") else None,
+            # Stamped by the database's clock, which every instance compares against (see RefreshTokenGrant).
+            issued_at=database_now(),
+            access_expires_at=database_now(token["expires_in"]),
+            refresh_expires_at=database_now(self.settings.refresh_token_ttl) if token.get("refresh_token") else None,
         )
         db.session.add(row)
         db.session.commit()

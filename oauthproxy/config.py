@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from oauthproxy.routes import ProxySettings, Route, email_is_allowed, load_proxy_settings, load_routes
+from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.routes import ProxySettings, Route, load_proxy_settings, load_routes
 from oauthproxy.urls import is_loopback_host, private_use_scheme_problem
 
 

@@ -1,7 +1,8 @@
-"""Consent: the per-client approval cookie, CSRF tokens, and the signed authorization request the consent form carries."""
+"""Consent: the per-client-and-resource approval cookie, CSRF tokens, and the signed authorization request the consent form carries."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from flask import Request, Response, current_app, session
@@ -13,6 +14,9 @@ from oauthproxy.crypto import constant_time_equals
 CONSENT_MAX_AGE = 365 * 24 * 3600
 REQUEST_MAX_AGE = 600
 MAX_REMEMBERED_CLIENTS = 50
+#: v2: approvals per client and resource. A cookie of the old per-client form no longer verifies, so those
+#: approvals are asked again once rather than read as covering every resource.
+CONSENT_SALT = "consent-v2"
 
 # Framing is refused twice over: old browsers read X-Frame-Options, new ones CSP (MCP security guidance).
 CONSENT_PAGE_HEADERS = {
@@ -32,36 +36,46 @@ def _serializer(salt: str) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SETTINGS"].secret_key, salt=salt)
 
 
+def consent_key(client_id: str, resource: str) -> str:
+    """What one approval is for: this client at this MCP resource (RFC 8707), as a short opaque cookie key.
+
+    Approving a client for /mcp/mail must not let it into /mcp/files silently; hashed, so the cookie stays
+    small (50 approvals fit in 4 KB) and does not list the servers a person uses."""
+    return hashlib.sha256(f"{client_id}\n{resource}".encode()).hexdigest()[:32]
+
+
 def approved_scopes(request: Request) -> dict[str, list[str]]:
-    """The clients this browser approved, each with the scopes it approved for them."""
+    """What this browser approved: for each client and resource (`consent_key`), the scopes."""
     raw = request.cookies.get(consent_cookie_name(current_app.config["SETTINGS"]))
     if not raw:
         return {}
     try:
-        value = _serializer("consent").loads(raw, max_age=CONSENT_MAX_AGE)
+        value = _serializer(CONSENT_SALT).loads(raw, max_age=CONSENT_MAX_AGE)
     except BadSignature:
         return {}
     if not isinstance(value, dict):
         return {}
-    return {client: scopes for client, scopes in value.items()
-            if isinstance(client, str) and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)}
+    return {key: scopes for key, scopes in value.items()
+            if isinstance(key, str) and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)}
 
 
-def has_consented(request: Request, client_id: str, scope: str) -> bool:
-    """Approved before, for at least these scopes: a wider request (step-up) is shown to the person again."""
-    approved = approved_scopes(request).get(client_id)
+def has_consented(request: Request, client_id: str, resource: str, scope: str) -> bool:
+    """Approved before for this client and resource, for at least these scopes: a wider request (step-up) or
+    another resource is shown to the person again."""
+    approved = approved_scopes(request).get(consent_key(client_id, resource))
     return approved is not None and set(scope.split()) <= set(approved)
 
 
-def remember_consent(request: Request, response: Response, client_id: str, scope: str) -> None:
+def remember_consent(request: Request, response: Response, client_id: str, resource: str, scope: str) -> None:
     settings: Settings = current_app.config["SETTINGS"]
     approved = approved_scopes(request)
-    scopes = sorted(set(approved.pop(client_id, [])) | set(scope.split()))
-    approved[client_id] = scopes  # re-inserted last: the most recent approvals survive the cap
+    key = consent_key(client_id, resource)
+    scopes = sorted(set(approved.pop(key, [])) | set(scope.split()))
+    approved[key] = scopes  # re-inserted last: the most recent approvals survive the cap
     kept = dict(list(approved.items())[-MAX_REMEMBERED_CLIENTS:])
     response.set_cookie(
         consent_cookie_name(settings),
-        _serializer("consent").dumps(kept),
+        _serializer(CONSENT_SALT).dumps(kept),
         max_age=CONSENT_MAX_AGE,
         path="/",
         secure=settings.secure_cookies,

@@ -71,7 +71,7 @@ def register() -> Response:
 def authorize() -> Response:
     repeated = [key for key in SINGLE_VALUED if len(request.args.getlist(key)) > 1]
     validated = validate_authorization_request(request.args.to_dict(flat=True), repeated)
-    if consent.has_consented(request, validated.client.client_id, validated.scope):
+    if consent.has_consented(request, validated.client.client_id, validated.resource, validated.scope):
         return begin_upstream_login(validated)
     return render_consent(validated)
 
@@ -117,7 +117,7 @@ def submit_consent() -> Response:
         return redirect(error_redirect_url(validated.redirect_uri, "access_denied",
                                            "the user denied the request", validated.state))
     response = begin_upstream_login(validated)
-    consent.remember_consent(request, response, validated.client.client_id, validated.scope)
+    consent.remember_consent(request, response, validated.client.client_id, validated.resource, validated.scope)
     return response
 
 

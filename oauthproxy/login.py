@@ -16,16 +16,20 @@ from sqlalchemy import delete
 
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, canonical_resource
 from oauthproxy.clients import Client, metadata_document_error
+from oauthproxy.clock import database_now
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
-from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
+from oauthproxy.models import Grant, PendingAuthorization, db
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
 
 log = logging.getLogger(__name__)
 
 PENDING_LOGIN_TTL = timedelta(minutes=10)
+#: The client's error for a failed code exchange: a provider refused, hung or answering 5xx is worth a retry
+#: (RFC 6749 §4.1.2.1 `temporarily_unavailable`, as when login cannot start); the rest is not.
+EXCHANGE_ERRORS = {"access_denied": "access_denied", "transient": "temporarily_unavailable"}
 SINGLE_VALUED = ("response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge",
                  "code_challenge_method", "resource")
 
@@ -150,7 +154,7 @@ def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
         request_json=json.dumps(validated.params),
         upstream_secrets=current_app.extensions["secret_box"].encrypt(
             json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"),
-        expires_at=utcnow() + PENDING_LOGIN_TTL,
+        expires_at=database_now(int(PENDING_LOGIN_TTL.total_seconds())),
     ))
     db.session.commit()
     return redirect(url)
@@ -163,7 +167,7 @@ def _claim_pending(state: str) -> PendingAuthorization | None:
     if row is None:
         return None
     claimed = db.session.execute(delete(PendingAuthorization).where(
-        PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > utcnow())).rowcount
+        PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > database_now())).rowcount
     db.session.commit()
     return row if claimed == 1 else None
 
@@ -206,8 +210,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)
     except UpstreamError as error:
         log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
-        error_code = "access_denied" if error.kind == "access_denied" else "server_error"
-        raise AuthorizationRedirectError(validated.redirect_uri, error_code,
+        raise AuthorizationRedirectError(validated.redirect_uri, EXCHANGE_ERRORS.get(error.kind, "server_error"),
                                          "sign-in at the identity provider failed", validated.state) from None
 
     identity = storable_identity(identity)

@@ -112,6 +112,8 @@ class Token(db.Model):
     access_expires_at: Mapped[datetime] = mapped_column()
     refresh_expires_at: Mapped[datetime | None] = mapped_column()
     rotated_at: Mapped[datetime | None] = mapped_column()
+    # When the one retry the refresh grace window allows was taken (see RefreshTokenGrant).
+    grace_used_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
 
     # Authlib's TokenMixin

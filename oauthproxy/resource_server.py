@@ -147,6 +147,8 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             raise TokenRejected("the access token is not recognised")
         if row.revoked_at is not None or row.grant_revoked_at is not None:
             raise TokenRejected("the access token was revoked")
+        if not _settings().user_is_allowed(row.user_email):  # the global allowlist as configured now
+            raise TokenRejected("this account is no longer allowed to use this server")
         if canonical_resource(row.resource) != canonical_resource(route.resource):
             # Checked before caching, so a cached entry always belongs to its own route (and carries what
             # that route forwards).

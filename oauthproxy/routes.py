@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from oauthproxy.allowlists import email_is_allowed
 from oauthproxy.urls import normalise_origin
 
 CredentialKind = Literal["none", "upstream_token", "static"]
@@ -43,16 +44,6 @@ SINGLE_ROUTE_ENV = {
     "credential_env": "DOWNSTREAM_CREDENTIAL_ENV",
     "credential_file": "DOWNSTREAM_CREDENTIAL_FILE",
 }
-
-
-def email_is_allowed(email: str | None, emails: frozenset[str], domains: frozenset[str]) -> bool:
-    """An allowlist check: no list allows everyone; otherwise the (verified) email or its domain must be listed."""
-    if not emails and not domains:
-        return True
-    if not email:
-        return False
-    email = email.lower()
-    return email in emails or email.rpartition("@")[2] in domains
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from authlib.common.errors import AuthlibBaseError
 from authlib.integrations.flask_client import OAuth
 from joserfc.errors import InvalidClaimError, JoseError, MissingClaimError
 
+from oauthproxy.allowlists import email_address
 from oauthproxy.urls import is_loopback_host
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class UpstreamSettings(Protocol):
 @dataclass(frozen=True)
 class UpstreamIdentity:
     """Who logged in.  `id` is the provider's stable subject (OIDC `sub`, GitHub's numeric id as str);
-    `email` is set only when the provider does not say it is unverified."""
+    `email` is set only when the provider affirms it is verified (see `verified_email`)."""
 
     id: str
     email: str | None
@@ -186,23 +187,21 @@ def _dedupe(items: Iterable[str]) -> list[str]:
     return out
 
 
-def _is_false(value: Any) -> bool:
-    """`email_verified` is a JSON boolean per OIDC Core §5.1, but some providers (AWS Cognito)
-    send the strings "true"/"false"."""
-    return value is False or (isinstance(value, str) and value.strip().lower() == "false")
+def is_affirmed(value: Any) -> bool:
+    """Only an explicit yes counts: JSON `true` (OIDC Core §5.1), or the string "true" that some providers
+    (AWS Cognito) send.  Absent, null, 0, 1, "yes", "false": not affirmed."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
 def verified_email(claims: Mapping[str, Any], *verified_keys: str) -> str | None:
-    """The `email` claim, or None when absent, not an address, or marked unverified by any of
-    `verified_keys` (default `email_verified`).  An unverified address must not pass an email
-    allowlist: anyone can type someone else's address into a sign-up form."""
-    email = claims.get("email")
-    if not isinstance(email, str) or "@" not in email.strip():
+    """The `email` claim when one of `verified_keys` (default `email_verified`) affirms it, else None.
+
+    An address the provider does not vouch for must not pass an email allowlist nor reach a downstream:
+    anyone can type someone else's address into a sign-up form."""
+    email = email_address(claims.get("email"))
+    if email is None:
         return None
-    for key in verified_keys or ("email_verified",):
-        if _is_false(claims.get(key)):
-            return None
-    return email.strip()
+    return email if any(is_affirmed(claims.get(key)) for key in verified_keys or ("email_verified",)) else None
 
 
 def _text(value: Any) -> str | None:
@@ -671,7 +670,7 @@ class UpstreamProvider:
         subject = _subject(info.get("sub")) or _subject(info.get("id")) or _subject(info.get("user_id"))
         if subject is None:
             raise UpstreamError("misconfigured", "the user's profile has no sub or id: cannot tell users apart")
-        # `verified: false` is how several OAuth 2.0 APIs (Discord, ...) flag an unconfirmed address.
+        # `verified` is how several OAuth 2.0 APIs (Discord, ...) vouch for an address.
         email = verified_email(info, "email_verified", "verified")
         name = (
             _text(info.get("name"))
@@ -845,25 +844,24 @@ class GitHubProvider(OAuth2Provider):
 
 
 def github_email(user: Mapping[str, Any], emails: list[Any] | None) -> str | None:
-    """The email of a GitHub user: the public profile email (`/user`'s `email`) when `/user/emails`
-    confirms it is verified, else the primary verified address; None if there is none.
+    """The email of a GitHub user, only as `/user/emails` (user:email scope) lists it with `verified: true`:
+    the public profile email (`/user`'s `email`) when it is one of those, else the primary verified one.
 
-    `/user` shows only the public email, null when the user keeps it private.  GitHub lets users
-    make only a verified address public, so without `/user/emails` (no user:email scope) the public
-    one is taken as is; with it, the verified flag is checked rather than assumed."""
-    public = _text(user.get("email"))
+    Without `/user/emails` there is no email: `/user` says nothing about verification."""
     if emails is None:
-        return public
+        return None
     verified = [
-        entry
+        address
         for entry in emails
-        if isinstance(entry, Mapping) and entry.get("verified") is True and _text(entry.get("email"))
+        if isinstance(entry, Mapping) and entry.get("verified") is True
+        and (address := email_address(entry.get("email"))) is not None
     ]
-    if public and any(_text(entry.get("email")) == public for entry in verified):
+    public = email_address(user.get("email"))
+    if public and public in verified:
         return public
-    for entry in verified:
-        if entry.get("primary") is True:
-            return _text(entry.get("email"))
+    for entry in emails:
+        if isinstance(entry, Mapping) and entry.get("primary") is True and entry.get("verified") is True:
+            return email_address(entry.get("email"))
     return None
 
 
@@ -997,8 +995,11 @@ class OpenIDConnectProvider(UpstreamProvider):
             raise UpstreamError("invalid_grant", f"the ID token is malformed: {_clip(str(exc))}") from exc
         return dict(claims or {})
 
+    #: The claims that can vouch for `email`; a present one that is not `true` is a verdict: unverified.
+    email_verified_keys: tuple[str, ...] = ("email_verified",)
+
     def _email_from(self, claims: Mapping[str, Any]) -> str | None:
-        return verified_email(claims)
+        return verified_email(claims, *self.email_verified_keys)
 
     def _identity(self, token: Mapping[str, Any], secrets: Mapping[str, Any]) -> UpstreamIdentity:
         metadata = self.load_metadata()
@@ -1018,9 +1019,8 @@ class OpenIDConnectProvider(UpstreamProvider):
         if subject is None:
             raise UpstreamError("invalid_grant", "the ID token has no sub claim")
         email = self._email_from(claims)
-        # An address the ID token itself flags as unverified stays refused: userinfo must not
-        # launder it (Microsoft's Graph userinfo, for one, repeats the email without `xms_edov`).
-        need_email = email is None and "email" not in claims
+        # An address the ID token itself says is unverified stays refused: userinfo must not launder it.
+        need_email = email is None and all(claims.get(key) is None for key in self.email_verified_keys)
         name = _text(claims.get("name"))
         if (need_email or name is None) and self._userinfo_url():
             info = self._optional_userinfo(token)
@@ -1150,11 +1150,11 @@ class MicrosoftProvider(OpenIDConnectProvider):
 
         return {"essential": True, "validate": issuer_matches}
 
-    def _email_from(self, claims: Mapping[str, Any]) -> str | None:
-        # Entra ID's `email` comes from the user's mail attribute, which a tenant admin can set to
-        # any address ("nOAuth").  `xms_edov` (email domain owner verified), when present, says
-        # whether the domain is verified; false means the address must not be trusted.
-        return verified_email(claims, "email_verified", "xms_edov")
+    # Entra ID's `email` comes from the user's mail attribute, which a tenant admin can set to any
+    # address ("nOAuth"), and it never sends `email_verified`.  Only the optional claim `xms_edov`
+    # (email domain owner verified: the tenant owns the address's domain) vouches for it; it must be
+    # added to the app registration's ID token claims.  Graph's userinfo never carries it.
+    email_verified_keys = ("xms_edov",)
 
 
 def build_upstream_provider(settings: UpstreamSettings) -> UpstreamProvider:
@@ -1197,6 +1197,7 @@ __all__ = [
     "discovery_candidates",
     "error_from_callback",
     "github_email",
+    "is_affirmed",
     "microsoft_tenant",
     "verified_email",
 ]

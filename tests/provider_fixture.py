@@ -39,7 +39,7 @@ PROVIDER_DIR = Path(__file__).resolve().parent / "provider"
 PROVIDER_SCRIPT = PROVIDER_DIR / "provider.mjs"
 STARTUP_TIMEOUT = 30.0
 
-FAILURE_MODES = (None, "refresh_invalid_grant", "refresh_server_error", "token_delay")
+FAILURE_MODES = (None, "refresh_invalid_grant", "refresh_server_error", "code_server_error", "token_delay")
 
 #: The provider's users (``login_hint`` values). ``deny`` and ``error`` are
 #: special hints that end the authorization with an error instead.
@@ -48,6 +48,7 @@ USERS: dict[str, dict[str, Any]] = {
     "bob": {"id": 1002, "email": "bob@example.org", "name": "Bob Builder", "email_verified": True},
     "carol": {"id": 1003, "email": "carol@outsider.test", "name": "Carol Outsider", "email_verified": True},
     "dave": {"id": 1004, "email": "dave@example.com", "name": "Dave Unverified", "email_verified": False},
+    "erin": {"id": 1005, "email": "erin@example.com", "name": "Erin Unconfirmed"},  # no email_verified claim
 }
 
 
@@ -123,6 +124,7 @@ class OidcProvider:
         * ``refresh_invalid_grant``: refresh requests get 400 ``invalid_grant``
           (the refresh token is left untouched).
         * ``refresh_server_error``: refresh requests get 503 ``server_error``.
+        * ``code_server_error``: authorization code requests get a bare 500.
         * ``token_delay``: every token request waits ``delay_ms`` before it is
           handled (it is counted in :meth:`stats` on arrival).
         """

@@ -15,6 +15,7 @@ from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
+from tests.proxy_fixtures import write_routes
 
 
 def assert_token_response(response: requests.Response, scope: str | None = None) -> dict:
@@ -81,6 +82,25 @@ def test_consent_is_remembered_per_client(proxy: RunningProxy) -> None:
     assert browser.consent_pages_seen == 2  # a new client must be approved on its own
 
 
+def test_consent_is_remembered_per_resource(start_proxy, tmp_path) -> None:
+    routes = write_routes(tmp_path / "routes.toml", [
+        {"name": "mail", "path": "/mcp/mail", "url": "http://127.0.0.1:9/mail"},
+        {"name": "files", "path": "/mcp/files", "url": "http://127.0.0.1:9/files"},
+    ])
+    proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes)
+    client = proxy.register_client()
+    browser = proxy.browser()
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/mail")
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/mail")
+    assert browser.consent_pages_seen == 1
+    # Approving the client for the mail server did not approve it for the files server.
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/files")
+    assert browser.consent_pages_seen == 2
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/mail")
+    assert "code" in client.login(browser, resource=proxy.url + "/mcp/files")
+    assert browser.consent_pages_seen == 2  # both approvals are remembered
+
+
 def test_denied_consent_returns_access_denied(proxy: RunningProxy) -> None:
     client = proxy.register_client()
     url = proxy.browser().authorize(client.authorize_url(), client.redirect_uri, decision="deny")
@@ -98,6 +118,29 @@ def test_upstream_denial_or_failure_reaches_the_client(proxy: RunningProxy, logi
     assert result["error"] == error
     assert result["state"] == client.state
     assert result["iss"] == proxy.url
+    assert "code" not in result
+
+
+def test_provider_failing_at_the_code_exchange_is_temporarily_unavailable(
+        proxy: RunningProxy, provider_failure_reset) -> None:
+    # A 500 from the provider's token endpoint is transient: the client may retry the sign-in later.
+    client = proxy.register_client()
+    provider_failure_reset.set_failure("code_server_error")
+    result = client.login(proxy.browser())
+    assert result["error"] == "temporarily_unavailable", result
+    assert result["state"] == client.state and "code" not in result
+
+
+def test_provider_refusing_connections_at_the_code_exchange_is_temporarily_unavailable(start_proxy) -> None:
+    # Discovery and login work; the token endpoint (configured explicitly) refuses connections.
+    probe = start_proxy()
+    discovery = probe.provider.discovery()
+    proxy = start_proxy(OAUTH_AUTHORIZE_URL=discovery["authorization_endpoint"],
+                        OAUTH_TOKEN_URL="http://127.0.0.1:9/token",
+                        OAUTH_USERINFO_URL=discovery["userinfo_endpoint"])
+    client = proxy.register_client()
+    result = client.login(proxy.browser())
+    assert result["error"] == "temporarily_unavailable", result
     assert "code" not in result
 
 

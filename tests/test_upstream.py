@@ -415,12 +415,25 @@ def test_metadata_is_filtered_before_it_reaches_authlib(monkeypatch: pytest.Monk
     ("claims", "email"),
     [
         ({"email": "a@example.com", "email_verified": True}, "a@example.com"),
-        ({"email": "a@example.com"}, "a@example.com"),  # not said to be unverified
-        ({"email": " a@example.com "}, "a@example.com"),
+        ({"email": " a@example.com ", "email_verified": True}, "a@example.com"),
+        ({"email": "a@example.com", "email_verified": "true"}, "a@example.com"),  # Cognito's string booleans
+        ({"email": "a@example.com", "email_verified": " TRUE "}, "a@example.com"),
+        # Only an explicit yes vouches for the address.
+        ({"email": "a@example.com"}, None),
+        ({"email": "a@example.com", "email_verified": None}, None),
         ({"email": "a@example.com", "email_verified": False}, None),
-        ({"email": "a@example.com", "email_verified": "false"}, None),  # Cognito's string booleans
-        ({"email": "a@example.com", "email_verified": "true"}, "a@example.com"),
-        ({"email": "not-an-address"}, None),
+        ({"email": "a@example.com", "email_verified": "false"}, None),
+        ({"email": "a@example.com", "email_verified": 0}, None),
+        ({"email": "a@example.com", "email_verified": 1}, None),
+        ({"email": "a@example.com", "email_verified": "no"}, None),
+        ({"email": "a@example.com", "email_verified": "yes"}, None),
+        ({"email": "a@example.com", "email_verified": [True]}, None),
+        # Exactly one @, something on both sides.
+        ({"email": "mallory@evil.example@example.test", "email_verified": True}, None),
+        ({"email": "@example.test", "email_verified": True}, None),
+        ({"email": "mallory@", "email_verified": True}, None),
+        ({"email": "a b@example.test", "email_verified": True}, None),
+        ({"email": "not-an-address", "email_verified": True}, None),
         ({"email": None}, None),
         ({}, None),
     ],
@@ -432,8 +445,13 @@ def test_verified_email(claims: dict[str, Any], email: str | None) -> None:
 def test_microsoft_email_needs_a_verified_domain() -> None:
     microsoft = MicrosoftProvider(make_settings("https://login.microsoftonline.com/common"))
     assert microsoft._email_from({"email": "a@contoso.com", "xms_edov": True}) == "a@contoso.com"
-    assert microsoft._email_from({"email": "a@contoso.com"}) == "a@contoso.com"
+    assert microsoft._email_from({"email": "a@contoso.com", "xms_edov": "true"}) == "a@contoso.com"
+    # nOAuth: an `email` claim without the tenant's proof is whatever an admin typed into the mail attribute.
+    assert microsoft._email_from({"email": "ceo@victim.com"}) is None
     assert microsoft._email_from({"email": "ceo@victim.com", "xms_edov": False}) is None
+    assert microsoft._email_from({"email": "ceo@victim.com", "xms_edov": 0}) is None
+    # Entra ID never sends email_verified; one that appears proves nothing about the tenant.
+    assert microsoft._email_from({"email": "ceo@victim.com", "email_verified": True}) is None
 
 
 def test_microsoft_issuer_template_takes_the_token_tenant() -> None:
@@ -501,7 +519,9 @@ def test_userinfo_normalisation() -> None:
             "pub@x.io",
         ),
         ({"email": "pub@x.io"}, [{"email": "pub@x.io", "primary": True, "verified": False}], None),
-        ({"email": "pub@x.io"}, None, "pub@x.io"),  # no user:email scope: public emails are verified ones
+        ({"email": "pub@x.io"}, None, None),  # no user:email scope: nothing says the address is verified
+        ({"email": None}, [{"email": "a@b@x.io", "primary": True, "verified": True}], None),
+        ({"email": None}, [{"email": "p@x.io", "primary": True, "verified": "true"}], None),  # GitHub: booleans
         ({"email": None}, None, None),
         ({"email": None}, [], None),
     ],
@@ -960,6 +980,7 @@ def test_microsoft_multi_tenant_id_token(monkeypatch: pytest.MonkeyPatch, signin
         tid=TENANT,
         sub="ms-sub",
         email="a@contoso.com",
+        xms_edov=True,
         name="A",
     )
     claims = provider._id_token_claims({"access_token": "at", "id_token": good}, "n-1")
@@ -1000,7 +1021,14 @@ def test_microsoft_multi_tenant_id_token(monkeypatch: pytest.MonkeyPatch, signin
     )
     monkeypatch.setattr(provider, "_userinfo", lambda token: {"sub": "ms-sub", "email": "a@contoso.com", "name": "A"})
     identity = provider._identity({"access_token": "at", "id_token": no_email}, {"nonce": "n-1"})
-    assert identity == UpstreamIdentity(id="ms-sub", email="a@contoso.com", name="A")
+    assert identity == UpstreamIdentity(id="ms-sub", email=None, name="A")  # Graph's userinfo proves nothing
+
+    without_proof = signed_id_token(
+        signing_key, iss=f"https://login.microsoftonline.com/{TENANT}/v2.0", tid=TENANT, sub="ms-sub",
+        email="ceo@victim.com", name="A",
+    )
+    identity = provider._identity({"access_token": "at", "id_token": without_proof}, {"nonce": "n-1"})
+    assert identity == UpstreamIdentity(id="ms-sub", email=None, name="A")  # nOAuth
     monkeypatch.setattr(provider, "_userinfo", lambda token: {"sub": "someone-else", "email": "x@contoso.com"})
     identity = provider._identity({"access_token": "at", "id_token": no_email}, {"nonce": "n-1"})
     assert identity == UpstreamIdentity(id="ms-sub", email=None, name=None)  # OIDC Core §5.3.2

@@ -22,7 +22,8 @@
 //   GET  /test/stats         token endpoint counters
 //   POST /test/stats/reset
 //   POST /test/failure       {mode: null|"refresh_invalid_grant"|
-//                            "refresh_server_error"|"token_delay", delay_ms?}
+//                            "refresh_server_error"|"code_server_error"|
+//                            "token_delay", delay_ms?}
 //   POST /test/users         add (or replace) a user {login, email, name,
 //                            emailVerified?}: providers that send odd claims
 
@@ -66,6 +67,11 @@ const USERS = new Map(
       // dave never verified his address.
       id: 1004, login: 'dave', email: 'dave@example.com', name: 'Dave Unverified',
       emailVerified: false, publicEmail: true,
+    },
+    {
+      // erin's provider says nothing about verification: no email_verified claim at all.
+      id: 1005, login: 'erin', email: 'erin@example.com', name: 'Erin Unconfirmed',
+      emailVerified: undefined, publicEmail: true,
     },
   ].map((user) => [user.login, user]),
 );
@@ -307,7 +313,7 @@ function json(ctx, status, body) {
 // Test controls: token endpoint statistics and failure injection
 // ---------------------------------------------------------------------------
 
-const FAILURE_MODES = new Set([null, 'refresh_invalid_grant', 'refresh_server_error', 'token_delay']);
+const FAILURE_MODES = new Set([null, 'refresh_invalid_grant', 'refresh_server_error', 'code_server_error', 'token_delay']);
 
 function emptyStats() {
   return { token_requests: 0, refresh_requests: 0, authorization_code_requests: 0 };
@@ -350,6 +356,11 @@ provider.use(async (ctx, next) => {
       error: 'server_error',
       error_description: 'temporarily unavailable (injected failure: refresh_server_error)',
     });
+  }
+  if (grantType === 'authorization_code' && mode === 'code_server_error') {
+    ctx.status = 500;
+    ctx.body = 'Internal Server Error (injected failure: code_server_error)';
+    return undefined;
   }
   return next();
 });

@@ -1,0 +1,53 @@
+"""Allowlists: who may use the proxy (ALLOWED_EMAILS, ALLOWED_EMAIL_DOMAINS) and each route, at login and after."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from oauthproxy.config import Settings
+    from oauthproxy.routes import Route
+
+
+def email_address(value: Any) -> str | None:
+    """`value` as an address with exactly one `@` and both sides non-empty, else None: the domain after the
+    one `@` is what a domain allowlist compares (`a@evil.example@example.test` is no address at all)."""
+    if not isinstance(value, str):
+        return None
+    email = value.strip()
+    local, at, domain = email.partition("@")
+    if not at or not local or not domain or "@" in domain or any(ch.isspace() for ch in email):
+        return None
+    return email
+
+
+def email_is_allowed(email: str | None, emails: frozenset[str], domains: frozenset[str]) -> bool:
+    """An allowlist check: no list allows everyone; otherwise the (verified) email or its domain must be listed.
+
+    The lists are lower-cased when the settings are read; addresses compare case-insensitively as a whole
+    (providers differ on the local part's case, none lets two accounts differ only by it)."""
+    if not emails and not domains:
+        return True
+    address = email_address(email)
+    if address is None:
+        return False
+    address = address.lower()
+    return address in emails or address.partition("@")[2] in domains
+
+
+def route_for_resource(settings: Settings, resource: str) -> Route | None:
+    """The route whose protected resource (RFC 8707 audience) a grant was issued for."""
+    from oauthproxy.authorization_server import canonical_resource  # deferred: it imports the models
+
+    wanted = canonical_resource(resource)
+    return next((route for route in settings.routes if canonical_resource(route.resource) == wanted), None)
+
+
+def grant_is_allowed(settings: Settings, email: str | None, resource: str) -> bool:
+    """Whether a user with this (verified) email may still hold a grant for `resource`: the global list and
+    the route's list as configured now, so narrowing either ends existing grants too. A grant for a resource
+    no route serves (any more) answers to the global list alone: its tokens open no MCP endpoint anyway."""
+    if not settings.user_is_allowed(email):
+        return False
+    route = route_for_resource(settings, resource)
+    return route is None or route.user_is_allowed(email)
