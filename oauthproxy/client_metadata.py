@@ -29,6 +29,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.connection import create_connection
 
 from oauthproxy.config import is_loopback_host
+from oauthproxy.metadata_limits import metadata_size_problem
 
 MAX_CLIENT_ID_LENGTH = 2048
 MIN_TTL = 60  # seconds: even `max-age=0` is cached this long, so one client cannot make us refetch per request
@@ -285,6 +286,9 @@ def validate_metadata_document(client_id: str, document: object) -> dict[str, An
         )
     if method != "none":
         raise invalid(f"asks for token_endpoint_auth_method {method!r}; this server supports only none")
+    size_problem = metadata_size_problem(document)
+    if size_problem is not None:
+        raise invalid(f"is refused: {size_problem}")
     return document
 
 

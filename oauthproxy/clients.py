@@ -19,6 +19,7 @@ from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document
 from oauthproxy.config import LOOPBACK_HOSTS, Settings, is_loopback_host
 from oauthproxy.crypto import constant_time_equals
 from oauthproxy.errors import InvalidRedirectURIError, safe_description
+from oauthproxy.metadata_limits import metadata_size_problem
 from oauthproxy.models import OAuthClient, db, utcnow
 
 SUPPORTED_AUTH_METHODS = ("none", "client_secret_post", "client_secret_basic")
@@ -167,6 +168,13 @@ def check_registration_request(data: object, settings: Settings) -> None:
             raise InvalidClientMetadataError(f"{name} must be a list of strings")
 
 
+def check_registration_sizes(data: object) -> None:
+    """RFC 7591 §3.2.2: a field over its cap (metadata_limits) is invalid_client_metadata, and nothing is stored."""
+    problem = metadata_size_problem(data) if isinstance(data, dict) else None
+    if problem:
+        raise InvalidClientMetadataError(safe_description(problem))
+
+
 def load_client(client_id: str) -> Client | None:
     """Authlib's `query_client`: registered clients from the database, URL client ids from their document."""
     settings: Settings = current_app.config["SETTINGS"]
@@ -219,6 +227,7 @@ class ClientRegistration(ClientRegistrationEndpoint):
     def extract_client_metadata(self, request) -> dict:
         data = request.payload.data
         settings: Settings = current_app.config["SETTINGS"]
+        check_registration_sizes(data)
         check_registration_request(data, settings)
         # RFC 7591 defaults grant_types to authorization_code alone; MCP clients that omit it still
         # need refresh, or users would log in again every hour.
