@@ -26,6 +26,12 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or 30)
 # Longer than typical load balancer idle timeouts (60 s), so the balancer closes first, never mid-request.
 keepalive = int(os.environ.get("KEEPALIVE") or 75)
+# Request heads (issue 9): request lines up to gunicorn's maximum, 8190 bytes (an /authorize URL with a URL client
+# id, redirect_uri, resource and state can pass the 4094-byte default); at most 100 header fields of 8190 bytes.
+# Over a limit gunicorn answers 400 and closes. Bodies are capped per endpoint in the app (endpoints.MAX_BODY_BYTES).
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
 # gunicorn 27 opens a control socket under ~/.gunicorn by default; containers and tests need none.
 control_socket_disable = True
 accesslog = os.environ.get("ACCESS_LOG") or None

@@ -74,6 +74,10 @@ def configure_app(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        # Form parsing bounds (Werkzeug); each endpoint's body cap is set per request (endpoints.MAX_BODY_BYTES),
+        # not MAX_CONTENT_LENGTH, which would also cap the MCP bodies that stream through.
+        MAX_FORM_MEMORY_SIZE=endpoints.MAX_BODY_BYTES,
+        MAX_FORM_PARTS=endpoints.MAX_FORM_PARTS,
     )
     configure_logging(settings.log_format)
 

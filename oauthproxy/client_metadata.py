@@ -29,6 +29,7 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.connection import create_connection
 
+from oauthproxy.metadata_limits import metadata_size_problem
 from oauthproxy.urls import MalformedURL, is_loopback_host, redirect_uri_problem, split_url
 
 MAX_CLIENT_ID_LENGTH = 2048
@@ -276,6 +277,9 @@ def validate_metadata_document(
         )
     if method != "none":
         raise invalid(f"asks for token_endpoint_auth_method {method!r}; this server supports only none")
+    size_problem = metadata_size_problem(document)
+    if size_problem is not None:
+        raise invalid(f"is refused: {size_problem}")
     return document
 
 

@@ -18,6 +18,7 @@ from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, constant_time_equals
 from oauthproxy.errors import InvalidRedirectURIError, safe_description
+from oauthproxy.metadata_limits import metadata_size_problem
 from oauthproxy.models import OAuthClient, db, utcnow
 from oauthproxy.urls import MalformedURL, is_loopback_host, is_loopback_url, redirect_uri_problem, split_url
 
@@ -140,6 +141,13 @@ def check_registration_request(data: object, settings: Settings) -> None:
             raise InvalidClientMetadataError(f"{name} must be a list of strings")
 
 
+def check_registration_sizes(data: object) -> None:
+    """RFC 7591 §3.2.2: a field over its cap (metadata_limits) is invalid_client_metadata, and nothing is stored."""
+    problem = metadata_size_problem(data) if isinstance(data, dict) else None
+    if problem:
+        raise InvalidClientMetadataError(safe_description(problem))
+
+
 def load_client(client_id: str) -> Client | None:
     """Authlib's `query_client`: registered clients from the database, URL client ids from their document."""
     settings: Settings = current_app.config["SETTINGS"]
@@ -198,6 +206,7 @@ class ClientRegistration(ClientRegistrationEndpoint):
     def extract_client_metadata(self, request) -> dict:
         data = request.payload.data
         settings: Settings = current_app.config["SETTINGS"]
+        check_registration_sizes(data)
         check_registration_request(data, settings)
         # RFC 7591 defaults grant_types to authorization_code alone; MCP clients that omit it still
         # need refresh, or users would log in again every hour.

@@ -6,7 +6,7 @@ import base64
 import binascii
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
-from werkzeug.exceptions import TooManyRequests
+from werkzeug.exceptions import RequestEntityTooLarge, TooManyRequests
 
 from oauthproxy import consent
 from oauthproxy.database import purge_if_due
@@ -33,9 +33,27 @@ CORS_HEADERS = {
 }
 CORS_PATHS = ("/.well-known/", "/register", "/token", "/revoke")
 
+# Every body these endpoints take is a small form or JSON document (a registration is about 1 KB, a token request
+# a few hundred bytes, the consent form under 10 KB): 32 KiB fits every real client, and a larger body is refused
+# with 413 before it is read. The MCP routes stream their bodies and are not limited here.
+MAX_BODY_BYTES = 32 * 1024
+# multipart/form-data only (Werkzeug); no client sends it here, but it must not cost more than a form.
+MAX_FORM_PARTS = 50
+
 
 def _server():
     return current_app.extensions["authorization_server"]
+
+
+@blueprint.before_request
+def limit_request_body() -> None:
+    request.max_content_length = MAX_BODY_BYTES
+    if request.content_length is None and request.method == "POST":
+        # A chunked body has no length to refuse up front, and Werkzeug stops reading it at the cap without an
+        # error: the rest would be silently cut off. Read it now (cached for the view), then one byte more,
+        # which raises RequestEntityTooLarge when the body went on past the cap.
+        request.get_data(cache=True)
+        request.stream.read(1)
 
 
 @blueprint.after_app_request
@@ -183,6 +201,14 @@ def authorization_page_error(error: AuthorizationPageError) -> Response:
 @blueprint.app_errorhandler(AuthorizationRedirectError)
 def authorization_redirect_error(error: AuthorizationRedirectError) -> Response:
     return redirect(error_redirect_url(error.redirect_uri, error.error, error.description, error.state))
+
+
+@blueprint.app_errorhandler(RequestEntityTooLarge)
+def request_too_large(error: RequestEntityTooLarge) -> Response:
+    limit = request.max_content_length
+    description = (f"the request body is larger than the {limit}-byte limit of this endpoint, or has more than "
+                   f"{MAX_FORM_PARTS} form fields" if limit else "the request body is too large")
+    return oauth_error(413, "invalid_request", description)
 
 
 @blueprint.app_errorhandler(TooManyRequests)
