@@ -31,15 +31,6 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     return app
 
 
-def engine_options(dsn: str) -> dict:
-    if dsn.startswith("sqlite:"):
-        # An upstream refresh holds SQLite's write lock while it calls the provider (up to its 10 s timeout);
-        # other writers wait that long instead of failing with "database is locked" after the default 5 s.
-        return {"pool_pre_ping": True, "connect_args": {"timeout": 15}}
-    # A database host that drops packets fails a request or a /readyz probe in seconds, not TCP's minutes.
-    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-
-
 def configure_app(app: Flask, settings: Settings) -> None:
     from flask_migrate import Migrate
 
@@ -47,6 +38,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.crypto import SecretBox
+    from oauthproxy.database_faults import engine_options, init_database_faults
     from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
     from oauthproxy.operations import init_operations
@@ -68,7 +60,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
         SETTINGS=settings,
         SECRET_KEY=settings.secret_key,
         SQLALCHEMY_DATABASE_URI=settings.database_dsn,
-        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_dsn),
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_dsn, settings.database_timeout),
         OAUTH_SCOPES_SUPPORTED=settings.scopes_supported,
         SESSION_COOKIE_NAME="__Host-oauthproxy-session" if settings.secure_cookies else "oauthproxy-session",
         SESSION_COOKIE_SECURE=settings.secure_cookies,
@@ -82,6 +74,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     configure_logging(settings.log_format)
 
     db.init_app(app)
+    init_database_faults(app, settings.database_timeout)
     Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
     app.extensions["secret_box"] = SecretBox(settings.encryption_keys)
     app.extensions["client_metadata_fetcher"] = ClientMetadataFetcher(

@@ -32,6 +32,8 @@ class Settings:
     mcp_server_url: str
     encryption_keys: tuple[bytes, ...]
     database_dsn: str
+    #: Bound in seconds on every database wait: connecting, a statement, SQLite's write lock, a pooled connection.
+    database_timeout: int = 5
     scopes_supported: tuple[str, ...] = ()
     oauth_token_url: str | None = None
     oauth_userinfo_url: str | None = None
@@ -232,6 +234,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         if env.get(name, "").strip():
             _absolute_url(name, env[name].strip(), problems)
 
+    database_timeout = _int(env, "DATABASE_TIMEOUT", 5, problems, 2, 60)
     access_ttl = _int(env, "ACCESS_TOKEN_TTL", 3600, problems, 60, 30 * 24 * 3600)
     refresh_ttl = _int(env, "REFRESH_TOKEN_TTL", 30 * 24 * 3600, problems, 3600, 365 * 24 * 3600)
     grace = _int(env, "REFRESH_GRACE_SECONDS", 10, problems, 0, 60)
@@ -271,6 +274,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         upstream_scopes=_list(env, "UPSTREAM_SCOPES"),
         encryption_keys=encryption_keys,
         database_dsn=normalise_database_dsn(dsn),
+        database_timeout=database_timeout,
         host=host,
         port=port,
         access_token_ttl=access_ttl,

@@ -30,8 +30,14 @@ def upgrade_database(app: Flask) -> None:
     """
     from flask_migrate import upgrade
 
-    with app.app_context():
-        upgrade(directory=app.extensions["migrate"].directory)
+    from oauthproxy.database_faults import unbounded_waits
+
+    with app.app_context(), unbounded_waits():
+        db.engine.dispose()  # pooled connections carry the request bounds (statement_timeout): open fresh ones
+        try:
+            upgrade(directory=app.extensions["migrate"].directory)
+        finally:
+            db.engine.dispose()
 
 
 def schema_is_current(app: Flask) -> bool:

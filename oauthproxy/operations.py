@@ -6,6 +6,8 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -18,6 +20,7 @@ from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
 from oauthproxy.logs import ROUTE_KEY, RequestLogger
 from oauthproxy.models import db
+from oauthproxy.proxy import _gevent_hub_running
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +40,21 @@ def healthz() -> Response:
 
 @blueprint.route("/readyz", methods=["GET", "HEAD"])
 def readyz() -> Response:
-    """Readiness: the database answers and its schema is the one this code expects (else `oauthproxy db upgrade`).
+    """Readiness: the database answers, can be written, and its schema is the one this code expects.
 
-    One query per probe (the alembic_version row), without alembic's per-call log lines; the revisions this
-    code knows are read from the migration scripts once.
+    One short transaction per probe: it reads the alembic_version row and writes it back unchanged, which a full
+    disk, a read-only file or mount, a PostgreSQL standby or a held SQLite lock refuses. Every wait in it is bounded
+    (DATABASE_TIMEOUT), and under gevent the whole probe is bounded by READY_BOUND_SECONDS as well.
     """
     started = time.perf_counter()
     try:
-        with db.engine.connect() as connection:
-            try:
-                current = set(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
-            except SQLAlchemyError:
-                connection.rollback()
-                connection.execute(text("SELECT 1"))  # reachable, but never migrated
-                current = set()
+        with _bounded(READY_BOUND_SECONDS):
+            current, writable = _probe_database()
     except SQLAlchemyError as error:
         log.warning("readiness: the database is unreachable: %s", type(error).__name__)
+        return _answer(503, status="unavailable", database="unreachable")
+    except ProbeTimeout:
+        log.warning("readiness: the database did not answer within %s s", READY_BOUND_SECONDS)
         return _answer(503, status="unavailable", database="unreachable")
     heads, known = _schema_revisions(current_app._get_current_object())
     if current == heads:
@@ -63,7 +65,48 @@ def readyz() -> Response:
         state = "newer schema than this code (rolling upgrade?)"
     else:
         return _answer(503, status="unavailable", database="schema out of date: run `oauthproxy db upgrade`")
+    if not writable:
+        return _answer(503, status="unavailable", database="not writable")
     return _answer(200, status="ok", database=state, duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+#: /readyz answers within this many seconds whatever the database does (under gevent; else DATABASE_TIMEOUT bounds).
+READY_BOUND_SECONDS = 3.0
+
+
+class ProbeTimeout(Exception):
+    """The readiness probe ran out of time."""
+
+
+@contextmanager
+def _bounded(seconds: float) -> Iterator[None]:
+    if not _gevent_hub_running():
+        yield
+        return
+    import gevent
+
+    with gevent.Timeout(seconds, ProbeTimeout):
+        yield
+
+
+def _probe_database() -> tuple[set[str], bool]:
+    """(the schema revisions found, whether a write was accepted); raises SQLAlchemyError when unreachable."""
+    with db.engine.connect() as connection:
+        try:
+            current = set(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        except SQLAlchemyError:
+            connection.rollback()
+            connection.execute(text("SELECT 1"))  # reachable, but never migrated
+            return set(), True
+        try:
+            # Rewriting the row with its own value changes nothing, but the database must accept and commit a write.
+            connection.execute(text("UPDATE alembic_version SET version_num = version_num"))
+            connection.commit()
+        except SQLAlchemyError as error:
+            connection.rollback()
+            log.warning("readiness: the database refuses writes: %s", str(getattr(error, "orig", error))[:200])
+            return current, False
+    return current, True
 
 
 def _schema_revisions(app: Flask) -> tuple[set[str], set[str]]:

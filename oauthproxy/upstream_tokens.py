@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from flask import Flask
-from sqlalchemy import Connection, select, update
+from sqlalchemy import or_, select, update
 
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import Grant, db, utcnow
-from oauthproxy.upstream import UpstreamError, UpstreamProvider
+from oauthproxy.upstream import HTTP_TIMEOUT, UpstreamError, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ class UpstreamAccess:
 class KeyedLocks:
     """One lock per key, created on demand and dropped when unused. Under gevent these locks are cooperative.
 
-    Only the first caller for a grant goes on to the database lock; the others wait here without holding a
-    database connection, then find the token already refreshed.
+    Only the first caller for a grant goes on to claim the refresh in the database; the others wait here without
+    holding a database connection, then find the token already refreshed.
     """
 
     def __init__(self) -> None:
@@ -58,13 +61,18 @@ class KeyedLocks:
         self._locks: dict[int, tuple[threading.Lock, int]] = {}
 
     @contextmanager
-    def hold(self, key: int) -> Iterator[None]:
+    def hold(self, key: int, timeout: float = -1) -> Iterator[None]:
+        """Hold the key's lock; raises `TimeoutError` when it is not free within `timeout` seconds (-1: no bound)."""
         with self._guard:
             lock, users = self._locks.get(key, (threading.Lock(), 0))
             self._locks[key] = (lock, users + 1)
         try:
-            with lock:
+            if not lock.acquire(timeout=timeout):
+                raise TimeoutError(f"lock {key} still held after {timeout} s")
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             with self._guard:
                 lock, users = self._locks[key]
@@ -74,28 +82,36 @@ class KeyedLocks:
                     self._locks[key] = (lock, users - 1)
 
 
-@contextmanager
-def _grant_row_lock(grant_id: int) -> Iterator[tuple[Connection, dict | None]]:
-    """A transaction holding the grant's row lock across workers and instances; yields the freshly read row.
+#: A refresh lease outlives any provider call (its HTTP timeout), so it lapses only when its holder died.
+LEASE_SECONDS = 3 * HTTP_TIMEOUT
+#: How long a request waits for someone else's refresh before answering 503: one provider call and some.
+WAIT_SECONDS = HTTP_TIMEOUT + 5
+_POLL_SECONDS = 0.1
 
-    PostgreSQL: `SELECT ... FOR UPDATE` locks only this grant's row. SQLite has no row locks: `BEGIN IMMEDIATE`
-    takes the database's write lock (readers are not blocked; other writers wait up to the busy timeout).
-    """
-    engine = db.engine
-    with engine.connect() as connection:
-        statement = select(GRANTS).where(GRANTS.c.id == grant_id)
-        if engine.dialect.name == "sqlite":
-            # pysqlite begins transactions lazily, and only as DEFERRED; ask for the write lock up front.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            statement = statement.with_for_update()
-        try:
-            row = connection.execute(statement).mappings().first()
-            yield connection, dict(row) if row is not None else None
-        except BaseException:
-            connection.rollback()
-            raise
-        connection.commit()
+
+def _read_grant(grant_id: int) -> dict | None:
+    with db.engine.connect() as connection:
+        row = connection.execute(select(GRANTS).where(GRANTS.c.id == grant_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+
+def _claim(grant_id: int, claim: str) -> bool:
+    """Take the grant's refresh lease if nobody holds a live one: one short write, atomic on both databases."""
+    now = utcnow()
+    with db.engine.begin() as connection:
+        taken = connection.execute(update(GRANTS).where(
+            GRANTS.c.id == grant_id,
+            or_(GRANTS.c.upstream_refresh_claimed_until.is_(None), GRANTS.c.upstream_refresh_claimed_until <= now),
+        ).values(upstream_refresh_claim=claim, upstream_refresh_claimed_until=now + timedelta(seconds=LEASE_SECONDS)))
+        return taken.rowcount == 1
+
+
+def _release(grant_id: int, claim: str, **values: Any) -> bool:
+    """Store `values` and end the lease in one short write, if the lease is still ours; False when it lapsed."""
+    with db.engine.begin() as connection:
+        done = connection.execute(update(GRANTS).where(GRANTS.c.id == grant_id, GRANTS.c.upstream_refresh_claim == claim)
+                                  .values(upstream_refresh_claim=None, upstream_refresh_claimed_until=None, **values))
+        return done.rowcount == 1
 
 
 def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> str:
@@ -132,63 +148,95 @@ def _access_from_row(app: Flask, row: dict) -> UpstreamAccess:
     return UpstreamAccess(token, row["upstream_expires_at"])
 
 
+class _Done(Exception):
+    """The row needs no refresh (or cannot have one); carries the answer."""
+
+    def __init__(self, access: UpstreamAccess | None = None, dead_reason: str | None = None):
+        self.access, self.dead_reason = access, dead_reason
+
+
+def _settled(app: Flask, row: dict | None, skew: int) -> None:
+    """Raise `_Done` or `LoginRequired` when the freshly read row needs no refresh; return when it does."""
+    if row is None or row["revoked_at"] is not None:
+        raise LoginRequired("the sign-in was revoked")
+    current = _access_from_row(app, row)
+    if not current.needs_refresh(skew):
+        raise _Done(current)  # another request, worker or instance refreshed it while we waited
+    if not row["upstream_refresh_token"]:
+        if current.expires_at is not None and current.expires_at > utcnow():
+            raise _Done(current)  # still valid for a few seconds; nothing to refresh it with
+        raise _Done(dead_reason="upstream_token_expired")
+
+
 def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAccess:
     """Return a usable upstream access token for the grant, refreshing it first when it expires within `skew`.
 
     Providers rotate refresh tokens: two concurrent refreshes with one refresh token would burn the grant. So
-    an in-process lock per grant serialises this worker's requests, the row lock serialises workers and
-    instances, and whoever gets the lock second re-reads the row and finds the work already done.
-    Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant, outside the row lock) or
-    `UpstreamUnavailable`.
+    an in-process lock per grant serialises this worker's requests, and a lease in the grant's row (taken and
+    given back in short transactions) serialises workers and instances; whoever comes second waits for the
+    lease to end and finds the work already done. No database lock or connection is held during the provider
+    call: on SQLite a lock would stop every writer of every worker for as long as the provider takes.
+    Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant) or `UpstreamUnavailable`.
     """
     locks: KeyedLocks = app.extensions["upstream_refresh_locks"]
-    upstream: UpstreamProvider = app.extensions["upstream"]
-    box = app.extensions["secret_box"]
-    with locks.hold(grant_id):
-        dead_reason: str | None = None
-        with _grant_row_lock(grant_id) as (connection, row):
-            if row is None or row["revoked_at"] is not None:
-                raise LoginRequired("the sign-in was revoked")
-            current = _access_from_row(app, row)
-            if not current.needs_refresh(skew):
-                return current  # another request, worker or instance refreshed it while we waited
-            sealed_refresh = row["upstream_refresh_token"]
-            if not sealed_refresh:
-                if current.expires_at is not None and current.expires_at > utcnow():
-                    return current  # still valid for a few seconds; nothing to refresh it with
-                dead_reason = "upstream_token_expired"
-            else:
-                refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", sealed_refresh)
-                try:
-                    tokens = upstream.refresh_upstream_token(refresh_token, upstream.upstream_scopes(
-                        (row["scope"] or "").split()))
-                except UpstreamError as error:
-                    if error.kind in ("invalid_grant", "access_denied"):
-                        log.info("upstream refresh for grant %s refused (%s): %s", grant_id, error.kind,
-                                 error.description)
-                        dead_reason = "upstream_invalid_grant"
-                    else:
-                        log.warning("upstream refresh for grant %s failed (%s): %s", grant_id, error.kind,
-                                    error.description)
-                        raise UpstreamUnavailable("the identity provider could not refresh the sign-in; retry "
-                                                  "shortly", retry_after=10 if error.kind == "transient" else 60
-                                                  ) from None
-                else:
-                    values: dict = {
-                        "upstream_access_token": box.encrypt(tokens.access_token,
-                                                             f"grant:{grant_id}:upstream_access_token"),
-                        "upstream_expires_at": tokens.expires_at,
-                    }
-                    if tokens.refresh_token and tokens.refresh_token != refresh_token:
-                        values["upstream_refresh_token"] = box.encrypt(tokens.refresh_token,
-                                                                       f"grant:{grant_id}:upstream_refresh_token")
-                    connection.execute(update(GRANTS).where(GRANTS.c.id == grant_id).values(**values))
-                    log.info("refreshed the upstream token of grant %s", grant_id)
-                    return UpstreamAccess(tokens.access_token, tokens.expires_at)
-    # Outside the row lock (on SQLite it is the database write lock): end the grant so the client's refresh
-    # fails too and it goes back to a full sign-in, instead of looping on tokens whose upstream side is dead.
+    busy = UpstreamUnavailable("another refresh of this sign-in is still running; retry shortly", retry_after=5)
+    try:
+        with locks.hold(grant_id, timeout=WAIT_SECONDS):
+            return _refresh_under_lease(app, grant_id, skew, busy)
+    except TimeoutError:
+        raise busy from None
+    except _Done as done:
+        if done.access is not None:
+            return done.access
+        dead_reason = done.dead_reason
+    # End the grant so the client's refresh fails too and it goes back to a full sign-in, instead of looping on
+    # tokens whose upstream side is dead.
     from oauthproxy.authorization_server import revoke_grant
 
     revoke_grant(grant_id, dead_reason or "upstream_invalid_grant")
     db.session.commit()
     raise LoginRequired("the sign-in at the identity provider has expired")
+
+
+def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUnavailable) -> UpstreamAccess:
+    upstream: UpstreamProvider = app.extensions["upstream"]
+    box = app.extensions["secret_box"]
+    claim = secrets.token_hex(16)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        _settled(app, _read_grant(grant_id), skew)
+        if _claim(grant_id, claim):
+            break
+        if time.monotonic() >= deadline:
+            raise busy
+        time.sleep(_POLL_SECONDS)  # gevent's sleep under the worker: the other greenlets run meanwhile
+    try:
+        row = _read_grant(grant_id)  # read again under the lease: the holder before us may have just finished
+        _settled(app, row, skew)
+        assert row is not None  # _settled raised otherwise
+        refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", row["upstream_refresh_token"])
+        try:
+            tokens = upstream.refresh_upstream_token(refresh_token, upstream.upstream_scopes(
+                (row["scope"] or "").split()))
+        except UpstreamError as error:
+            if error.kind in ("invalid_grant", "access_denied"):
+                log.info("upstream refresh for grant %s refused (%s): %s", grant_id, error.kind, error.description)
+                raise _Done(dead_reason="upstream_invalid_grant") from None
+            log.warning("upstream refresh for grant %s failed (%s): %s", grant_id, error.kind, error.description)
+            raise UpstreamUnavailable("the identity provider could not refresh the sign-in; retry shortly",
+                                      retry_after=10 if error.kind == "transient" else 60) from None
+    except BaseException:
+        _release(grant_id, claim)
+        raise
+    values: dict = {
+        "upstream_access_token": box.encrypt(tokens.access_token, f"grant:{grant_id}:upstream_access_token"),
+        "upstream_expires_at": tokens.expires_at,
+    }
+    if tokens.refresh_token and tokens.refresh_token != refresh_token:
+        values["upstream_refresh_token"] = box.encrypt(tokens.refresh_token, f"grant:{grant_id}:upstream_refresh_token")
+    if not _release(grant_id, claim, **values):
+        log.warning("the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored",
+                    grant_id)
+    else:
+        log.info("refreshed the upstream token of grant %s", grant_id)
+    return UpstreamAccess(tokens.access_token, tokens.expires_at)

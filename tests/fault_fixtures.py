@@ -1,0 +1,214 @@
+"""Fault injection for the fault tests: another process holding SQLite's write lock, a private PostgreSQL cluster
+that can be stopped and frozen (SIGSTOP), and timing of requests while a fault lasts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import requests
+
+from tests.conftest import free_port
+
+_LOCK_HOLDER = """
+import select, sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+connection.execute("BEGIN IMMEDIATE")
+print("LOCKED", flush=True)
+select.select([sys.stdin], [], [], float(sys.argv[2]))  # until told to release, or the time is up
+connection.execute("COMMIT")
+print("RELEASED", flush=True)
+"""
+
+
+@dataclass
+class LockHolder:
+    process: subprocess.Popen[str]
+    locked_at: float
+    released_at: float | None = None
+
+    def release(self) -> float:
+        assert self.process.stdin is not None
+        self.process.stdin.write("release\n")
+        self.process.stdin.flush()
+        return self.wait_released()
+
+    def wait_released(self, timeout: float = 60) -> float:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line.strip() == "RELEASED", line
+        self.process.wait(timeout=timeout)
+        self.released_at = time.monotonic()
+        return self.released_at
+
+
+def hold_sqlite_write_lock(path: str, seconds: float) -> LockHolder:
+    """Another process takes SQLite's write lock (BEGIN IMMEDIATE) on `path` and keeps it for `seconds`."""
+    process = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, path, str(seconds)], stdout=subprocess.PIPE,
+                               stdin=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.strip() == "LOCKED", line
+    return LockHolder(process, time.monotonic())
+
+
+@contextmanager
+def sqlite_locked(path: str, seconds: float = 30) -> Iterator[LockHolder]:
+    holder = hold_sqlite_write_lock(path, seconds)
+    try:
+        yield holder
+    finally:
+        if holder.released_at is None:
+            holder.release()
+
+
+def sqlite_path(dsn: str) -> str:
+    return dsn.removeprefix("sqlite:///")
+
+
+@dataclass
+class Probe:
+    """Requests to one URL, one after another, until stopped: when each started and ended, and its status."""
+
+    url: str
+    interval: float = 0.1
+    results: list[tuple[float, float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Probe:
+        def run() -> None:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    status = requests.get(self.url, timeout=30).status_code
+                except requests.RequestException:
+                    status = 0
+                self.results.append((started, time.monotonic(), status))
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, float, int]]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        return self.results
+
+    def answered_between(self, start: float, end: float) -> list[tuple[float, float, int]]:
+        return [result for result in self.results if start <= result[1] <= end]
+
+
+# -- a private PostgreSQL cluster ------------------------------------------------------------------
+
+
+def _postgres_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / name).exists():
+            return str(folder / name)
+    raise RuntimeError(f"{name} not found: install Debian's postgresql package (scripts/install-test-deps)")
+
+
+@dataclass
+class PostgresCluster:
+    """A PostgreSQL server of its own (initdb in a temp folder), on its own loopback port."""
+
+    folder: Path
+    port: int
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str) -> None:
+        command = [_postgres_binary("pg_ctl"), "-D", str(self.folder / "data"), "-w", "-t", "60", *args]
+        subprocess.run(command, check=True, capture_output=True, **_as_postgres())
+
+    def start(self) -> None:
+        self._ctl("-l", str(self.folder / "server.log"), "-o",
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "immediate", "stop")
+
+    def pids(self) -> list[int]:
+        """The postmaster and every backend it forked."""
+        postmaster = int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster]
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = status.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                pids.append(int(status.parent.name))
+        return pids
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every process of the server stopped (SIGSTOP): connections are accepted by the kernel, nothing answers."""
+        pids = self.pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def _as_postgres() -> dict:
+    """initdb and the server refuse to run as root: run them as an unprivileged user when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return {"user": entry.pw_uid, "group": entry.pw_gid}
+    raise RuntimeError("running as root and no unprivileged user for PostgreSQL")
+
+
+def start_postgres_cluster(folder: Path) -> PostgresCluster:
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = _as_postgres()
+    if owner:
+        os.chown(folder, owner["user"], owner["group"])
+    subprocess.run([_postgres_binary("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust",
+                    "--no-sync"], check=True, capture_output=True, **owner)
+    cluster = PostgresCluster(folder, free_port())
+    cluster.start()
+    cluster.wait_ready()
+    return cluster

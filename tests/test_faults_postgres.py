@@ -1,0 +1,84 @@
+"""PostgreSQL under faults, on a private cluster this module starts: stopped or frozen (SIGSTOP), the database
+gets every endpoint a fast JSON 503 with Retry-After (never a hang or an HTML 500), and all recovers by itself."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import RunningProxy
+from tests.fault_fixtures import PostgresCluster, start_postgres_cluster
+from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in  # noqa: F401 (fixtures)
+from tests.test_faults_sqlite import REGISTRATION, assert_unavailable
+
+pytestmark = pytest.mark.parametrize("database_dsn", ["postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def private_postgres() -> Iterator[PostgresCluster]:
+    # Not under pytest's temp folder: that is private to root, and the server runs as an unprivileged user.
+    folder = Path(tempfile.mkdtemp(prefix="oauthproxy-faults-postgres-"))
+    try:
+        cluster = start_postgres_cluster(folder)
+        yield cluster
+        cluster.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def logins(proxy: RunningProxy, count: int) -> list[Login]:
+    return [log_in(proxy.url, proxy.url + "/mcp") for _ in range(count)]
+
+
+def assert_every_endpoint_unavailable(proxy: RunningProxy, login: Login) -> None:
+    """Registration, a token refresh, an MCP request whose token is not cached yet, and readiness."""
+    assert_unavailable(requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60))
+    assert_unavailable(login.client.refresh(login.refresh_token))
+    assert_unavailable(requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=60))
+    ready = requests.get(proxy.url + "/readyz", timeout=60)
+    assert ready.status_code == 503, ready.text
+
+
+def assert_recovered(proxy: RunningProxy, login: Login) -> None:
+    deadline = time.monotonic() + 60
+    while requests.get(proxy.url + "/readyz", timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, "not ready again within 60 s"
+        time.sleep(0.5)
+    assert requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30).status_code == 201
+    # The failed refresh spent nothing: the same refresh token still works, so nobody was logged out.
+    refreshed = login.client.refresh(login.refresh_token)
+    assert refreshed.status_code == 200, refreshed.text
+    assert requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=30).status_code == 200
+
+
+def test_a_stopped_database_answers_503_then_recovers(start_proxy: Callable[..., RunningProxy],
+                                                      private_postgres: PostgresCluster,
+                                                      echo_downstream: EchoServer) -> None:
+    proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
+                        MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    [login] = logins(proxy, 1)
+    private_postgres.stop()
+    try:
+        assert_every_endpoint_unavailable(proxy, login)
+    finally:
+        private_postgres.start()
+    assert_recovered(proxy, login)
+
+
+def test_a_frozen_database_answers_503_within_its_bound(start_proxy: Callable[..., RunningProxy],
+                                                        private_postgres: PostgresCluster,
+                                                        echo_downstream: EchoServer) -> None:
+    """SIGSTOP: the kernel still accepts connections and acknowledges packets, but nothing answers. Only a
+    client-side bound ends the wait; without one a request waits for as long as the database is frozen."""
+    proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
+                        MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    [login] = logins(proxy, 1)
+    with private_postgres.frozen():
+        assert_every_endpoint_unavailable(proxy, login)
+    assert_recovered(proxy, login)
