@@ -1,7 +1,7 @@
 """grants: a lease on refreshing the upstream token, so no database lock is held across the provider call
 
 Revision ID: reliability_refresh_lease
-Revises: 16efb1d20a01
+Revises: authz_01_grace_used
 Create Date: 2026-11-30 08:10:00
 
 """
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 
 revision = 'reliability_refresh_lease'
-down_revision = '16efb1d20a01'
+down_revision = 'authz_01_grace_used'
 branch_labels = None
 depends_on = None
 
