@@ -84,7 +84,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
     app.extensions["secret_box"] = SecretBox(settings.encryption_keys)
     app.extensions["client_metadata_fetcher"] = ClientMetadataFetcher(
-        allow_private_networks=settings.allow_private_client_metadata_urls)
+        allow_private_networks=settings.allow_private_client_metadata_urls, ca_bundle=settings.ca_bundle)
     upstream = build_upstream_provider(settings)
     upstream.init_app(app)
     app.extensions["upstream"] = upstream
