@@ -65,21 +65,34 @@ def child_exit(server, worker) -> None:
                 os.unlink(os.path.join(folder, name))
 
 
+# Exit codes of the migration child: the problem is already reported in plain words, the master adds nothing.
+SETTINGS_PROBLEM, DATABASE_PROBLEM = 2, 3
+
+
 def _upgrade_database() -> int:
+    from sqlalchemy.exc import DBAPIError
+
     from oauthproxy import create_app
     from oauthproxy.cli import report_config_error
     from oauthproxy.config import ConfigError
     from oauthproxy.database import upgrade_database
     from oauthproxy.models import db
+    from oauthproxy.self_check import database_problem
 
     try:
         app = create_app()
     except ConfigError as error:
         report_config_error(error)
-        return 2
-    upgrade_database(app)
-    with app.app_context():
-        db.engine.dispose()
+        return SETTINGS_PROBLEM
+    try:
+        upgrade_database(app)
+    except DBAPIError as error:  # unreachable, refused, unknown database, wrong password: one line, no traceback
+        print(f"oauthproxy cannot start: {database_problem(app.config['SETTINGS'].database_dsn, error)}",
+              file=sys.stderr)
+        return DATABASE_PROBLEM
+    finally:
+        with app.app_context():
+            db.engine.dispose()
     return 0
 
 
@@ -104,6 +117,8 @@ def on_starting(server) -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    if code in (SETTINGS_PROBLEM, DATABASE_PROBLEM):
+        sys.exit(code)
     if code != 0:
         server.log.error("database upgrade failed (exit code %s); not starting", code)
         sys.exit(code if code > 0 else 1)
@@ -114,5 +129,9 @@ def post_worker_init(worker) -> None:
     of its heap) out of the cyclic garbage collector's sight. Otherwise each full collection walks all of it again,
     a pause of several milliseconds that every request in flight waits out: the proxy's p99 (docs/benchmarks.md)."""
     import gc
+    import signal
 
     gc.freeze()
+    # Ctrl-C signals the whole process group; the master already answers it with one SIGQUIT per worker. A worker
+    # that also acted on its own SIGINT got a second quit while exiting, and gevent printed a SystemExit traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -14,6 +14,14 @@ MIGRATIONS_DIRECTORY = str(Path(__file__).parent / "migrations")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def instance_folder() -> Path:
+    """Where the default SQLite database lives: `instance/` in the checkout when run from one, else `instance/` in
+    the working directory (the image's /app), not Flask's `<venv>/var/oauthproxy-instance` for installed packages."""
+    if (PROJECT_ROOT / "pyproject.toml").is_file():
+        return PROJECT_ROOT / "instance"
+    return Path.cwd() / "instance"
+
+
 def create_app(env: Mapping[str, str] | None = None) -> Flask:
     """Build the application from `env` (default: the process environment plus `.env`).
 
@@ -23,7 +31,9 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         from dotenv import load_dotenv
 
         load_dotenv(os.environ.get("OAUTHPROXY_ENV_FILE", ".env"))
-    app = Flask(__name__, template_folder=str(PROJECT_ROOT / "templates"), instance_relative_config=True)
+    # Templates and static files are inside the package (oauthproxy/templates links to the top-level templates/ and
+    # is copied into the wheel), so an installed package serves them from wherever it runs.
+    app = Flask(__name__, instance_path=str(instance_folder()), instance_relative_config=True)
     settings = load_settings(env, instance_path=app.instance_path)
     if settings.database_dsn.startswith("sqlite:"):
         Path(app.instance_path).mkdir(parents=True, exist_ok=True)
@@ -79,7 +89,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     app.extensions["secret_box"] = SecretBox(settings.encryption_keys)
     app.extensions["client_metadata_fetcher"] = ClientMetadataFetcher(
         allow_private_networks=settings.allow_private_client_metadata_urls,
-        private_use_redirect_schemes=settings.private_use_redirect_schemes)
+        private_use_redirect_schemes=settings.private_use_redirect_schemes, ca_bundle=settings.ca_bundle)
     upstream = build_upstream_provider(settings)
     upstream.init_app(app)
     app.extensions["upstream"] = upstream

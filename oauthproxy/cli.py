@@ -19,11 +19,6 @@ def create_app_or_exit() -> Flask:
     try:
         return create_app()
     except ConfigError as error:
-        if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-            # Listing the commands needs no settings: Flask prints this, then the list.
-            from flask.cli import NoAppException
-
-            raise NoAppException("the settings are incomplete; `oauthproxy check` lists what is missing") from None
         report_config_error(error)
         sys.exit(2)
 
@@ -230,8 +225,33 @@ def register_commands(app: Flask) -> None:
         app.cli.add_command(command)
 
 
-main = FlaskGroup(create_app=create_app_or_exit, add_default_commands=True, load_dotenv=True,
-                  help="oauthproxy: OAuth 2.1 proxy for MCP servers.")
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("oauthproxy")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class ProxyCommands(FlaskGroup):
+    """Flask's command group, less what belongs to Flask: its development commands (`run`, `shell`, `routes`), its
+    `--app`/`--debug`/`--env-file` options and its version. `--help` lists this project's commands without loading
+    the app, so it works before the settings are complete; other plugin commands still run when named."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.commands)
+
+
+# load_dotenv=False: create_app reads OAUTHPROXY_ENV_FILE (default .env in the working directory), as gunicorn
+# does; Flask's own loader would also pick up a .env or .flaskenv from any parent folder.
+main = ProxyCommands(create_app=create_app_or_exit, add_default_commands=False, add_version_option=False,
+                     load_dotenv=False, set_debug_flag=False,
+                     help="oauthproxy: an OAuth 2.1 authorization server and proxy for MCP servers. Settings come "
+                          "from the environment or .env (OAUTHPROXY_ENV_FILE); see the README.")
+main.params = [param for param in main.params if param.name not in ("env_file", "app", "debug")]
+click.version_option(package_version(), "--version", package_name="oauthproxy",
+                     message="%(prog)s %(version)s")(main)
 main.add_command(gen_key)
 # Also on the top-level group, so that `oauthproxy --help` lists them even before the settings are complete.
 for _command in (purge, rotate_key, check, clients, grants):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,11 @@ class Settings:
     metrics_token: str = field(default="", repr=False)
     routes: tuple[Route, ...] = ()
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    #: CA_BUNDLE: a PEM file of the certificate authorities trusted for outbound TLS (provider, client metadata
+    #: documents, downstream MCP servers) instead of certifi's public ones; for a private PKI.
+    ca_bundle: str | None = None
+    #: GITHUB_API_URL: GitHub's REST API (https://api.github.com; GitHub Enterprise Server: https://HOST/api/v3).
+    github_api_url: str | None = None
 
     @property
     def issuer(self) -> str:
@@ -94,11 +101,18 @@ class Settings:
         return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
 
 
+HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def decode_encryption_keys(value: str) -> tuple[bytes, ...]:
     """`ENCRYPTION_KEY` is one or more comma-separated base64 keys of 32 bytes; the first encrypts."""
     keys = []
     for position, item in enumerate(part.strip() for part in value.split(",")):
         label = "ENCRYPTION_KEY" if position == 0 else f"ENCRYPTION_KEY (key #{position + 1})"
+        if HEX_KEY.fullmatch(item):
+            # `openssl rand -hex 32`: 32 bytes, but in hex. Refused rather than guessed: one spelling of a key.
+            raise ValueError(f"{label} is 64 hex digits (as `openssl rand -hex 32` prints); it must be base64 of 32 "
+                             "bytes: make one with `oauthproxy gen-key` or `openssl rand -base64 32`")
         try:
             key = base64.b64decode(item + "=" * (-len(item) % 4), altchars=b"-_" if ("-" in item or "_" in item) else None, validate=True)
         except (binascii.Error, ValueError):
@@ -107,6 +121,33 @@ def decode_encryption_keys(value: str) -> tuple[bytes, ...]:
             raise ValueError(f"{label} must be base64 of 32 bytes; got {len(key)} bytes; generate one with `oauthproxy gen-key`")
         keys.append(key)
     return tuple(keys)
+
+
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def database_dsn_from_path(value: str, instance_path: str | None) -> str:
+    """`DATABASE_DSN=/srv/oauthproxy.db` (a plain path, as the system this replaces accepts) is an SQLite file; a
+    relative path lands in the instance folder, as a relative `sqlite:///name.db` does with Flask-SQLAlchemy."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(instance_path or "instance") / path
+    return f"sqlite:///{path.resolve()}"
+
+
+def _ca_bundle(value: str, problems: list[str]) -> str | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        problems.append(f"CA_BUNDLE must be a PEM file of CA certificates; {value!r} is not a file")
+        return None
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as error:
+        problems.append(f"CA_BUNDLE {value!r} holds no readable PEM certificate: {error}")
+        return None
+    return str(path.resolve())
 
 
 def normalise_database_dsn(dsn: str) -> str:
@@ -227,8 +268,10 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     if not dsn:
         folder = Path(instance_path or "instance")
         dsn = f"sqlite:///{(folder / 'oauthproxy.sqlite3').resolve()}"
+    elif not URL_SCHEME.match(dsn):
+        dsn = database_dsn_from_path(dsn, instance_path)
     elif not dsn.startswith(("sqlite:", "postgres://", "postgresql://", "postgresql+psycopg://")):
-        problems.append(f"DATABASE_DSN must be a sqlite:/// path or a postgresql:// URL; got a value starting {dsn.split(':', 1)[0]!r}")
+        problems.append(f"DATABASE_DSN must be a sqlite:/// URL, a path to an SQLite file or a postgresql:// URL; got a value starting {dsn.split(':', 1)[0]!r}")
 
     for name in ("OAUTH_TOKEN_URL", "OAUTH_USERINFO_URL"):
         if env.get(name, "").strip():
@@ -255,6 +298,10 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
 
     routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
+    ca_bundle = _ca_bundle(env.get("CA_BUNDLE", "").strip(), problems)
+    github_api_url = env.get("GITHUB_API_URL", "").strip() or None
+    if github_api_url:
+        github_api_url = _origin_url("GITHUB_API_URL", github_api_url, problems)
 
     if problems:
         raise ConfigError(problems)
@@ -294,4 +341,6 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         metrics_token=metrics_token,
         routes=routes,
         proxy=proxy,
+        ca_bundle=ca_bundle,
+        github_api_url=github_api_url,
     )

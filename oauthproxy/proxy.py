@@ -274,8 +274,10 @@ def query_without_tokens(query: str) -> str:
 class DownstreamProxy:
     """Forwards requests to downstream MCP servers with one pooled `requests.Session` per worker process."""
 
-    def __init__(self, settings: ProxySettings, public_url: str, proxy_cookie_names: frozenset[str]):
+    def __init__(self, settings: ProxySettings, public_url: str, proxy_cookie_names: frozenset[str],
+                 ca_bundle: str | None = None):
         self.settings = settings
+        self.ca_bundle = ca_bundle  # CA_BUNDLE: downstream servers with certificates from a private PKI
         parts = urlsplit(public_url)
         self.public_host, self.public_scheme = parts.netloc, parts.scheme
         self.proxy_cookie_names = proxy_cookie_names
@@ -294,6 +296,7 @@ class DownstreamProxy:
                     # Otherwise requests re-reads proxy variables and .netrc on every call (and might route
                     # the downstream's traffic, credentials included, through an HTTP(S)_PROXY).
                     session.trust_env = False
+                    session.verify = self.ca_bundle or True
                     session.headers.clear()  # forward what the client sent, not requests' defaults
                     adapter = _PooledAdapter(pool_connections=16, pool_maxsize=self.settings.downstream_pool_size)
                     session.mount("http://", adapter)

@@ -352,7 +352,7 @@ def init_resource_server(app: Flask, settings: Settings) -> None:
     app.extensions["upstream_refresh_locks"] = KeyedLocks()
     app.extensions["downstream_proxy"] = DownstreamProxy(
         settings.proxy, settings.public_url,
-        frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}))
+        frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}), settings.ca_bundle)
     app.url_map.converters["below"] = BelowRoute
     for index, route in enumerate(settings.routes):
         defaults = {"route_name": route.name}

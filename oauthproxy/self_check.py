@@ -49,6 +49,15 @@ class Finding:
         return f"  {self.level.upper() if self.level == 'fail' else self.level:<5} {self.subject}: {self.message}"
 
 
+def database_problem(dsn: str, error: Exception) -> str:
+    """A database that cannot be used, in one line (here and at gunicorn's start-up): where, why, what to check."""
+    where = make_url(dsn).render_as_string(hide_password=True)
+    cause = getattr(error, "orig", None) or error  # the driver's own error, without SQLAlchemy's background link
+    reason = " ".join(str(cause).split())[:300]
+    return (f"cannot use {where}: {type(cause).__name__}: {reason}{'' if reason.endswith(('.', '?')) else '.'} "
+            "Check DATABASE_DSN (or DATABASE_URL) and that the database server is running.")
+
+
 def _reason(error: Exception) -> str:
     """A short reason for a failed connection, without requests' nested exception reprs."""
     text = str(error)
@@ -87,6 +96,8 @@ class SelfCheck:
         self.app, self.timeout, self.walk_public_url = app, timeout, walk_public_url
         self.settings: Settings = app.config["SETTINGS"]
         self.http = requests.Session()
+        self.verify: str | bool = self.settings.ca_bundle or True  # CA_BUNDLE, as the proxy itself connects
+        self.http.verify = self.verify
 
     def run(self) -> Iterator[Finding]:
         with self.app.app_context():
@@ -124,8 +135,7 @@ class SelfCheck:
         try:
             current = schema_is_current(self.app)
         except Exception as error:
-            yield Finding("fail", "database", f"cannot use {where}: {type(error).__name__}: {str(error)[:200]}. "
-                          "Check DATABASE_DSN (or DATABASE_URL) and that the database server is running.")
+            yield Finding("fail", "database", database_problem(self.settings.database_dsn, error))
             return
         if current:
             yield Finding("ok", "database", f"{where} answers and its schema is current")
@@ -165,6 +175,7 @@ class SelfCheck:
             return
         provider_origin = _origin(url)
         browser = requests.Session()
+        browser.verify = self.verify
         for _hop in range(MAX_PROVIDER_HOPS):
             try:
                 response = browser.get(url, allow_redirects=False, timeout=self.timeout)
@@ -237,6 +248,7 @@ class SelfCheck:
             headers[route.credential.header] = route.credential.value
         session = requests.Session()
         session.trust_env = False  # as the proxy itself connects
+        session.verify = self.verify
         try:
             response = session.post(route.downstream_url, json=INITIALIZE, headers=headers, timeout=self.timeout,
                                     allow_redirects=False, stream=True)

@@ -415,6 +415,7 @@ class UpstreamProvider:
         self._client_ready = False
         #: The URL the metadata came from (for logs and a `check` command); None for explicit endpoints.
         self.metadata_url: str | None = None
+        self.ca_bundle: str | None = getattr(settings, "ca_bundle", None)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.settings.oauth_authorize_url}>"
@@ -457,6 +458,8 @@ class UpstreamProvider:
                 "code_challenge_method": "S256",
                 # OAuth2Session applies this to every request it sends (token, userinfo, JWKS).
                 "default_timeout": self.timeout,
+                # CA_BUNDLE (a private PKI), else requests' default (certifi, or REQUESTS_CA_BUNDLE).
+                **({"verify": self.ca_bundle} if self.ca_bundle else {}),
             },
         )
         self._client_ready = False
@@ -514,6 +517,8 @@ class UpstreamProvider:
         """GET one metadata URL: (document, "") or (None, reason).  Network errors raise transient."""
         try:
             with requests.Session() as session:
+                if self.ca_bundle:
+                    session.verify = self.ca_bundle
                 response = session.get(url, headers={"Accept": "application/json"}, timeout=self.timeout)
         except requests.RequestException as exc:
             raise UpstreamError(
@@ -1168,6 +1173,11 @@ def build_upstream_provider(settings: UpstreamSettings) -> UpstreamProvider:
     if kind == "github":
         # A full github.com authorize URL or just https://github.com: the endpoints are fixed.
         return GitHubProvider(settings, token_url=settings.oauth_token_url or None)
+    if getattr(settings, "github_api_url", None):
+        # GitHub Enterprise Server: GITHUB_API_URL (https://HOST/api/v3) says so; its OAuth endpoints are on HOST.
+        origin = "{0.scheme}://{0.netloc}".format(urlsplit(url.strip()))
+        return GitHubProvider(settings, authorize_url=origin + "/login/oauth/authorize",
+                              token_url=settings.oauth_token_url or origin + "/login/oauth/access_token")
     if settings.oauth_token_url:
         if not settings.oauth_userinfo_url:
             raise UpstreamError(

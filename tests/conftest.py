@@ -37,6 +37,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ensure_database(dsn: str) -> None:
+    """Create the database `dsn` names when the server lacks it (a fresh PostgreSQL has only `postgres`)."""
+    try:
+        psycopg.connect(dsn, connect_timeout=5).close()
+        return
+    except psycopg.OperationalError as error:
+        if "does not exist" not in str(error):
+            raise
+    base, name = dsn.split("?", 1)[0].rsplit("/", 1)
+    with psycopg.connect(f"{base}/postgres", autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    try:  # several tests connect to POSTGRES_DSN itself; a missing server is reported by the tests that need it
+        ensure_database(POSTGRES_DSN)
+    except psycopg.OperationalError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this session. Missing PostgreSQL fails the run; it is never skipped."""
