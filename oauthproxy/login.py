@@ -14,7 +14,7 @@ from authlib.oauth2.rfc6749.errors import OAuth2Error
 from flask import Response, current_app, redirect, session
 from sqlalchemy import delete
 
-from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, canonical_resource
+from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
@@ -22,6 +22,7 @@ from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
+from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
 

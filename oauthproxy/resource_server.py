@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
 
-from oauthproxy.authorization_server import canonical_resource
 from oauthproxy.config import Settings
 from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
@@ -32,6 +31,7 @@ from oauthproxy.upstream_tokens import (
     refresh_upstream_access,
     revoke_unreadable_grant,
 )
+from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
 
