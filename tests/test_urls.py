@@ -46,6 +46,8 @@ def test_redirect_uris_allowed_by_default(uri: str) -> None:
     ("https://accounts.google.com@evil.example/cb", "user name or password"),
     ("http://user@127.0.0.1:9/cb", "user name or password"), ("cursor://me@cb/x", "user name or password"),
     ("https://client.example.test/cb#frag", "fragment"), ("cursor://cb#x", "fragment"),
+    ("https://evil.example%40accounts.google.com/cb", "not a plain DNS name"),
+    ("https://evil.example%2F@x/cb", "user name or password"), ("https://-x.example/cb", "not a plain DNS name"),
     ("https:///cb", "no host"), ("/relative/cb", "no scheme"), ("cb", "no scheme"),
     ("http://[::1", "not a well-formed URL"), ("http://127.0.0.1:99999/cb", "not a well-formed URL"),
     ("http://127.0.0.1:x/cb", "not a well-formed URL"),
