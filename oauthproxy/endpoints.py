@@ -10,6 +10,7 @@ from werkzeug.exceptions import RequestEntityTooLarge, TooManyRequests
 
 from oauthproxy import consent
 from oauthproxy.database import purge_if_due
+from oauthproxy.errors import safe_description
 from oauthproxy.login import (
     SINGLE_VALUED,
     AuthorizationPageError,
@@ -190,8 +191,17 @@ def malformed_token_request() -> Response | None:
     return None
 
 
+def prefers_json() -> bool:
+    """The request ranks JSON above HTML (mcp-remote probes /authorize so to spot a stale registration)."""
+    # Ties (e.g. `*/*`) go to HTML: a browser must always get the page.
+    return request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json"
+
+
 @blueprint.app_errorhandler(AuthorizationPageError)
 def authorization_page_error(error: AuthorizationPageError) -> Response:
+    if request.path == "/authorize" and prefers_json():
+        # RFC 6749 §5.2 shape; 400 because no client authentication was attempted (401 is for that case).
+        return oauth_error(error.status, error.error, safe_description(error.message))
     response = Response(render_template("error.html", title=error.title, message=error.message,
                                         continue_url=error.continue_url), status=error.status)
     response.headers.update(consent.CONSENT_PAGE_HEADERS)

@@ -14,7 +14,7 @@ from authlib.oauth2.rfc6749.errors import OAuth2Error
 from flask import Response, current_app, redirect, session
 from sqlalchemy import delete
 
-from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest, canonical_resource
+from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.clock import database_now
 from oauthproxy.config import Settings
@@ -23,6 +23,7 @@ from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
+from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,11 @@ SINGLE_VALUED = ("response_type", "client_id", "redirect_uri", "scope", "state",
 class AuthorizationPageError(Exception):
     """An error shown to the person as a page: the client or redirect URI is not validated (OAuth 2.1 §7.12.2)."""
 
-    def __init__(self, status: int, title: str, message: str, continue_url: str | None = None):
+    def __init__(self, status: int, title: str, message: str, continue_url: str | None = None, *,
+                 error: str = "invalid_request"):
         super().__init__(message)
         self.status, self.title, self.message, self.continue_url = status, title, message, continue_url
+        self.error = error  # the OAuth error code, for a client that asks for JSON instead of the page
 
 
 class AuthorizationRedirectError(Exception):
@@ -113,7 +116,8 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
         if error.error == "invalid_client" and not reason:
             message = (f"The client {client_id!r} is not registered here. If it was registered before, its "
                        "registration may have expired: remove the server in your MCP client and add it again.")
-        raise AuthorizationPageError(400, "This sign-in request cannot continue", message) from None
+        raise AuthorizationPageError(400, "This sign-in request cannot continue", message,
+                                     error=error.error or "invalid_request") from None
     redirect_uri = params.get("redirect_uri") or grant.request.client.get_default_redirect_uri()
     state = params.get("state")
 

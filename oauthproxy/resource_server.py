@@ -14,7 +14,6 @@ from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
 from werkzeug.routing import PathConverter
 
-from oauthproxy.authorization_server import canonical_resource
 from oauthproxy.config import Settings
 from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
@@ -33,6 +32,7 @@ from oauthproxy.upstream_tokens import (
     refresh_upstream_access,
     revoke_unreadable_grant,
 )
+from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
 

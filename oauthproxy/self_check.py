@@ -12,9 +12,9 @@ import requests
 from flask import Flask
 from sqlalchemy.engine import make_url
 
-from oauthproxy.authorization_server import canonical_resource
 from oauthproxy.config import Settings
 from oauthproxy.routes import Route
+from oauthproxy.urls import canonical_resource
 
 Level = Literal["ok", "info", "warn", "fail"]
 

@@ -8,6 +8,8 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 #: RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*$")
+#: A DNS name (IDNs in their xn-- form) or an IPv4 literal; IPv6 literals are bracketed and checked by urlsplit.
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
 
 #: Schemes that run code, read local data or open the browser's own pages: never a redirect target.
 NEVER_REDIRECT_SCHEMES = frozenset({
@@ -93,6 +95,9 @@ def redirect_uri_problem(uri: object, private_use_schemes: frozenset[str] | None
     if scheme in ("http", "https"):
         if not parts.hostname:
             return "has no host"
+        if not _HOST_RE.match(parts.hostname) and not parts.netloc.startswith("["):
+            # e.g. `evil.example%40trusted.example`: the consent page shows the host, so it must read as one
+            return "has a host that is not a plain DNS name or IP address"
         if scheme == "https" or is_loopback_host(parts.hostname):
             return None
         return ("uses http on a host that is not loopback; use https, or http on a loopback address "

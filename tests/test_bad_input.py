@@ -149,6 +149,29 @@ def test_authorize_with_unknown_client_id_is_a_page(proxy: RunningProxy) -> None
     assert_page(response, text="is not registered here")
 
 
+@pytest.mark.parametrize("accept", ["application/json", "application/json, text/plain, */*",
+                                    "text/html;q=0.5, application/json"])
+def test_authorize_with_unknown_client_id_is_json_when_json_is_preferred(proxy: RunningProxy, accept: str) -> None:
+    """mcp-remote checks a stored registration so; with the HTML page it waited for a browser until its timeout."""
+    client = new_client(proxy)
+    url = client.authorize_url(client_id="no-such-client-" + secrets.token_hex(8))
+    response = requests.get(url, headers={"Accept": accept}, allow_redirects=False, timeout=15)
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["Cache-Control"] == "no-store" and "Location" not in response.headers
+    body = response.json()
+    assert body["error"] == "invalid_client" and "is not registered here" in body["error_description"]
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                                    "application/json;q=0.5, text/html"])
+def test_authorize_with_unknown_client_id_is_a_page_for_browsers(proxy: RunningProxy, accept: str | None) -> None:
+    client = new_client(proxy)
+    url = client.authorize_url(client_id="no-such-client-" + secrets.token_hex(8))
+    headers = {"Accept": accept} if accept is not None else {}
+    assert_page(requests.get(url, headers=headers, allow_redirects=False, timeout=15), text="is not registered here")
+
+
 def test_authorize_page_escapes_a_hostile_client_id(proxy: RunningProxy) -> None:
     client = new_client(proxy)
     response = get(client.authorize_url(client_id='<script>alert("x")</script>'))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oauthproxy.config import load_settings
 from oauthproxy.urls import (
@@ -46,6 +48,8 @@ def test_redirect_uris_allowed_by_default(uri: str) -> None:
     ("https://accounts.google.com@evil.example/cb", "user name or password"),
     ("http://user@127.0.0.1:9/cb", "user name or password"), ("cursor://me@cb/x", "user name or password"),
     ("https://client.example.test/cb#frag", "fragment"), ("cursor://cb#x", "fragment"),
+    ("https://evil.example%40accounts.google.com/cb", "not a plain DNS name"),
+    ("https://evil.example%2F@x/cb", "user name or password"), ("https://-x.example/cb", "not a plain DNS name"),
     ("https:///cb", "no host"), ("/relative/cb", "no scheme"), ("cb", "no scheme"),
     ("http://[::1", "not a well-formed URL"), ("http://127.0.0.1:99999/cb", "not a well-formed URL"),
     ("http://127.0.0.1:x/cb", "not a well-formed URL"),
@@ -111,3 +115,29 @@ def test_canonical_resource_and_origin_forms() -> None:
     assert canonical_resource(" HTTPS://MCP.Example.com/mcp/?x=1 ") == "https://mcp.example.com/mcp"
     assert normalise_origin("HTTP://LocalHost:6274") == "http://localhost:6274"
     assert normalise_origin("null") == "null"
+
+
+# --- properties: whatever the input, the rules answer; they never raise --------------------------------------------
+
+URL_ALPHABET = st.sampled_from(list("abc019:/?#[]@%.-_~!$&'()*+,;= \\\"<>\x00\x7f\u00e9")) | st.characters()
+URLS = st.one_of(
+    st.text(URL_ALPHABET, max_size=60),
+    st.builds(lambda scheme, rest: f"{scheme}:{rest}",
+              st.sampled_from(["http", "https", "HTTP", "cursor", "javascript", "data", "com.example.app", "x"]),
+              st.text(URL_ALPHABET, max_size=50)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(URLS)
+def test_url_rules_never_raise(url: str) -> None:
+    problem = redirect_uri_problem(url)
+    assert problem is None or isinstance(problem, str)
+    assert isinstance(redirect_target(url), str)
+    assert isinstance(canonical_resource(url), str) and isinstance(normalise_origin(url), str)
+    if problem is None:
+        # What the policy allows is absolute, has no fragment and no user part, and is http(s) only with a host.
+        parts = split_url(url)
+        assert "#" not in url and "@" not in parts.netloc and parts.scheme
+        if parts.scheme.lower() == "http":
+            assert is_loopback_host(parts.hostname or "")
