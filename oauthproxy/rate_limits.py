@@ -132,6 +132,8 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     @app.after_request
     def rate_limit_headers(response: Response) -> Response:
         """X-RateLimit-* on the responses of limited endpoints only; Retry-After only with the 429 itself."""
+        if request.endpoint not in limited:
+            return response  # the MCP hot path: one set lookup
         current = limiter.current_limit
         if current is None:
             return response
