@@ -9,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.rate_limits import SqliteCounterStorage
 from tests.conftest import RunningProxy
 from tests.proxy_fixtures import GunicornProxy, start_gunicorn_fixture  # noqa: F401 (fixture)
 from tests.test_authorization_flow import assert_token_response
+from tests.test_config import GOOD
 
 REGISTRATION = {"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none",
                 "client_name": "Rate Limit Test"}
@@ -72,3 +74,9 @@ def test_counter_storage_counts_windows(tmp_path) -> None:
     assert other.get("k") == 0 and storage.check()
     with pytest.raises(ValueError, match="names a file"):
         SqliteCounterStorage("sqlite:///")
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite://host/x", "sqlite:////tmp/"])
+def test_a_counters_uri_without_a_file_is_a_configuration_error(uri: str) -> None:
+    with pytest.raises(ConfigError, match="RATE_LIMIT_STORAGE_URI as sqlite names a file"):
+        load_settings({**GOOD, "RATE_LIMIT_STORAGE_URI": uri})
