@@ -45,6 +45,15 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="oauthproxy-metrics-")
 
+# Rate limits: without RATE_LIMIT_STORAGE_URI (Redis shares counters between instances), this master's workers share
+# one budget through a counters file in a fresh folder (oauthproxy.rate_limits.SqliteCounterStorage), so a limit
+# means the same whatever WEB_CONCURRENCY is.
+if not os.environ.get("RATE_LIMIT_STORAGE_URI"):
+    import tempfile
+
+    _counters = os.path.join(tempfile.mkdtemp(prefix="oauthproxy-ratelimits-"), "counters.sqlite3")
+    os.environ["RATE_LIMIT_STORAGE_URI"] = "sqlite:///" + _counters  # an absolute path: sqlite:////tmp/...
+
 
 def _reset_metrics_folder() -> None:
     """A folder the operator named may hold an earlier run's files, whose counts would be added in."""

@@ -296,6 +296,12 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         problems.append(f"METRICS_TOKEN must be at least 16 characters (e.g. `oauthproxy gen-key`); got {len(metrics_token)}")
     private_use_schemes = _private_use_schemes(env, problems)
 
+    rate_limit_storage = env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://"
+    if rate_limit_storage.startswith("sqlite:") and (not rate_limit_storage.startswith("sqlite:///")
+                                                     or rate_limit_storage.endswith("/")):
+        problems.append("RATE_LIMIT_STORAGE_URI as sqlite names a file: sqlite:////absolute/path or "
+                        f"sqlite:///relative/path; got {rate_limit_storage!r}")
+
     routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
     ca_bundle = _ca_bundle(env.get("CA_BUNDLE", "").strip(), problems)
@@ -334,7 +340,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         register_rate_limit=env.get("REGISTER_RATE_LIMIT", "").strip() or "20 per minute",
         authorize_rate_limit=env.get("AUTHORIZE_RATE_LIMIT", "").strip() or "60 per minute",
         token_rate_limit=env.get("TOKEN_RATE_LIMIT", "").strip() or "120 per minute",
-        rate_limit_storage_uri=env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://",
+        rate_limit_storage_uri=rate_limit_storage,
         secret_key=secret_key,
         trusted_proxy_hops=trusted_proxy_hops,
         log_format=log_format,

@@ -131,6 +131,20 @@ def test_provider_failing_at_the_code_exchange_is_temporarily_unavailable(
     assert result["state"] == client.state and "code" not in result
 
 
+def test_provider_hanging_at_the_code_exchange_is_temporarily_unavailable(
+        proxy: RunningProxy, provider_failure_reset) -> None:
+    # The provider answers the token request after 3 s; the proxy's provider timeout is cut to 1 s for the test
+    # (10 s in production, HTTP_TIMEOUT).
+    proxy.app.extensions["upstream"]._client.client_kwargs["default_timeout"] = 1.0
+    client = proxy.register_client()
+    browser = proxy.browser()
+    provider_failure_reset.set_failure("token_delay", delay_ms=3000)
+    started = time.monotonic()
+    result = client.login(browser)
+    assert result["error"] == "temporarily_unavailable", result
+    assert time.monotonic() - started < 3, "the proxy waited for the hung provider"
+
+
 def test_provider_refusing_connections_at_the_code_exchange_is_temporarily_unavailable(start_proxy) -> None:
     # Discovery and login work; the token endpoint (configured explicitly) refuses connections.
     probe = start_proxy()
