@@ -185,10 +185,40 @@ class _SizedBody:
         return data
 
 
-def _chunks(stream: IO[bytes], on_end: Callable[[], None]) -> Iterator[bytes]:
-    while data := stream.read(CHUNK_SIZE):
-        yield data
-    on_end()
+def _read_chunked(stream: IO[bytes], received: int, limit: int) -> bytes:
+    """The next block of a chunked upload, or the client's answer: 400 for broken framing, 413 past `limit`."""
+    try:
+        data = stream.read(CHUNK_SIZE)
+    except Exception as error:  # gunicorn's ParseException is no OSError; werkzeug raises OSError or ValueError
+        log.info("malformed chunked request body: %s", type(error).__name__)
+        raise DownstreamError(400, "invalid_request", "the request body is not valid chunked transfer coding "
+                                                      "(RFC 9112 §7.1): a chunk size or extension is malformed") from None
+    if received + len(data) > limit:
+        raise body_too_large(limit)
+    return data
+
+
+def body_too_large(limit: int) -> DownstreamError:
+    return DownstreamError(413, "request_too_large", f"the request body is larger than {limit} bytes, "
+                                                     "this server's limit (MCP_MAX_BODY_BYTES)")
+
+
+def _chunks(stream: IO[bytes], limit: int, on_end: Callable[[], None]) -> Iterator[bytes]:
+    """A chunked upload, forwarded as it arrives. The first block is read before the downstream is contacted, so a
+    body broken (or too large) from the start is refused without a byte sent; a later bad block raises out of
+    urllib3's send loop, which then closes the connection before the terminating chunk: the downstream never
+    receives a complete request."""
+    first = _read_chunked(stream, 0, limit)
+
+    def blocks(data: bytes) -> Iterator[bytes]:
+        received = 0
+        while data:
+            yield data
+            received += len(data)
+            data = _read_chunked(stream, received, limit)
+        on_end()
+
+    return blocks(first)
 
 
 def _without_cookies(value: str, names: frozenset[str]) -> str:
@@ -351,13 +381,15 @@ class DownstreamProxy:
         length = environ.get("CONTENT_LENGTH", "")
         if length.isdigit():
             size = int(length)
+            if size > self.settings.max_body_bytes:
+                raise body_too_large(self.settings.max_body_bytes)  # before a byte goes downstream
             if size <= SMALL_BODY:
                 # Also spares requests' check whether a body is a readable stream, a runtime Protocol check
                 # that cost ~0.1 ms.
                 return _read_whole(stream, size) if size else None
             return _SizedBody(stream, size, on_end)
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            return _chunks(stream, on_end)  # forwarded chunked, as it arrives
+            return _chunks(stream, self.settings.max_body_bytes, on_end)
         return None
 
     # -- response ---------------------------------------------------------------------------------

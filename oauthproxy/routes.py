@@ -107,6 +107,8 @@ class ProxySettings:
     #: Between events of an open event stream; 0 means no limit (idle GET streams may stay open for hours).
     downstream_stream_idle_timeout: float = 0.0
     downstream_pool_size: int = 256
+    #: The largest request body forwarded (Content-Length, or a chunked body as it grows); larger ones get 413.
+    max_body_bytes: int = 8 * 1024 * 1024
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
@@ -309,17 +311,17 @@ def load_routes(env: Mapping[str, str], public_url: str, scopes_supported: tuple
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float,
-            problems: list[str]) -> float:
+            problems: list[str], unit: str = "seconds") -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        problems.append(f"{name} must be a number of seconds; got {raw!r}")
+        problems.append(f"{name} must be a number of {unit}; got {raw!r}")
         return default
     if not minimum <= value <= maximum:
-        problems.append(f"{name} must be between {minimum:g} and {maximum:g}; got {raw}")
+        problems.append(f"{name} must be between {minimum:.15g} and {maximum:.15g}; got {raw}")
         return default
     return value
 
@@ -343,5 +345,6 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         downstream_read_timeout=_number(env, "DOWNSTREAM_READ_TIMEOUT", 300, 0.1, 86_400, problems),
         downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
         downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
+        max_body_bytes=int(_number(env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 2**40, problems, "bytes")),
     )
 
