@@ -27,14 +27,15 @@ PROTECTED_HEADERS = frozenset({
 })
 
 ROUTE_KEYS = frozenset({
-    "name", "path", "url", "scopes", "allowed_emails", "allowed_email_domains", "identity_headers", "credential",
-    "credential_header", "credential_scheme", "credential_env", "credential_file",
+    "name", "path", "url", "scopes", "allowed_emails", "allowed_email_domains", "identity_headers",
+    "forward_access_token", "credential", "credential_header", "credential_scheme", "credential_env", "credential_file",
 })
 
 #: `MCP_SERVER_URL` alone is one route; these variables configure it the way a routes-file entry would.
 SINGLE_ROUTE_ENV = {
     "scopes": "MCP_REQUIRED_SCOPES",
     "identity_headers": "DOWNSTREAM_IDENTITY_HEADERS",
+    "forward_access_token": "DOWNSTREAM_FORWARD_ACCESS_TOKEN",
     "credential": "DOWNSTREAM_CREDENTIAL",
     "credential_header": "DOWNSTREAM_CREDENTIAL_HEADER",
     "credential_scheme": "DOWNSTREAM_CREDENTIAL_SCHEME",
@@ -75,6 +76,9 @@ class Route:
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
     identity_headers: bool = True
+    #: The user's provider token as `X-Forwarded-Access-Token`: only to a downstream that calls the provider's APIs
+    #: for the user. Default: on where `credential = "upstream_token"` with identity headers, off everywhere else.
+    forward_access_token: bool = False
     credential: DownstreamCredential = field(default_factory=DownstreamCredential)
 
     @property
@@ -84,7 +88,7 @@ class Route:
 
     @property
     def forwards_upstream_token(self) -> bool:
-        return self.identity_headers or self.credential.kind == "upstream_token"
+        return self.forward_access_token or self.credential.kind == "upstream_token"
 
     def user_is_allowed(self, email: str | None) -> bool:
         return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
@@ -244,6 +248,8 @@ def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapp
         if missing:
             problems.append(f"{where}: scopes {', '.join(missing)} are not in SCOPES_SUPPORTED, so no token could "
                             "ever carry them")
+    identity_headers = _bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems)
+    credential = _credential(entry, where, env, problems)
     emails = _strings(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
     domains = _strings(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
     return Route(
@@ -254,8 +260,10 @@ def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapp
         required_scopes=scopes,
         allowed_emails=frozenset(email.lower() for email in emails),
         allowed_email_domains=frozenset(domain.lower().lstrip("@") for domain in domains),
-        identity_headers=_bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems),
-        credential=_credential(entry, where, env, problems),
+        identity_headers=identity_headers,
+        forward_access_token=_bool(entry.get("forward_access_token", identity_headers and credential.kind == "upstream_token"),
+                                   f"{where}: forward_access_token", problems),
+        credential=credential,
     )
 
 

@@ -106,8 +106,9 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     assert seen.header("X-Forwarded-User") == "alice"
     assert seen.header("X-Forwarded-Email") == "alice@example.com"
     assert seen.header("X-Forwarded-Name") == "Alice Liddell"
-    upstream_token = upstream_token_of(front.app, login.access_token)
-    assert seen.header("X-Forwarded-Access-Token") == upstream_token
+    # The user's provider token goes only to routes that ask for it (forward_access_token, upstream_token).
+    assert seen.header("X-Forwarded-Access-Token") is None
+    assert upstream_token_of(front.app, login.access_token) not in str(seen.headers)
     assert seen.header("X-Forwarded-For") == "127.0.0.1"
     assert seen.header("X-Forwarded-Host") == front.url.split("//", 1)[1]
     assert seen.header("X-Forwarded-Proto") == "http"
@@ -132,7 +133,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
 def test_the_upstream_token_sent_downstream_works_at_the_provider(serve: Callable[..., Front],
                                                                     echo_downstream: EchoServer,
                                                                     oidc_provider) -> None:
-    front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(front.url, front.url + "/mcp", login_hint="bob")
     assert requests.post(front.url + "/mcp", headers=login.bearer, timeout=10).status_code == 200
     token = echo_downstream.last().header("X-Forwarded-Access-Token")
@@ -146,11 +147,15 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
     key_file.write_text("file-api-key-123\n")
     modes = {
         "identity": {},  # the default: identity headers only
+        "identity-token": {"forward_access_token": True},
         "upstream": {"credential": "upstream_token", "identity_headers": False},
         "upstream-identity": {"credential": "upstream_token"},
+        "upstream-identity-no-token": {"credential": "upstream_token", "forward_access_token": False},
         "static-bearer": {"credential": "static", "credential_env": "TEST_DOWNSTREAM_TOKEN", "identity_headers": False},
         "static-key-identity": {"credential": "static", "credential_header": "X-API-Key",
                                 "credential_file": str(key_file)},
+        "static-key-token": {"credential": "static", "credential_header": "X-API-Key", "credential_file": str(key_file),
+                             "forward_access_token": "yes"},
         "nothing": {"identity_headers": False},
     }
     routes = write_routes(tmp_path / "routes.toml", [
@@ -163,12 +168,15 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
         login = log_in(front.url, f"{front.url}/mcp/{name}")
         upstream = upstream_token_of(front.app, login.access_token)
         expected = {
-            "identity": {**identity, "x-forwarded-access-token": upstream},
+            "identity": identity,  # a static key or plain identity route never sees the user's provider token
+            "identity-token": {**identity, "x-forwarded-access-token": upstream},
             "upstream": {"authorization": f"Bearer {upstream}"},
             "upstream-identity": {**identity, "x-forwarded-access-token": upstream,
                                   "authorization": f"Bearer {upstream}"},
+            "upstream-identity-no-token": {**identity, "authorization": f"Bearer {upstream}"},
             "static-bearer": {"authorization": "Bearer static-token-456"},
-            "static-key-identity": {**identity, "x-forwarded-access-token": upstream, "x-api-key": "file-api-key-123"},
+            "static-key-identity": {**identity, "x-api-key": "file-api-key-123"},
+            "static-key-token": {**identity, "x-forwarded-access-token": upstream, "x-api-key": "file-api-key-123"},
             "nothing": {},
         }[name]
         # The client tries to supply the credential headers itself; only the configured ones may arrive.
@@ -179,7 +187,7 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
         assert seen.target == f"/{name}"
         arrived = {header.lower(): value for header, value in seen.headers if header.lower() in AUTH_HEADERS}
         assert len(arrived) == len([h for h, _ in seen.headers if h.lower() in AUTH_HEADERS]), name  # no duplicates
-        if name != "static-key-identity":
+        if not name.startswith("static-key"):
             expected = {**expected, "x-api-key": "client-key"}  # an ordinary header where the route sets none
         assert arrived == expected, name
         assert seen.header("X-Forwarded-Proto") == "http"  # forwarding headers are not identity: always there
