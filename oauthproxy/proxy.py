@@ -37,9 +37,20 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 #: Origin (checked here; SDK servers answer 403 to a foreign one), and the body framing requests recomputes.
 DROPPED_REQUEST_HEADERS = frozenset({"host", "authorization", "origin", "content-length", "expect", "forwarded",
                                      "x-real-ip"})
+#: Client headers other stacks trust for identity, the client address or the original URL, removed as the
+#: X-Forwarded-* ones are: a downstream behind another proxy, or a framework that reads them, must not take a
+#: client's word for who it is (Apache's and IIS's Remote-User, X-Original-URL and X-Rewrite-URL; CDN client
+#: addresses).
+IDENTITY_SPOOFING_HEADERS = frozenset({"remote-user", "x-original-url", "x-rewrite-url", "x-original-uri",
+                                       "true-client-ip", "cf-connecting-ip", "x-client-ip", "x-cluster-client-ip",
+                                       "fastly-client-ip"})
+#: The same, by prefix: X-Forwarded-* (ours to set), oauth2-proxy's X-Auth-Request-*, Kubernetes' and Apache's
+#: X-Remote-*, Azure's X-MS-Client-Principal*, Google IAP's, AWS ALB's and Cloudflare Access's identity headers.
+IDENTITY_SPOOFING_PREFIXES = ("x-forwarded-", "x-auth-request-", "x-remote-", "x-ms-client-principal",
+                              "x-goog-authenticated-user-", "x-amzn-oidc-", "cf-access-")
 #: The WSGI server writes its own.
 DROPPED_RESPONSE_HEADERS = frozenset({"date", "server"})
-_NEVER_FORWARDED = HOP_BY_HOP | DROPPED_REQUEST_HEADERS
+_NEVER_FORWARDED = HOP_BY_HOP | DROPPED_REQUEST_HEADERS | IDENTITY_SPOOFING_HEADERS
 #: Sent as the first bytes of an event stream so the status line and headers leave the WSGI server at once
 #: (gunicorn sends them only with the first body chunk); SSE parsers ignore comment lines.
 SSE_OPENING_COMMENT = b": stream open\n\n"
@@ -364,7 +375,7 @@ class DownstreamProxy:
                 continue
             lower = key[5:].replace("_", "-").lower()
             if (lower in _NEVER_FORWARDED or lower in connection_tokens or lower in own
-                    or lower.startswith("x-forwarded-")):
+                    or lower.startswith(IDENTITY_SPOOFING_PREFIXES)):
                 continue
             if lower == "cookie":
                 # The proxy's own session and consent cookies are its secrets, not the downstream's.

@@ -272,3 +272,38 @@ def test_downstream_answers_are_mapped_safely(serve: Callable[..., Front], echo_
         connection.close()
         assert status == 400, path
     assert len(echo_downstream.seen) == count  # nothing outside the route's prefix reached the downstream
+
+
+#: Headers other stacks trust for identity or for the original URL (oauth2-proxy, Apache, Kubernetes' front proxy,
+#: IIS, Azure, Google IAP, AWS ALB, Cloudflare): a client must not be able to set them for the downstream.
+SPOOFED = ["Remote-User", "X-Remote-User", "X-Remote-Group", "X-Remote-Extra-Scopes", "X-Auth-Request-User",
+           "X-Auth-Request-Email", "X-Auth-Request-Groups", "X-Auth-Request-Preferred-Username",
+           "X-Auth-Request-Access-Token", "X-Forwarded-Groups", "X-Forwarded-Preferred-Username", "X-Original-URL",
+           "X-Rewrite-URL", "X-Original-URI", "True-Client-IP", "CF-Connecting-IP", "X-Client-IP",
+           "X-Cluster-Client-IP", "Fastly-Client-IP", "X-MS-Client-Principal-Name", "X-MS-Client-Principal",
+           "X-Goog-Authenticated-User-Email", "X-Amzn-Oidc-Identity", "X-Amzn-Oidc-Data",
+           "Cf-Access-Authenticated-User-Email", "Cf-Access-Jwt-Assertion"]
+
+
+def test_identity_headers_other_stacks_trust_are_removed_in_every_spelling(serve: Callable[..., Front],
+                                                                          echo_downstream: EchoServer) -> None:
+    front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    login = log_in(front.url, front.url + "/mcp")
+    host, port = front.url.split("//", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/mcp")
+    connection.putheader("Authorization", login.bearer["Authorization"])
+    for name in SPOOFED:
+        for spelling in (name, name.lower(), name.upper()):  # each also twice over: duplicates
+            connection.putheader(spelling, "mallory")
+    connection.putheader("Remote_User", "mallory-underscore")
+    connection.putheader("X-Custom-User", "kept")
+    connection.putheader("Content-Length", "0")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    connection.close()
+    seen = echo_downstream.last()
+    assert "mallory" not in str(seen.headers), [(key, value) for key, value in seen.headers if "mallory" in value]
+    assert seen.header("X-Custom-User") == "kept"  # only the names other stacks trust are removed
+    assert seen.header("X-Forwarded-User") == "alice"
