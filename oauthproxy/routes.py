@@ -113,6 +113,8 @@ class ProxySettings:
     downstream_pool_size: int = 256
     #: The largest request body forwarded (Content-Length, or a chunked body as it grows); larger ones get 413.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: An MCP session unused this long is forgotten (its id then gets 404 and the client opens a new one).
+    session_idle_timeout: float = 86_400.0
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
@@ -354,5 +356,6 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
         downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
         max_body_bytes=int(_number(env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 2**40, problems, "bytes")),
+        session_idle_timeout=_number(env, "MCP_SESSION_IDLE_TIMEOUT", 86_400, 60, 30 * 86_400, problems),
     )
 

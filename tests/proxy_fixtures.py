@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import signal
 import socket
@@ -125,7 +126,8 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         # What an MCP server answers with; hop-by-hop ones must not reach the client.
-        self.send_header("Mcp-Session-Id", "downstream-session-1")
+        # The client's session, or a new one as an MCP server's initialize answer would open.
+        self.send_header("Mcp-Session-Id", self.headers.get("Mcp-Session-Id") or f"downstream-{secrets.token_hex(8)}")
         self.send_header("MCP-Protocol-Version", "2025-11-25")
         self.send_header("X-Downstream-Custom", "kept")
         self.send_header("Keep-Alive", "timeout=5")

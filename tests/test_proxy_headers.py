@@ -76,6 +76,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(front.url, front.url + "/mcp")
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search"}}'
+    session = requests.post(front.url + "/mcp", headers=login.bearer, timeout=10).headers["Mcp-Session-Id"]
     sent = {
         **login.bearer,
         # spoofing attempts: identity and forwarding headers are the proxy's to set
@@ -88,7 +89,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
         "Upgrade": "websocket", "Proxy-Authorization": "Basic cHJveHk6cHc=",
         "Origin": front.url,
         # MCP headers pass untouched
-        "Mcp-Session-Id": "session-7", "MCP-Protocol-Version": "2025-06-18", "Last-Event-ID": "42",
+        "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-06-18", "Last-Event-ID": "42",
         "Mcp-Method": "tools/call", "Mcp-Name": "search", "Mcp-Param-Region": "eu-west",
         "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
         "Cookie": "oauthproxy-session=proxy-secret; theme=dark; oauthproxy-consent=also-secret",
@@ -123,7 +124,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     assert seen.header("Cookie") == "theme=dark"  # the proxy's own cookies stay with the proxy
 
     # Back to the client: MCP headers and the downstream's own headers, no hop-by-hop ones, no buffering.
-    assert response.headers["Mcp-Session-Id"] == "downstream-session-1"
+    assert response.headers["Mcp-Session-Id"] == session
     assert response.headers["MCP-Protocol-Version"] == "2025-11-25"
     assert response.headers["X-Downstream-Custom"] == "kept"
     assert response.headers["X-Accel-Buffering"] == "no"
