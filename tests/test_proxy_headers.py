@@ -76,7 +76,8 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(front.url, front.url + "/mcp")
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search"}}'
-    session = requests.post(front.url + "/mcp", headers=login.bearer, timeout=10).headers["Mcp-Session-Id"]
+    session = requests.post(front.url + "/mcp", headers=login.bearer, json={"jsonrpc": "2.0", "id": 0, "method": "initialize"},
+                            timeout=10).headers["Mcp-Session-Id"]
     sent = {
         **login.bearer,
         # spoofing attempts: identity and forwarding headers are the proxy's to set

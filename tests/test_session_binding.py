@@ -11,7 +11,7 @@ import anyio
 import pytest
 import requests
 from flask import Flask
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from oauthproxy import create_app
 from oauthproxy.database import purge_expired
@@ -29,6 +29,7 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     start_gunicorn_fixture,
 )
 
+INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
 MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
 
@@ -137,7 +138,7 @@ def test_sessions_end_on_delete_and_on_a_downstream_404(start_proxy: Callable[..
     assert len(echo_downstream.seen) == count
 
     for ending in ("DELETE", "404"):
-        session = requests.post(url, headers=alice.bearer, json={}, timeout=10).headers["Mcp-Session-Id"]
+        session = requests.post(url, headers=alice.bearer, json=INITIALIZE, timeout=10).headers["Mcp-Session-Id"]
         with_session = {**alice.bearer, "Mcp-Session-Id": session}
         assert requests.post(url, headers=with_session, json={}, timeout=10).status_code == 200
         assert echo_downstream.last().header("Mcp-Session-Id") == session  # passed untouched
@@ -154,7 +155,8 @@ def test_sessions_end_on_delete_and_on_a_downstream_404(start_proxy: Callable[..
 def test_idle_sessions_are_purged(start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer) -> None:
     first = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", MCP_SESSION_IDLE_TIMEOUT="600")
     alice = log_in(first.url, first.url + "/mcp")
-    session = requests.post(first.url + "/mcp", headers=alice.bearer, json={}, timeout=10).headers["Mcp-Session-Id"]
+    session = requests.post(first.url + "/mcp", headers=alice.bearer, json=INITIALIZE,
+                            timeout=10).headers["Mcp-Session-Id"]
     with first.app.app_context():
         db.session.execute(update(McpSession).where(McpSession.key_hash == session_key("mcp", session))
                            .values(last_seen_at=utcnow() - timedelta(seconds=601)))
@@ -167,3 +169,27 @@ def test_idle_sessions_are_purged(start_proxy: Callable[..., RunningProxy], echo
     refused = requests.post(f"http://{second_url[0]}:{second_url[1]}/mcp",
                             headers={**alice.bearer, "Mcp-Session-Id": session}, json={}, timeout=10)
     assert refused.status_code == 404
+
+
+def test_a_known_session_costs_no_database_query(start_proxy: Callable[..., RunningProxy],
+                                                 echo_downstream: EchoServer) -> None:
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    alice = log_in(proxy.url, proxy.url + "/mcp")
+    url = proxy.url + "/mcp"
+    session = requests.post(url, headers=alice.bearer, json=INITIALIZE, timeout=10).headers["Mcp-Session-Id"]
+    statements: list[str] = []
+    with proxy.app.app_context():
+        engine = db.engine
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        for _ in range(5):
+            assert requests.post(url, headers={**alice.bearer, "Mcp-Session-Id": session}, json={},
+                                 timeout=10).status_code == 200
+            assert requests.post(url, headers=alice.bearer, json={}, timeout=10).status_code == 200
+        assert statements == []
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
