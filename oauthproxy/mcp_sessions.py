@@ -40,24 +40,26 @@ class SessionBindings:
     def __init__(self, idle_timeout: float, max_entries: int = CACHE_ENTRIES):
         self.idle_timeout, self.max_entries = idle_timeout, max_entries
         self.touch_interval = min(TOUCH_INTERVAL, idle_timeout / 4)
-        self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key → (user id, last touched, monotonic)
+        # (route, session id) → (user id, when this worker last touched the row, monotonic). Keyed by the id itself:
+        # memory of this process, and a hash on every request would cost more than the rest of the lookup.
+        self._owners: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _cached(self, key: str) -> tuple[str, float] | None:
+    def _cached(self, key: tuple[str, str]) -> tuple[str, float] | None:
         with self._lock:
             entry = self._owners.get(key)
             if entry is not None:
                 self._owners.move_to_end(key)
             return entry
 
-    def _remember(self, key: str, user_id: str, touched: float) -> None:
+    def _remember(self, key: tuple[str, str], user_id: str, touched: float) -> None:
         with self._lock:
             self._owners[key] = (user_id, touched)
             self._owners.move_to_end(key)
             while len(self._owners) > self.max_entries:
                 self._owners.popitem(last=False)
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._owners.pop(key, None)
 
@@ -67,7 +69,7 @@ class SessionBindings:
         An id the proxy never saw a downstream hand out (or one that ended) is refused like another user's: the
         binding holds only if every session in use is one whose opening we recorded.
         """
-        key = session_key(route_name, session_id)
+        key = (route_name, session_id)
         now = time.monotonic()
         entry = self._cached(key)
         if entry is not None and now - entry[1] > self.idle_timeout:
@@ -75,7 +77,7 @@ class SessionBindings:
             entry = None
         if entry is None:
             row = db.session.execute(select(McpSession.user_id, McpSession.last_seen_at)
-                                     .where(McpSession.key_hash == key)).first()
+                                     .where(McpSession.key_hash == session_key(route_name, session_id))).first()
             db.session.rollback()  # end the read transaction now; a stream may outlive this request
             if row is None or row.last_seen_at <= utcnow() - timedelta(seconds=self.idle_timeout):
                 return False
@@ -84,7 +86,8 @@ class SessionBindings:
         if entry[0] != user_id:
             return False
         if now - entry[1] > self.touch_interval:
-            touched = db.session.execute(update(McpSession).where(McpSession.key_hash == key)
+            touched = db.session.execute(update(McpSession)
+                                         .where(McpSession.key_hash == session_key(route_name, session_id))
                                          .values(last_seen_at=utcnow())).rowcount
             db.session.commit()
             if not touched:  # ended on another instance (DELETE, a downstream 404) or purged
@@ -95,15 +98,15 @@ class SessionBindings:
 
     def record(self, route_name: str, session_id: str, user_id: str) -> None:
         """A downstream handed out this session id in answer to `user_id`: it is theirs from now on."""
-        key = session_key(route_name, session_id)
-        db.session.add(McpSession(key_hash=key, route=route_name, user_id=user_id))
+        key, key_hash = (route_name, session_id), session_key(route_name, session_id)
+        db.session.add(McpSession(key_hash=key_hash, route=route_name, user_id=user_id))
         try:
             db.session.commit()
         except IntegrityError:
             # Already recorded: the same id answered twice, or a downstream that gives one id to several users.
             # The first owner keeps it; anyone else is refused when they use it.
             db.session.rollback()
-            owner = db.session.scalar(select(McpSession.user_id).where(McpSession.key_hash == key))
+            owner = db.session.scalar(select(McpSession.user_id).where(McpSession.key_hash == key_hash))
             db.session.rollback()
             if owner is not None and owner != user_id:
                 log.warning("downstream %s handed a session id already bound to another user; it stays theirs",
@@ -115,9 +118,8 @@ class SessionBindings:
 
     def forget(self, route_name: str, session_id: str) -> None:
         """The session ended (deleted, or the downstream no longer knows it)."""
-        key = session_key(route_name, session_id)
-        self._drop(key)
-        db.session.execute(delete(McpSession).where(McpSession.key_hash == key))
+        self._drop((route_name, session_id))
+        db.session.execute(delete(McpSession).where(McpSession.key_hash == session_key(route_name, session_id)))
         db.session.commit()
 
     def observe(self, route_name: str, method: str, sent: str | None, answered: str | None, status: int,

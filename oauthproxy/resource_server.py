@@ -340,7 +340,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
         response = proxy.forward(route, request.environ, request.stream, validated.caller)
     except DownstreamError as error:
         return _json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
-    answered = response.headers.get("Mcp-Session-Id")
+    answered = response.mcp_session_id
     if session_id is not None or answered is not None:
         try:
             sessions.observe(route.name, request.method, session_id, answered, response.status_code,
