@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import anyio
 import pytest
 import requests
 from flask import Flask
-from sqlalchemy import event, select, update
+from sqlalchemy import event, select, text, update
 
 from oauthproxy import create_app
 from oauthproxy.database import purge_expired
@@ -193,3 +194,23 @@ def test_a_known_session_costs_no_database_query(start_proxy: Callable[..., Runn
         assert statements == []
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_session_store_failure_is_a_json_503_not_a_500(start_proxy: Callable[..., RunningProxy],
+                                                        echo_downstream: EchoServer, tmp_path: Path) -> None:
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp",
+                        DATABASE_DSN=f"sqlite:///{tmp_path / 'own.sqlite3'}")
+    alice = log_in(proxy.url, proxy.url + "/mcp")
+    url = proxy.url + "/mcp"
+    with proxy.app.app_context():
+        db.session.execute(text("DROP TABLE mcp_sessions"))  # the store fails, as a database that went away would
+        db.session.commit()
+    count = len(echo_downstream.seen)
+    for body, headers in ((INITIALIZE, {}), ({}, {"Mcp-Session-Id": "downstream-unknown"})):
+        response = requests.post(url, headers={**alice.bearer, **headers}, json=body, timeout=10)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "temporarily_unavailable" and response.headers["Retry-After"]
+        assert "Mcp-Session-Id" not in response.headers  # a session that could not be bound is not handed out
+    assert len(echo_downstream.seen) == count + 1  # the initialize went through; the unknown id did not
+    # Requests without a session id never touch the store.
+    assert requests.post(url, headers=alice.bearer, json={}, timeout=10).status_code == 200
