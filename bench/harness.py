@@ -273,14 +273,22 @@ class Bench:
                 started = time.perf_counter()
                 load_token(token, route)
                 misses.append((time.perf_counter() - started) * 1e6)
+            # Session binding (issue 16): a known session, answered from this worker's cache.
+            sessions = app.extensions["mcp_sessions"]
+            session_id = f"bench-{time.time_ns()}"
+            sessions.record(route.name, session_id, validated.caller.user_id)
+            started = time.perf_counter()
+            for _ in range(hits):
+                sessions.allows(route.name, session_id, validated.caller.user_id)
+            session_hit_us = (time.perf_counter() - started) * 1e6 / hits
 
-        def queries_per_request(flask_app: Flask, requests_count: int) -> tuple[int, float]:
+        def queries_per_request(flask_app: Flask, requests_count: int, **extra: str) -> tuple[int, float]:
             counted = [0]
             with flask_app.app_context():
                 event.listen(db.engine, "before_cursor_execute", lambda *_: counted.__setitem__(0, counted[0] + 1))
             client = flask_app.test_client()
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
-                       "Accept": "application/json, text/event-stream"}
+                       "Accept": "application/json, text/event-stream", **extra}
 
             def one() -> None:
                 response = client.post(route.path, data=JSON_RPC_BODY, headers=headers)
@@ -297,6 +305,7 @@ class Bench:
             return first, counted[0] / requests_count
 
         first, cached = queries_per_request(app, 200)
+        _, with_session = queries_per_request(app, 200, **{"Mcp-Session-Id": session_id})
         uncached_app = create_app({**env, "TOKEN_CACHE_TTL": "0"})
         _, uncached = queries_per_request(uncached_app, 50)
         for flask_app in (app, uncached_app):
@@ -306,7 +315,8 @@ class Bench:
             "database": env["DATABASE_DSN"].split(":", 1)[0], "hit_us": hit_us,
             "miss_p50_us": percentile(misses, 0.5), "miss_p99_us": percentile(misses, 0.99),
             "queries_first_request": first, "queries_per_request_cached": cached,
-            "queries_per_request_cache_off": uncached}
+            "queries_per_request_cache_off": uncached, "session_hit_us": session_hit_us,
+            "queries_per_request_with_session": with_session}
 
     # -- idle streams ---------------------------------------------------------------------------------------
 

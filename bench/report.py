@@ -196,6 +196,9 @@ def _token(results: dict[str, Any]) -> list[str]:
         ["database queries, first request of a token (miss)", f"{token['queries_first_request']}"],
         ["database queries per proxied request, cached token", f"{token['queries_per_request_cached']:g}"],
         ["database queries per proxied request, `TOKEN_CACHE_TTL=0`", f"{token['queries_per_request_cache_off']:g}"],
+        *([["session binding: a known `Mcp-Session-Id` (cache hit)", f"{token['session_hit_us']:.1f} µs"],
+           ["database queries per proxied request with a known `Mcp-Session-Id`",
+            f"{token['queries_per_request_with_session']:g}"]] if "session_hit_us" in token else []),
     ])
     throughput = results.get("throughput", {})
     cached, uncached = throughput.get("proxy|1"), throughput.get("proxy, token cache off|1")

@@ -12,7 +12,7 @@ from flask import Flask, current_app
 from sqlalchemy import delete, or_, select
 
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
-from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
+from oauthproxy.models import AuthorizationCode, Grant, McpSession, OAuthClient, PendingAuthorization, Token, db, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class PurgeReport:
     tokens: int
     grants: int
     clients: int
+    mcp_sessions: int = 0
 
 
 def purge_expired() -> PurgeReport:
@@ -80,8 +81,10 @@ def purge_expired() -> PurgeReport:
         OAuthClient.last_used_at <= client_cutoff,
         OAuthClient.client_id.not_in(select(Grant.client_id)),
     )).rowcount
+    idle_cutoff = now - timedelta(seconds=settings.proxy.session_idle_timeout)
+    sessions = db.session.execute(delete(McpSession).where(McpSession.last_seen_at <= idle_cutoff)).rowcount
     db.session.commit()
-    return PurgeReport(pending, codes, tokens, grants, clients)
+    return PurgeReport(pending, codes, tokens, grants, clients, sessions)
 
 
 _purge_lock = threading.Lock()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from oauthproxy.routes import Route
 
 IDENTITY_HEADERS = ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Name", "X-Forwarded-Access-Token")
+ACCESS_TOKEN_HEADER = IDENTITY_HEADERS[3]
 
 #: C0 controls (CR and LF among them) and DEL: a value containing them could end the header and start
 #: another one (header injection), or is refused by the downstream's parser.
@@ -38,14 +39,18 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
     """The headers the route adds: identity headers (modes 1-3), then at most one credential header (2 or 3).
 
     The four modes: identity headers only (the default); the user's upstream token as a Bearer token; a static
-    operator-configured secret in a named header; nothing. Identity headers combine with either credential.
+    operator-configured secret in a named header; nothing. Identity headers combine with either credential; the
+    upstream token as `X-Forwarded-Access-Token` is added only where the route's `forward_access_token` says so.
     """
     headers: list[tuple[str, str | bytes]] = []
     if route.identity_headers:
-        for name, value in zip(IDENTITY_HEADERS, (caller.user_id, caller.email, caller.name,
-                                                  caller.upstream_access_token), strict=True):
+        for name, value in zip(IDENTITY_HEADERS[:3], (caller.user_id, caller.email, caller.name), strict=True):
             if value:
                 headers.append((name, header_value(value)))
+    if route.forward_access_token and caller.upstream_access_token:
+        # Only where the route asks for it: a downstream that merely needs to know who calls must not hold a token
+        # that acts as the user at the provider.
+        headers.append((ACCESS_TOKEN_HEADER, header_value(caller.upstream_access_token)))
     credential = route.credential
     if credential.kind == "upstream_token" and caller.upstream_access_token:
         token = header_value(caller.upstream_access_token)

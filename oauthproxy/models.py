@@ -153,3 +153,17 @@ class PendingAuthorization(db.Model):
     @property
     def request_params(self) -> dict:
         return json.loads(self.request_json)
+
+
+class McpSession(db.Model):
+    """An MCP session a downstream opened through a route, and the user it belongs to (MCP RS-5: sessions are bound
+    to their user). Keyed by a hash of the route's name and the `Mcp-Session-Id`: the id itself is never stored."""
+
+    __tablename__ = "mcp_sessions"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    route: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Refreshed at most every few minutes by each worker that serves the session; idle ones are purged.
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

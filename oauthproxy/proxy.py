@@ -37,9 +37,20 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 #: Origin (checked here; SDK servers answer 403 to a foreign one), and the body framing requests recomputes.
 DROPPED_REQUEST_HEADERS = frozenset({"host", "authorization", "origin", "content-length", "expect", "forwarded",
                                      "x-real-ip"})
+#: Client headers other stacks trust for identity, the client address or the original URL, removed as the
+#: X-Forwarded-* ones are: a downstream behind another proxy, or a framework that reads them, must not take a
+#: client's word for who it is (Apache's and IIS's Remote-User, X-Original-URL and X-Rewrite-URL; CDN client
+#: addresses).
+IDENTITY_SPOOFING_HEADERS = frozenset({"remote-user", "x-original-url", "x-rewrite-url", "x-original-uri",
+                                       "true-client-ip", "cf-connecting-ip", "x-client-ip", "x-cluster-client-ip",
+                                       "fastly-client-ip"})
+#: The same, by prefix: X-Forwarded-* (ours to set), oauth2-proxy's X-Auth-Request-*, Kubernetes' and Apache's
+#: X-Remote-*, Azure's X-MS-Client-Principal*, Google IAP's, AWS ALB's and Cloudflare Access's identity headers.
+IDENTITY_SPOOFING_PREFIXES = ("x-forwarded-", "x-auth-request-", "x-remote-", "x-ms-client-principal",
+                              "x-goog-authenticated-user-", "x-amzn-oidc-", "cf-access-")
 #: The WSGI server writes its own.
 DROPPED_RESPONSE_HEADERS = frozenset({"date", "server"})
-_NEVER_FORWARDED = HOP_BY_HOP | DROPPED_REQUEST_HEADERS
+_NEVER_FORWARDED = HOP_BY_HOP | DROPPED_REQUEST_HEADERS | IDENTITY_SPOOFING_HEADERS
 #: Sent as the first bytes of an event stream so the status line and headers leave the WSGI server at once
 #: (gunicorn sends them only with the first body chunk); SSE parsers ignore comment lines.
 SSE_OPENING_COMMENT = b": stream open\n\n"
@@ -185,10 +196,40 @@ class _SizedBody:
         return data
 
 
-def _chunks(stream: IO[bytes], on_end: Callable[[], None]) -> Iterator[bytes]:
-    while data := stream.read(CHUNK_SIZE):
-        yield data
-    on_end()
+def _read_chunked(stream: IO[bytes], received: int, limit: int) -> bytes:
+    """The next block of a chunked upload, or the client's answer: 400 for broken framing, 413 past `limit`."""
+    try:
+        data = stream.read(CHUNK_SIZE)
+    except Exception as error:  # gunicorn's ParseException is no OSError; werkzeug raises OSError or ValueError
+        log.info("malformed chunked request body: %s", type(error).__name__)
+        raise DownstreamError(400, "invalid_request", "the request body is not valid chunked transfer coding "
+                                                      "(RFC 9112 §7.1): a chunk size or extension is malformed") from None
+    if received + len(data) > limit:
+        raise body_too_large(limit)
+    return data
+
+
+def body_too_large(limit: int) -> DownstreamError:
+    return DownstreamError(413, "request_too_large", f"the request body is larger than {limit} bytes, "
+                                                     "this server's limit (MCP_MAX_BODY_BYTES)")
+
+
+def _chunks(stream: IO[bytes], limit: int, on_end: Callable[[], None]) -> Iterator[bytes]:
+    """A chunked upload, forwarded as it arrives. The first block is read before the downstream is contacted, so a
+    body broken (or too large) from the start is refused without a byte sent; a later bad block raises out of
+    urllib3's send loop, which then closes the connection before the terminating chunk: the downstream never
+    receives a complete request."""
+    first = _read_chunked(stream, 0, limit)
+
+    def blocks(data: bytes) -> Iterator[bytes]:
+        received = 0
+        while data:
+            yield data
+            received += len(data)
+            data = _read_chunked(stream, received, limit)
+        on_end()
+
+    return blocks(first)
 
 
 def _without_cookies(value: str, names: frozenset[str]) -> str:
@@ -271,6 +312,12 @@ def query_without_tokens(query: str) -> str:
                     if not any(_is_token_parameter(part.split("=", 1)[0]) for part in pair.split(";")))
 
 
+class ProxiedResponse(Response):
+    """The client's response to a forwarded request, with the downstream's `Mcp-Session-Id` (if any) at hand."""
+
+    mcp_session_id: str | None = None
+
+
 class DownstreamProxy:
     """Forwards requests to downstream MCP servers with one pooled `requests.Session` per worker process."""
 
@@ -337,7 +384,7 @@ class DownstreamProxy:
                 continue
             lower = key[5:].replace("_", "-").lower()
             if (lower in _NEVER_FORWARDED or lower in connection_tokens or lower in own
-                    or lower.startswith("x-forwarded-")):
+                    or lower.startswith(IDENTITY_SPOOFING_PREFIXES)):
                 continue
             if lower == "cookie":
                 # The proxy's own session and consent cookies are its secrets, not the downstream's.
@@ -354,18 +401,20 @@ class DownstreamProxy:
         length = environ.get("CONTENT_LENGTH", "")
         if length.isdigit():
             size = int(length)
+            if size > self.settings.max_body_bytes:
+                raise body_too_large(self.settings.max_body_bytes)  # before a byte goes downstream
             if size <= SMALL_BODY:
                 # Also spares requests' check whether a body is a readable stream, a runtime Protocol check
                 # that cost ~0.1 ms.
                 return _read_whole(stream, size) if size else None
             return _SizedBody(stream, size, on_end)
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            return _chunks(stream, on_end)  # forwarded chunked, as it arrives
+            return _chunks(stream, self.settings.max_body_bytes, on_end)
         return None
 
     # -- response ---------------------------------------------------------------------------------
 
-    def forward(self, route: Route, environ: dict[str, Any], stream: IO[bytes], caller: Caller) -> Response:
+    def forward(self, route: Route, environ: dict[str, Any], stream: IO[bytes], caller: Caller) -> ProxiedResponse:
         """Send the request downstream and return a response whose body streams the downstream's as it arrives."""
         url = self.downstream_url(route, environ)
         watch = ClientWatch(environ)
@@ -382,7 +431,7 @@ class DownstreamProxy:
             watch.stop()
             # urllib3 closed the downstream connection on the way out, so the downstream sees the cancellation.
             log.info("client left before downstream %s answered; request closed", route.name)
-            return Response(status=499)  # nginx's "client closed request"; nobody is there to read it
+            return ProxiedResponse(status=499)  # nginx's "client closed request"; nobody is there to read it
         except BaseException:
             watch.stop()
             raise
@@ -439,7 +488,7 @@ class DownstreamProxy:
                                   f"the request to the downstream MCP server {route.name!r} failed") from None
 
     def _response(self, route: Route, environ: dict[str, Any], downstream: requests.Response,
-                  watch: ClientWatch) -> Response:
+                  watch: ClientWatch) -> ProxiedResponse:
         content_type = downstream.headers.get("Content-Type", "")
         is_event_stream = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
         # A comment cannot be spliced into a compressed body; such a stream starts with its own first bytes.
@@ -448,6 +497,7 @@ class DownstreamProxy:
             self._set_stream_idle_timeout(downstream)
         connection_tokens = {token.strip().lower() for token in downstream.headers.get("Connection", "").split(",")}
         headers = []
+        session_id = None
         for name, value in downstream.raw.headers.items():
             lower = name.lower()
             if lower in HOP_BY_HOP or lower in DROPPED_RESPONSE_HEADERS or lower in connection_tokens:
@@ -456,10 +506,14 @@ class DownstreamProxy:
                 continue
             if lower == "location":
                 value = self._public_location(route, value)
+            elif lower == "mcp-session-id":
+                session_id = value
             headers.append((name, value))
         headers.append(("X-Accel-Buffering", "no"))  # nginx and similar front proxies: do not buffer this
-        response = Response(DownstreamBody(route, downstream.raw, opening, watch), status=downstream.status_code,
-                            headers=headers, direct_passthrough=True)
+        response = ProxiedResponse(DownstreamBody(route, downstream.raw, opening, watch),
+                                   status=downstream.status_code, headers=headers, direct_passthrough=True)
+        # Noted on the way, not looked up: a lookup in Werkzeug's (or requests') headers costs 3-7 µs a request.
+        response.mcp_session_id = session_id
         if not content_type:
             del response.headers["Content-Type"]  # werkzeug adds text/html by default
         return response

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.routing import PathConverter
 
 from oauthproxy.config import Settings
@@ -19,6 +20,7 @@ from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.logs import set_request_user
+from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
 from oauthproxy.proxy import DownstreamError, DownstreamProxy
 from oauthproxy.routes import Route
@@ -217,6 +219,20 @@ def _json_error(status: int, error: str, description: str, headers: dict[str, st
     return response
 
 
+def _session_not_found() -> Response:
+    response = jsonify(SESSION_NOT_FOUND)
+    response.status_code = 404
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _database_unavailable() -> Response:
+    db.session.rollback()
+    log.warning("MCP session binding: the database is unavailable")
+    return _json_error(503, "temporarily_unavailable", "the session store is unavailable; retry shortly",
+                       {"Retry-After": "5"})
+
+
 def unauthorized(route: Route, description: str | None = None, token_sent: bool = True) -> Response:
     """401: no token (no error code, RFC 6750 §3.1) or a token that is bad, expired, revoked or for elsewhere."""
     if not token_sent:
@@ -306,6 +322,17 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     if not route.user_is_allowed(validated.caller.email):
         return _json_error(403, "access_denied", f"this account is not allowed to use {route.path}")
 
+    # RS-5: a session belongs to the user who opened it. Stateless requests (no session id) skip this entirely.
+    session_id = request.environ.get("HTTP_MCP_SESSION_ID")
+    sessions: SessionBindings = current_app.extensions["mcp_sessions"]
+    if session_id is not None:
+        try:
+            allowed = sessions.allows(route.name, session_id, validated.caller.user_id)
+        except SQLAlchemyError:
+            return _database_unavailable()
+        if not allowed:
+            return _session_not_found()
+
     if route.forwards_upstream_token and validated.upstream.needs_refresh(settings.proxy.upstream_refresh_skew):
         try:
             upstream = refresh_upstream_access(current_app._get_current_object(), validated.grant_id,
@@ -326,6 +353,14 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
         response = proxy.forward(route, request.environ, request.stream, validated.caller)
     except DownstreamError as error:
         return _json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
+    answered = response.mcp_session_id
+    if session_id is not None or answered is not None:
+        try:
+            sessions.observe(route.name, request.method, session_id, answered, response.status_code,
+                             validated.caller.user_id)
+        except SQLAlchemyError:
+            response.close()  # a session we could not bind is not handed out
+            return _database_unavailable()
     if response.status_code == 401:
         # The downstream refused the credential we sent; its challenge would point the client at an
         # authorization server it has nothing to do with. Every 401 here carries our own (RS-2).
@@ -350,6 +385,7 @@ def init_resource_server(app: Flask, settings: Settings) -> None:
     app.extensions["routes"] = routes
     app.extensions["token_cache"] = TokenCache(settings.proxy.token_cache_ttl, settings.proxy.token_cache_size)
     app.extensions["upstream_refresh_locks"] = KeyedLocks()
+    app.extensions["mcp_sessions"] = SessionBindings(settings.proxy.session_idle_timeout)
     app.extensions["downstream_proxy"] = DownstreamProxy(
         settings.proxy, settings.public_url,
         frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}), settings.ca_bundle)

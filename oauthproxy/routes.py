@@ -30,14 +30,15 @@ PROTECTED_HEADERS = frozenset({
 })
 
 ROUTE_KEYS = frozenset({
-    "name", "path", "url", "scopes", "allowed_emails", "allowed_email_domains", "identity_headers", "credential",
-    "credential_header", "credential_scheme", "credential_env", "credential_file",
+    "name", "path", "url", "scopes", "allowed_emails", "allowed_email_domains", "identity_headers",
+    "forward_access_token", "credential", "credential_header", "credential_scheme", "credential_env", "credential_file",
 })
 
 #: `MCP_SERVER_URL` alone is one route; these variables configure it the way a routes-file entry would.
 SINGLE_ROUTE_ENV = {
     "scopes": "MCP_REQUIRED_SCOPES",
     "identity_headers": "DOWNSTREAM_IDENTITY_HEADERS",
+    "forward_access_token": "DOWNSTREAM_FORWARD_ACCESS_TOKEN",
     "credential": "DOWNSTREAM_CREDENTIAL",
     "credential_header": "DOWNSTREAM_CREDENTIAL_HEADER",
     "credential_scheme": "DOWNSTREAM_CREDENTIAL_SCHEME",
@@ -68,6 +69,9 @@ class Route:
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
     identity_headers: bool = True
+    #: The user's provider token as `X-Forwarded-Access-Token`: only to a downstream that calls the provider's APIs
+    #: for the user. Default: on where `credential = "upstream_token"` with identity headers, off everywhere else.
+    forward_access_token: bool = False
     credential: DownstreamCredential = field(default_factory=DownstreamCredential)
 
     @property
@@ -77,7 +81,7 @@ class Route:
 
     @property
     def forwards_upstream_token(self) -> bool:
-        return self.identity_headers or self.credential.kind == "upstream_token"
+        return self.forward_access_token or self.credential.kind == "upstream_token"
 
     def user_is_allowed(self, email: str | None) -> bool:
         return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
@@ -100,6 +104,10 @@ class ProxySettings:
     #: Between events of an open event stream; 0 means no limit (idle GET streams may stay open for hours).
     downstream_stream_idle_timeout: float = 0.0
     downstream_pool_size: int = 256
+    #: The largest request body forwarded (Content-Length, or a chunked body as it grows); larger ones get 413.
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: An MCP session unused this long is forgotten (its id then gets 404 and the client opens a new one).
+    session_idle_timeout: float = 86_400.0
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
@@ -228,6 +236,8 @@ def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapp
         if missing:
             problems.append(f"{where}: scopes {', '.join(missing)} are not in SCOPES_SUPPORTED, so no token could "
                             "ever carry them")
+    identity_headers = _bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems)
+    credential = _credential(entry, where, env, problems)
     emails = _strings(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
     domains = _strings(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
     return Route(
@@ -238,8 +248,10 @@ def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapp
         required_scopes=scopes,
         allowed_emails=frozenset(email.lower() for email in emails),
         allowed_email_domains=frozenset(domain.lower().lstrip("@") for domain in domains),
-        identity_headers=_bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems),
-        credential=_credential(entry, where, env, problems),
+        identity_headers=identity_headers,
+        forward_access_token=_bool(entry.get("forward_access_token", identity_headers and credential.kind == "upstream_token"),
+                                   f"{where}: forward_access_token", problems),
+        credential=credential,
     )
 
 
@@ -295,17 +307,17 @@ def load_routes(env: Mapping[str, str], public_url: str, scopes_supported: tuple
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float,
-            problems: list[str]) -> float:
+            problems: list[str], unit: str = "seconds") -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        problems.append(f"{name} must be a number of seconds; got {raw!r}")
+        problems.append(f"{name} must be a number of {unit}; got {raw!r}")
         return default
     if not minimum <= value <= maximum:
-        problems.append(f"{name} must be between {minimum:g} and {maximum:g}; got {raw}")
+        problems.append(f"{name} must be between {minimum:.15g} and {maximum:.15g}; got {raw}")
         return default
     return value
 
@@ -329,5 +341,7 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         downstream_read_timeout=_number(env, "DOWNSTREAM_READ_TIMEOUT", 300, 0.1, 86_400, problems),
         downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
         downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
+        max_body_bytes=int(_number(env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 2**40, problems, "bytes")),
+        session_idle_timeout=_number(env, "MCP_SESSION_IDLE_TIMEOUT", 86_400, 60, 30 * 86_400, problems),
     )
 

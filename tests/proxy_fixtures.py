@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import signal
 import socket
@@ -79,6 +80,7 @@ class EchoHandler(BaseHTTPRequestHandler):
     """Echoes what arrived; `/sse` streams events with pauses, `/slow` delays its headers, `/status/N` fails."""
 
     protocol_version = "HTTP/1.1"
+    request_body = b""
     disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
     server: EchoServer
 
@@ -100,6 +102,7 @@ class EchoHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         seen = SeenRequest(self.command, self.path, list(self.headers.raw_items()), self._read_body(), time.time())
         self.server.seen.append(seen)
+        self.request_body = seen.body
         parts = urlsplit(self.path)
         query = {key: values[0] for key, values in parse_qs(parts.query).items()}
         if parts.path.endswith("/sse"):
@@ -125,7 +128,12 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         # What an MCP server answers with; hop-by-hop ones must not reach the client.
-        self.send_header("Mcp-Session-Id", "downstream-session-1")
+        # The client's session, or a new one for `initialize`, as a (pre-2026) MCP server answers.
+        session = self.headers.get("Mcp-Session-Id")
+        if session is None and b'"initialize"' in self.request_body:
+            session = f"downstream-{secrets.token_hex(8)}"
+        if session is not None:
+            self.send_header("Mcp-Session-Id", session)
         self.send_header("MCP-Protocol-Version", "2025-11-25")
         self.send_header("X-Downstream-Custom", "kept")
         self.send_header("Keep-Alive", "timeout=5")

@@ -51,7 +51,7 @@ def interop_proxy(start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornProxy]:
     """One proxy for the module: two routes to the real MCP server, an email-domain allowlist, short caches."""
     routes = write_routes(tmp_path_factory.mktemp("routes") / "routes.toml", [
-        {"name": "mcp", "path": "/mcp", "url": mcp_downstream.url},
+        {"name": "mcp", "path": "/mcp", "url": mcp_downstream.url, "forward_access_token": True},
         {"name": "other", "path": "/other", "url": mcp_downstream.url},
     ])
     proxy = start_gunicorn(

@@ -76,6 +76,8 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(front.url, front.url + "/mcp")
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search"}}'
+    session = requests.post(front.url + "/mcp", headers=login.bearer, json={"jsonrpc": "2.0", "id": 0, "method": "initialize"},
+                            timeout=10).headers["Mcp-Session-Id"]
     sent = {
         **login.bearer,
         # spoofing attempts: identity and forwarding headers are the proxy's to set
@@ -88,7 +90,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
         "Upgrade": "websocket", "Proxy-Authorization": "Basic cHJveHk6cHc=",
         "Origin": front.url,
         # MCP headers pass untouched
-        "Mcp-Session-Id": "session-7", "MCP-Protocol-Version": "2025-06-18", "Last-Event-ID": "42",
+        "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-06-18", "Last-Event-ID": "42",
         "Mcp-Method": "tools/call", "Mcp-Name": "search", "Mcp-Param-Region": "eu-west",
         "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
         "Cookie": "oauthproxy-session=proxy-secret; theme=dark; oauthproxy-consent=also-secret",
@@ -106,8 +108,9 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     assert seen.header("X-Forwarded-User") == "alice"
     assert seen.header("X-Forwarded-Email") == "alice@example.com"
     assert seen.header("X-Forwarded-Name") == "Alice Liddell"
-    upstream_token = upstream_token_of(front.app, login.access_token)
-    assert seen.header("X-Forwarded-Access-Token") == upstream_token
+    # The user's provider token goes only to routes that ask for it (forward_access_token, upstream_token).
+    assert seen.header("X-Forwarded-Access-Token") is None
+    assert upstream_token_of(front.app, login.access_token) not in str(seen.headers)
     assert seen.header("X-Forwarded-For") == "127.0.0.1"
     assert seen.header("X-Forwarded-Host") == front.url.split("//", 1)[1]
     assert seen.header("X-Forwarded-Proto") == "http"
@@ -122,7 +125,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     assert seen.header("Cookie") == "theme=dark"  # the proxy's own cookies stay with the proxy
 
     # Back to the client: MCP headers and the downstream's own headers, no hop-by-hop ones, no buffering.
-    assert response.headers["Mcp-Session-Id"] == "downstream-session-1"
+    assert response.headers["Mcp-Session-Id"] == session
     assert response.headers["MCP-Protocol-Version"] == "2025-11-25"
     assert response.headers["X-Downstream-Custom"] == "kept"
     assert response.headers["X-Accel-Buffering"] == "no"
@@ -132,7 +135,7 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
 def test_the_upstream_token_sent_downstream_works_at_the_provider(serve: Callable[..., Front],
                                                                     echo_downstream: EchoServer,
                                                                     oidc_provider) -> None:
-    front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(front.url, front.url + "/mcp", login_hint="bob")
     assert requests.post(front.url + "/mcp", headers=login.bearer, timeout=10).status_code == 200
     token = echo_downstream.last().header("X-Forwarded-Access-Token")
@@ -146,11 +149,15 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
     key_file.write_text("file-api-key-123\n")
     modes = {
         "identity": {},  # the default: identity headers only
+        "identity-token": {"forward_access_token": True},
         "upstream": {"credential": "upstream_token", "identity_headers": False},
         "upstream-identity": {"credential": "upstream_token"},
+        "upstream-identity-no-token": {"credential": "upstream_token", "forward_access_token": False},
         "static-bearer": {"credential": "static", "credential_env": "TEST_DOWNSTREAM_TOKEN", "identity_headers": False},
         "static-key-identity": {"credential": "static", "credential_header": "X-API-Key",
                                 "credential_file": str(key_file)},
+        "static-key-token": {"credential": "static", "credential_header": "X-API-Key", "credential_file": str(key_file),
+                             "forward_access_token": "yes"},
         "nothing": {"identity_headers": False},
     }
     routes = write_routes(tmp_path / "routes.toml", [
@@ -163,12 +170,15 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
         login = log_in(front.url, f"{front.url}/mcp/{name}")
         upstream = upstream_token_of(front.app, login.access_token)
         expected = {
-            "identity": {**identity, "x-forwarded-access-token": upstream},
+            "identity": identity,  # a static key or plain identity route never sees the user's provider token
+            "identity-token": {**identity, "x-forwarded-access-token": upstream},
             "upstream": {"authorization": f"Bearer {upstream}"},
             "upstream-identity": {**identity, "x-forwarded-access-token": upstream,
                                   "authorization": f"Bearer {upstream}"},
+            "upstream-identity-no-token": {**identity, "authorization": f"Bearer {upstream}"},
             "static-bearer": {"authorization": "Bearer static-token-456"},
-            "static-key-identity": {**identity, "x-forwarded-access-token": upstream, "x-api-key": "file-api-key-123"},
+            "static-key-identity": {**identity, "x-api-key": "file-api-key-123"},
+            "static-key-token": {**identity, "x-forwarded-access-token": upstream, "x-api-key": "file-api-key-123"},
             "nothing": {},
         }[name]
         # The client tries to supply the credential headers itself; only the configured ones may arrive.
@@ -179,7 +189,7 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
         assert seen.target == f"/{name}"
         arrived = {header.lower(): value for header, value in seen.headers if header.lower() in AUTH_HEADERS}
         assert len(arrived) == len([h for h, _ in seen.headers if h.lower() in AUTH_HEADERS]), name  # no duplicates
-        if name != "static-key-identity":
+        if not name.startswith("static-key"):
             expected = {**expected, "x-api-key": "client-key"}  # an ordinary header where the route sets none
         assert arrived == expected, name
         assert seen.header("X-Forwarded-Proto") == "http"  # forwarding headers are not identity: always there
@@ -264,3 +274,38 @@ def test_downstream_answers_are_mapped_safely(serve: Callable[..., Front], echo_
         connection.close()
         assert status == 400, path
     assert len(echo_downstream.seen) == count  # nothing outside the route's prefix reached the downstream
+
+
+#: Headers other stacks trust for identity or for the original URL (oauth2-proxy, Apache, Kubernetes' front proxy,
+#: IIS, Azure, Google IAP, AWS ALB, Cloudflare): a client must not be able to set them for the downstream.
+SPOOFED = ["Remote-User", "X-Remote-User", "X-Remote-Group", "X-Remote-Extra-Scopes", "X-Auth-Request-User",
+           "X-Auth-Request-Email", "X-Auth-Request-Groups", "X-Auth-Request-Preferred-Username",
+           "X-Auth-Request-Access-Token", "X-Forwarded-Groups", "X-Forwarded-Preferred-Username", "X-Original-URL",
+           "X-Rewrite-URL", "X-Original-URI", "True-Client-IP", "CF-Connecting-IP", "X-Client-IP",
+           "X-Cluster-Client-IP", "Fastly-Client-IP", "X-MS-Client-Principal-Name", "X-MS-Client-Principal",
+           "X-Goog-Authenticated-User-Email", "X-Amzn-Oidc-Identity", "X-Amzn-Oidc-Data",
+           "Cf-Access-Authenticated-User-Email", "Cf-Access-Jwt-Assertion"]
+
+
+def test_identity_headers_other_stacks_trust_are_removed_in_every_spelling(serve: Callable[..., Front],
+                                                                          echo_downstream: EchoServer) -> None:
+    front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    login = log_in(front.url, front.url + "/mcp")
+    host, port = front.url.split("//", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/mcp")
+    connection.putheader("Authorization", login.bearer["Authorization"])
+    for name in SPOOFED:
+        for spelling in (name, name.lower(), name.upper()):  # each also twice over: duplicates
+            connection.putheader(spelling, "mallory")
+    connection.putheader("Remote_User", "mallory-underscore")
+    connection.putheader("X-Custom-User", "kept")
+    connection.putheader("Content-Length", "0")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    connection.close()
+    seen = echo_downstream.last()
+    assert "mallory" not in str(seen.headers), [(key, value) for key, value in seen.headers if "mallory" in value]
+    assert seen.header("X-Custom-User") == "kept"  # only the names other stacks trust are removed
+    assert seen.header("X-Forwarded-User") == "alice"

@@ -53,7 +53,7 @@ def upstream_token(app: Flask, grant: Grant) -> str:
 def test_an_expiring_upstream_token_is_refreshed_before_forwarding(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     before = grant_row(proxy.app, grant_id)
@@ -91,10 +91,10 @@ def test_an_expiring_upstream_token_is_refreshed_before_forwarding(
 def test_concurrent_requests_on_two_instances_refresh_once(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
-    first = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    first = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     settings = first.app.config["SETTINGS"]
     # A second instance of the same deployment: same public URL, upstream client and database.
-    second = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", PUBLIC_URL=first.url,
+    second = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true", PUBLIC_URL=first.url,
                          OAUTH_CLIENT_ID=settings.oauth_client_id, OAUTH_CLIENT_SECRET=settings.oauth_client_secret)
     login = log_in(first.url, first.url + "/mcp")
     grant_id = grant_id_of(first.app, login.access_token)
@@ -116,7 +116,7 @@ def test_concurrent_requests_on_two_instances_refresh_once(
 
 def test_gunicorn_workers_refresh_once(start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer,
                                        provider_failure_reset: OidcProvider) -> None:
-    proxy = start_gunicorn(workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_gunicorn(workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     app = create_app(proxy.env)
     try:
         login = log_in(proxy.url, proxy.url + "/mcp")
@@ -138,7 +138,7 @@ def test_gunicorn_workers_refresh_once(start_gunicorn: Callable[..., GunicornPro
 def test_an_upstream_invalid_grant_sends_the_client_back_to_sign_in(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     expire_upstream_token(proxy.app, grant_id, utcnow() - timedelta(seconds=1))
@@ -165,7 +165,7 @@ def test_an_upstream_invalid_grant_sends_the_client_back_to_sign_in(
 def test_a_transient_upstream_failure_is_a_503_and_the_grant_survives(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     expire_upstream_token(proxy.app, grant_id)
