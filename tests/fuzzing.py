@@ -1,8 +1,8 @@
 """What the property-based fuzzers (tests/test_fuzz_*.py) share: the Hypothesis profile, hostile-input strategies,
 and the properties every answer must have (no 5xx, no traceback logged, downstream paths inside their route).
 
-`make test` runs FUZZ_EXAMPLES (default 200) examples per target; `FUZZ_EXAMPLES=5000 make test
-PYTEST_ARGS=tests/test_fuzz_*.py` is the longer run.
+`make test` runs FUZZ_EXAMPLES (default 200) examples per target, half on SQLite and half on PostgreSQL (every
+target runs once per database); `FUZZ_EXAMPLES=5000 make test PYTEST_ARGS="tests/test_fuzz_*.py"` is a longer run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 settings.register_profile(
     "fuzz",
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES") or 200),
+    max_examples=max(1, int(os.environ.get("FUZZ_EXAMPLES") or 200) // 2),  # per database
     deadline=None,  # a request's time depends on the machine's load, not on the input
     # One proxy (a fixture) serves every example of a test: that is the point, not an accident.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -38,7 +38,7 @@ TRICKY_STRINGS = [
     "javascript:alert(1)", "JAVASCRIPT:alert(1)", "data:text/html,<script>x</script>", "file:///etc/passwd",
     "vbscript:x", "about:blank", "cursor://anysphere.cursor-retrieval/oauth/user-mcp/callback", "vscode://x/cb",
     "http://127.0.0.1:9/callback", "urn:ietf:wg:oauth:2.0:oob", "<script>", "'\"", "{}", "[]", "null",
-    "a" * 201, "h" * 2049, "https://client.example/" + "p" * 2100, "x" * 40_000,
+    "a" * 201, "h" * 2049, "https://client.example/" + "p" * 2100,
 ]
 
 
@@ -65,7 +65,7 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
     | hostile_text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
+    max_leaves=6,
 )
 
 
@@ -108,10 +108,13 @@ def normalised_path(target: str) -> str:
 
 
 def inside(target: str, prefix: str) -> bool:
-    """The target's path, raw and as a normalising downstream reads it, is the prefix or below it."""
-    raw = target.split("?", 1)[0]
+    """The target's path is the prefix or below it on a segment boundary, both as a normalising downstream reads it
+    and segment by segment as a literal one does (`/down/a%2F..` is the segment `a/..`, not `a`)."""
+    raw_segments = [unquote(segment) for segment in target.split("?", 1)[0].split("/")]
+    prefix_segments = prefix.split("/")
     normal = normalised_path(target)
-    return (raw == prefix or raw.startswith(prefix + "/")) and (normal == prefix or normal.startswith(prefix + "/"))
+    return (raw_segments[:len(prefix_segments)] == prefix_segments
+            and (normal == prefix or normal.startswith(prefix + "/")))
 
 
 def json_error(body: bytes) -> dict | None:
