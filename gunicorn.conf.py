@@ -17,7 +17,10 @@ if _hard == resource.RLIM_INFINITY or _soft < _hard:
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
 # One gevent worker serves thousands of connections cooperatively; add workers for CPU, not for concurrency.
-worker_class = "gevent"
+# gevent's worker plus read deadlines and a cap on connections still waiting for a request (oauthproxy/worker.py):
+# REQUEST_HEAD_TIMEOUT (10 s), REQUEST_BODY_TIMEOUT (30 s between reads), MAX_WAITING_CONNECTIONS (half of
+# WORKER_CONNECTIONS), so half-sent requests cannot hold the worker.
+worker_class = "oauthproxy.worker.BoundedGeventWorker"
 workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 # Idle SSE streams (legacy GET streams can stay open for hours) each hold a connection slot.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS") or 10_000)

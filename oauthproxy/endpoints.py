@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge, TooManyRequests
@@ -180,12 +179,14 @@ def malformed_token_request() -> Response | None:
     for name in SINGLE_VALUED_TOKEN_PARAMS:
         if len(request.form.getlist(name)) > 1:
             return oauth_error(400, "invalid_request", f"the parameter {name} was sent more than once")
-    header = request.headers.get("Authorization", "")
-    if header[:6].lower() == "basic ":
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "basic":
         try:
-            base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            response = oauth_error(401, "invalid_client", "the Basic credentials are not base64 of UTF-8 text")
+            if not credentials.strip():
+                raise ValueError("no credentials")  # `Basic` alone: Authlib's parser would raise on it
+            base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except ValueError:  # also binascii.Error and UnicodeDecodeError
+            response = oauth_error(401, "invalid_client", "the Basic credentials are missing or not base64 of UTF-8 text")
             response.headers["WWW-Authenticate"] = 'Basic error="invalid_client"'
             return response
     return None
