@@ -107,6 +107,9 @@ class ProxySettings:
     #: Between events of an open event stream; 0 means no limit (idle GET streams may stay open for hours).
     downstream_stream_idle_timeout: float = 0.0
     downstream_pool_size: int = 256
+    #: A pooled downstream connection idle longer than this is not reused: below the keep-alive timeouts of common
+    #: servers (uvicorn, Node, Apache: 5 s), so the proxy never sends on a connection the downstream is closing.
+    downstream_pool_idle_timeout: float = 4.0
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
@@ -342,6 +345,7 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         downstream_connect_timeout=_number(env, "DOWNSTREAM_CONNECT_TIMEOUT", 5, 0.1, 120, problems),
         downstream_read_timeout=_number(env, "DOWNSTREAM_READ_TIMEOUT", 300, 0.1, 86_400, problems),
         downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
+        downstream_pool_idle_timeout=_number(env, "DOWNSTREAM_POOL_IDLE_TIMEOUT", 4, 0.1, 3600, problems),
         downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
     )
 
