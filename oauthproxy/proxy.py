@@ -13,6 +13,7 @@ import ssl
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -430,7 +431,9 @@ class DownstreamProxy:
                 value = self._public_location(route, value)
             headers.append((name, value))
         headers.append(("X-Accel-Buffering", "no"))  # nginx and similar front proxies: do not buffer this
-        response = Response(DownstreamBody(route, downstream.raw, opening, watch), status=downstream.status_code,
+        body = DownstreamBody(route, downstream.raw, opening, watch,
+                              listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET")
+        response = Response(body, status=downstream.status_code,
                             headers=headers, direct_passthrough=True)
         if not content_type:
             del response.headers["Content-Type"]  # werkzeug adds text/html by default
@@ -452,18 +455,35 @@ class DownstreamProxy:
             sock.settimeout(self.settings.downstream_stream_idle_timeout or None)
 
 
+#: Bodies being streamed in this process, for `end_open_streams` at shutdown.
+_open_bodies: weakref.WeakSet[DownstreamBody] = weakref.WeakSet()
+
+
+def end_open_streams() -> int:
+    """End every response still streaming, for a worker that must exit (gunicorn.conf.py, at GRACEFUL_TIMEOUT).
+
+    A listening stream (GET) ends normally: an SSE client reconnects, and reaches an instance that stays. Any other
+    (a tool call still running) is cut, so its client sees it incomplete rather than as an answer. Returns how many.
+    """
+    bodies = list(_open_bodies)
+    for body in bodies:
+        body.end_for_shutdown()
+    return len(bodies)
+
+
 class DownstreamBody:
     """The response body: the downstream's bytes as they arrive. `close()` always ends the downstream request,
     also when the WSGI server never iterates the body (HEAD, 204, 304) or stops because the client left."""
 
-    def __init__(self, route: Route, raw: HTTPResponse, opening: bytes, watch: ClientWatch):
+    def __init__(self, route: Route, raw: HTTPResponse, opening: bytes, watch: ClientWatch, listening: bool = False):
         # urllib3's response only: requests' Response (its copy of the headers, its cookie jar, the prepared
         # request it came from) is then freed, rather than held by every open stream.
-        self.route, self.raw, self.opening, self.watch = route, raw, opening, watch
-        self._completed = self._closed = False
+        self.route, self.raw, self.opening, self.watch, self.listening = route, raw, opening, watch, listening
+        self._completed = self._closed = self._shutting_down = False
 
     def __iter__(self) -> Iterator[bytes]:
         raw = self.raw
+        _open_bodies.add(self)
         try:
             if self.opening:
                 yield self.opening
@@ -474,7 +494,11 @@ class DownstreamBody:
                 yield chunk
             self._completed = True
         except (urllib3.exceptions.HTTPError, OSError, ValueError, ClientDisconnected) as error:
-            if self.watch.client_gone or isinstance(error, ClientDisconnected):
+            if self._shutting_down:
+                log.info("stream from downstream %s ended for shutdown", self.route.name)
+                if not self.listening and not self.watch.abort_client():
+                    raise
+            elif self.watch.client_gone or isinstance(error, ClientDisconnected):
                 log.debug("stream from downstream %s ended early: %r", self.route.name, error)  # we shut it
             else:
                 # The downstream died or stalled mid-answer. Ending normally would send the client a final chunk, a
@@ -486,12 +510,17 @@ class DownstreamBody:
         finally:
             self.close()
 
+    def end_for_shutdown(self) -> None:
+        self._shutting_down = True
+        _abort(self.raw)  # wakes the read above
+
     def close(self) -> None:
         # Reached through GeneratorExit too, when the WSGI server closes the body because the client left:
         # the downstream request is closed at once (in MCP 2026-07-28 that is how a client cancels).
         if self._closed:
             return
         self._closed = True
+        _open_bodies.discard(self)
         self.watch.stop()
         if not self._completed:
             self.raw.close()  # what requests' Response.close() does with a body it did not read
