@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean bench
+.PHONY: run test lint install clean bench soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install
 ## bench: the benchmarks (bench/run: wrk and nginx from Debian when missing, py-spy); rewrites docs/benchmarks.md
 bench: $(STAMP) tests/provider/node_modules/.package-lock.json
 	bench/run $(BENCH_ARGS)
+
+## soak: mixed traffic through the proxy for SOAK_SECONDS (default 120), reporting RSS, descriptors, rows, 5xx and
+## p99 per SOAK_INTERVAL (scripts/soak); not part of `make test`
+soak: $(STAMP) tests/provider/node_modules/.package-lock.json
+	$(BIN)/python scripts/soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
