@@ -25,7 +25,7 @@ pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
 def test_sigterm_stops_accepting_at_once_finishes_requests_and_ends_streams(
         start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> None:
     # Two workers: each used to notice SIGTERM only at its own once-a-second check, accepting until then.
-    proxy = start_gunicorn(workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp", GRACEFUL_TIMEOUT="5")
+    proxy = start_gunicorn(workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp", GRACEFUL_TIMEOUT="4")
     login = log_in(proxy.url, proxy.url + "/mcp")
     outcome: dict[str, object] = {}
 

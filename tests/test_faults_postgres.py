@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
@@ -34,6 +35,12 @@ def private_postgres() -> Iterator[PostgresCluster]:
 
 def logins(proxy: RunningProxy, count: int) -> list[Login]:
     return [log_in(proxy.url, proxy.url + "/mcp") for _ in range(count)]
+
+
+def read_only_setting(cluster: PostgresCluster) -> str:
+    with psycopg.connect(cluster.dsn) as connection:
+        row = connection.execute("SHOW default_transaction_read_only").fetchone()
+        return row[0] if row else ""
 
 
 def assert_every_endpoint_unavailable(proxy: RunningProxy, login: Login) -> None:
@@ -81,4 +88,31 @@ def test_a_frozen_database_answers_503_within_its_bound(start_proxy: Callable[..
     [login] = logins(proxy, 1)
     with private_postgres.frozen():
         assert_every_endpoint_unavailable(proxy, login)
+    assert_recovered(proxy, login)
+
+
+def test_a_read_only_database_answers_503_and_is_not_ready(start_proxy: Callable[..., RunningProxy],
+                                                           private_postgres: PostgresCluster,
+                                                           echo_downstream: EchoServer) -> None:
+    """As on a standby, or a database an operator set read-only: reads work, writes are refused."""
+    proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
+                        MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    [login] = logins(proxy, 1)
+    with psycopg.connect(private_postgres.dsn, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        admin.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while read_only_setting(private_postgres) != "on":
+            assert time.monotonic() < deadline, "the server did not reload its configuration"
+            time.sleep(0.1)
+        time.sleep(0.5)  # every backend has taken the reload by then
+        try:
+            assert_unavailable(requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60))
+            assert_unavailable(login.client.refresh(login.refresh_token))
+            ready = requests.get(proxy.url + "/readyz", timeout=60)
+            assert ready.status_code == 503 and ready.json()["database"] == "not writable", ready.text
+        finally:
+            admin.execute("SET default_transaction_read_only = off")
+            admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            admin.execute("SELECT pg_reload_conf()")
     assert_recovered(proxy, login)
