@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,14 @@ import requests
 
 from tests.conftest import RunningProxy
 from tests.fault_fixtures import PostgresCluster, start_postgres_cluster
-from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in  # noqa: F401 (fixtures)
+from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
+    EchoServer,
+    GunicornProxy,
+    Login,
+    echo_downstream_fixture,
+    log_in,
+    start_gunicorn_fixture,
+)
 from tests.test_faults_sqlite import REGISTRATION, assert_unavailable
 
 pytestmark = pytest.mark.parametrize("database_dsn", ["postgresql"], indirect=True)
@@ -52,7 +60,7 @@ def assert_every_endpoint_unavailable(proxy: RunningProxy, login: Login) -> None
     assert ready.status_code == 503, ready.text
 
 
-def assert_recovered(proxy: RunningProxy, login: Login) -> None:
+def assert_recovered(proxy: RunningProxy | GunicornProxy, login: Login) -> None:
     deadline = time.monotonic() + 60
     while requests.get(proxy.url + "/readyz", timeout=60).status_code != 200:
         assert time.monotonic() < deadline, "not ready again within 60 s"
@@ -75,19 +83,6 @@ def test_a_stopped_database_answers_503_then_recovers(start_proxy: Callable[...,
         assert_every_endpoint_unavailable(proxy, login)
     finally:
         private_postgres.start()
-    assert_recovered(proxy, login)
-
-
-def test_a_frozen_database_answers_503_within_its_bound(start_proxy: Callable[..., RunningProxy],
-                                                        private_postgres: PostgresCluster,
-                                                        echo_downstream: EchoServer) -> None:
-    """SIGSTOP: the kernel still accepts connections and acknowledges packets, but nothing answers. Only a
-    client-side bound ends the wait; without one a request waits for as long as the database is frozen."""
-    proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
-                        MCP_SERVER_URL=echo_downstream.url + "/mcp")
-    [login] = logins(proxy, 1)
-    with private_postgres.frozen():
-        assert_every_endpoint_unavailable(proxy, login)
     assert_recovered(proxy, login)
 
 
@@ -115,4 +110,44 @@ def test_a_read_only_database_answers_503_and_is_not_ready(start_proxy: Callable
             admin.execute("SET default_transaction_read_only = off")
             admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
             admin.execute("SELECT pg_reload_conf()")
+    assert_recovered(proxy, login)
+
+
+def test_a_frozen_database_answers_503_within_its_bound(start_gunicorn: Callable[..., GunicornProxy],
+                                                        private_postgres: PostgresCluster,
+                                                        echo_downstream: EchoServer) -> None:
+    """SIGSTOP: the kernel still accepts connections and acknowledges packets, but nothing answers. Only a
+    client-side bound ends the wait; without one a request waits for as long as the database is frozen (under
+    gunicorn's gevent worker, as in production). /readyz has its own, shorter bound (3 s): sent together with the
+    other requests, it answers first, while they still wait out DATABASE_TIMEOUT."""
+    proxy = start_gunicorn(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="4",
+                           MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    login = log_in(proxy.url, proxy.url + "/mcp")
+    assert requests.get(proxy.url + "/readyz", timeout=30).status_code == 200
+    answered: list[str] = []
+    failures: list[BaseException] = []
+
+    def expect_unavailable(name: str, call: Callable[[], requests.Response]) -> None:
+        try:
+            assert_unavailable(call())
+            answered.append(name)
+        except BaseException as error:  # reported below, from the test's thread
+            failures.append(error)
+
+    calls = {
+        "register": lambda: requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60),
+        "refresh": lambda: login.client.refresh(login.refresh_token),
+        "mcp": lambda: requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=60),  # its token is not cached yet
+    }
+    with private_postgres.frozen():
+        threads = [threading.Thread(target=expect_unavailable, args=item) for item in calls.items()]
+        for thread in threads:
+            thread.start()
+        ready = requests.get(proxy.url + "/readyz", timeout=60)
+        answered.append("readyz")
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not failures, failures
+    assert ready.status_code == 503 and ready.json()["database"] == "unreachable", ready.text
+    assert answered[0] == "readyz" and sorted(answered[1:]) == sorted(calls)
     assert_recovered(proxy, login)
