@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: help run demo-deps test test-container lint install lock wheel clean bench
+.PHONY: help run demo-deps test test-container lint install lock wheel clean bench soak
 
 ## help: this list
 help:
@@ -80,6 +80,11 @@ wheel: $(STAMP)
 ## bench: the benchmarks (bench/run: wrk and nginx from Debian when missing, py-spy); rewrites docs/benchmarks.md
 bench: $(STAMP) tests/provider/node_modules/.package-lock.json
 	bench/run $(BENCH_ARGS)
+
+## soak: mixed traffic through the proxy for SOAK_SECONDS (default 120), reporting RSS, descriptors, rows, 5xx and
+## p99 per SOAK_INTERVAL (scripts/soak); not part of `make test`
+soak: $(STAMP) tests/provider/node_modules/.package-lock.json
+	$(BIN)/python scripts/soak
 
 ## clean: remove what the targets above installed or built; never instance/ (the default SQLite database, keys)
 clean:

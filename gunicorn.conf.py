@@ -139,7 +139,8 @@ def on_starting(server) -> None:
 def post_worker_init(worker) -> None:
     """Take what the worker allocated while loading the app (modules, settings, SQLAlchemy and Authlib objects: most
     of its heap) out of the cyclic garbage collector's sight. Otherwise each full collection walks all of it again,
-    a pause of several milliseconds that every request in flight waits out: the proxy's p99 (docs/benchmarks.md)."""
+    a pause of several milliseconds that every request in flight waits out: the proxy's p99 (docs/benchmarks.md).
+    Then set up the worker's shutdown (_graceful_exit)."""
     import gc
     import signal
 
@@ -147,3 +148,51 @@ def post_worker_init(worker) -> None:
     # Ctrl-C signals the whole process group; the master already answers it with one SIGQUIT per worker. A worker
     # that also acted on its own SIGINT got a second quit while exiting, and gevent printed a SystemExit traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _graceful_exit(worker)
+
+
+#: Open streams are ended this long before GRACEFUL_TIMEOUT, when the master kills workers that are still running.
+STREAM_END_MARGIN = 1.5
+
+
+def _graceful_exit(worker) -> None:
+    """On SIGTERM the gevent worker stops accepting at once, lets requests in flight finish, and ends the streams
+    still open shortly before GRACEFUL_TIMEOUT, so their clients see a clear end rather than a killed connection.
+
+    gunicorn's gevent worker notices SIGTERM only at its next once-a-second check, and accepts new connections
+    until then; at GRACEFUL_TIMEOUT the master kills it, cutting whatever still streams.
+    """
+    import signal
+
+    from gunicorn.workers import ggevent
+
+    if not isinstance(worker, ggevent.GeventWorker):
+        return
+    import gevent
+
+    servers: list = []
+
+    class _Server(ggevent.StreamServer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    ggevent.StreamServer = _Server  # the worker builds its servers after this hook, in run()
+
+    def shut_down() -> None:
+        for server in servers:
+            server.close()  # stop accepting; the kernel refuses new connections once every process has closed it
+        gevent.sleep(max(worker.cfg.graceful_timeout - STREAM_END_MARGIN, 0))
+        from oauthproxy.proxy import end_open_streams
+
+        ended = end_open_streams()
+        if ended:
+            worker.log.info("ended %s open stream(s) before the graceful timeout", ended)
+
+    def handle_exit(sig, frame) -> None:
+        worker.alive = False
+        gevent.spawn(shut_down)  # out of the signal handler, as gunicorn does for SIGQUIT
+
+    worker.handle_exit = handle_exit
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn sets it: requests in flight are not disturbed

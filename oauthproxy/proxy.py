@@ -12,6 +12,8 @@ import socket
 import ssl
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
@@ -95,6 +97,22 @@ class _SmallBufferResponse(http.client.HTTPResponse):
         default.close()  # nothing was read through it yet; closing it leaves the socket open
 
 
+#: RFC 9110 §9.2.2: a request with one of these methods may be sent again after a broken connection.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class _Attempt(threading.local):
+    """What the last attempt of this greenlet (or thread) did: whether it went out on a pooled connection, and
+    whether any of its bytes left; `fresh_only` makes the next attempt skip pooled connections."""
+
+    reused = False
+    sent = False
+    fresh_only = False
+
+
+_attempt = _Attempt()
+
+
 class _Tuned:
     """What our connections to the downstream do differently from urllib3's (measured in docs/benchmarks.md).
 
@@ -105,22 +123,33 @@ class _Tuned:
     - A small request body leaves in the same write as the request head; urllib3 writes them separately: one more
       system call and TCP segment per request, for the downstream too.
     - Responses read through a small buffer (RESPONSE_BUFFER), memory that each open stream holds.
+    - A connection idle in the pool longer than `idle_limit` is not reused: the downstream closes idle keep-alive
+      connections on its own schedule (uvicorn: after 5 s), and a request sent as it does so is lost (a reset, and
+      for a POST no way to tell whether the tool ran).
     """
 
     sock: Any
     response_class = _SmallBufferResponse
     _body_with_headers: bytes | None = None
+    idle_limit = 4.0
+    #: When it went back to the pool (monotonic); None while in use or before its first request.
+    idle_since: float | None = None
 
     @property
     def is_connected(self) -> bool:
         if self.sock is None:
             return False
+        if self.idle_since is not None and (_attempt.fresh_only
+                                            or time.monotonic() - self.idle_since > self.idle_limit):
+            return False  # urllib3 closes it and opens a fresh one
         poller = _unpatched_poll()()
         poller.register(self.sock.fileno(), select.POLLIN)
         return not poller.poll(0)
 
     def request(self, method: str, url: str, body: Any = None, headers: Any = None, **options: Any) -> None:
         self._body_with_headers = None
+        _attempt.reused, _attempt.sent = self.sock is not None and self.idle_since is not None, False
+        self.idle_since = None
         if isinstance(body, bytes) and len(body) <= SMALL_BODY and headers and "Content-Length" in headers:
             # Framed by the Content-Length header that _prepare set, so urllib3 adds no framing of its own.
             self._body_with_headers, body = body, None
@@ -134,6 +163,7 @@ class _Tuned:
     def send(self, data: Any) -> None:
         body, self._body_with_headers = self._body_with_headers, None
         super().send(data + body if body is not None else data)  # type: ignore[misc]  # the first write: the head
+        _attempt.sent = True
 
 
 class _Connection(_Tuned, HTTPConnection):
@@ -144,19 +174,34 @@ class _TLSConnection(_Tuned, HTTPSConnection):
     pass
 
 
-class _Pool(HTTPConnectionPool):
+class _IdleNoting:
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            conn.idle_since = time.monotonic()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _Pool(_IdleNoting, HTTPConnectionPool):
     ConnectionCls = _Connection
 
 
-class _TLSPool(HTTPSConnectionPool):
+class _TLSPool(_IdleNoting, HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 
 class _PooledAdapter(HTTPAdapter):
+    def __init__(self, idle_limit: float, **kwargs: Any):
+        self.idle_limit = idle_limit  # read by init_poolmanager, which HTTPAdapter.__init__ calls
+        super().__init__(**kwargs)
+
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["socket_options"] = HTTPConnection.default_socket_options + KEEPALIVE_OPTIONS
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        limit = {"idle_limit": self.idle_limit}
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("_Pool", (_Pool,), {"ConnectionCls": type("_Connection", (_Connection,), limit)}),
+            "https": type("_TLSPool", (_TLSPool,), {"ConnectionCls": type("_TLSConnection", (_TLSConnection,), limit)}),
+        }
 
 
 @functools.lru_cache(maxsize=1024)
@@ -345,7 +390,8 @@ class DownstreamProxy:
                     session.trust_env = False
                     session.verify = self.ca_bundle or True
                     session.headers.clear()  # forward what the client sent, not requests' defaults
-                    adapter = _PooledAdapter(pool_connections=16, pool_maxsize=self.settings.downstream_pool_size)
+                    adapter = _PooledAdapter(self.settings.downstream_pool_idle_timeout, pool_connections=16,
+                                             pool_maxsize=self.settings.downstream_pool_size)
                     session.mount("http://", adapter)
                     session.mount("https://", adapter)
                     self._session, self._session_pid = session, os.getpid()
@@ -467,25 +513,25 @@ class DownstreamProxy:
             watch.waiting_in(current)
 
     def _send(self, route: Route, url: str, prepared: requests.PreparedRequest) -> requests.Response:
+        # Straight to the session's pooled adapter, not `Session.request`: that would keep downstream cookies in a jar
+        # shared by every user of this worker, and read a 3xx body before we could stream it.
+        adapter = self.session.get_adapter(url)
+        timeout = (self.settings.downstream_connect_timeout, self.settings.downstream_read_timeout)
         try:
-            # Straight to the session's pooled adapter, not `Session.request`: that would keep downstream cookies
-            # in a jar shared by every user of this worker, and read a 3xx body before we could stream it.
-            return self.session.get_adapter(url).send(
-                prepared, stream=True,
-                timeout=(self.settings.downstream_connect_timeout, self.settings.downstream_read_timeout))
-        except requests.ConnectTimeout:
-            raise DownstreamError(504, "downstream_timeout",
-                                  f"timed out connecting to the downstream MCP server {route.name!r}") from None
-        except requests.ReadTimeout:
-            raise DownstreamError(504, "downstream_timeout",
-                                  f"the downstream MCP server {route.name!r} did not answer in time") from None
-        except requests.ConnectionError:
-            raise DownstreamError(502, "downstream_unavailable",
-                                  f"could not connect to the downstream MCP server {route.name!r}") from None
+            try:
+                return adapter.send(prepared, stream=True, timeout=timeout)
+            except requests.ConnectionError as error:
+                if not _may_send_again(prepared, error):
+                    raise
+                log.info("downstream %s closed a pooled connection before answering %s; sent again on a fresh one",
+                         route.name, prepared.method)
+            _attempt.fresh_only = True
+            try:
+                return adapter.send(prepared, stream=True, timeout=timeout)
+            finally:
+                _attempt.fresh_only = False
         except requests.RequestException as error:
-            log.warning("request to downstream %s failed: %r", route.name, error)
-            raise DownstreamError(502, "downstream_error",
-                                  f"the request to the downstream MCP server {route.name!r} failed") from None
+            raise _downstream_error(route, error) from None
 
     def _response(self, route: Route, environ: dict[str, Any], downstream: requests.Response,
                   watch: ClientWatch) -> ProxiedResponse:
@@ -510,8 +556,9 @@ class DownstreamProxy:
                 session_id = value
             headers.append((name, value))
         headers.append(("X-Accel-Buffering", "no"))  # nginx and similar front proxies: do not buffer this
-        response = ProxiedResponse(DownstreamBody(route, downstream.raw, opening, watch),
-                                   status=downstream.status_code, headers=headers, direct_passthrough=True)
+        body = DownstreamBody(route, downstream.raw, opening, watch,
+                              listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET")
+        response = ProxiedResponse(body, status=downstream.status_code, headers=headers, direct_passthrough=True)
         # Noted on the way, not looked up: a lookup in Werkzeug's (or requests') headers costs 3-7 µs a request.
         response.mcp_session_id = session_id
         if not content_type:
@@ -534,18 +581,35 @@ class DownstreamProxy:
             sock.settimeout(self.settings.downstream_stream_idle_timeout or None)
 
 
+#: Bodies being streamed in this process, for `end_open_streams` at shutdown.
+_open_bodies: weakref.WeakSet[DownstreamBody] = weakref.WeakSet()
+
+
+def end_open_streams() -> int:
+    """End every response still streaming, for a worker that must exit (gunicorn.conf.py, at GRACEFUL_TIMEOUT).
+
+    A listening stream (GET) ends normally: an SSE client reconnects, and reaches an instance that stays. Any other
+    (a tool call still running) is cut, so its client sees it incomplete rather than as an answer. Returns how many.
+    """
+    bodies = list(_open_bodies)
+    for body in bodies:
+        body.end_for_shutdown()
+    return len(bodies)
+
+
 class DownstreamBody:
     """The response body: the downstream's bytes as they arrive. `close()` always ends the downstream request,
     also when the WSGI server never iterates the body (HEAD, 204, 304) or stops because the client left."""
 
-    def __init__(self, route: Route, raw: HTTPResponse, opening: bytes, watch: ClientWatch):
+    def __init__(self, route: Route, raw: HTTPResponse, opening: bytes, watch: ClientWatch, listening: bool = False):
         # urllib3's response only: requests' Response (its copy of the headers, its cookie jar, the prepared
         # request it came from) is then freed, rather than held by every open stream.
-        self.route, self.raw, self.opening, self.watch = route, raw, opening, watch
-        self._completed = self._closed = False
+        self.route, self.raw, self.opening, self.watch, self.listening = route, raw, opening, watch, listening
+        self._completed = self._closed = self._shutting_down = False
 
     def __iter__(self) -> Iterator[bytes]:
         raw = self.raw
+        _open_bodies.add(self)
         try:
             if self.opening:
                 yield self.opening
@@ -556,10 +620,25 @@ class DownstreamBody:
                 yield chunk
             self._completed = True
         except (urllib3.exceptions.HTTPError, OSError, ValueError, ClientDisconnected) as error:
-            # The downstream went away mid-stream, or we shut it because the client did.
-            log.debug("stream from downstream %s ended early: %r", self.route.name, error)
+            if self._shutting_down:
+                log.info("stream from downstream %s ended for shutdown", self.route.name)
+                if not self.listening and not self.watch.abort_client():
+                    raise
+            elif self.watch.client_gone or isinstance(error, ClientDisconnected):
+                log.debug("stream from downstream %s ended early: %r", self.route.name, error)  # we shut it
+            else:
+                # The downstream died or stalled mid-answer. Ending normally would send the client a final chunk, a
+                # complete-looking answer; cut the connection instead, so the client sees it truncated.
+                log.warning("downstream %s broke off its answer to %s: %r; client connection aborted",
+                            self.route.name, self.route.path, error)
+                if not self.watch.abort_client():
+                    raise  # no socket of ours to cut (TLS, HTTP/2): the WSGI server drops the connection itself
         finally:
             self.close()
+
+    def end_for_shutdown(self) -> None:
+        self._shutting_down = True
+        _abort(self.raw)  # wakes the read above
 
     def close(self) -> None:
         # Reached through GeneratorExit too, when the WSGI server closes the body because the client left:
@@ -567,10 +646,43 @@ class DownstreamBody:
         if self._closed:
             return
         self._closed = True
+        _open_bodies.discard(self)
         self.watch.stop()
         if not self._completed:
             self.raw.close()  # what requests' Response.close() does with a body it did not read
         self.raw.release_conn()  # complete: back to the pool for the next request
+
+
+def _may_send_again(prepared: requests.PreparedRequest, error: requests.ConnectionError) -> bool:
+    """Whether a request that failed on a broken connection may go out once more, on a fresh connection.
+
+    Only when it went out on a pooled connection (one the downstream may have been closing as we sent), broke before
+    any byte of an answer, has a body we still hold, and either never left or is idempotent (RFC 9110 §9.2.2): a
+    reset does not prove that a POST was not processed, and a tool must not run twice.
+    """
+    return (_attempt.reused and isinstance(error.args[0] if error.args else None, urllib3.exceptions.ProtocolError)
+            and (prepared.body is None or isinstance(prepared.body, bytes))
+            and (not _attempt.sent or prepared.method in IDEMPOTENT_METHODS))
+
+
+def _downstream_error(route: Route, error: requests.RequestException) -> DownstreamError:
+    """The client's answer for a failed downstream request, named for what happened."""
+    if isinstance(error, requests.ConnectTimeout):
+        return DownstreamError(504, "downstream_timeout",
+                               f"timed out connecting to the downstream MCP server {route.name!r}")
+    if isinstance(error, requests.ReadTimeout):
+        return DownstreamError(504, "downstream_timeout",
+                               f"the downstream MCP server {route.name!r} did not answer in time")
+    if isinstance(error, requests.ConnectionError):
+        if isinstance(error.args[0] if error.args else None, urllib3.exceptions.ProtocolError):
+            # Connected, sent, and the connection broke (reset or closed) before an answer came.
+            log.warning("downstream %s closed the connection without answering: %r", route.name, error)
+            return DownstreamError(502, "downstream_unavailable",
+                                   f"the downstream MCP server {route.name!r} closed the connection without answering")
+        return DownstreamError(502, "downstream_unavailable",
+                               f"could not connect to the downstream MCP server {route.name!r}")
+    log.warning("request to downstream %s failed: %r", route.name, error)
+    return DownstreamError(502, "downstream_error", f"the request to the downstream MCP server {route.name!r} failed")
 
 
 def _prepare(method: str, url: str, headers: dict[str, str | bytes], body: Any) -> requests.PreparedRequest:
@@ -717,6 +829,17 @@ class ClientWatch:
             gone = True
         if gone:
             self._disconnected()
+
+    def abort_client(self) -> bool:
+        """End the client's connection at once, without the end of the response (a final chunk, the rest of a
+        Content-Length); the WSGI server's last write then fails and it drops the connection."""
+        if self._sock is None:
+            return False
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
     def waiting_in(self, greenlet: Any) -> None:
         """The downstream's answer is awaited in this greenlet now: a disconnect interrupts it instead."""

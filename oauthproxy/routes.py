@@ -108,6 +108,9 @@ class ProxySettings:
     max_body_bytes: int = 8 * 1024 * 1024
     #: An MCP session unused this long is forgotten (its id then gets 404 and the client opens a new one).
     session_idle_timeout: float = 86_400.0
+    #: A pooled downstream connection idle longer than this is not reused: below the keep-alive timeouts of common
+    #: servers (uvicorn, Node, Apache: 5 s), so the proxy never sends on a connection the downstream is closing.
+    downstream_pool_idle_timeout: float = 4.0
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
@@ -340,6 +343,7 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         downstream_connect_timeout=_number(env, "DOWNSTREAM_CONNECT_TIMEOUT", 5, 0.1, 120, problems),
         downstream_read_timeout=_number(env, "DOWNSTREAM_READ_TIMEOUT", 300, 0.1, 86_400, problems),
         downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
+        downstream_pool_idle_timeout=_number(env, "DOWNSTREAM_POOL_IDLE_TIMEOUT", 4, 0.1, 3600, problems),
         downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
         max_body_bytes=int(_number(env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 2**40, problems, "bytes")),
         session_idle_timeout=_number(env, "MCP_SESSION_IDLE_TIMEOUT", 86_400, 60, 30 * 86_400, problems),

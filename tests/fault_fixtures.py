@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -212,3 +213,79 @@ def start_postgres_cluster(folder: Path) -> PostgresCluster:
     cluster.start()
     cluster.wait_ready()
     return cluster
+
+
+# -- a downstream that misbehaves on cue -----------------------------------------------------------
+
+
+class ScriptedDownstream:
+    """A raw HTTP/1.1 downstream on loopback whose path says how it misbehaves:
+
+    - `/mcp/once`: answers the first request of each connection (keep-alive), then reads the next one and closes
+      the connection without answering: what a server closing an idle keep-alive connection does to a request that
+      crossed the close.
+    - `/mcp/sse-die?events=N`: an event stream that sends N events, then the connection ends (a crash).
+    - `/mcp/sse-stall?events=N`: sends N events, then nothing, keeping the connection open.
+    `seen` lists (connection number, method, path) of every request read.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen: list[tuple[int, str, str]] = []
+        self._connections = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self._connections += 1
+            threading.Thread(target=self._serve, args=(connection, self._connections), daemon=True).start()
+
+    def _serve(self, connection: socket.socket, number: int) -> None:
+        reader = connection.makefile("rb")
+        answered = 0
+        with connection, reader:
+            while True:
+                request_line = reader.readline()
+                if not request_line:
+                    return
+                method, target, _ = request_line.decode().split(" ", 2)
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                reader.read(length)
+                self.seen.append((number, method, target))
+                path, _, query = target.partition("?")
+                events = int(query.partition("events=")[2] or 2) if "events=" in query else 2
+                if path == "/mcp/once":
+                    if answered:
+                        return  # read, and closed without an answer
+                    body = b'{"ok": true}'
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    answered += 1
+                    continue
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n")
+                for index in range(events):
+                    data = f"data: event {index}\n\n".encode()
+                    connection.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    time.sleep(0.1)
+                if path == "/mcp/sse-stall":
+                    self._stop.wait(60)
+                return  # sse-die: the connection ends mid-stream, without the final chunk

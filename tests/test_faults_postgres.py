@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
 from tests.conftest import RunningProxy
 from tests.fault_fixtures import PostgresCluster, start_postgres_cluster
-from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in  # noqa: F401 (fixtures)
+from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
+    EchoServer,
+    GunicornProxy,
+    Login,
+    echo_downstream_fixture,
+    log_in,
+    start_gunicorn_fixture,
+)
 from tests.test_faults_sqlite import REGISTRATION, assert_unavailable
 
 pytestmark = pytest.mark.parametrize("database_dsn", ["postgresql"], indirect=True)
@@ -36,6 +45,12 @@ def logins(proxy: RunningProxy, count: int) -> list[Login]:
     return [log_in(proxy.url, proxy.url + "/mcp") for _ in range(count)]
 
 
+def read_only_setting(cluster: PostgresCluster) -> str:
+    with psycopg.connect(cluster.dsn) as connection:
+        row = connection.execute("SHOW default_transaction_read_only").fetchone()
+        return row[0] if row else ""
+
+
 def assert_every_endpoint_unavailable(proxy: RunningProxy, login: Login) -> None:
     """Registration, a token refresh, an MCP request whose token is not cached yet, and readiness."""
     assert_unavailable(requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60))
@@ -45,7 +60,7 @@ def assert_every_endpoint_unavailable(proxy: RunningProxy, login: Login) -> None
     assert ready.status_code == 503, ready.text
 
 
-def assert_recovered(proxy: RunningProxy, login: Login) -> None:
+def assert_recovered(proxy: RunningProxy | GunicornProxy, login: Login) -> None:
     deadline = time.monotonic() + 60
     while requests.get(proxy.url + "/readyz", timeout=60).status_code != 200:
         assert time.monotonic() < deadline, "not ready again within 60 s"
@@ -71,14 +86,68 @@ def test_a_stopped_database_answers_503_then_recovers(start_proxy: Callable[...,
     assert_recovered(proxy, login)
 
 
-def test_a_frozen_database_answers_503_within_its_bound(start_proxy: Callable[..., RunningProxy],
-                                                        private_postgres: PostgresCluster,
-                                                        echo_downstream: EchoServer) -> None:
-    """SIGSTOP: the kernel still accepts connections and acknowledges packets, but nothing answers. Only a
-    client-side bound ends the wait; without one a request waits for as long as the database is frozen."""
+def test_a_read_only_database_answers_503_and_is_not_ready(start_proxy: Callable[..., RunningProxy],
+                                                           private_postgres: PostgresCluster,
+                                                           echo_downstream: EchoServer) -> None:
+    """As on a standby, or a database an operator set read-only: reads work, writes are refused."""
     proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
                         MCP_SERVER_URL=echo_downstream.url + "/mcp")
     [login] = logins(proxy, 1)
+    with psycopg.connect(private_postgres.dsn, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        admin.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while read_only_setting(private_postgres) != "on":
+            assert time.monotonic() < deadline, "the server did not reload its configuration"
+            time.sleep(0.1)
+        time.sleep(0.5)  # every backend has taken the reload by then
+        try:
+            assert_unavailable(requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60))
+            assert_unavailable(login.client.refresh(login.refresh_token))
+            ready = requests.get(proxy.url + "/readyz", timeout=60)
+            assert ready.status_code == 503 and ready.json()["database"] == "not writable", ready.text
+        finally:
+            admin.execute("SET default_transaction_read_only = off")
+            admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            admin.execute("SELECT pg_reload_conf()")
+    assert_recovered(proxy, login)
+
+
+def test_a_frozen_database_answers_503_within_its_bound(start_gunicorn: Callable[..., GunicornProxy],
+                                                        private_postgres: PostgresCluster,
+                                                        echo_downstream: EchoServer) -> None:
+    """SIGSTOP: the kernel still accepts connections and acknowledges packets, but nothing answers. Only a
+    client-side bound ends the wait; without one a request waits for as long as the database is frozen (under
+    gunicorn's gevent worker, as in production). /readyz has its own, shorter bound (3 s): sent together with the
+    other requests, it answers first, while they still wait out DATABASE_TIMEOUT."""
+    proxy = start_gunicorn(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="4",
+                           MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    login = log_in(proxy.url, proxy.url + "/mcp")
+    assert requests.get(proxy.url + "/readyz", timeout=30).status_code == 200
+    answered: list[str] = []
+    failures: list[BaseException] = []
+
+    def expect_unavailable(name: str, call: Callable[[], requests.Response]) -> None:
+        try:
+            assert_unavailable(call())
+            answered.append(name)
+        except BaseException as error:  # reported below, from the test's thread
+            failures.append(error)
+
+    calls = {
+        "register": lambda: requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60),
+        "refresh": lambda: login.client.refresh(login.refresh_token),
+        "mcp": lambda: requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=60),  # its token is not cached yet
+    }
     with private_postgres.frozen():
-        assert_every_endpoint_unavailable(proxy, login)
+        threads = [threading.Thread(target=expect_unavailable, args=item) for item in calls.items()]
+        for thread in threads:
+            thread.start()
+        ready = requests.get(proxy.url + "/readyz", timeout=60)
+        answered.append("readyz")
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not failures, failures
+    assert ready.status_code == 503 and ready.json()["database"] == "unreachable", ready.text
+    assert answered[0] == "readyz" and sorted(answered[1:]) == sorted(calls)
     assert_recovered(proxy, login)
