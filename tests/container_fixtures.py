@@ -101,3 +101,63 @@ def streamed_tool_call(mcp_url: str, token: str, arguments: dict, on_event=None,
                     break
         assert result is not None, f"no result after {len(progress)} progress events"
         return progress, result
+
+
+# -- stand-ins for the official images compose.yaml names, built from Debian 12's own packages --------------------
+
+POSTGRES_ENTRYPOINT = r"""#!/bin/sh
+# The official postgres image's interface, as compose.yaml uses it: POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB,
+# PGDATA initialised on first start (password authentication), then `postgres ARGS` as the postgres user.
+set -eu
+if [ "${1:-}" = postgres ]; then
+  mkdir -p "$PGDATA" /var/run/postgresql
+  chown postgres:postgres "$PGDATA" /var/run/postgresql
+  chmod 700 "$PGDATA"
+  as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+  if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    printf '%s\n' "$POSTGRES_PASSWORD" > /tmp/pwfile && chown postgres /tmp/pwfile
+    as_postgres initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile=/tmp/pwfile --auth=scram-sha-256 >/dev/null
+    rm /tmp/pwfile
+    echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+    as_postgres pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -k /tmp" -w start >/dev/null
+    PGPASSWORD="$POSTGRES_PASSWORD" as_postgres psql -q -h /tmp -U "$POSTGRES_USER" -d postgres \
+      -c "CREATE DATABASE \"$POSTGRES_DB\""
+    as_postgres pg_ctl -D "$PGDATA" -w stop >/dev/null
+  fi
+  exec setpriv --reuid=postgres --regid=postgres --init-groups "$@"
+fi
+exec "$@"
+"""
+
+STANDINS = {
+    "postgres": ("localhost/oauthproxy-standin/postgres:15-bookworm", """
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends postgresql-15 && rm -rf /var/lib/apt/lists/*
+COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+RUN chmod +x /usr/local/bin/docker-entrypoint.sh
+ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["postgres"]
+"""),
+    "redis": ("localhost/oauthproxy-standin/redis:7.0-bookworm", """
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*
+CMD ["redis-server"]
+"""),
+    "nginx": ("localhost/oauthproxy-standin/nginx:1.22-bookworm", """
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends nginx && rm -rf /var/lib/apt/lists/* \\
+    && rm -f /etc/nginx/sites-enabled/default
+CMD ["nginx", "-g", "daemon off;"]
+"""),
+}
+
+
+def standin_image(kind: str, folder: Path) -> str:
+    """Debian 12's postgresql-15, redis-server or nginx on the stand-in base, tagged once (podman keeps it)."""
+    image, steps = STANDINS[kind]
+    if podman("image", "exists", image, check=False).returncode == 0:
+        return image
+    context = folder / f"standin-{kind}"
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "entrypoint.sh").write_text(POSTGRES_ENTRYPOINT)
+    (context / "Containerfile").write_text(f"FROM {base_image()}\n{steps}")
+    podman("build", "--network", "host", *LIMITS, "--format", "docker", "-t", image, str(context), timeout=900)
+    return image
