@@ -225,7 +225,6 @@ class DownstreamProxy:
                     # Otherwise requests re-reads proxy variables and .netrc on every call (and might route
                     # the downstream's traffic, credentials included, through an HTTP(S)_PROXY).
                     session.trust_env = False
-                    session.verify = self.ca_bundle or True
                     session.headers.clear()  # forward what the client sent, not requests' defaults
                     adapter = _PooledAdapter(pool_connections=16, pool_maxsize=self.settings.downstream_pool_size)
                     session.mount("http://", adapter)
@@ -352,7 +351,7 @@ class DownstreamProxy:
             # Straight to the session's pooled adapter, not `Session.request`: that would keep downstream cookies
             # in a jar shared by every user of this worker, and read a 3xx body before we could stream it.
             return self.session.get_adapter(url).send(
-                prepared, stream=True,
+                prepared, stream=True, verify=self.ca_bundle or True,
                 timeout=(self.settings.downstream_connect_timeout, self.settings.downstream_read_timeout))
         except requests.ConnectTimeout:
             raise DownstreamError(504, "downstream_timeout",

@@ -459,8 +459,9 @@ class UpstreamProvider:
                 "code_challenge_method": "S256",
                 # OAuth2Session applies this to every request it sends (token, userinfo, JWKS).
                 "default_timeout": self.timeout,
-                # CA_BUNDLE (a private PKI), else requests' default (certifi, or REQUESTS_CA_BUNDLE).
-                **({"verify": self.ca_bundle} if self.ca_bundle else {}),
+                # CA_BUNDLE (a private PKI), else requests' default (certifi, or REQUESTS_CA_BUNDLE). With it, the
+                # environment is not read: requests lets REQUESTS_CA_BUNDLE override a session's `verify`.
+                **({"verify": self.ca_bundle, "trust_env": False} if self.ca_bundle else {}),
             },
         )
         self._client_ready = False
@@ -519,7 +520,7 @@ class UpstreamProvider:
         try:
             with requests.Session() as session:
                 if self.ca_bundle:
-                    session.verify = self.ca_bundle
+                    session.verify, session.trust_env = self.ca_bundle, False
                 response = session.get(url, headers={"Accept": "application/json"}, timeout=self.timeout)
         except requests.RequestException as exc:
             raise UpstreamError(
