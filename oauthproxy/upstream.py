@@ -1175,9 +1175,12 @@ def build_upstream_provider(settings: UpstreamSettings) -> UpstreamProvider:
         # A full github.com authorize URL or just https://github.com: the endpoints are fixed.
         return GitHubProvider(settings, token_url=settings.oauth_token_url or None)
     if getattr(settings, "github_api_url", None):
-        # GitHub Enterprise Server: GITHUB_API_URL (https://HOST/api/v3) says so; its OAuth endpoints are on HOST.
-        origin = "{0.scheme}://{0.netloc}".format(urlsplit(url.strip()))
-        return GitHubProvider(settings, authorize_url=origin + "/login/oauth/authorize",
+        # GitHub Enterprise Server: GITHUB_API_URL (https://HOST/api/v3) says so. OAUTH_AUTHORIZE_URL is HOST or its
+        # authorize URL; the token URL is GitHub's path on the same host unless OAUTH_TOKEN_URL names it.
+        parts = urlsplit(url.strip())
+        origin = f"{parts.scheme}://{parts.netloc}"
+        authorize_url = url.strip() if parts.path.strip("/") else origin + "/login/oauth/authorize"
+        return GitHubProvider(settings, authorize_url=authorize_url,
                               token_url=settings.oauth_token_url or origin + "/login/oauth/access_token")
     if settings.oauth_token_url:
         if not settings.oauth_userinfo_url:
