@@ -388,7 +388,6 @@ class DownstreamProxy:
                     # Otherwise requests re-reads proxy variables and .netrc on every call (and might route
                     # the downstream's traffic, credentials included, through an HTTP(S)_PROXY).
                     session.trust_env = False
-                    session.verify = self.ca_bundle or True
                     session.headers.clear()  # forward what the client sent, not requests' defaults
                     adapter = _PooledAdapter(self.settings.downstream_pool_idle_timeout, pool_connections=16,
                                              pool_maxsize=self.settings.downstream_pool_size)
@@ -517,9 +516,10 @@ class DownstreamProxy:
         # shared by every user of this worker, and read a 3xx body before we could stream it.
         adapter = self.session.get_adapter(url)
         timeout = (self.settings.downstream_connect_timeout, self.settings.downstream_read_timeout)
+        verify = self.ca_bundle or True  # CA_BUNDLE, per request: the environment's CA variables do not override it
         try:
             try:
-                return adapter.send(prepared, stream=True, timeout=timeout)
+                return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
             except requests.ConnectionError as error:
                 if not _may_send_again(prepared, error):
                     raise
@@ -527,7 +527,7 @@ class DownstreamProxy:
                          route.name, prepared.method)
             _attempt.fresh_only = True
             try:
-                return adapter.send(prepared, stream=True, timeout=timeout)
+                return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
             finally:
                 _attempt.fresh_only = False
         except requests.RequestException as error:

@@ -98,6 +98,7 @@ class SelfCheck:
         self.http = requests.Session()
         self.verify: str | bool = self.settings.ca_bundle or True  # CA_BUNDLE, as the proxy itself connects
         self.http.verify = self.verify
+        self.http.trust_env = not self.settings.ca_bundle  # else REQUESTS_CA_BUNDLE would override CA_BUNDLE
 
     def run(self) -> Iterator[Finding]:
         with self.app.app_context():
@@ -175,7 +176,7 @@ class SelfCheck:
             return
         provider_origin = _origin(url)
         browser = requests.Session()
-        browser.verify = self.verify
+        browser.verify, browser.trust_env = self.verify, self.http.trust_env
         for _hop in range(MAX_PROVIDER_HOPS):
             try:
                 response = browser.get(url, allow_redirects=False, timeout=self.timeout)

@@ -458,8 +458,9 @@ class UpstreamProvider:
                 "code_challenge_method": "S256",
                 # OAuth2Session applies this to every request it sends (token, userinfo, JWKS).
                 "default_timeout": self.timeout,
-                # CA_BUNDLE (a private PKI), else requests' default (certifi, or REQUESTS_CA_BUNDLE).
-                **({"verify": self.ca_bundle} if self.ca_bundle else {}),
+                # CA_BUNDLE (a private PKI), else requests' default (certifi, or REQUESTS_CA_BUNDLE). With it, the
+                # environment is not read: requests lets REQUESTS_CA_BUNDLE override a session's `verify`.
+                **({"verify": self.ca_bundle, "trust_env": False} if self.ca_bundle else {}),
             },
         )
         self._client_ready = False
@@ -518,7 +519,7 @@ class UpstreamProvider:
         try:
             with requests.Session() as session:
                 if self.ca_bundle:
-                    session.verify = self.ca_bundle
+                    session.verify, session.trust_env = self.ca_bundle, False
                 response = session.get(url, headers={"Accept": "application/json"}, timeout=self.timeout)
         except requests.RequestException as exc:
             raise UpstreamError(
@@ -1174,9 +1175,12 @@ def build_upstream_provider(settings: UpstreamSettings) -> UpstreamProvider:
         # A full github.com authorize URL or just https://github.com: the endpoints are fixed.
         return GitHubProvider(settings, token_url=settings.oauth_token_url or None)
     if getattr(settings, "github_api_url", None):
-        # GitHub Enterprise Server: GITHUB_API_URL (https://HOST/api/v3) says so; its OAuth endpoints are on HOST.
-        origin = "{0.scheme}://{0.netloc}".format(urlsplit(url.strip()))
-        return GitHubProvider(settings, authorize_url=origin + "/login/oauth/authorize",
+        # GitHub Enterprise Server: GITHUB_API_URL (https://HOST/api/v3) says so. OAUTH_AUTHORIZE_URL is HOST or its
+        # authorize URL; the token URL is GitHub's path on the same host unless OAUTH_TOKEN_URL names it.
+        parts = urlsplit(url.strip())
+        origin = f"{parts.scheme}://{parts.netloc}"
+        authorize_url = url.strip() if parts.path.strip("/") else origin + "/login/oauth/authorize"
+        return GitHubProvider(settings, authorize_url=authorize_url,
                               token_url=settings.oauth_token_url or origin + "/login/oauth/access_token")
     if settings.oauth_token_url:
         if not settings.oauth_userinfo_url:

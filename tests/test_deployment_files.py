@@ -116,9 +116,10 @@ def test_the_dockerfile_parses_and_matches_the_package() -> None:
     assert path == "/healthz" and path in {rule.rule for rule in app.url_map.iter_rules()}
 
 
-def test_the_readme_says_what_was_not_run() -> None:
+def test_the_readme_says_how_the_image_is_tested_and_what_stands_in() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "docker build" in readme and "not run" in readme
+    assert "docker build" in readme and "make test-container" in readme
+    assert "stand-in" in readme and "BASE_IMAGE" in readme and "not run here" in readme
 
 
 def test_app_json_describes_settings_the_proxy_reads() -> None:
