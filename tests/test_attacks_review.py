@@ -1,0 +1,51 @@
+"""An attacker's review of the URL, allowlist and grant rules through the running proxy: each test is a hole that was open."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import requests
+
+from tests.conftest import RunningProxy
+from tests.flows import query_of
+
+# Refusals store nothing: one database.
+pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def no_tracebacks(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO)
+    yield
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text[-3000:]
+
+
+def get(url: str, **headers: str) -> requests.Response:
+    return requests.get(url, allow_redirects=False, timeout=10, headers=headers)
+
+
+@pytest.mark.parametrize("redirect_uri", [
+    "https://client.example.test/cb\u00e9", 'https://client.example.test/cb"', "https://client.example.test\\cb",
+    "https://client.example.test/cb\r\nSet-Cookie: x=1", "https://client.example.test/cb\x00",
+], ids=["non-ascii", "quote", "backslash", "crlf", "nul"])
+def test_an_unregistered_redirect_uri_with_any_character_is_a_page_not_a_500(
+        proxy: RunningProxy, redirect_uri: str, no_tracebacks) -> None:
+    """Authlib quotes the requested redirect URI in its error and raised ValueError on these: an HTML 500."""
+    client = proxy.register_client(redirect_uri="https://client.example.test/cb")
+    response = get(client.authorize_url(redirect_uri=redirect_uri))
+    assert response.status_code == 400 and "Location" not in response.headers, response.text[:300]
+    assert "redirect_uri is not one this client registered" in response.text
+    response = get(client.authorize_url(redirect_uri=redirect_uri), Accept="application/json")
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("response_type", ["cod\u00e9", 'code"', "code\\", "\u0441ode"],
+                         ids=["non-ascii", "quote", "backslash", "cyrillic-lookalike"])
+def test_an_unsupported_response_type_with_any_character_is_an_error_redirect(
+        proxy: RunningProxy, response_type: str, no_tracebacks) -> None:
+    client = proxy.register_client(redirect_uri="https://client.example.test/cb")
+    response = get(client.authorize_url(response_type=response_type))
+    assert response.status_code == 302, response.text[:300]
+    result = query_of(response.headers["Location"])
+    assert result["error"] == "unsupported_response_type" and result["state"] == client.state
