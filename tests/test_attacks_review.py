@@ -7,11 +7,12 @@ import logging
 import pytest
 import requests
 
+from oauthproxy.allowlists import email_is_allowed
 from tests.conftest import RunningProxy
 from tests.flows import query_of
 
-# Refusals store nothing: one database.
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+#: Refusals that store nothing run on one database.
+SQLITE_ONLY = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -25,6 +26,7 @@ def get(url: str, **headers: str) -> requests.Response:
     return requests.get(url, allow_redirects=False, timeout=10, headers=headers)
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("redirect_uri", [
     "https://client.example.test/cb\u00e9", 'https://client.example.test/cb"', "https://client.example.test\\cb",
     "https://client.example.test/cb\r\nSet-Cookie: x=1", "https://client.example.test/cb\x00",
@@ -40,6 +42,7 @@ def test_an_unregistered_redirect_uri_with_any_character_is_a_page_not_a_500(
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("response_type", ["cod\u00e9", 'code"', "code\\", "\u0441ode"],
                          ids=["non-ascii", "quote", "backslash", "cyrillic-lookalike"])
 def test_an_unsupported_response_type_with_any_character_is_an_error_redirect(
@@ -49,3 +52,11 @@ def test_an_unsupported_response_type_with_any_character_is_an_error_redirect(
     assert response.status_code == 302, response.text[:300]
     result = query_of(response.headers["Location"])
     assert result["error"] == "unsupported_response_type" and result["state"] == client.state
+
+
+@pytest.mark.parametrize("email", ["\u212aate@example.test", "kate@\u212aexample.test"], ids=["local-part", "domain"])
+def test_a_unicode_letter_that_lower_cases_to_ascii_does_not_pass_an_allowlist(email: str) -> None:
+    """KELVIN SIGN lower-cases to `k`: a provider vouching for `\u212aate@...` vouches for another mailbox."""
+    assert not email_is_allowed(email, frozenset({"kate@example.test"}), frozenset())
+    assert not email_is_allowed(email, frozenset(), frozenset({"kexample.test"}))
+    assert email_is_allowed("KATE@Example.TEST", frozenset({"kate@example.test"}), frozenset())
