@@ -60,3 +60,18 @@ def test_a_unicode_letter_that_lower_cases_to_ascii_does_not_pass_an_allowlist(e
     assert not email_is_allowed(email, frozenset({"kate@example.test"}), frozenset())
     assert not email_is_allowed(email, frozenset(), frozenset({"kexample.test"}))
     assert email_is_allowed("KATE@Example.TEST", frozenset({"kate@example.test"}), frozenset())
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("redirect_uri", [
+    "search:query=invoice&crumb=location:%5C%5Cevil.example%5Cshare",  # search-ms under its other name
+    "SEARCH:query=x", "ms-officecmd:%7B%22id%22:3%7D", "ms-word:ofe%7Cu%7Chttps://evil.example/doc.docx",
+    "shell:startup", "ms-its:mhtml:file://evil.example/x.chm::/x.htm", "itms-services://?action=download-manifest",
+], ids=["search", "search-upper", "ms-officecmd", "ms-word", "shell", "ms-its", "itms-services"])
+def test_a_dangerous_handler_under_another_name_is_never_a_redirect_uri(proxy: RunningProxy, redirect_uri: str) -> None:
+    """search-ms was refused but `search:`, the same handler, was registered and named on the consent page."""
+    response = requests.post(proxy.url + "/register", timeout=10, json={
+        "client_name": "x", "redirect_uris": [redirect_uri], "token_endpoint_auth_method": "none"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_redirect_uri"
+    assert "never allowed" in response.json()["error_description"]
