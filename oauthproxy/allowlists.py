@@ -25,13 +25,15 @@ def email_is_allowed(email: str | None, emails: frozenset[str], domains: frozens
     """An allowlist check: no list allows everyone; otherwise the (verified) email or its domain must be listed.
 
     The lists are lower-cased when the settings are read; addresses compare case-insensitively as a whole
-    (providers differ on the local part's case, none lets two accounts differ only by it)."""
+    (providers differ on the local part's case, none lets two accounts differ only by it). Only ASCII letters
+    are folded: Unicode lower-casing maps other characters onto ASCII ones (KELVIN SIGN `\u212a` becomes `k`),
+    so `\u212aate@example.test`, another mailbox, would otherwise pass for `kate@example.test`."""
     if not emails and not domains:
         return True
     address = email_address(email)
     if address is None:
         return False
-    address = address.lower()
+    address = address.encode().lower().decode()  # bytes.lower() folds A-Z only
     return address in emails or address.partition("@")[2] in domains
 
 

@@ -101,6 +101,16 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
     if not client_id:
         raise AuthorizationPageError(400, "Invalid request", "The request has no client_id. Start again from your MCP client.")
     params = dict(params)
+    redirect_uri = params.get("redirect_uri")
+    if redirect_uri and safe_description(redirect_uri, len(redirect_uri)) != redirect_uri:
+        # Authlib quotes the redirect URI in its error and, for a character RFC 6749 §5.2 forbids in an error
+        # description, raises ValueError (a 500). No registered URI has one (urls.redirect_uri_problem).
+        raise AuthorizationPageError(400, "This sign-in request cannot continue",
+                                     "The redirect_uri is not one this client registered: it contains spaces, "
+                                     "quotes, backslashes, control or non-ASCII characters.")
+    if "response_type" in params:
+        # Likewise quoted by Authlib: with such characters replaced it is just as unsupported, and answered so.
+        params["response_type"] = safe_description(params["response_type"], len(params["response_type"]))
     if "scope" in params:
         # offline_access is how some clients ask for a refresh token; refresh tokens are issued anyway.
         params["scope"] = " ".join(s for s in params["scope"].split() if s != "offline_access")

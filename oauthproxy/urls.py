@@ -15,6 +15,12 @@ _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
 NEVER_REDIRECT_SCHEMES = frozenset({
     "javascript", "vbscript", "data", "file", "filesystem", "blob", "about", "view-source", "jar", "intent",
     "chrome", "chrome-extension", "moz-extension", "resource", "ms-appinstaller", "search-ms", "ms-msdt",
+    # Handlers with a record of being abused from a link: `search:` is search-ms's other name (Explorer opening
+    # a remote share), ms-officecmd had an argument-injection RCE, the Office schemes open remote documents,
+    # shell:/hcp:/ms-help:/ms-its:/its:/mk: reach the Windows shell and help (CHM) handlers, itms-services
+    # installs an iOS app as ms-appinstaller does a Windows one.
+    "search", "ms-officecmd", "ms-word", "ms-excel", "ms-powerpoint", "shell", "hcp", "ms-help", "ms-its", "its",
+    "mk", "itms-services",
 })
 #: Registered network schemes: they name a place on the network, not an app on the user's device, so they are
 #: not private-use schemes (RFC 8252 §7.1); http and https follow their own rule.
