@@ -219,6 +219,10 @@ def _json_error(status: int, error: str, description: str, headers: dict[str, st
     return response
 
 
+def _sessions() -> SessionBindings:
+    return current_app.extensions["mcp_sessions"]
+
+
 def _session_not_found() -> Response:
     response = jsonify(SESSION_NOT_FOUND)
     response.status_code = 404
@@ -324,10 +328,9 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
 
     # RS-5: a session belongs to the user who opened it. Stateless requests (no session id) skip this entirely.
     session_id = request.environ.get("HTTP_MCP_SESSION_ID")
-    sessions: SessionBindings = current_app.extensions["mcp_sessions"]
     if session_id is not None:
         try:
-            allowed = sessions.allows(route.name, session_id, validated.caller.user_id)
+            allowed = _sessions().allows(route.name, session_id, validated.caller.user_id)
         except SQLAlchemyError:
             return _database_unavailable()
         if not allowed:
@@ -356,8 +359,8 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     answered = response.mcp_session_id
     if session_id is not None or answered is not None:
         try:
-            sessions.observe(route.name, request.method, session_id, answered, response.status_code,
-                             validated.caller.user_id)
+            _sessions().observe(route.name, request.method, session_id, answered, response.status_code,
+                                validated.caller.user_id)
         except SQLAlchemyError:
             response.close()  # a session we could not bind is not handed out
             return _database_unavailable()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import http.client
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oauthproxy.proxy import PathRefused, confined_suffix, query_without_tokens
 from tests.deployment_fixtures import Nginx, start_nginx
@@ -168,3 +172,40 @@ def test_no_answer_sends_the_client_to_the_host_it_named(
     status, body = raw_get(proxy.url, "/mcp//x", login.bearer)
     assert status == 400 and "invalid_request" in body and "empty segments" in body, body
     assert len(echo_downstream.seen) == count
+
+
+def downstream_reading(path: str) -> str:
+    """The most generous reading of a path any downstream might make: decoded until stable, `\\` as `/`, path
+    parameters dropped, empty segments merged, dot segments resolved (also `..` with trailing dots and spaces)."""
+    for _round in range(8):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    resolved: list[str] = []
+    for segment in path.replace("\\", "/").split("/"):
+        segment = segment.split(";", 1)[0]
+        dots = segment.strip(" ")
+        if not segment or dots == ".":
+            continue
+        if dots and not dots.strip("."):  # `..`, `...`: up one
+            if resolved:
+                resolved.pop()
+            continue
+        resolved.append(segment)
+    return "/" + "/".join(resolved)
+
+
+PATH_PARTS = ["a", "x", ".", "..", "...", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%25", "2e", "2f", ";", ";p=1", "%00",
+              "/", "//", "%252e", "%252f", "%25252e", " ", "mcp-b"]
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)
+@given(st.lists(st.sampled_from(PATH_PARTS), max_size=10).map(lambda parts: "/mcp/a/" + "".join(parts)))
+def test_no_accepted_path_leaves_the_route_in_any_reading(path: str) -> None:
+    try:
+        suffix = confined_suffix("/mcp/a", path)
+    except PathRefused:
+        return
+    reading = downstream_reading("/mcp-a" + suffix)
+    assert reading == "/mcp-a" or reading.startswith("/mcp-a/"), (path, suffix, reading)
