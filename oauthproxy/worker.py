@@ -33,12 +33,14 @@ class ClientConnection:
     Everything else (writes, fileno, the raw `_sock` the proxy watches) is the socket's own.
     """
 
-    __slots__ = ("_client", "_head_started", "_idle_timeout", "_serving", "evicted")
+    __slots__ = ("_client", "_head_deadline", "_head_partial", "_keepalive", "_serving", "evicted")
 
     def __init__(self, client: socket.socket, keepalive: float) -> None:
         self._client = client
-        self._idle_timeout = min(REQUEST_HEAD_TIMEOUT, keepalive) if keepalive else REQUEST_HEAD_TIMEOUT
-        self._head_started: float | None = None  # monotonic time the current head's first byte came
+        self._keepalive = keepalive or REQUEST_HEAD_TIMEOUT
+        # The first head must be complete this long after the connection came; later heads, after their first byte.
+        self._head_deadline: float | None = time.monotonic() + REQUEST_HEAD_TIMEOUT
+        self._head_partial = False  # some of the current head has come
         self._serving = False
         self.evicted = False
 
@@ -56,16 +58,19 @@ class ClientConnection:
             return data
         if self.evicted:
             return b""
-        if self._head_started is None:
-            data = self._timed_recv(size, flags, self._idle_timeout)
+        if self._head_deadline is None:  # idle between requests on a kept-alive connection
+            data = self._timed_recv(size, flags, self._keepalive)
             if data:
-                self._head_started = time.monotonic()
+                self._head_deadline = time.monotonic() + REQUEST_HEAD_TIMEOUT
+                self._head_partial = True
             return data or b""
-        remaining = self._head_started + REQUEST_HEAD_TIMEOUT - time.monotonic()
+        remaining = self._head_deadline - time.monotonic()
         data = self._timed_recv(size, flags, remaining) if remaining > 0 else None
         if data is None:
-            self._refuse_slow_head()
+            if self._head_partial:
+                self._refuse_slow_head()
             return b""
+        self._head_partial = True
         return data
 
     def _timed_recv(self, size: int, flags: tuple[int, ...], timeout: float) -> bytes | None:
@@ -95,11 +100,11 @@ class ClientConnection:
         """The head has been parsed: from now on reads are of this request's body."""
         self._serving = True
 
-    def waiting(self, keepalive: float) -> None:
+    def waiting(self) -> None:
         """The response is done: the next read waits for another request on this kept-alive connection."""
         self._serving = False
-        self._head_started = None
-        self._idle_timeout = keepalive or REQUEST_HEAD_TIMEOUT
+        self._head_deadline = None
+        self._head_partial = False
 
     def evict(self) -> None:
         """Shut this connection: a read waiting on it returns at once, as if the client had closed it."""
@@ -144,5 +149,5 @@ class BoundedGeventWorker(GeventWorker):
             super().handle_request(listener_name, req, sock, addr)
         finally:
             if not sock.evicted:
-                sock.waiting(self.cfg.keepalive)
+                sock.waiting()
                 self._wait(sock)

@@ -89,6 +89,21 @@ def metadata_fields() -> st.SearchStrategy[dict]:
     })
 
 
+# The fuzzers send hundreds of requests a second from one address: rate limits would answer most of them 429.
+UNLIMITED = {"REGISTER_RATE_LIMIT": "1000000 per minute", "AUTHORIZE_RATE_LIMIT": "1000000 per minute",
+             "TOKEN_RATE_LIMIT": "1000000 per minute"}
+
+VALID_METADATA = {"client_name": "Fuzz Client", "redirect_uris": ["http://127.0.0.1:33418/callback"],
+                  "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"],
+                  "response_types": ["code"]}
+
+
+def client_metadata() -> st.SearchStrategy[dict]:
+    """Metadata from scratch, or a valid registration with some fields replaced (so that many are accepted and
+    what is stored can be checked)."""
+    return metadata_fields() | metadata_fields().map(lambda fields: {**VALID_METADATA, **fields})
+
+
 def tracebacks(records: list[logging.LogRecord]) -> list[str]:
     """Log records that carry a traceback, formatted for the failure message."""
     return [f"{record.name}: {record.getMessage()}" for record in records if record.exc_info or record.stack_info]

@@ -22,7 +22,12 @@ from oauthproxy.metadata_limits import metadata_size_problem
 from oauthproxy.models import OAuthClient, db
 from tests.conftest import RunningProxy
 from tests.flows import pkce_pair
-from tests.fuzzing import FUZZ, hostile_text, json_error, metadata_fields, tracebacks, url_like
+from tests.fuzzing import FUZZ, UNLIMITED, client_metadata, hostile_text, json_error, tracebacks, url_like
+
+
+@pytest.fixture
+def fuzz_proxy(start_proxy) -> RunningProxy:
+    return start_proxy(**UNLIMITED)
 
 
 def client_count(proxy: RunningProxy) -> int:
@@ -42,16 +47,16 @@ raw_bodies = st.one_of(
 
 
 @FUZZ
-@given(body=metadata_fields(), raw=st.none() | raw_bodies,
+@given(body=client_metadata(), raw=st.none() | raw_bodies,
        content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain",
                                      "application/x-www-form-urlencoded", "", "application/JSON"]))
-def test_fuzz_register(proxy: RunningProxy, caplog: pytest.LogCaptureFixture, body: dict, raw: bytes | None,
+def test_fuzz_register(fuzz_proxy: RunningProxy, caplog: pytest.LogCaptureFixture, body: dict, raw: bytes | None,
                        content_type: str) -> None:
     caplog.clear()
     data = raw if raw is not None else json.dumps(body).encode()
-    with proxy.app.app_context():
-        before = client_count(proxy)
-        response = proxy.app.test_client().post("/register", data=data, headers={"Content-Type": content_type})
+    with fuzz_proxy.app.app_context():
+        before = client_count(fuzz_proxy)
+        response = fuzz_proxy.app.test_client().post("/register", data=data, headers={"Content-Type": content_type})
         assert response.status_code < 500, (response.status_code, response.get_data()[:500])
         answer = json_error(response.get_data())
         assert answer is not None, response.get_data()[:300]
@@ -61,12 +66,12 @@ def test_fuzz_register(proxy: RunningProxy, caplog: pytest.LogCaptureFixture, bo
             stored = row.client_metadata
             assert metadata_size_problem(stored) is None, stored
             assert len(row.client_metadata_json) <= MAX_BODY_BYTES
-            settings = proxy.app.config["SETTINGS"]
+            settings = fuzz_proxy.app.config["SETTINGS"]
             for uri in stored["redirect_uris"]:
                 assert redirect_uri_problem(uri, settings) is None, uri
         else:
             assert answer.get("error"), answer
-            assert client_count(proxy) == before
+            assert client_count(fuzz_proxy) == before
         db.session.remove()
     assert_no_traceback(caplog)
 
@@ -83,16 +88,16 @@ def authorize_queries() -> st.SearchStrategy[list[tuple[str, str]]]:
 
 @FUZZ
 @given(changes=authorize_queries(), keep=st.sets(st.sampled_from(AUTHORIZE_PARAMS)))
-def test_fuzz_authorize(proxy: RunningProxy, caplog: pytest.LogCaptureFixture, changes: list[tuple[str, str]],
+def test_fuzz_authorize(fuzz_proxy: RunningProxy, caplog: pytest.LogCaptureFixture, changes: list[tuple[str, str]],
                         keep: set[str]) -> None:
     caplog.clear()
-    client = registered_client(proxy)
+    client = registered_client(fuzz_proxy)
     _, challenge = pkce_pair()
     valid = {"response_type": "code", "client_id": client["client_id"], "redirect_uri": client["redirect_uris"][0],
              "code_challenge": challenge, "code_challenge_method": "S256", "state": "st",
-             "resource": proxy.url + "/mcp", "scope": "openid"}
+             "resource": fuzz_proxy.url + "/mcp", "scope": "openid"}
     query = [(name, value) for name, value in valid.items() if name in keep] + changes
-    response = proxy.app.test_client().get("/authorize", query_string=query)
+    response = fuzz_proxy.app.test_client().get("/authorize", query_string=query)
     assert response.status_code < 500, (response.status_code, response.get_data()[:500])
     if 300 <= response.status_code < 400:
         location = response.headers["Location"]
@@ -139,16 +144,16 @@ def basic_headers() -> st.SearchStrategy[dict[str, str]]:
                                                   "password"]) | url_like() | hostile_text()), max_size=12),
        use_client=st.sampled_from(["none", "client_secret_basic", None]), headers=basic_headers(),
        raw=st.none() | raw_bodies)
-def test_fuzz_token_and_revoke(proxy: RunningProxy, caplog: pytest.LogCaptureFixture, path: str,
+def test_fuzz_token_and_revoke(fuzz_proxy: RunningProxy, caplog: pytest.LogCaptureFixture, path: str,
                                params: list[tuple[str, str]], use_client: str | None, headers: dict[str, str],
                                raw: bytes | None) -> None:
     caplog.clear()
-    registered_client(proxy)
+    registered_client(fuzz_proxy)
     if use_client is not None:
-        client = proxy.app.extensions["fuzz_clients"][use_client]
+        client = fuzz_proxy.app.extensions["fuzz_clients"][use_client]
         params = [("client_id", client["client_id"]), *params]
     data = raw if raw is not None else urlencode(params).encode()
-    response = proxy.app.test_client().post(
+    response = fuzz_proxy.app.test_client().post(
         path, data=data, headers={**headers, "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code < 500, (response.status_code, response.get_data()[:500])
     body = json_error(response.get_data())

@@ -22,7 +22,7 @@ from oauthproxy.clients import redirect_uri_problem
 from oauthproxy.metadata_limits import metadata_size_problem
 from tests.conftest import RunningProxy
 from tests.flows import pkce_pair
-from tests.fuzzing import FUZZ, json_values, metadata_fields, tracebacks
+from tests.fuzzing import FUZZ, UNLIMITED, client_metadata, json_values, tracebacks
 from tests.test_client_metadata import DocumentServer, serve
 
 _paths = itertools.count()
@@ -40,11 +40,12 @@ def documents() -> Iterator[DocumentServer]:
 @pytest.fixture
 def cimd_proxy(start_proxy) -> RunningProxy:
     # Loopback documents over http are allowed only in development (private networks allowed).
-    return start_proxy(CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS="true")
+    return start_proxy(CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS="true", **UNLIMITED)
 
 
 @FUZZ
-@given(fields=metadata_fields(), client_id_matches=st.booleans(), raw=st.none() | st.binary(max_size=200) | json_values,
+@given(fields=client_metadata(), client_id_matches=st.sampled_from([True, True, True, False]),
+       raw=st.sampled_from([None, None, None]) | st.binary(max_size=200) | json_values,
        pick=st.integers(min_value=0, max_value=30))
 @example(fields={"client_name": "Evil", "redirect_uris": ["javascript:alert(1)"]}, client_id_matches=True, raw=None,
          pick=0)
