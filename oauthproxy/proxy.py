@@ -101,18 +101,6 @@ class _SmallBufferResponse(http.client.HTTPResponse):
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-class _Attempt(threading.local):
-    """What the last attempt of this greenlet (or thread) did: whether it went out on a pooled connection, and
-    whether any of its bytes left; `fresh_only` makes the next attempt skip pooled connections."""
-
-    reused = False
-    sent = False
-    fresh_only = False
-
-
-_attempt = _Attempt()
-
-
 class _Tuned:
     """What our connections to the downstream do differently from urllib3's (measured in docs/benchmarks.md).
 
@@ -132,15 +120,19 @@ class _Tuned:
     response_class = _SmallBufferResponse
     _body_with_headers: bytes | None = None
     idle_limit = 4.0
+    #: Pooled connections idle since before this moment are not reused (set when one of them turned out broken).
+    retire_idle_before = 0.0
     #: When it went back to the pool (monotonic); None while in use or before its first request.
     idle_since: float | None = None
+    #: For the request under way: whether it went out on a pooled connection, and whether its first write left.
+    _reused = _sent = False
 
     @property
     def is_connected(self) -> bool:
         if self.sock is None:
             return False
-        if self.idle_since is not None and (_attempt.fresh_only
-                                            or time.monotonic() - self.idle_since > self.idle_limit):
+        if self.idle_since is not None and (time.monotonic() - self.idle_since > self.idle_limit
+                                            or self.idle_since <= self.retire_idle_before):
             return False  # urllib3 closes it and opens a fresh one
         poller = _unpatched_poll()()
         poller.register(self.sock.fileno(), select.POLLIN)
@@ -148,8 +140,7 @@ class _Tuned:
 
     def request(self, method: str, url: str, body: Any = None, headers: Any = None, **options: Any) -> None:
         self._body_with_headers = None
-        _attempt.reused, _attempt.sent = self.sock is not None and self.idle_since is not None, False
-        self.idle_since = None
+        self._reused, self._sent, self.idle_since = self.sock is not None and self.idle_since is not None, False, None
         if isinstance(body, bytes) and len(body) <= SMALL_BODY and headers and "Content-Length" in headers:
             # Framed by the Content-Length header that _prepare set, so urllib3 adds no framing of its own.
             self._body_with_headers, body = body, None
@@ -163,7 +154,15 @@ class _Tuned:
     def send(self, data: Any) -> None:
         body, self._body_with_headers = self._body_with_headers, None
         super().send(data + body if body is not None else data)  # type: ignore[misc]  # the first write: the head
-        _attempt.sent = True
+        self._sent = True
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        except (http.client.HTTPException, OSError) as error:
+            # urllib3 wraps this in ProtocolError and drops the connection: note what _may_send_again needs to know.
+            error.oauthproxy_attempt = (self._reused, self._sent)  # type: ignore[union-attr]
+            raise
 
 
 class _Connection(_Tuned, HTTPConnection):
@@ -198,10 +197,17 @@ class _PooledAdapter(HTTPAdapter):
         kwargs["socket_options"] = HTTPConnection.default_socket_options + KEEPALIVE_OPTIONS
         super().init_poolmanager(*args, **kwargs)
         limit = {"idle_limit": self.idle_limit}
+        self.connection_classes = (type("_Connection", (_Connection,), limit),
+                                   type("_TLSConnection", (_TLSConnection,), limit))
         self.poolmanager.pool_classes_by_scheme = {
-            "http": type("_Pool", (_Pool,), {"ConnectionCls": type("_Connection", (_Connection,), limit)}),
-            "https": type("_TLSPool", (_TLSPool,), {"ConnectionCls": type("_TLSConnection", (_TLSConnection,), limit)}),
+            "http": type("_Pool", (_Pool,), {"ConnectionCls": self.connection_classes[0]}),
+            "https": type("_TLSPool", (_TLSPool,), {"ConnectionCls": self.connection_classes[1]}),
         }
+
+    def retire_idle_connections(self) -> None:
+        """Pooled connections idle until now are not reused: the downstream has been closing them."""
+        for connection_class in self.connection_classes:
+            connection_class.retire_idle_before = time.monotonic()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -525,11 +531,8 @@ class DownstreamProxy:
                     raise
                 log.info("downstream %s closed a pooled connection before answering %s; sent again on a fresh one",
                          route.name, prepared.method)
-            _attempt.fresh_only = True
-            try:
-                return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
-            finally:
-                _attempt.fresh_only = False
+            adapter.retire_idle_connections()
+            return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
         except requests.RequestException as error:
             raise _downstream_error(route, error) from None
 
@@ -660,9 +663,12 @@ def _may_send_again(prepared: requests.PreparedRequest, error: requests.Connecti
     any byte of an answer, has a body we still hold, and either never left or is idempotent (RFC 9110 §9.2.2): a
     reset does not prove that a POST was not processed, and a tool must not run twice.
     """
-    return (_attempt.reused and isinstance(error.args[0] if error.args else None, urllib3.exceptions.ProtocolError)
-            and (prepared.body is None or isinstance(prepared.body, bytes))
-            and (not _attempt.sent or prepared.method in IDEMPOTENT_METHODS))
+    cause = error.args[0] if error.args else None
+    if not isinstance(cause, urllib3.exceptions.ProtocolError) or len(cause.args) < 2:
+        return False
+    reused, sent = getattr(cause.args[1], "oauthproxy_attempt", (False, True))
+    return (reused and (prepared.body is None or isinstance(prepared.body, bytes))
+            and (not sent or prepared.method in IDEMPOTENT_METHODS))
 
 
 def _downstream_error(route: Route, error: requests.RequestException) -> DownstreamError:
