@@ -55,7 +55,7 @@ def inspect(kind: str, name: str) -> dict:
 
 
 def remove_container(name: str) -> None:
-    podman("rm", "--force", "--time", "5", name, check=False, timeout=60)
+    podman("rm", "--force", "--volumes", "--time", "5", name, check=False, timeout=60)  # and its anonymous volumes
 
 
 # -- a streamed tool call, by hand: no SDK background tasks (its GET listener) to trip over a draining server ----

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from oauthproxy.config import load_settings
-from oauthproxy.models import Grant, db
+from oauthproxy.crypto import hash_token
+from oauthproxy.models import Grant, Token, db
 from oauthproxy.upstream import GitHubProvider, build_upstream_provider
 from tests.conftest import TEST_KEY, RunningProxy
 from tests.provider_fixture import OidcProvider
@@ -26,7 +27,8 @@ def test_a_login_through_github_enterprise_server_reads_the_user_from_its_api(
     assert isinstance(upstream, GitHubProvider) and upstream.api_base_url == oidc_provider.issuer + "/"
     login = log_in(proxy.url, proxy.url + "/mcp", login_hint="bob")  # bob's email is private: /user/emails
     with proxy.app.app_context():
-        grant = db.session.scalars(select(Grant).where(Grant.client_id == login.client.client_id)).one()
+        grant = db.session.scalars(select(Grant).join(Token, Token.grant_id == Grant.id)
+                                   .where(Token.access_token_hash == hash_token(login.access_token))).one()
         assert (grant.user_id, grant.user_email) == ("1002", "bob@example.org")
 
 
