@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -75,3 +78,21 @@ def test_a_dangerous_handler_under_another_name_is_never_a_redirect_uri(proxy: R
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_redirect_uri"
     assert "never allowed" in response.json()["error_description"]
+
+
+def test_access_token_expiry_is_judged_on_the_database_clock(
+        start_proxy: Callable[..., RunningProxy], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expiry is stamped by the database; an instance whose clock runs 2 minutes ahead refused every fresh
+    token of a 60 s lifetime as expired (and one running behind kept accepting expired ones as long)."""
+    from oauthproxy import resource_server
+
+    proxy = start_proxy(ACCESS_TOKEN_TTL="60")
+    client = proxy.register_client()
+    tokens = client.exchange(client.login(proxy.browser())["code"]).json()
+    real = time.time
+    monkeypatch.setattr(resource_server, "time", SimpleNamespace(time=lambda: real() + 120,
+                                                                 monotonic=time.monotonic))
+    response = requests.post(proxy.url + "/mcp", json={}, timeout=10,
+                             headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    # Past the token check: the downstream (a closed port) is what fails, not the token.
+    assert response.status_code == 502, (response.status_code, response.text[:300])
