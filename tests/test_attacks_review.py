@@ -96,3 +96,13 @@ def test_access_token_expiry_is_judged_on_the_database_clock(
                              headers={"Authorization": f"Bearer {tokens['access_token']}"})
     # Past the token check: the downstream (a closed port) is what fails, not the token.
     assert response.status_code == 502, (response.status_code, response.text[:300])
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("requested", ["http://127.0.0.1:45123/callback#", "http://127.0.0.1:45123/callback#x"],
+                         ids=["empty-fragment", "fragment"])
+def test_the_loopback_port_exception_does_not_relax_the_redirect_uri_policy(proxy: RunningProxy, requested: str) -> None:
+    """Any port on loopback (RFC 8252 section 7.3), but the URI is still one the policy accepts: no fragment."""
+    client = proxy.register_client(redirect_uri="http://127.0.0.1:33418/callback")
+    response = get(client.authorize_url(redirect_uri=requested))
+    assert response.status_code == 400 and "Location" not in response.headers, response.text[:300]
