@@ -105,14 +105,15 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
     """
     if registered == requested:
         return True
+    if redirect_uri_problem(requested) is not None:
+        return False  # another port, never another rule: e.g. no fragment, not even an empty one
     try:
         a, b = split_url(registered), split_url(requested)
     except MalformedURL:
         return False
     if a.scheme != "http" or b.scheme != "http" or not a.hostname or not is_loopback_host(a.hostname):
         return False
-    return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query) and not b.fragment \
-        and "@" not in b.netloc
+    return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query)
 
 
 STRING_METADATA = ("client_name", "client_uri", "logo_uri", "scope", "tos_uri", "policy_uri", "jwks_uri",

@@ -8,13 +8,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.routing import PathConverter
 
+from oauthproxy.clock import database_now
 from oauthproxy.config import Settings
 from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
@@ -47,10 +47,6 @@ CORS_EXPOSED_HEADERS = "WWW-Authenticate, Mcp-Session-Id, MCP-Protocol-Version"
 #: RFC 6750 §3: quoted-string values of the challenge may not contain `"` or `\`.
 _UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
-
-
-def _epoch(value: datetime) -> float:
-    return value.replace(tzinfo=UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -140,7 +136,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
         row = db.session.execute(
             select(Token.id, Token.grant_id, Token.scope, Token.resource, Token.access_expires_at, Token.revoked_at,
                    Grant.revoked_at.label("grant_revoked_at"), Grant.user_id, Grant.user_email, Grant.user_name,
-                   Grant.upstream_access_token, Grant.upstream_expires_at)
+                   Grant.upstream_access_token, Grant.upstream_expires_at, database_now().label("database_now"))
             .join(Grant, Grant.id == Token.grant_id)
             .where(Token.access_token_hash == key)
         ).first()
@@ -163,9 +159,12 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             except UnreadableGrant as error:
                 revoke_unreadable_grant(row.grant_id)
                 raise TokenRejected(f"{error}; sign in again") from None
+        # Expiry as the time left on the database's clock, which stamped it (clock.py): a skewed instance clock
+        # neither ends the token early nor stretches it.
         validated = ValidatedToken(
             token_id=row.id, grant_id=row.grant_id, scopes=frozenset((row.scope or "").split()),
-            resource=canonical_resource(row.resource), expires_at=_epoch(row.access_expires_at),
+            resource=canonical_resource(row.resource),
+            expires_at=time.time() + (row.access_expires_at - row.database_now).total_seconds(),
             caller=Caller(row.user_id, row.user_email, row.user_name, upstream_token),
             upstream=UpstreamAccess(upstream_token, row.upstream_expires_at))
         if validated.expires_at > time.time():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -75,3 +78,31 @@ def test_a_dangerous_handler_under_another_name_is_never_a_redirect_uri(proxy: R
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_redirect_uri"
     assert "never allowed" in response.json()["error_description"]
+
+
+def test_access_token_expiry_is_judged_on_the_database_clock(
+        start_proxy: Callable[..., RunningProxy], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expiry is stamped by the database; an instance whose clock runs 2 minutes ahead refused every fresh
+    token of a 60 s lifetime as expired (and one running behind kept accepting expired ones as long)."""
+    from oauthproxy import resource_server
+
+    proxy = start_proxy(ACCESS_TOKEN_TTL="60")
+    client = proxy.register_client()
+    tokens = client.exchange(client.login(proxy.browser())["code"]).json()
+    real = time.time
+    monkeypatch.setattr(resource_server, "time", SimpleNamespace(time=lambda: real() + 120,
+                                                                 monotonic=time.monotonic))
+    response = requests.post(proxy.url + "/mcp", json={}, timeout=10,
+                             headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    # Past the token check: the downstream (a closed port) is what fails, not the token.
+    assert response.status_code == 502, (response.status_code, response.text[:300])
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("requested", ["http://127.0.0.1:45123/callback#", "http://127.0.0.1:45123/callback#x"],
+                         ids=["empty-fragment", "fragment"])
+def test_the_loopback_port_exception_does_not_relax_the_redirect_uri_policy(proxy: RunningProxy, requested: str) -> None:
+    """Any port on loopback (RFC 8252 section 7.3), but the URI is still one the policy accepts: no fragment."""
+    client = proxy.register_client(redirect_uri="http://127.0.0.1:33418/callback")
+    response = get(client.authorize_url(redirect_uri=requested))
+    assert response.status_code == 400 and "Location" not in response.headers, response.text[:300]
