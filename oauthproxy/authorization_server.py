@@ -137,8 +137,15 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
             .where(AuthorizationCode.code_hash == authorization_code.code_hash, AuthorizationCode.used_at.is_(None))
             .values(used_at=utcnow())
         ).rowcount
+        if claimed != 1:
+            db.session.rollback()
+            # A redemption that lost the race is a second use all the same (OAuth 2.1 §4.1.3): end what the
+            # winner produced, as a later replay would (query_authorization_code).
+            revoke_grant(authorization_code.grant_id, "authorization_code_reuse")
+            db.session.commit()
+            raise InvalidGrantError("the authorization code was already used")
         family = db.session.get(Grant, authorization_code.grant_id)
-        if claimed != 1 or family is None or family.revoked_at is not None:
+        if family is None or family.revoked_at is not None:
             db.session.rollback()
             raise InvalidGrantError("the authorization code was already used")
         return family
