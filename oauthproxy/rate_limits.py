@@ -26,7 +26,7 @@ class SqliteCounterStorage(Storage):
     fresh file for them (gunicorn.conf.py). Each count is one atomic UPSERT in autocommit (no transaction is
     held), the file is separate from the application's database, and durability is not wanted (counters
     are disposable), so a write costs tens of microseconds. A lock wait longer than `BUSY_TIMEOUT_MS` is an
-    error that Flask-Limiter swallows: the request goes through rather than failing.
+    error: Flask-Limiter then counts in this process's memory until the file answers again.
     """
 
     STORAGE_SCHEME = ["sqlite"]
@@ -114,8 +114,10 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     """
     # Flask-Limiter's own headers are off: it sends Retry-After on every response of a limited endpoint,
     # successes and 500s included. `rate_limit_headers` below sends them as they are meant.
+    # When the shared counters fail (the file, Redis), the limits keep holding per process in memory: one warning,
+    # then a check of the storage now and then until it recovers; not a traceback per request, not no limit at all.
     limiter = Limiter(get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
-                      headers_enabled=False, default_limits=[], swallow_errors=True)
+                      headers_enabled=False, default_limits=[], swallow_errors=True, in_memory_fallback_enabled=True)
     limits = (("authorization.register", settings.register_rate_limit),
               ("authorization.authorize", settings.authorize_rate_limit),
               ("authorization.submit_consent", settings.authorize_rate_limit),

@@ -80,3 +80,16 @@ def test_counter_storage_counts_windows(tmp_path) -> None:
 def test_a_counters_uri_without_a_file_is_a_configuration_error(uri: str) -> None:
     with pytest.raises(ConfigError, match="RATE_LIMIT_STORAGE_URI as sqlite names a file"):
         load_settings({**GOOD, "RATE_LIMIT_STORAGE_URI": uri})
+
+
+def test_a_broken_counters_file_keeps_limiting_in_memory_and_says_so_once(
+        start_proxy: Callable[..., RunningProxy], tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    counters = tmp_path / "counters.db"
+    counters.write_bytes(b"this is not an SQLite database" * 200)  # every statement fails: "file is not a database"
+    proxy = start_proxy(RATE_LIMIT_STORAGE_URI=f"sqlite:///{counters}", REGISTER_RATE_LIMIT="3 per minute")
+    statuses = [requests.post(proxy.url + "/register", json=REGISTRATION, timeout=10).status_code for _ in range(5)]
+    # The limit still holds (in this process's memory) rather than failing open or failing every request.
+    assert statuses == [201, 201, 201, 429, 429], statuses
+    limiter_records = [record for record in caplog.records if record.name == "flask-limiter"]
+    assert len(limiter_records) == 1 and "falling back to in-memory" in limiter_records[0].getMessage()
+    assert not any(record.exc_info for record in caplog.records), "no traceback per request"
