@@ -69,13 +69,13 @@ lint: $(STAMP)
 ##   from pyproject.toml's pins, with hashes, for every platform; run it after changing a pin
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 --generate-hashes \
-	  --no-header --index-url https://pypi.org/simple -q -o requirements.lock
+	  --no-header -q -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra postgres --extra redis --universal --python-version 3.11 \
-	  --generate-hashes --no-header --index-url https://pypi.org/simple -c requirements.lock -q -o requirements.txt
+	  --generate-hashes --no-header -c requirements.lock -q -o requirements.txt
 
 ## wheel: build dist/oauthproxy-VERSION-py3-none-any.whl (templates and static files inside)
 wheel: $(STAMP)
-	$(BIN)/uv build --wheel --out-dir dist --index-url https://pypi.org/simple
+	$(BIN)/uv build --wheel --out-dir dist
 
 ## bench: the benchmarks (bench/run: wrk and nginx from Debian when missing, py-spy); rewrites docs/benchmarks.md
 bench: $(STAMP) tests/provider/node_modules/.package-lock.json
