@@ -122,12 +122,19 @@ def _bounded_psycopg_class(bound: float) -> type:
     return BoundedConnection
 
 
+def _in_memory_sqlite(dsn: str) -> bool:
+    return dsn.rstrip("/") == "sqlite:" or ":memory:" in dsn or "mode=memory" in dsn
+
+
 def engine_options(dsn: str, timeout: int) -> dict:
     """SQLAlchemy engine options that bound every wait on the database to about `timeout` seconds."""
     if dsn.startswith("sqlite:"):
         # timeout=0: SQLite's busy timeout would wait inside a C call; CooperativeConnection waits instead.
-        return {"pool_pre_ping": True, "pool_timeout": timeout,
-                "connect_args": {"timeout": 0, "factory": _sqlite_connection_class(timeout)}}
+        options: dict = {"pool_pre_ping": True,
+                         "connect_args": {"timeout": 0, "factory": _sqlite_connection_class(timeout)}}
+        if not _in_memory_sqlite(dsn):
+            options["pool_timeout"] = timeout  # an in-memory database has a single-connection pool, no queue
+        return options
     return {
         "pool_pre_ping": True,
         "pool_timeout": timeout,  # waiting for a free pooled connection

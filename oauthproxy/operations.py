@@ -159,7 +159,7 @@ def metrics_page() -> Response:
 
 
 def _note_route() -> None:
-    # The route template (`/mcp/<path:subpath>`), not the path: a bounded label set for the metrics.
+    # The route template (`/mcp/<below:subpath>`), not the path: a bounded label set for the metrics.
     request.environ[ROUTE_KEY] = request.url_rule.rule if request.url_rule is not None else "unmatched"
 
 

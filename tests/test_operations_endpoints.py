@@ -133,7 +133,7 @@ def test_metrics_count_requests_by_route_template_status_and_error(make_app) -> 
     client = app.test_client()
     before = {
         "mcp_401": sample("oauthproxy_http_requests_total", route="/mcp", method="POST", status="401"),
-        "sub_401": sample("oauthproxy_http_requests_total", route="/mcp/<path:subpath>", method="GET", status="401"),
+        "sub_401": sample("oauthproxy_http_requests_total", route="/mcp/<below:subpath>", method="GET", status="401"),
         "unmatched": sample("oauthproxy_http_requests_total", route="unmatched", method="GET", status="404"),
         "unauthorized": sample("oauthproxy_http_errors_total", route="/mcp", error="unauthorized"),
         "invalid_redirect": sample("oauthproxy_http_errors_total", route="/register", error="invalid_redirect_uri"),
@@ -151,7 +151,7 @@ def test_metrics_count_requests_by_route_template_status_and_error(make_app) -> 
     assert created.status_code == 201
     assert sample("oauthproxy_http_requests_total", route="/mcp", method="POST", status="401") == before["mcp_401"] + 1
     # The template, not the path: clients cannot grow the number of series.
-    assert sample("oauthproxy_http_requests_total", route="/mcp/<path:subpath>", method="GET",
+    assert sample("oauthproxy_http_requests_total", route="/mcp/<below:subpath>", method="GET",
                   status="401") == before["sub_401"] + 1
     assert sample("oauthproxy_http_requests_total", route="unmatched", method="GET", status="404") == \
         before["unmatched"] + 1
