@@ -124,6 +124,7 @@ def fleet(oidc_provider: OidcProvider, tmp_path_factory: pytest.TempPathFactory)
             env = {**os.environ, **base_env(port, oidc_provider, dsn, client_id),
                    "PUBLIC_URL": nginx.url, "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2",
                    "OAUTHPROXY_ENV_FILE": os.devnull, "MCP_SERVER_URL": downstream.url,
+                   "DOWNSTREAM_FORWARD_ACCESS_TOKEN": "true",  # the provider-token refresh race below
                    "TRUSTED_PROXY_HOPS": "1", "LOG_FORMAT": "json", "TOKEN_CACHE_TTL": "1",
                    "RATE_LIMIT_STORAGE_URI": REDIS_URL, "REGISTER_RATE_LIMIT": f"{REGISTER_LIMIT} per minute"}
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -27,7 +27,8 @@ def claim(proxy: RunningProxy, grant_id: int, until_seconds: float) -> None:
 
 def test_a_lease_left_by_a_dead_worker_lapses(start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
                                               provider_failure_reset: OidcProvider) -> None:
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    # A route that sends the user's provider token, so the proxy must refresh it.
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     expire_upstream_token(proxy.app, grant_id)

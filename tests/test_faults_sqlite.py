@@ -121,7 +121,7 @@ def test_no_database_lock_is_held_while_the_provider_refreshes(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
     """An upstream refresh waiting on a slow provider holds no SQLite lock: other writes go through meanwhile."""
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     expire_upstream_token(proxy.app, grant_id)
