@@ -265,6 +265,15 @@ def validate_metadata_document(
             raise invalid(
                 f"contains {secret_field}; metadata documents describe public clients and must not carry shared secrets"
             )
+    # The shapes RFC 7591 §2 gives these fields; the client model and the consent page take them as such.
+    for name in ("grant_types", "response_types"):
+        value = document.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise invalid(f"has {name} of type {type(value).__name__}; it must be a list of strings")
+    for name in ("token_endpoint_auth_method", "scope", "client_uri", "logo_uri"):
+        value = document.get(name)
+        if value is not None and not isinstance(value, str):
+            raise invalid(f"has {name} of type {type(value).__name__}; it must be a string")
     method = document.get("token_endpoint_auth_method", "none")
     if method == "private_key_jwt":
         raise invalid(

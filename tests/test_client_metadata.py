@@ -379,6 +379,13 @@ def test_client_id_must_match_exactly(server: DocumentServer) -> None:
         ({"token_endpoint_auth_method": "private_key_jwt"}, "does not support"),
         ({"token_endpoint_auth_method": "client_secret_basic"}, "shared-secret"),
         ({"token_endpoint_auth_method": "tls_client_auth"}, "supports only none"),
+        ({"token_endpoint_auth_method": ["none"]}, "must be a string"),
+        ({"grant_types": 1}, "must be a list of strings"),
+        ({"grant_types": "authorization_code"}, "must be a list of strings"),
+        ({"response_types": [None]}, "must be a list of strings"),
+        ({"scope": ["openid"]}, "must be a string"),
+        ({"client_uri": {"x": 1}}, "must be a string"),
+        ({"logo_uri": 7}, "must be a string"),
     ],
 )
 def test_invalid_documents_are_refused(server: DocumentServer, changes: dict[str, object], expected: str) -> None:
