@@ -1,13 +1,16 @@
-"""gunicorn's gevent worker with read deadlines and a cap on connections still waiting for a request (slow clients)."""
+"""gunicorn's gevent worker with read deadlines and a cap on connections still waiting for a request (slow clients),
+and a quick quit that never leaves a stray SystemExit behind."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections import OrderedDict
 from typing import Any
 
+import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 # A request head (request line and headers) must arrive within this many seconds of a new connection or of its
@@ -127,6 +130,26 @@ class BoundedGeventWorker(GeventWorker):
         super().__init__(*args, **kwargs)
         self.max_waiting = int(os.environ.get("MAX_WAITING_CONNECTIONS") or max(1, self.worker_connections // 2))
         self.waiting: OrderedDict[ClientConnection, None] = OrderedDict()
+        self.run_ended = False
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.run_ended = True
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        # SIGQUIT (and Ctrl-C, which the master turns into SIGQUIT): gunicorn's gevent worker raises SystemExit from
+        # a greenlet 0.1 s later to end the run loop. When the loop has already ended by then (a loaded machine),
+        # that greenlet runs during interpreter exit and gevent prints its SystemExit as a traceback per worker.
+        gevent.spawn(self._quit)
+
+    def _quit(self) -> None:
+        self.alive = False
+        self.cfg.worker_int(self)
+        gevent.sleep(0.1)
+        if not self.run_ended:
+            sys.exit(0)
 
     def _wait(self, connection: ClientConnection) -> None:
         while len(self.waiting) >= self.max_waiting:
