@@ -216,3 +216,53 @@ def test_a_disk_filling_up_never_logs_a_user_out(start_proxy: Callable[..., Runn
             refresh_token = refreshed.json()["refresh_token"]
         with proxy.app.app_context():
             db.engine.dispose()
+
+
+def grants_without_a_code(path: str) -> int:
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute("SELECT count(*) FROM grants WHERE NOT EXISTS (SELECT 1 FROM authorization_codes "
+                                  "WHERE authorization_codes.grant_id = grants.id)").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_a_disk_filling_up_leaves_no_half_written_login(start_proxy: Callable[..., RunningProxy]) -> None:
+    """Logins at several levels of a nearly full disk: each step answers normally or with the JSON 503, and a
+    callback whose authorization code cannot be stored leaves no grant behind (it holds the user's provider tokens,
+    and nothing could ever use it)."""
+    with small_filesystem("4m") as folder:
+        path = str(folder / "oauthproxy.sqlite3")
+        proxy = start_proxy(DATABASE_DSN=f"sqlite:///{path}", DATABASE_TIMEOUT="2")
+        client = proxy.register_client()
+        assert client.exchange(client.login(proxy.browser())["code"]).status_code == 200
+        answers: list[tuple[str, int]] = []
+        for room in range(8, 49, 4):
+            filler = fill_disk(folder, leave=room * 1024)
+            for _ in range(2):
+                browser = proxy.browser()
+                page = browser.session.get(client.authorize_url(), allow_redirects=False, timeout=30)
+                assert page.status_code == 200, page.text  # reads only
+                form = {**hidden_inputs(page.text), "decision": "approve"}
+                approved = browser.session.post(proxy.url + "/authorize/consent", data=form, allow_redirects=False,
+                                                timeout=30)
+                answers.append(("consent", approved.status_code))
+                if not approved.is_redirect:
+                    assert_unavailable(approved)
+                    continue
+                back = browser.session.get(browser.authorize(approved.headers["Location"], proxy.url + "/callback"),
+                                           allow_redirects=False, timeout=30)
+                answers.append(("callback", back.status_code))
+                if not back.is_redirect:
+                    assert_unavailable(back)
+                    continue
+                exchanged = client.exchange(query_of(back.headers["Location"])["code"])
+                answers.append(("exchange", exchanged.status_code))
+                if exchanged.status_code != 200:
+                    assert_unavailable(exchanged)
+            filler.unlink()
+            assert grants_without_a_code(path) == 0, (room, answers)
+        assert ("callback", 503) in answers, answers  # the disk filled up at the callback at least once
+        assert client.exchange(client.login(proxy.browser())["code"]).status_code == 200  # and all works again
+        with proxy.app.app_context():
+            db.engine.dispose()
