@@ -131,7 +131,8 @@ def test_no_database_lock_is_held_while_the_provider_refreshes(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
     """An upstream refresh waiting on a slow provider holds no SQLite lock: other writes go through meanwhile."""
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    # The route forwards the provider's token, so a request refreshes it when it is about to expire.
+    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     expire_upstream_token(proxy.app, grant_id)
@@ -144,12 +145,14 @@ def test_no_database_lock_is_held_while_the_provider_refreshes(
         finished["mcp"] = time.monotonic()
 
     refreshing = threading.Thread(target=call_mcp)
+    started = time.monotonic()
     refreshing.start()
     time.sleep(1)  # the refresh is now waiting for the provider
     registration = requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30)
     finished["register"] = time.monotonic()
     refreshing.join(timeout=30)
     assert registration.status_code == 201, registration.text
+    assert finished["mcp"] - started > 3  # the MCP request did refresh, waiting for the slow provider
     assert finished["register"] < finished["mcp"]  # it did not wait for the provider
 
 
