@@ -221,7 +221,9 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
                 log.info("refresh token of grant %s presented again after its grace retry", refresh_token.grant_id)
                 raise InvalidGrantError("this refresh token was already used; use the one issued with it")
             metrics.REFRESH_GRACE.inc()
-        db.session.commit()
+        # Not committed here: the claim commits with the new pair (store_token), so a database that refuses the
+        # pair (disk full, gone) rolls the claim back too, and the client's retry finds its token unspent. Between
+        # the two only Authlib's token generation runs (no network call), so the row lock is held briefly.
         return db.session.get(Grant, refresh_token.grant_id)
 
     def revoke_old_credential(self, refresh_token: Token) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -220,9 +221,36 @@ def grants_revoke(grant_id: int | None, user: str | None, client: str | None) ->
     _cache_note(len(ids))
 
 
+#: Exit status of a database command that could not reach or use the database (as gunicorn's start-up).
+DATABASE_PROBLEM = 3
+
+
+class DatabaseCommands(click.Group):
+    """Flask-Migrate's `db` commands; a database that cannot be used is one line saying what to check (as at
+    gunicorn's start-up), not a traceback: `db upgrade` is a release step whose output people read in a deploy log."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import DBAPIError
+
+        from oauthproxy.self_check import database_problem
+
+        try:
+            return super().invoke(ctx)
+        except DBAPIError as error:
+            action = "upgrade the database" if ctx.invoked_subcommand == "upgrade" else "use the database"
+            click.echo(f"oauthproxy cannot {action}: "
+                       f"{database_problem(current_app.config['SETTINGS'].database_dsn, error)}", err=True)
+            ctx.exit(DATABASE_PROBLEM)
+
+
+database_commands = DatabaseCommands("db", commands=dict(migrate_cli.db.commands), callback=migrate_cli.db.callback,
+                                     params=migrate_cli.db.params, help=migrate_cli.db.help)
+
+
 def register_commands(app: Flask) -> None:
     for command in (purge, rotate_key, check, clients, grants):
         app.cli.add_command(command)
+    app.cli.add_command(database_commands, "db")  # in place of Flask-Migrate's own group (`flask --app wsgi db`)
 
 
 def package_version() -> str:
@@ -256,7 +284,7 @@ main.add_command(gen_key)
 # Also on the top-level group, so that `oauthproxy --help` lists them even before the settings are complete.
 for _command in (purge, rotate_key, check, clients, grants):
     main.add_command(_command)
-main.add_command(migrate_cli.db, "db")
+main.add_command(database_commands, "db")
 
 
 if __name__ == "__main__":

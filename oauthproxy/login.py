@@ -280,7 +280,7 @@ def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
 
 def store_grant(validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens,
                 upstream_scopes: list[str]) -> Grant:
-    """A new grant for this login, with the upstream tokens sealed to its row."""
+    """A new grant for this login, with the upstream tokens sealed to its row; the caller commits."""
     box = current_app.extensions["secret_box"]
     family = Grant(client_id=validated.client.client_id, user_id=identity.id, user_email=identity.email,
                    user_name=identity.name, scope=validated.scope, resource=validated.resource,
@@ -290,5 +290,6 @@ def store_grant(validated: ValidatedAuthorization, identity: UpstreamIdentity, t
     family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")
     if tokens.refresh_token:
         family.upstream_refresh_token = box.encrypt(tokens.refresh_token, f"grant:{family.id}:upstream_refresh_token")
-    db.session.commit()
+    # Not committed here: the grant commits with its authorization code (save_authorization_code), so a database
+    # that refuses the code (disk full, gone) leaves no grant without a code, holding the user's provider tokens.
     return family

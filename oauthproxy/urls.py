@@ -48,12 +48,16 @@ def is_loopback_host(host: str) -> bool:
     Packets to these never leave the machine, which is what the http exception for loopback relies on
     (OAuth 2.1 §1.5, RFC 8252 §7.3). Not loopback: 0.0.0.0 (unspecified; browsers block it), IPv4-mapped
     forms such as ::ffff:127.0.0.1 (an unusual spelling of a redirect target is refused, not interpreted),
-    short forms such as 127.1 (ipaddress refuses them), and names under localhost (their resolution is not
-    guaranteed).
+    short forms such as 127.1 (ipaddress refuses them), addresses with an IPv6 zone id (`[::1%25eth0]`), and names
+    under localhost (their resolution is not guaranteed).
     """
     host = host.lower()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    if "%" in host:
+        # An IPv6 zone id (`::1%25eth0`, `::1%eth0`, any encoding): ipaddress accepts it and calls the address
+        # loopback, but it names an interface of one machine, and a spelling this odd is refused, not interpreted.
+        return False
     if host == "localhost":
         return True
     try:
@@ -104,6 +108,12 @@ def redirect_uri_problem(uri: object, private_use_schemes: frozenset[str] | None
         if not _HOST_RE.match(parts.hostname) and not parts.netloc.startswith("["):
             # e.g. `evil.example%40trusted.example`: the consent page shows the host, so it must read as one
             return "has a host that is not a plain DNS name or IP address"
+        if "%" in parts.hostname:
+            # An IPv6 zone id (RFC 6874's `[fe80::1%25eth0]`, or a bare `%`): refused outright, on https too. It
+            # names a network interface of the machine that parses it, not a host (so it means something else
+            # on the user's machine than here), browsers do not accept it in a URL, and exact redirect-URI
+            # matching would have to decide whether `%25eth0` and `%25ETH0` are the same interface.
+            return "has an IPv6 zone id (%...), which is not allowed in a redirect URI"
         if scheme == "https" or is_loopback_host(parts.hostname):
             return None
         return ("uses http on a host that is not loopback; use https, or http on a loopback address "
@@ -134,16 +144,33 @@ def private_use_scheme(uri: str) -> str | None:
     return f"{scheme.lower()}://" if rest.startswith("//") else f"{scheme.lower()}:"
 
 
+#: The most characters of a host or a private-use scheme the consent page shows (the full URI is in its title).
+SHOWN_TARGET_LENGTH = 64
+
+
 def redirect_target(uri: str) -> str:
-    """Where a redirect URI sends the user, for the consent page: the host (with port), or the app's scheme."""
+    """Where a redirect URI sends the user, for the consent page: the host (with port), or the app's scheme.
+
+    Cut to SHOWN_TARGET_LENGTH characters, so that a registration cannot fill the page (a URI may have 2048). A
+    host keeps its end, the registrable domain and port that decide where the user goes: a spoof puts a trusted
+    name first (`accounts.google.com.…evil.example`). A scheme keeps its start, which in the reverse-DNS form
+    RFC 8252 §7.1 asks for (`com.example.app`) names the owner, and its end, which tells similar schemes apart.
+    """
     scheme = private_use_scheme(uri)
     if scheme is not None:
+        if len(scheme) > SHOWN_TARGET_LENGTH:
+            head = SHOWN_TARGET_LENGTH * 2 // 3
+            scheme = f"{scheme[:head]}…{scheme[head + 1 - SHOWN_TARGET_LENGTH:]}"
         return f"the app that handles {scheme} links"
     try:
         parts = split_url(uri)
     except MalformedURL:
-        return uri
-    return parts.netloc.rpartition("@")[2] or uri
+        target = uri
+    else:
+        target = parts.netloc.rpartition("@")[2] or uri
+    if len(target) > SHOWN_TARGET_LENGTH:
+        target = "…" + target[1 - SHOWN_TARGET_LENGTH:]
+    return target
 
 
 def canonical_resource(uri: str) -> str:

@@ -1,5 +1,6 @@
 """Fault injection for the fault tests: another process holding SQLite's write lock, a private PostgreSQL cluster
-that can be stopped and frozen (SIGSTOP), and timing of requests while a fault lasts."""
+that can be stopped and frozen (SIGSTOP), a small file system that fills up, and timing of requests while a fault
+lasts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -289,3 +291,49 @@ class ScriptedDownstream:
                 if path == "/mcp/sse-stall":
                     self._stop.wait(60)
                 return  # sse-die: the connection ends mid-stream, without the final chunk
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def small_filesystem(size: str, prefix: str = "oauthproxy-full-disk-") -> Iterator[Path]:
+    """A tmpfs of `size` (`4m`) mounted on a fresh folder, unmounted and removed afterwards whatever happens.
+
+    Needs root (CI and these machines run the tests as root): a refused mount fails the test, it is never skipped,
+    so a full disk stays tested.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", str(folder)],
+                                 capture_output=True, text=True)
+        assert mounted.returncode == 0, f"cannot mount a tmpfs for the full-disk test (root needed): {mounted.stderr}"
+        try:
+            yield folder
+        finally:
+            # lazy: a connection the proxy still has open must not keep the mount (and the test machine) busy
+            subprocess.run(["umount", "--lazy", str(folder)], check=True, capture_output=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Write a file in `folder` until its file system has no byte left, then give back `leave` bytes; returns the
+    file (delete it to free the space)."""
+    filler = folder / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as output:
+        try:
+            for _ in range(1 << 20):  # bounded: 64 GiB
+                output.write(chunk)
+        except OSError:
+            pass
+        for size in (4096, 512, 1):  # the last partial blocks
+            try:
+                for _ in range(16):
+                    output.write(b"\0" * size)
+            except OSError:
+                continue
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler

@@ -1,5 +1,6 @@
-"""PostgreSQL under faults, on a private cluster this module starts: stopped or frozen (SIGSTOP), the database
-gets every endpoint a fast JSON 503 with Retry-After (never a hang or an HTML 500), and all recovers by itself."""
+"""PostgreSQL under faults, on a private cluster this module starts: stopped, frozen (SIGSTOP), read-only or with its
+disk full, the database gets every endpoint a fast JSON 503 with Retry-After (never a hang or an HTML 500), and all
+recovers by itself."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import psycopg
 import pytest
 import requests
 
+from oauthproxy.models import db
 from tests.conftest import RunningProxy
-from tests.fault_fixtures import PostgresCluster, start_postgres_cluster
+from tests.fault_fixtures import PostgresCluster, fill_disk, small_filesystem, start_postgres_cluster
 from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     EchoServer,
     GunicornProxy,
@@ -151,3 +153,58 @@ def test_a_frozen_database_answers_503_within_its_bound(start_gunicorn: Callable
     assert ready.status_code == 503 and ready.json()["database"] == "unreachable", ready.text
     assert answered[0] == "readyz" and sorted(answered[1:]) == sorted(calls)
     assert_recovered(proxy, login)
+
+
+def table_rows(dsn: str, table: str) -> int:
+    with psycopg.connect(dsn) as connection:
+        row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return row[0] if row else 0
+
+
+def test_a_full_disk_answers_503_and_recovers_when_space_is_freed(start_proxy: Callable[..., RunningProxy]) -> None:
+    """A private cluster whose data directory is on a small tmpfs, filled up. PostgreSQL keeps writing into the free
+    room of pages it has, so requests succeed until a table or index must grow; from then on the JSON 503, never a
+    500, nothing half-written, and the server itself keeps running; once space is freed, the same proxy works."""
+    with small_filesystem("64m") as folder:
+        cluster = start_postgres_cluster(folder / "postgres")
+        try:
+            proxy = start_proxy(DATABASE_DSN=cluster.dsn, DATABASE_TIMEOUT="2", TOKEN_RATE_LIMIT="10000 per minute")
+            client = proxy.register_client()
+            refresh_token = client.exchange(client.login(proxy.browser())["code"]).json()["refresh_token"]
+            clients_before = table_rows(cluster.dsn, "oauth_clients")
+            filler = fill_disk(folder)
+
+            registered = 0
+            for number in range(500):  # until a table must grow; distinct names, or the client row is reused
+                registration = requests.post(proxy.url + "/register", timeout=30,
+                                             json={**REGISTRATION, "client_name": f"full disk {number}"})
+                if registration.status_code != 201:
+                    assert_unavailable(registration)
+                    break
+                registered += 1
+            else:
+                pytest.fail("500 registrations fitted on a full disk")
+            refused_token = None
+            for _ in range(500):
+                refreshed = client.refresh(refresh_token)
+                if refreshed.status_code != 200:
+                    assert_unavailable(refreshed)
+                    refused_token = refresh_token
+                    break
+                refresh_token = refreshed.json()["refresh_token"]
+            else:
+                pytest.fail("500 refreshes fitted on a full disk")
+            for _ in range(3):  # a client retrying while the disk is full: each retry is refused, none spends the token
+                assert_unavailable(client.refresh(refused_token))
+            assert table_rows(cluster.dsn, "oauth_clients") == clients_before + registered  # nothing half-written
+
+            filler.unlink()
+            assert requests.get(proxy.url + "/readyz", timeout=30).status_code == 200
+            assert requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30).status_code == 201
+            # The refresh refused during the fault spent nothing: the user is still signed in.
+            refreshed = client.refresh(refused_token)
+            assert refreshed.status_code == 200, refreshed.text
+        finally:
+            with proxy.app.app_context():
+                db.engine.dispose()
+            cluster.stop()

@@ -1,9 +1,11 @@
 """SQLite under faults: another process holding the write lock never freezes a gevent worker; a locked or read-only
-database answers a JSON 503 with Retry-After, never an HTML 500."""
+database or a full disk answers a JSON 503 with Retry-After, never an HTML 500."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -11,8 +13,16 @@ from collections.abc import Callable
 import pytest
 import requests
 
+from oauthproxy.models import db
 from tests.conftest import RunningProxy
-from tests.fault_fixtures import Probe, hold_sqlite_write_lock, sqlite_locked, sqlite_path
+from tests.fault_fixtures import (
+    Probe,
+    fill_disk,
+    hold_sqlite_write_lock,
+    small_filesystem,
+    sqlite_locked,
+    sqlite_path,
+)
 from tests.flows import hidden_inputs, query_of
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
@@ -121,6 +131,7 @@ def test_no_database_lock_is_held_while_the_provider_refreshes(
         start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
         provider_failure_reset: OidcProvider) -> None:
     """An upstream refresh waiting on a slow provider holds no SQLite lock: other writes go through meanwhile."""
+    # The route forwards the provider's token, so a request refreshes it when it is about to expire.
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
@@ -134,10 +145,127 @@ def test_no_database_lock_is_held_while_the_provider_refreshes(
         finished["mcp"] = time.monotonic()
 
     refreshing = threading.Thread(target=call_mcp)
+    started = time.monotonic()
     refreshing.start()
     time.sleep(1)  # the refresh is now waiting for the provider
     registration = requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30)
     finished["register"] = time.monotonic()
     refreshing.join(timeout=30)
     assert registration.status_code == 201, registration.text
+    assert finished["mcp"] - started > 3  # the MCP request did refresh, waiting for the slow provider
     assert finished["register"] < finished["mcp"]  # it did not wait for the provider
+
+
+def row_counts(path: str) -> dict[str, int]:
+    connection = sqlite3.connect(path)
+    try:
+        return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("oauth_clients", "grants", "authorization_codes", "tokens", "pending_authorizations")}
+    finally:
+        connection.close()
+
+
+def test_a_full_disk_answers_503_and_recovers_when_space_is_freed(start_proxy: Callable[..., RunningProxy]) -> None:
+    """The database file on a small tmpfs, filled up: writes get the JSON 503, nothing is half-written, /readyz
+    says not writable, and once space is freed the same running proxy works again."""
+    with small_filesystem("4m") as folder:
+        path = str(folder / "oauthproxy.sqlite3")
+        proxy = start_proxy(DATABASE_DSN=f"sqlite:///{path}", DATABASE_TIMEOUT="2")
+        client = proxy.register_client()
+        tokens = client.exchange(client.login(proxy.browser())["code"]).json()
+        before = row_counts(path)
+
+        filler = fill_disk(folder)
+        assert os.statvfs(folder).f_bavail == 0
+        assert_unavailable(requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30))
+        assert_unavailable(client.refresh(tokens["refresh_token"]))
+        ready = requests.get(proxy.url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["database"] == "not writable", ready.text
+        assert row_counts(path) == before  # nothing half-written
+
+        filler.unlink()
+        ready = requests.get(proxy.url + "/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30).status_code == 201
+        # The refresh refused during the fault spent nothing: the user is still signed in.
+        refreshed = client.refresh(tokens["refresh_token"])
+        assert refreshed.status_code == 200, refreshed.text
+        with proxy.app.app_context():
+            db.engine.dispose()  # before the file system goes away
+
+
+def test_a_disk_filling_up_never_logs_a_user_out(start_proxy: Callable[..., RunningProxy]) -> None:
+    """Nearly full: room for a small change but not for the database to grow. A refresh either succeeds or gets the
+    503 with nothing spent; never a rotated refresh token without its successor (which logged the user out:
+    400 invalid_grant at the next try and every try after the disk was freed)."""
+    with small_filesystem("4m") as folder:
+        path = str(folder / "oauthproxy.sqlite3")
+        proxy = start_proxy(DATABASE_DSN=f"sqlite:///{path}", DATABASE_TIMEOUT="2")
+        client = proxy.register_client()
+        refresh_token = client.exchange(client.login(proxy.browser())["code"]).json()["refresh_token"]
+        for room in (8, 12, 16, 24, 32, 48):
+            filler = fill_disk(folder, leave=room * 1024)
+            answers = []
+            for _ in range(4):
+                refreshed = client.refresh(refresh_token)
+                answers.append(refreshed.status_code)
+                if refreshed.status_code == 200:
+                    refresh_token = refreshed.json()["refresh_token"]
+                else:
+                    assert_unavailable(refreshed)
+            filler.unlink()
+            refreshed = client.refresh(refresh_token)
+            assert refreshed.status_code == 200, (room, answers, refreshed.text)
+            refresh_token = refreshed.json()["refresh_token"]
+        with proxy.app.app_context():
+            db.engine.dispose()
+
+
+def grants_without_a_code(path: str) -> int:
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute("SELECT count(*) FROM grants WHERE NOT EXISTS (SELECT 1 FROM authorization_codes "
+                                  "WHERE authorization_codes.grant_id = grants.id)").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_a_disk_filling_up_leaves_no_half_written_login(start_proxy: Callable[..., RunningProxy]) -> None:
+    """Logins at several levels of a nearly full disk: each step answers normally or with the JSON 503, and a
+    callback whose authorization code cannot be stored leaves no grant behind (it holds the user's provider tokens,
+    and nothing could ever use it)."""
+    with small_filesystem("4m") as folder:
+        path = str(folder / "oauthproxy.sqlite3")
+        proxy = start_proxy(DATABASE_DSN=f"sqlite:///{path}", DATABASE_TIMEOUT="2")
+        client = proxy.register_client()
+        assert client.exchange(client.login(proxy.browser())["code"]).status_code == 200
+        answers: list[tuple[str, int]] = []
+        for room in range(8, 49, 4):
+            filler = fill_disk(folder, leave=room * 1024)
+            for _ in range(2):
+                browser = proxy.browser()
+                page = browser.session.get(client.authorize_url(), allow_redirects=False, timeout=30)
+                assert page.status_code == 200, page.text  # reads only
+                form = {**hidden_inputs(page.text), "decision": "approve"}
+                approved = browser.session.post(proxy.url + "/authorize/consent", data=form, allow_redirects=False,
+                                                timeout=30)
+                answers.append(("consent", approved.status_code))
+                if not approved.is_redirect:
+                    assert_unavailable(approved)
+                    continue
+                back = browser.session.get(browser.authorize(approved.headers["Location"], proxy.url + "/callback"),
+                                           allow_redirects=False, timeout=30)
+                answers.append(("callback", back.status_code))
+                if not back.is_redirect:
+                    assert_unavailable(back)
+                    continue
+                exchanged = client.exchange(query_of(back.headers["Location"])["code"])
+                answers.append(("exchange", exchanged.status_code))
+                if exchanged.status_code != 200:
+                    assert_unavailable(exchanged)
+            filler.unlink()
+            assert grants_without_a_code(path) == 0, (room, answers)
+        assert ("callback", 503) in answers, answers  # the disk filled up at the callback at least once
+        assert client.exchange(client.login(proxy.browser())["code"]).status_code == 200  # and all works again
+        with proxy.app.app_context():
+            db.engine.dispose()

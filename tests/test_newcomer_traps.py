@@ -203,3 +203,22 @@ def test_every_setting_and_make_target_is_documented() -> None:
     for target in ("run", "test", "test-container", "install", "lint", "lock", "wheel", "clean", "bench"):
         assert f"make {target}" in README, target
     assert "PYTEST_ARGS" in README
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "oauthproxy.cli", "db", "upgrade"],  # `oauthproxy db upgrade`
+                                     [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"]])  # the Procfile's
+@pytest.mark.parametrize("dsn, reason", [
+    (f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
+    (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
+])
+def test_db_upgrade_with_a_database_problem_says_it_in_one_line(command: list[str], dsn: str, reason: str) -> None:
+    """`oauthproxy db upgrade`, and the Procfile's release step (`flask --app wsgi db upgrade`), as gunicorn's start."""
+    done = subprocess.run(command, cwd=ROOT, env=settings_env(DATABASE_DSN=dsn),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("oauthproxy cannot upgrade the database: cannot use postgresql"), lines[0]
+    assert reason in lines[0] and "Check DATABASE_DSN" in lines[0], lines[0]
+    assert "hunter2" not in done.stderr + done.stdout

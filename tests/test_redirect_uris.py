@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import re
 from html import unescape
 
 import pytest
 import requests
 
 from oauthproxy.models import OAuthClient
+from oauthproxy.urls import SHOWN_TARGET_LENGTH
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
 from tests.test_bad_input import (  # noqa: F401 (fixtures)
@@ -36,6 +38,7 @@ UNSAFE = {
     "fragment": "https://client.example.test/cb#x",
     "malformed": "http://[::1/cb",
     "ftp": "ftp://client.example.test/cb",
+    "ipv6-zone-id": "http://[::1%25eth0]:9/cb",
 }
 
 
@@ -77,6 +80,26 @@ def test_cursor_registers_and_is_named_on_the_consent_page_by_default(proxy: Run
     page = get(client.authorize_url())
     assert page.status_code == 200, page.text[:1000]
     assert "the app that handles cursor:// links" in unescape(page.text)
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("com.example." + "a" * 1500 + ".app://oauth2redirect", ("the app that handles com.example.aaa", "aaa.app:// links")),
+    ("https://accounts.google.com." + "x" * 1500 + ".evil.example/cb", ("…xxx", "xxx.evil.example")),
+])
+def test_consent_shows_a_long_scheme_or_host_cut_and_the_whole_uri_in_its_title(
+        proxy: RunningProxy, uri: str, shown: tuple[str, str]) -> None:
+    """A registration cannot fill the consent page with its redirect target."""
+    response = register(proxy, uri)
+    assert response.status_code == 201, response.text
+    client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=uri)
+    page = get(client.authorize_url())
+    assert page.status_code == 200, page.text[:1000]
+    match = re.search(r'<strong class="redirect-host" title="([^"]*)">([^<]*)</strong>', page.text)
+    assert match is not None, page.text[:2000]
+    title, text = unescape(match[1]), unescape(match[2])
+    assert title == uri
+    assert text.startswith(shown[0]) and text.endswith(shown[1]) and "…" in text, text
+    assert len(text) <= len("the app that handles  links") + SHOWN_TARGET_LENGTH
 
 
 def test_metadata_document_with_a_private_use_scheme_works_by_default(

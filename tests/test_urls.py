@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from oauthproxy.config import load_settings
 from oauthproxy.urls import (
+    SHOWN_TARGET_LENGTH,
     MalformedURL,
     canonical_resource,
     is_loopback_host,
@@ -25,6 +26,9 @@ from oauthproxy.urls import (
     ("0.0.0.0", False), ("[::]", False), ("::ffff:127.0.0.1", False), ("[::ffff:127.0.0.1]", False),
     ("127.1", False), ("2130706433", False), ("0x7f.0.0.1", False), ("foo.localhost", False), ("localhost.", False),
     ("127.0.0.1.attacker.example", False), ("localhost.attacker.example", False), ("", False), ("[::1", False),
+    # IPv6 zone ids, in every spelling: the address is loopback, the spelling is refused.
+    ("[::1%25eth0]", False), ("::1%25eth0", False), ("[::1%eth0]", False), ("[::1%251]", False),
+    ("[::1%2525eth0]", False), ("[0:0:0:0:0:0:0:1%25lo]", False), ("[::1%25]", False), ("[::1%25ETH0]", False),
 ])
 def test_one_definition_of_loopback(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
@@ -56,6 +60,10 @@ def test_redirect_uris_allowed_by_default(uri: str) -> None:
     ("ftp://client.example.test/cb", "ftp: scheme"), ("wss://client.example.test/cb", "wss: scheme"),
     ("https://client.example.test/caf\u00e9", "non-ASCII"), ("https://client.example.test/a b", "spaces"),
     ("", "non-empty string"), (42, "non-empty string"),
+    ("http://[::1%25eth0]/cb", "zone id"), ("http://[::1%eth0]:9/cb", "zone id"), ("HTTP://[::1%25ETH0]/cb", "zone id"),
+    ("http://[::1%2525eth0]/cb", "zone id"), ("http://[0:0:0:0:0:0:0:1%25lo]:8080/cb", "zone id"),
+    ("http://[::1%251]/cb", "zone id"), ("https://[fe80::1%25eth0]/cb", "zone id"),
+    ("https://[2001:db8::1%25en0]:443/cb", "zone id"),
 ])
 def test_redirect_uris_never_allowed(uri: object, why: str) -> None:
     problem = redirect_uri_problem(uri)
@@ -100,6 +108,22 @@ def test_allow_custom_redirect_schemes_refuses_schemes_that_are_not_private_use(
 ])
 def test_redirect_target_says_where_the_user_goes(uri: str, target: str) -> None:
     assert redirect_target(uri) == target
+
+
+def test_redirect_target_is_cut_to_what_a_page_can_show() -> None:
+    """A URI may have 2048 characters. A host keeps its end (where the user really goes), a scheme its start (the
+    reverse-DNS owner) and end."""
+    host = "accounts.google.com." + "x" * 200 + ".evil.example:8443"
+    shown = redirect_target(f"https://{host}/cb")
+    assert len(shown) == SHOWN_TARGET_LENGTH and shown.startswith("…") and shown.endswith(".evil.example:8443")
+    assert "google" not in shown
+    scheme = "com.example." + "a" * 2000 + ".app"
+    shown = redirect_target(f"{scheme}:/cb")
+    app = shown.removeprefix("the app that handles ").removesuffix(" links")
+    assert len(app) == SHOWN_TARGET_LENGTH and app.startswith("com.example.aaa") and app.endswith("aaa.app:")
+    assert "…" in app
+    exact = "com.example." + "a" * (SHOWN_TARGET_LENGTH - len("com.example.") - 1)  # 64 with its colon: not cut
+    assert redirect_target(f"{exact}:/cb") == f"the app that handles {exact}: links"
 
 
 @pytest.mark.parametrize("url", ["http://[::1", "http://[::1]:x/", "https://h:65536/", "http://[zz]/"])
