@@ -82,6 +82,19 @@ def test_cursor_registers_and_is_named_on_the_consent_page_by_default(proxy: Run
     assert "the app that handles cursor:// links" in unescape(page.text)
 
 
+def test_rfc_8252_example_form_registers_and_is_named_on_the_consent_page(proxy: RunningProxy) -> None:
+    """`com.example.app:/oauth2redirect/example-provider` (RFC 8252 §7.1's own example: no `//`, so no host):
+    Authlib's registration check asked for a host and refused it with "Invalid claim: 'redirect_uris'"."""
+    uri = "com.example.app:/oauth2redirect/example-provider"
+    response = register(proxy, uri)
+    assert response.status_code == 201, response.text
+    assert response.json()["redirect_uris"] == [uri]
+    client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=uri)
+    page = get(client.authorize_url())
+    assert page.status_code == 200, page.text[:1000]
+    assert "the app that handles com.example.app: links" in unescape(page.text)
+
+
 @pytest.mark.parametrize(("uri", "shown"), [
     ("com.example." + "a" * 1500 + ".app://oauth2redirect", ("the app that handles com.example.aaa", "aaa.app:// links")),
     ("https://accounts.google.com." + "x" * 1500 + ".evil.example/cb", ("…xxx", "xxx.evil.example")),
