@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from authlib.oauth2.rfc6749 import ClientMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
-from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint, InvalidClientMetadataError
+from authlib.oauth2.rfc7591 import ClientMetadataClaims, ClientRegistrationEndpoint, InvalidClientMetadataError
 from flask import current_app
 from flask import request as flask_request
 from sqlalchemy import select
@@ -140,6 +140,10 @@ def check_registration_request(data: object, settings: Settings) -> None:
     for name in LIST_METADATA:
         if name in data and not (isinstance(data[name], list) and all(isinstance(v, str) for v in data[name])):
             raise InvalidClientMetadataError(f"{name} must be a list of strings")
+    # Authlib reads any other jwks (null, a list, an object without "keys") with a TypeError or KeyError: a 500.
+    jwks = data.get("jwks", {"keys": []})
+    if not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+        raise InvalidClientMetadataError("jwks must be a JWK Set: an object with a keys array (RFC 7517 section 5)")
 
 
 def check_registration_sizes(data: object) -> None:
@@ -190,6 +194,15 @@ def metadata_document_error(client_id: str) -> str | None:
     return None
 
 
+class RegistrationClaims(ClientMetadataClaims):
+    """Authlib's checks of registered metadata, less its redirect-URI rule: that one asks every redirect URI for a
+    host, which refuses RFC 8252 §7.1's own private-use form (`com.example.app:/oauth2redirect`). Redirect URIs are
+    decided by the one policy, `redirect_uri_problem`, before these checks run (check_registration_request)."""
+
+    def validate_redirect_uris(self) -> None:
+        pass
+
+
 class ClientRegistration(ClientRegistrationEndpoint):
     """RFC 7591 dynamic client registration, open (MCP clients register anonymously) but bounded.
 
@@ -197,6 +210,9 @@ class ClientRegistration(ClientRegistrationEndpoint):
     MCP clients that lose their storage re-register on every start. Clients unused for
     `unused_client_ttl` are deleted by `purge`.
     """
+
+    def __init__(self, server=None, claims_classes=None) -> None:
+        super().__init__(server, claims_classes or [RegistrationClaims])
 
     def authenticate_token(self, request) -> bool:
         return True  # open registration, as MCP clients expect; abuse is bounded by rate limits and dedup

@@ -882,11 +882,23 @@ def test_register_unsupported_response_types_is_invalid_client_metadata(proxy: R
 
 
 @pytest.mark.parametrize("metadata", [{"client_name": ["not", "a", "string"]}, {"scope": 42},
-                                      {"client_uri": "javascript:alert(1)"}, {"logo_uri": "not a url"}],
-                         ids=["name-list", "scope-number", "client-uri-javascript", "logo-uri-garbage"])
+                                      {"client_uri": "javascript:alert(1)"}, {"logo_uri": "not a url"},
+                                      {"jwks": []}, {"jwks": "x"}, {"jwks": 1}, {"jwks": {}},
+                                      {"jwks": {"keys": "x"}}, {"jwks": {"keys": [1]}}, {"jwks": {"keys": [{}]}}],
+                         ids=["name-list", "scope-number", "client-uri-javascript", "logo-uri-garbage", "jwks-list", "jwks-string", "jwks-number", "jwks-no-keys", "jwks-keys-string",
+                              "jwks-keys-number", "jwks-key-empty"])
 def test_register_with_ill_typed_metadata_is_invalid_client_metadata(proxy: RunningProxy, metadata: dict) -> None:
     before = count(proxy, OAuthClient)
     assert_register_error(register(proxy, **metadata), "invalid_client_metadata")
+    assert count(proxy, OAuthClient) == before
+
+
+def test_register_with_a_null_jwks_is_invalid_client_metadata(proxy: RunningProxy) -> None:
+    """Found by the registration fuzzer: `"jwks": null` was a 500 (Authlib reads it as a JWK Set)."""
+    before = count(proxy, OAuthClient)
+    response = requests.post(proxy.url + "/register", timeout=15, json={
+        "redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none", "jwks": None})
+    assert_register_error(response, "invalid_client_metadata")
     assert count(proxy, OAuthClient) == before
 
 

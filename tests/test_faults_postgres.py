@@ -167,6 +167,7 @@ def test_a_full_disk_answers_503_and_recovers_when_space_is_freed(start_proxy: C
     500, nothing half-written, and the server itself keeps running; once space is freed, the same proxy works."""
     with small_filesystem("64m") as folder:
         cluster = start_postgres_cluster(folder / "postgres")
+        proxy = None
         try:
             proxy = start_proxy(DATABASE_DSN=cluster.dsn, DATABASE_TIMEOUT="2", TOKEN_RATE_LIMIT="10000 per minute")
             client = proxy.register_client()
@@ -205,6 +206,7 @@ def test_a_full_disk_answers_503_and_recovers_when_space_is_freed(start_proxy: C
             refreshed = client.refresh(refused_token)
             assert refreshed.status_code == 200, refreshed.text
         finally:
-            with proxy.app.app_context():
-                db.engine.dispose()
+            if proxy is not None:
+                with proxy.app.app_context():
+                    db.engine.dispose()
             cluster.stop()

@@ -72,14 +72,26 @@ def test_consent_never_shows_a_userinfo_host(dev_proxy: RunningProxy, document_s
     assert "accounts.google.com@evil.example" not in response.text.split("lists redirect URI")[0]
 
 
-def test_cursor_registers_and_is_named_on_the_consent_page_by_default(proxy: RunningProxy) -> None:
-    response = register(proxy, CURSOR)
+def consent_page_of_new_client(proxy: RunningProxy, uri: str) -> str:
+    """Register a client with this one redirect URI and open its consent page: the page's HTML."""
+    response = register(proxy, uri)
     assert response.status_code == 201, response.text
-    assert response.json()["redirect_uris"] == [CURSOR]
-    client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=CURSOR)
+    assert response.json()["redirect_uris"] == [uri]
+    client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=uri)
     page = get(client.authorize_url())
     assert page.status_code == 200, page.text[:1000]
-    assert "the app that handles cursor:// links" in unescape(page.text)
+    return page.text
+
+
+def test_cursor_registers_and_is_named_on_the_consent_page_by_default(proxy: RunningProxy) -> None:
+    assert "the app that handles cursor:// links" in unescape(consent_page_of_new_client(proxy, CURSOR))
+
+
+def test_rfc_8252_example_form_registers_and_is_named_on_the_consent_page(proxy: RunningProxy) -> None:
+    """`com.example.app:/oauth2redirect/example-provider` (RFC 8252 §7.1's own example: no `//`, so no host):
+    Authlib's registration check asked for a host and refused it with "Invalid claim: 'redirect_uris'"."""
+    page = consent_page_of_new_client(proxy, "com.example.app:/oauth2redirect/example-provider")
+    assert "the app that handles com.example.app: links" in unescape(page)
 
 
 @pytest.mark.parametrize(("uri", "shown"), [
@@ -89,13 +101,9 @@ def test_cursor_registers_and_is_named_on_the_consent_page_by_default(proxy: Run
 def test_consent_shows_a_long_scheme_or_host_cut_and_the_whole_uri_in_its_title(
         proxy: RunningProxy, uri: str, shown: tuple[str, str]) -> None:
     """A registration cannot fill the consent page with its redirect target."""
-    response = register(proxy, uri)
-    assert response.status_code == 201, response.text
-    client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=uri)
-    page = get(client.authorize_url())
-    assert page.status_code == 200, page.text[:1000]
-    match = re.search(r'<strong class="redirect-host" title="([^"]*)">([^<]*)</strong>', page.text)
-    assert match is not None, page.text[:2000]
+    page = consent_page_of_new_client(proxy, uri)
+    match = re.search(r'<strong class="redirect-host" title="([^"]*)">([^<]*)</strong>', page)
+    assert match is not None, page[:2000]
     title, text = unescape(match[1]), unescape(match[2])
     assert title == uri
     assert text.startswith(shown[0]) and text.endswith(shown[1]) and "…" in text, text
