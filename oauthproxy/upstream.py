@@ -34,7 +34,7 @@ from authlib.integrations.flask_client import OAuth
 from joserfc.errors import InvalidClaimError, JoseError, MissingClaimError
 
 from oauthproxy.allowlists import email_address
-from oauthproxy.urls import is_loopback_host
+from oauthproxy.urls import canonical_resource, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -215,17 +215,6 @@ def _subject(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return _text(value)
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), "", "", ""))
-
-
-def _normalise_url(url: str) -> str:
-    """Scheme and host lower-cased, no query/fragment, no trailing slash: for comparing endpoints."""
-    parts = urlsplit(url.strip())
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
 def _is_secure_url(url: Any) -> bool:
@@ -903,7 +892,7 @@ class OpenIDConnectProvider(UpstreamProvider):
         tried: list[str] = []
         mismatched: list[str] = []
         transient: list[str] = []
-        wanted = _normalise_url(self.url)
+        wanted = canonical_resource(self.url)
         for url, exact in discovery_candidates(self.url):
             document, reason = self._fetch_metadata(url)  # a network error raises transient at once
             if document is None:
@@ -911,7 +900,7 @@ class OpenIDConnectProvider(UpstreamProvider):
                 if reason.startswith("HTTP 5") or reason == "HTTP 429":
                     transient.append(url)
                 continue
-            if not exact and _normalise_url(str(document["authorization_endpoint"])) != wanted:
+            if not exact and canonical_resource(str(document["authorization_endpoint"])) != wanted:
                 # Another server's metadata (e.g. Okta's org server above a custom one): not ours.
                 mismatched.append(f"{url} (authorization_endpoint {document['authorization_endpoint']})")
                 continue
