@@ -11,6 +11,7 @@ from datetime import timedelta
 from flask import Flask, current_app
 from sqlalchemy import delete, or_, select
 
+from oauthproxy.clock import database_now
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import AuthorizationCode, Grant, McpSession, OAuthClient, PendingAuthorization, Token, db, utcnow
 
@@ -63,15 +64,18 @@ class PurgeReport:
 def purge_expired() -> PurgeReport:
     """Delete what can no longer be used, so the database does not grow without bound."""
     settings = current_app.config["SETTINGS"]
-    now = utcnow()
-    pending = db.session.execute(delete(PendingAuthorization).where(PendingAuthorization.expires_at <= now)).rowcount
+    # Pending logins, codes and tokens are stamped with the database's clock, and so compared here: an instance
+    # whose own clock runs ahead must not delete a rotated token still inside its grace window.
+    pending = db.session.execute(delete(PendingAuthorization).where(
+        PendingAuthorization.expires_at <= database_now())).rowcount
     # Used codes are kept until expiry so that a replay is still recognised (and revokes its grant).
-    codes = db.session.execute(delete(AuthorizationCode).where(AuthorizationCode.expires_at <= now)).rowcount
+    codes = db.session.execute(delete(AuthorizationCode).where(AuthorizationCode.expires_at <= database_now())).rowcount
     tokens = db.session.execute(delete(Token).where(
-        Token.access_expires_at <= now,
-        or_(Token.refresh_expires_at.is_(None), Token.refresh_expires_at <= now, Token.revoked_at.is_not(None),
-            Token.rotated_at <= now - timedelta(seconds=settings.refresh_grace_seconds)),
+        Token.access_expires_at <= database_now(),
+        or_(Token.refresh_expires_at.is_(None), Token.refresh_expires_at <= database_now(),
+            Token.revoked_at.is_not(None), Token.rotated_at <= database_now(-settings.refresh_grace_seconds)),
     )).rowcount
+    now = utcnow()
     live_grants = select(Token.grant_id).union(select(AuthorizationCode.grant_id))
     grants = db.session.execute(delete(Grant).where(
         Grant.id.not_in(live_grants), Grant.created_at <= now - timedelta(seconds=settings.authorization_code_ttl),

@@ -125,3 +125,20 @@ def test_a_skewed_instance_refuses_a_late_replay(start_proxy: Callable[..., Runn
     replay = replace(client, proxy_url=behind.url).refresh(tokens["refresh_token"])
     assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant", replay.text
     assert revoked_reason(first.app, tokens["refresh_token"]) == "refresh_token_reuse"
+
+
+
+def test_a_purge_on_a_skewed_instance_keeps_a_token_inside_its_grace_window(
+        start_proxy: Callable[..., RunningProxy], skewed_clock: Callable[[float], None],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from oauthproxy import database, models
+
+    first = start_proxy()
+    client, tokens = logged_in(first)
+    assert_token_response(client.refresh(tokens["refresh_token"]))  # rotated now, on the database's clock
+    skewed_clock(3700)  # an instance whose clock runs past the access token's hour purges
+    monkeypatch.setattr(database, "utcnow", models.utcnow)
+    with first.app.app_context():
+        database.purge_expired()
+    retry = client.refresh(tokens["refresh_token"])  # the honest retry of a lost response, a second later
+    assert retry.status_code == 200, retry.text
