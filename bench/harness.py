@@ -49,6 +49,7 @@ from bench.servers import (
     start_sse_downstream,
 )
 from bench.sse_client import event_delays, hold_idle_streams
+from oauthproxy.components import components
 from tests.provider_fixture import OidcProvider, launch_oidc_provider
 from tests.proxy_fixtures import launch_mcp_downstream
 
@@ -259,7 +260,7 @@ class Bench:
         app = create_app(env)
         # create_app set the root logger to INFO: no line per in-process request, nor per request of the MCP client.
         logging.getLogger().setLevel(logging.WARNING)
-        route = next(iter(app.extensions["routes"].values()))
+        route = next(iter(components(app).routes.values()))
         with app.test_request_context(route.path):
             _, validated = load_token(token, route)
             hits = 20_000
@@ -274,7 +275,7 @@ class Bench:
                 load_token(token, route)
                 misses.append((time.perf_counter() - started) * 1e6)
             # Session binding (issue 16): a known session, answered from this worker's cache.
-            sessions = app.extensions["mcp_sessions"]
+            sessions = components(app).mcp_sessions
             session_id = f"bench-{time.time_ns()}"
             sessions.record(route.name, session_id, validated.caller.user_id)
             started = time.perf_counter()

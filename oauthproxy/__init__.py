@@ -47,6 +47,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy import endpoints
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
+    from oauthproxy.components import attach_components
     from oauthproxy.crypto import SecretBox
     from oauthproxy.database_faults import engine_options, init_database_faults
     from oauthproxy.logs import configure_logging
@@ -86,19 +87,20 @@ def configure_app(app: Flask, settings: Settings) -> None:
     db.init_app(app)
     init_database_faults(app, settings.database_timeout)
     Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
-    app.extensions["secret_box"] = SecretBox(settings.encryption_keys)
-    app.extensions["client_metadata_fetcher"] = ClientMetadataFetcher(
+    services = attach_components(app, settings)
+    services.secret_box = SecretBox(settings.encryption_keys)
+    services.client_metadata_fetcher = ClientMetadataFetcher(
         allow_private_networks=settings.allow_private_client_metadata_urls,
         private_use_redirect_schemes=settings.private_use_redirect_schemes, ca_bundle=settings.ca_bundle)
     upstream = build_upstream_provider(settings)
     upstream.init_app(app)
-    app.extensions["upstream"] = upstream
+    services.login_provider = upstream
     if not settings.scopes_supported:
         app.config["OAUTH_SCOPES_SUPPORTED"] = upstream.default_scopes
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
     init_resource_server(app, settings)
-    app.extensions["rate_limiter"] = init_rate_limits(app, settings)
+    services.rate_limiter = init_rate_limits(app, settings)
     init_operations(app, settings)
 
     from oauthproxy import cli

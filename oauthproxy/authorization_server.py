@@ -18,11 +18,13 @@ from oauthproxy import metrics
 from oauthproxy.allowlists import grant_is_allowed
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.clock import database_now
+from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.errors import InvalidTargetError, safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, utcnow
+from oauthproxy.resource_server import forget_grant
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -76,9 +78,7 @@ def revoke_grant(grant_id: int, reason: str) -> None:
                                                        AuthorizationCode.used_at.is_(None)).values(used_at=now))
     metrics.GRANTS_REVOKED.labels(reason).inc()
     # Immediate in this worker; other workers and instances notice within TOKEN_CACHE_TTL.
-    cache = current_app.extensions.get("token_cache")
-    if cache is not None:
-        cache.forget_grant(grant_id)
+    forget_grant(current_app, grant_id)
     log.info("revoked grant %s: %s", grant_id, reason)
 
 
@@ -268,7 +268,7 @@ class AuthorizationServer(FlaskAuthorizationServer):
         self.register_endpoint(Revocation)
         self.register_extension(IssuerIdentification(settings.issuer))
         self.register_endpoint(ClientRegistration)
-        app.extensions["authorization_server"] = self
+        components(app).authorization_server = self
 
     def create_oauth2_request(self, request):
         if isinstance(request, OAuth2Request):

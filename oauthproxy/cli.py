@@ -10,6 +10,7 @@ from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 from flask_migrate import cli as migrate_cli
 
+from oauthproxy.components import components
 from oauthproxy.crypto import generate_key
 
 
@@ -67,7 +68,7 @@ def rotate_key() -> None:
                       "clients (`oauthproxy clients delete ID`; they register again), let pending logins expire "
                       "(10 minutes), then run rotate-key again.")
         raise click.ClickException(" ".join(advice)) from None
-    click.echo(f"re-encrypted {changed} value(s) under key {current_app.extensions['secret_box'].current_key_id}")
+    click.echo(f"re-encrypted {changed} value(s) under key {components().secret_box.current_key_id}")
 
 
 @click.command("check")

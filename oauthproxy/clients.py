@@ -15,6 +15,7 @@ from flask import request as flask_request
 from sqlalchemy import select
 
 from oauthproxy.client_metadata import ClientMetadataError, is_metadata_document_client_id
+from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, constant_time_equals
 from oauthproxy.errors import InvalidRedirectURIError, safe_description
@@ -75,7 +76,7 @@ class Client(ClientMixin):
         """
         if not scope:
             # No scope requested: the client's registered scope, else everything this server supports.
-            return self.scope or " ".join(current_app.extensions["authorization_server"].scopes_supported)
+            return self.scope or " ".join(components().authorization_server.scopes_supported)
         return " ".join(dict.fromkeys(scope_to_list(scope)))
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
@@ -160,7 +161,7 @@ def load_client(client_id: str) -> Client | None:
         return None  # PostgreSQL text cannot hold NUL; no real client id has one
     if is_metadata_document_client_id(client_id, settings.allow_private_client_metadata_urls):
         try:
-            document = current_app.extensions["client_metadata_fetcher"].fetch(client_id)
+            document = components().client_metadata_fetcher.fetch(client_id)
         except ClientMetadataError as error:
             current_app.logger.info("client metadata document refused: %s", error.description)
             return None
@@ -173,7 +174,7 @@ def load_client(client_id: str) -> Client | None:
     secret = None
     if row.client_secret_encrypted:
         try:
-            secret = current_app.extensions["secret_box"].decrypt(row.client_secret_encrypted,
+            secret = components().secret_box.decrypt(row.client_secret_encrypted,
                                                                   f"client:{row.client_id}:secret")
         except DecryptionError as error:
             # Unusable until the operator restores the key: answered as an unknown client (it registers again).
@@ -188,7 +189,7 @@ def metadata_document_error(client_id: str) -> str | None:
     if not is_metadata_document_client_id(client_id, settings.allow_private_client_metadata_urls):
         return None
     try:
-        current_app.extensions["client_metadata_fetcher"].fetch(client_id)
+        components().client_metadata_fetcher.fetch(client_id)
     except ClientMetadataError as error:
         return error.description
     return None
@@ -218,7 +219,7 @@ class ClientRegistration(ClientRegistrationEndpoint):
         return True  # open registration, as MCP clients expect; abuse is bounded by rate limits and dedup
 
     def get_server_metadata(self) -> dict:
-        return current_app.extensions["authorization_server"].metadata()
+        return components().authorization_server.metadata()
 
     def extract_client_metadata(self, request) -> dict:
         data = request.payload.data
@@ -281,7 +282,7 @@ class ClientRegistration(ClientRegistrationEndpoint):
             metadata_fingerprint=fingerprint,
         )
         if not public:
-            row.client_secret_encrypted = current_app.extensions["secret_box"].encrypt(
+            row.client_secret_encrypted = components().secret_box.encrypt(
                 client_info["client_secret"], f"client:{row.client_id}:secret")
         db.session.add(row)
         db.session.commit()

@@ -12,6 +12,7 @@ from flask import Flask, current_app
 from sqlalchemy import delete, or_, select
 
 from oauthproxy.clock import database_now
+from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import AuthorizationCode, Grant, McpSession, OAuthClient, PendingAuthorization, Token, db, utcnow
 
@@ -130,7 +131,7 @@ def rotate_encryption_key() -> int:
     every such row, so the operator fixes them all in one pass.
     """
     try:
-        changed, unreadable, unknown_key = _re_encrypt_all(current_app.extensions["secret_box"])
+        changed, unreadable, unknown_key = _re_encrypt_all(components().secret_box)
         if unreadable:
             raise UnreadableSecrets(unreadable, unknown_key)
     except Exception:

@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError, InterfaceError, InternalError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from oauthproxy.errors import json_error
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +186,8 @@ def database_unavailable(error: SQLAlchemyError) -> Response:
         pass
     detail = str(getattr(error, "orig", None) or error).splitlines()[0][:200]  # the driver's message, no SQL or values
     log.warning("database unavailable during %s %s: %s: %s", request.method, request.path, type(error).__name__, detail)
-    response = jsonify(error="temporarily_unavailable",
-                       error_description="the database is unavailable; retry after the Retry-After delay")
-    response.status_code = 503
-    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return json_error(503, "temporarily_unavailable", "the database is unavailable; retry after the Retry-After delay",
+                      {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def init_database_faults(app: Flask, timeout: int) -> None:

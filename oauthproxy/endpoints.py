@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
+from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge, TooManyRequests
 
 from oauthproxy import consent
+from oauthproxy.components import components
 from oauthproxy.database import purge_if_due
-from oauthproxy.errors import safe_description
+from oauthproxy.errors import json_error, safe_description
 from oauthproxy.login import (
     SINGLE_VALUED,
     AuthorizationPageError,
@@ -42,7 +43,7 @@ MAX_FORM_PARTS = 50
 
 
 def _server():
-    return current_app.extensions["authorization_server"]
+    return components().authorization_server
 
 
 @blueprint.before_request
@@ -80,8 +81,8 @@ def register() -> Response:
     except RecursionError:  # absurdly nested JSON
         body = None
     if not request.is_json or not isinstance(body, dict):
-        return jsonify(error="invalid_client_metadata",
-                       error_description="send the client metadata as a JSON object (Content-Type: application/json)"), 400
+        return json_error(400, "invalid_client_metadata",
+                          "send the client metadata as a JSON object (Content-Type: application/json)")
     return _server().create_endpoint_response("client_registration")
 
 
@@ -110,7 +111,7 @@ def render_consent(validated) -> Response:
         client=validated.client,
         scopes=validated.scope.split(),
         scope_descriptions=SCOPE_DESCRIPTIONS,
-        provider_name=current_app.extensions["upstream"].display_name,
+        provider_name=components().login_provider.display_name,
         resource=validated.resource,
         redirect_uri=validated.redirect_uri,
         signed_request=consent.sign_authorization_request(validated.params),
@@ -167,18 +168,11 @@ SINGLE_VALUED_TOKEN_PARAMS = ("grant_type", "code", "redirect_uri", "code_verifi
                               "client_secret", "scope", "token", "token_type_hint")
 
 
-def oauth_error(status: int, error: str, description: str) -> Response:
-    response = jsonify(error=error, error_description=description)
-    response.status_code = status
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 def malformed_token_request() -> Response | None:
     """What Authlib would not refuse cleanly: repeated parameters (RFC 6749 §3.2) and unreadable Basic credentials."""
     for name in SINGLE_VALUED_TOKEN_PARAMS:
         if len(request.form.getlist(name)) > 1:
-            return oauth_error(400, "invalid_request", f"the parameter {name} was sent more than once")
+            return json_error(400, "invalid_request", f"the parameter {name} was sent more than once")
     scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
     if scheme.lower() == "basic":
         try:
@@ -186,7 +180,7 @@ def malformed_token_request() -> Response | None:
                 raise ValueError("no credentials")  # `Basic` alone: Authlib's parser would raise on it
             base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
         except ValueError:  # also binascii.Error and UnicodeDecodeError
-            response = oauth_error(401, "invalid_client", "the Basic credentials are missing or not base64 of UTF-8 text")
+            response = json_error(401, "invalid_client", "the Basic credentials are missing or not base64 of UTF-8 text")
             response.headers["WWW-Authenticate"] = 'Basic error="invalid_client"'
             return response
     return None
@@ -202,7 +196,7 @@ def prefers_json() -> bool:
 def authorization_page_error(error: AuthorizationPageError) -> Response:
     if request.path == "/authorize" and prefers_json():
         # RFC 6749 §5.2 shape; 400 because no client authentication was attempted (401 is for that case).
-        return oauth_error(error.status, error.error, safe_description(error.message))
+        return json_error(error.status, error.error, safe_description(error.message))
     response = Response(render_template("error.html", title=error.title, message=error.message,
                                         continue_url=error.continue_url), status=error.status)
     response.headers.update(consent.CONSENT_PAGE_HEADERS)
@@ -219,17 +213,14 @@ def request_too_large(error: RequestEntityTooLarge) -> Response:
     limit = request.max_content_length
     description = (f"the request body is larger than the {limit}-byte limit of this endpoint, or has more than "
                    f"{MAX_FORM_PARTS} form fields" if limit else "the request body is too large")
-    return oauth_error(413, "invalid_request", description)
+    return json_error(413, "invalid_request", description)
 
 
 @blueprint.app_errorhandler(TooManyRequests)
 def too_many_requests(error: TooManyRequests) -> Response:
-    response = jsonify(error="too_many_requests",
-                       error_description="Too many requests from this address; retry after the Retry-After delay.")
-    response.status_code = 429
     retry_after = (error.get_response().headers.get("Retry-After") if hasattr(error, "get_response") else None)
-    response.headers["Retry-After"] = retry_after or "60"
-    return response
+    return json_error(429, "too_many_requests", "Too many requests from this address; retry after the Retry-After delay.",
+                      {"Retry-After": retry_after or "60"})
 
 
 # The consent page says where a redirect URI sends the user, by the URL rules in urls.py.

@@ -1,10 +1,11 @@
-"""OAuth errors this server adds to Authlib's, and error descriptions limited to the characters RFC 6749 permits."""
+"""OAuth errors this server adds to Authlib's, their JSON answer, and descriptions limited to RFC 6749's characters."""
 
 from __future__ import annotations
 
 import re
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
+from flask import Response, jsonify
 
 # RFC 6749 §5.2: error_description is %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash, ASCII only).
 _NOT_PERMITTED = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
@@ -13,6 +14,16 @@ _NOT_PERMITTED = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
 def safe_description(text: str, limit: int = 300) -> str:
     """`text` with every character RFC 6749 forbids in error_description replaced by `?`, and cut to `limit`."""
     return _NOT_PERMITTED.sub("?", text)[:limit]
+
+
+def json_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> Response:
+    """Every JSON error this server writes itself: RFC 6749 §5.2's shape, never cached (RFC 6749 §5.1)."""
+    response = jsonify(error=error, error_description=description)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 class InvalidTargetError(OAuth2Error):

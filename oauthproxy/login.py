@@ -17,6 +17,7 @@ from sqlalchemy import delete
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.clock import database_now
+from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
@@ -69,7 +70,7 @@ class ValidatedAuthorization:
 
 
 def _server() -> AuthorizationServer:
-    return current_app.extensions["authorization_server"]
+    return components().authorization_server
 
 
 def _settings() -> Settings:
@@ -147,7 +148,7 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
 
 def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
     """After consent: create the single-use upstream `state`, store it server-side, and send the user upstream."""
-    upstream: UpstreamProvider = current_app.extensions["upstream"]
+    upstream: UpstreamProvider = components().login_provider
     settings = _settings()
     try:
         # Both may run discovery, so both are inside the try: an unreachable provider must reach the
@@ -166,7 +167,7 @@ def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
         browser_binding_hash=hash_token(session["browser_id"]),
         client_id=validated.client.client_id,
         request_json=json.dumps(validated.params),
-        upstream_secrets=current_app.extensions["secret_box"].encrypt(
+        upstream_secrets=components().secret_box.encrypt(
             json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"),
         expires_at=database_now(int(PENDING_LOGIN_TTL.total_seconds())),
     ))
@@ -201,7 +202,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         raise AuthorizationPageError(400, "Sign-in failed", "This sign-in was started in another browser. "
                                      "Start again from your MCP client in this browser.")
     validated = validate_authorization_request(pending.request_params)
-    upstream: UpstreamProvider = current_app.extensions["upstream"]
+    upstream: UpstreamProvider = components().login_provider
 
     upstream_error = upstream.error_from_callback(args)
     if upstream_error is not None:
@@ -213,7 +214,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         raise AuthorizationRedirectError(validated.redirect_uri, "server_error",
                                          "the identity provider returned no code", validated.state)
     try:
-        upstream_secrets = json.loads(current_app.extensions["secret_box"].decrypt(
+        upstream_secrets = json.loads(components().secret_box.decrypt(
             pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets"))
     except DecryptionError as error:
         log.error("pending login %s: its secrets cannot be decrypted: %s", pending.state_hash[:12], error)
@@ -281,7 +282,7 @@ def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
 def store_grant(validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens,
                 upstream_scopes: list[str]) -> Grant:
     """A new grant for this login, with the upstream tokens sealed to its row; the caller commits."""
-    box = current_app.extensions["secret_box"]
+    box = components().secret_box
     family = Grant(client_id=validated.client.client_id, user_id=identity.id, user_email=identity.email,
                    user_name=identity.name, scope=validated.scope, resource=validated.resource,
                    upstream_expires_at=tokens.expires_at, upstream_scope=" ".join(upstream_scopes))

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from oauthproxy import metrics
+from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
 from oauthproxy.logs import ROUTE_KEY, RequestLogger
@@ -111,14 +112,14 @@ def _probe_database() -> tuple[set[str], bool]:
 
 def _schema_revisions(app: Flask) -> tuple[set[str], set[str]]:
     """(head revisions, every revision) of the migration scripts shipped with this code; cached per app."""
-    cached = app.extensions.get("operations.schema_revisions")
+    cached = components(app).schema_revisions
     if cached is None:
         from alembic.script import ScriptDirectory
 
         migrate = app.extensions["migrate"]
         script = ScriptDirectory.from_config(migrate.migrate.get_config(migrate.directory))
         cached = (set(script.get_heads()), {revision.revision for revision in script.walk_revisions()})
-        app.extensions["operations.schema_revisions"] = cached
+        components(app).schema_revisions = cached
     return cached
 
 
@@ -190,7 +191,7 @@ def init_operations(app: Flask, settings: Settings) -> None:
     app.register_blueprint(blueprint)
     app.before_request(_note_route)
     app.after_request(_observe_response)
-    metrics.instrument_upstream(app.extensions["upstream"])
+    metrics.instrument_upstream(components(app).login_provider)
     wsgi_app: Any = RequestLogger(app.wsgi_app, _record_request)
     if settings.trusted_proxy_hops:
         # Outermost, so the request log, the rate limits and the downstream's X-Forwarded-For all see the client

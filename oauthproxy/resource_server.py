@@ -15,10 +15,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.routing import PathConverter
 
 from oauthproxy.clock import database_now
+from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
 from oauthproxy.downstream_credentials import Caller
+from oauthproxy.errors import json_error
 from oauthproxy.logs import set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
@@ -112,7 +114,7 @@ class TokenCache:
 
 def forget_grant(app: Flask, grant_id: int) -> None:
     """Drop a grant's tokens from this worker's cache (for code that revokes a grant in this process)."""
-    cache: TokenCache | None = app.extensions.get("token_cache")
+    cache: TokenCache | None = getattr(components(app), "token_cache", None)
     if cache is not None:
         cache.forget_grant(grant_id)
 
@@ -130,7 +132,7 @@ def _settings() -> Settings:
 def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
     """Validate an access token: from the cache, else one database query joining the token and its grant."""
     key = hash_token(token)
-    cache: TokenCache = current_app.extensions["token_cache"]
+    cache: TokenCache = components().token_cache
     validated = cache.get(key)
     if validated is None:
         row = db.session.execute(
@@ -209,17 +211,8 @@ def www_authenticate(route: Route, error: str | None = None, description: str | 
     return "Bearer " + ", ".join(params)
 
 
-def _json_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify(error=error, error_description=description)
-    response.status_code = status
-    response.headers["Cache-Control"] = "no-store"
-    if headers:
-        response.headers.update(headers)
-    return response
-
-
 def _sessions() -> SessionBindings:
-    return current_app.extensions["mcp_sessions"]
+    return components().mcp_sessions
 
 
 def _session_not_found() -> Response:
@@ -232,17 +225,17 @@ def _session_not_found() -> Response:
 def _database_unavailable() -> Response:
     db.session.rollback()
     log.warning("MCP session binding: the database is unavailable")
-    return _json_error(503, "temporarily_unavailable", "the session store is unavailable; retry shortly",
+    return json_error(503, "temporarily_unavailable", "the session store is unavailable; retry shortly",
                        {"Retry-After": "5"})
 
 
 def unauthorized(route: Route, description: str | None = None, token_sent: bool = True) -> Response:
     """401: no token (no error code, RFC 6750 §3.1) or a token that is bad, expired, revoked or for elsewhere."""
     if not token_sent:
-        return _json_error(401, "unauthorized", "this MCP endpoint requires a Bearer access token",
+        return json_error(401, "unauthorized", "this MCP endpoint requires a Bearer access token",
                            {"WWW-Authenticate": www_authenticate(route)})
     description = description or "the access token is invalid"
-    return _json_error(401, "invalid_token", description,
+    return json_error(401, "invalid_token", description,
                        {"WWW-Authenticate": www_authenticate(route, "invalid_token", description)})
 
 
@@ -272,7 +265,7 @@ def _preflight(origin: str) -> Response:
 
 def protected_resource_metadata(route_name: str) -> Response:
     """RFC 9728 §2-3: what this resource is and which authorization server issues its tokens."""
-    route = current_app.extensions["routes"][route_name]
+    route = components().routes[route_name]
     settings = _settings()
     response = jsonify({
         "resource": route.resource,
@@ -287,12 +280,12 @@ def protected_resource_metadata(route_name: str) -> Response:
 
 def mcp_endpoint(route_name: str, subpath: str = "") -> Response:
     """Every method on a route's path and below: check Origin and token, then stream the request through."""
-    route: Route = current_app.extensions["routes"][route_name]
+    route: Route = components().routes[route_name]
     settings = _settings()
     origin = request.headers.get("Origin")
     if origin is not None and not settings.proxy.origin_is_allowed(origin):
         # RS-6 / T-5: a present Origin that is not allowed is refused (DNS-rebinding defence).
-        return _json_error(403, "forbidden_origin", "requests from this Origin are not allowed")
+        return json_error(403, "forbidden_origin", "requests from this Origin are not allowed")
     cors = _cors_headers(origin)
     if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
         return _preflight(origin)  # browsers send no credentials on a preflight
@@ -313,17 +306,17 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     except TokenRejected as rejected:
         return unauthorized(route, rejected.description)
     except UpstreamUnavailable as error:  # the grant's secrets need a key this instance lacks
-        return _json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
+        return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
     set_request_user(validated.caller.user_id)  # the access log names who made the request
 
     missing = [scope for scope in route.required_scopes if scope not in validated.scopes]
     if missing:
         # RS-4: name every scope needed; clients re-authorize with the union of old and new.
         description = f"this resource requires the scope(s): {' '.join(route.required_scopes)}"
-        return _json_error(403, "insufficient_scope", description, {
+        return json_error(403, "insufficient_scope", description, {
             "WWW-Authenticate": www_authenticate(route, "insufficient_scope", description, route.required_scopes)})
     if not route.user_is_allowed(validated.caller.email):
-        return _json_error(403, "access_denied", f"this account is not allowed to use {route.path}")
+        return json_error(403, "access_denied", f"this account is not allowed to use {route.path}")
 
     # RS-5: a session belongs to the user who opened it. Stateless requests (no session id) skip this entirely.
     session_id = request.environ.get("HTTP_MCP_SESSION_ID")
@@ -345,16 +338,16 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
             forget_grant(current_app._get_current_object(), validated.grant_id)
             return unauthorized(route, str(error) + "; sign in again")
         except UpstreamUnavailable as error:
-            return _json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
+            return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
         validated = replace(validated, upstream=upstream,
                             caller=replace(validated.caller, upstream_access_token=upstream.access_token))
-        current_app.extensions["token_cache"].put(key, validated)
+        components().token_cache.put(key, validated)
 
-    proxy: DownstreamProxy = current_app.extensions["downstream_proxy"]
+    proxy: DownstreamProxy = components().downstream_proxy
     try:
         response = proxy.forward(route, request.environ, request.stream, validated.caller)
     except DownstreamError as error:
-        return _json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
+        return json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
     answered = response.mcp_session_id
     if session_id is not None or answered is not None:
         try:
@@ -384,11 +377,12 @@ class BelowRoute(PathConverter):
 def init_resource_server(app: Flask, settings: Settings) -> None:
     """Register a protected resource (metadata and endpoint) for every route."""
     routes = {route.name: route for route in settings.routes}
-    app.extensions["routes"] = routes
-    app.extensions["token_cache"] = TokenCache(settings.proxy.token_cache_ttl, settings.proxy.token_cache_size)
-    app.extensions["upstream_refresh_locks"] = KeyedLocks()
-    app.extensions["mcp_sessions"] = SessionBindings(settings.proxy.session_idle_timeout)
-    app.extensions["downstream_proxy"] = DownstreamProxy(
+    services = components(app)
+    services.routes = routes
+    services.token_cache = TokenCache(settings.proxy.token_cache_ttl, settings.proxy.token_cache_size)
+    services.refresh_locks = KeyedLocks()
+    services.mcp_sessions = SessionBindings(settings.proxy.session_idle_timeout)
+    services.downstream_proxy = DownstreamProxy(
         settings.proxy, settings.public_url,
         frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}), settings.ca_bundle)
     app.url_map.converters["below"] = BelowRoute

@@ -12,6 +12,7 @@ import requests
 from flask import Flask
 from sqlalchemy.engine import make_url
 
+from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
@@ -149,7 +150,7 @@ class SelfCheck:
     def provider(self) -> Iterator[Finding]:
         from oauthproxy.upstream import UpstreamError
 
-        upstream = self.app.extensions["upstream"]
+        upstream = components(self.app).login_provider
         try:
             metadata = upstream.load_metadata()
         except UpstreamError as error:
@@ -166,7 +167,7 @@ class SelfCheck:
         check `redirect_uri` (and the client id and scopes) before they show their sign-in page."""
         from oauthproxy.upstream import UpstreamError
 
-        upstream = self.app.extensions["upstream"]
+        upstream = components(self.app).login_provider
         callback = self.settings.callback_url
         try:
             url, _secrets = upstream.create_authorization_url(
@@ -233,7 +234,7 @@ class SelfCheck:
             yield Finding("fail", "callback URL", f"the provider answered the authorization request with HTTP "
                           f"{response.status_code}: {page[:200]!r}")
             return
-        if getattr(self.app.extensions["upstream"], "name", "") == "github":
+        if getattr(components(self.app).login_provider, "name", "") == "github":
             yield Finding("info", "callback URL", "GitHub shows its sign-in page first and checks the redirect URI "
                           f"only after sign-in: make sure {callback} is the app's Authorization callback URL")
             return

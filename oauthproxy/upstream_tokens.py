@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import or_, select, update
 
+from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import Grant, db, utcnow
 from oauthproxy.upstream import HTTP_TIMEOUT, UpstreamError, UpstreamProvider
@@ -124,7 +125,7 @@ def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> st
     client signs in again instead of failing on every request.
     """
     try:
-        return app.extensions["secret_box"].decrypt(sealed, f"grant:{grant_id}:{column}")
+        return components(app).secret_box.decrypt(sealed, f"grant:{grant_id}:{column}")
     except UnknownKeyError as error:
         log.error("grant %s: cannot decrypt its %s: %s", grant_id, column, error)
         raise UpstreamUnavailable("the server cannot read this sign-in's stored credentials right now (an "
@@ -178,7 +179,7 @@ def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAcc
     call: on SQLite a lock would stop every writer of every worker for as long as the provider takes.
     Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant) or `UpstreamUnavailable`.
     """
-    locks: KeyedLocks = app.extensions["upstream_refresh_locks"]
+    locks: KeyedLocks = components(app).refresh_locks
     busy = UpstreamUnavailable("another refresh of this sign-in is still running; retry shortly", retry_after=5)
     try:
         with locks.hold(grant_id, timeout=WAIT_SECONDS):
@@ -199,8 +200,8 @@ def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAcc
 
 
 def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUnavailable) -> UpstreamAccess:
-    upstream: UpstreamProvider = app.extensions["upstream"]
-    box = app.extensions["secret_box"]
+    upstream: UpstreamProvider = components(app).login_provider
+    box = components(app).secret_box
     claim = secrets.token_hex(16)
     deadline = time.monotonic() + WAIT_SECONDS
     while True:

@@ -11,6 +11,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
+from oauthproxy.components import components
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from tests.conftest import RunningProxy
@@ -53,7 +54,7 @@ def test_registered_client_full_lifecycle(proxy: RunningProxy, auth_method: str 
         assert grant.resource == proxy.url + "/mcp"
         # upstream tokens are stored encrypted, never in clear
         assert grant.upstream_access_token.startswith("v1.") and grant.upstream_refresh_token.startswith("v1.")
-        upstream_access = proxy.app.extensions["secret_box"].decrypt(
+        upstream_access = components(proxy.app).secret_box.decrypt(
             grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
     assert requests.get(proxy.provider.url("/me"), headers={"Authorization": f"Bearer {upstream_access}"},
                         timeout=5).json()["email"] == "bob@example.org"
@@ -135,7 +136,7 @@ def test_provider_hanging_at_the_code_exchange_is_temporarily_unavailable(
         proxy: RunningProxy, provider_failure_reset) -> None:
     # The provider answers the token request after 3 s; the proxy's provider timeout is cut to 1 s for the test
     # (10 s in production, HTTP_TIMEOUT).
-    proxy.app.extensions["upstream"]._client.client_kwargs["default_timeout"] = 1.0
+    components(proxy.app).login_provider._client.client_kwargs["default_timeout"] = 1.0
     client = proxy.register_client()
     browser = proxy.browser()
     provider_failure_reset.set_failure("token_delay", delay_ms=3000)

@@ -24,6 +24,7 @@ import requests
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import func, select, update
 
+from oauthproxy.components import components
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
 from tests.conftest import RunningProxy, free_port
@@ -1096,7 +1097,7 @@ def full_flow_secrets(proxy: RunningProxy) -> dict[str, str]:
     with proxy.app.app_context():
         row = db.session.scalar(select(Token).where(Token.access_token_hash == hash_token(first.json()["access_token"])))
         grant = db.session.get(Grant, row.grant_id)
-        box = proxy.app.extensions["secret_box"]
+        box = components(proxy.app).secret_box
         upstream_access = box.decrypt(grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
         upstream_refresh = box.decrypt(grant.upstream_refresh_token, f"grant:{grant.id}:upstream_refresh_token")
     return {

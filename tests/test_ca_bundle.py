@@ -19,6 +19,7 @@ import requests
 
 from oauthproxy import create_app
 from oauthproxy.client_metadata import ClientMetadataError
+from oauthproxy.components import components
 from oauthproxy.config import ConfigError
 from oauthproxy.upstream import UpstreamError
 from tests.conftest import TEST_KEY, RunningProxy, free_port
@@ -152,17 +153,17 @@ def app_env(private_site: PrivateTlsSite, **overrides: str) -> dict[str, str]:
 def test_the_provider_and_client_metadata_documents_are_trusted_through_ca_bundle(
         private_site: PrivateTlsSite, private_ca: tuple[Path, Path]) -> None:
     trusted = create_app(app_env(private_site, CA_BUNDLE=str(private_ca[0])))
-    assert trusted.extensions["upstream"].load_metadata()["issuer"] == private_site.url
-    document = trusted.extensions["client_metadata_fetcher"].fetch(private_site.url + "/client.json")
+    assert components(trusted).login_provider.load_metadata()["issuer"] == private_site.url
+    document = components(trusted).client_metadata_fetcher.fetch(private_site.url + "/client.json")
     assert document["client_name"] == "Private PKI client"
 
     untrusted = create_app(app_env(private_site))
     with pytest.raises(UpstreamError) as refused:
-        untrusted.extensions["upstream"].load_metadata()
+        components(untrusted).login_provider.load_metadata()
     assert "CERTIFICATE_VERIFY_FAILED" in refused.value.description or "certificate verify failed" in \
         refused.value.description.lower()
     with pytest.raises(ClientMetadataError) as refused_document:
-        untrusted.extensions["client_metadata_fetcher"].fetch(private_site.url + "/client.json")
+        components(untrusted).client_metadata_fetcher.fetch(private_site.url + "/client.json")
     assert "TLS connection failed" in refused_document.value.description
 
 

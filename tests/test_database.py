@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, inspect, select, update
 
 from oauthproxy import create_app
+from oauthproxy.components import components
 from oauthproxy.database import purge_expired, rotate_encryption_key, schema_is_current
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
 from tests.conftest import POSTGRES_DSN, TEST_KEY, RunningProxy, base_env
@@ -96,7 +97,7 @@ def test_rotate_key_re_encrypts_everything(start_proxy) -> None:
     # only the new key now: everything still opens, and the client still authenticates
     only_new = start_proxy(ENCRYPTION_KEY=new_key)
     with only_new.app.app_context():
-        box = only_new.app.extensions["secret_box"]
+        box = components(only_new.app).secret_box
         for grant in db.session.scalars(select(Grant).where(Grant.client_id == confidential.client_id)):
             assert box.decrypt(grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
     only_new_client = type(confidential)(only_new.url, confidential.client_id, confidential.client_secret,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
+from oauthproxy.components import components
 from oauthproxy.config import load_settings
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
@@ -23,7 +24,7 @@ def test_a_login_through_github_enterprise_server_reads_the_user_from_its_api(
         start_proxy: Callable[..., RunningProxy], oidc_provider: OidcProvider) -> None:
     proxy = start_proxy(OAUTH_AUTHORIZE_URL=f"{oidc_provider.issuer}/auth", OAUTH_TOKEN_URL=f"{oidc_provider.issuer}/token",
                         GITHUB_API_URL=oidc_provider.issuer)
-    upstream = proxy.app.extensions["upstream"]
+    upstream = components(proxy.app).login_provider
     assert isinstance(upstream, GitHubProvider) and upstream.api_base_url == oidc_provider.issuer + "/"
     login = log_in(proxy.url, proxy.url + "/mcp", login_hint="bob")  # bob's email is private: /user/emails
     with proxy.app.app_context():

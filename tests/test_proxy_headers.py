@@ -13,6 +13,7 @@ from flask import Flask
 from sqlalchemy import select, update
 
 from oauthproxy import create_app
+from oauthproxy.components import components
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from tests.conftest import RunningProxy
@@ -68,7 +69,7 @@ def grant_of(app: Flask, access_token: str) -> Grant:
 def upstream_token_of(app: Flask, access_token: str) -> str:
     grant = grant_of(app, access_token)
     with app.app_context():
-        return app.extensions["secret_box"].decrypt(grant.upstream_access_token,
+        return components(app).secret_box.decrypt(grant.upstream_access_token,
                                                     f"grant:{grant.id}:upstream_access_token")
 
 

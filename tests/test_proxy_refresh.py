@@ -12,6 +12,7 @@ from flask import Flask
 from sqlalchemy import select, update
 
 from oauthproxy import create_app
+from oauthproxy.components import components
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db, utcnow
 from tests.conftest import RunningProxy
@@ -47,7 +48,7 @@ def grant_row(app: Flask, grant_id: int) -> Grant:
 
 
 def upstream_token(app: Flask, grant: Grant) -> str:
-    return app.extensions["secret_box"].decrypt(grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
+    return components(app).secret_box.decrypt(grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
 
 
 def test_an_expiring_upstream_token_is_refreshed_before_forwarding(

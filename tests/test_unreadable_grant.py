@@ -12,6 +12,7 @@ import pytest
 import requests
 from sqlalchemy import select, update
 
+from oauthproxy.components import components
 from oauthproxy.models import Grant, db, utcnow
 from tests.conftest import TEST_KEY, RunningProxy
 from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in  # noqa: F401 (fixture)
@@ -111,7 +112,7 @@ def test_rotate_key_names_every_row_it_cannot_decrypt(start_proxy: Callable[...,
         assert "Nothing was changed" in result.output and "oauthproxy grants revoke ID" in result.output
         with rotating.app.app_context():  # all or nothing: the readable rows were not rotated either
             sealed = db.session.scalar(select(Grant.upstream_access_token).where(Grant.id == other_id))
-            assert rotating.app.extensions["secret_box"].needs_rotation(sealed)
+            assert components(rotating.app).secret_box.needs_rotation(sealed)
         # Without the old key, rows sealed under it are named with the fix for that case.
         only_new = start_proxy(ENCRYPTION_KEY=new_key)
         result = only_new.app.test_cli_runner().invoke(args=["rotate-key"])
@@ -122,7 +123,7 @@ def test_rotate_key_names_every_row_it_cannot_decrypt(start_proxy: Callable[...,
         assert proxy.app.test_cli_runner().invoke(args=["grants", "revoke", str(grant_id)]).exit_code == 0
     assert rotating.app.test_cli_runner().invoke(args=["rotate-key"]).exit_code == 0
     with rotating.app.app_context():
-        assert rotating.app.extensions["secret_box"].needs_rotation(
+        assert components(rotating.app).secret_box.needs_rotation(
             db.session.scalar(select(Grant.upstream_access_token).where(Grant.id == other_id))) is False
         assert db.session.scalar(select(Grant.revoked_at).where(Grant.id == grant_id)) <= utcnow()
     # and back under the suite's key, as the other rotation test leaves it

@@ -1,0 +1,55 @@
+"""The services the application factory builds once per app, reached through one typed accessor."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flask import Flask, current_app
+
+if TYPE_CHECKING:
+    from flask_limiter import Limiter
+
+    from oauthproxy.authorization_server import AuthorizationServer
+    from oauthproxy.client_metadata import ClientMetadataFetcher
+    from oauthproxy.config import Settings
+    from oauthproxy.crypto import SecretBox
+    from oauthproxy.mcp_sessions import SessionBindings
+    from oauthproxy.proxy import DownstreamProxy
+    from oauthproxy.resource_server import TokenCache
+    from oauthproxy.routes import Route
+    from oauthproxy.upstream import UpstreamProvider
+    from oauthproxy.upstream_tokens import KeyedLocks
+
+_KEY = "oauthproxy"
+
+
+class Components:
+    """What `configure_app` builds, in the order it builds them; an attribute read before it is set is a bug in the
+    factory's order, and raises AttributeError rather than returning None."""
+
+    settings: Settings
+    secret_box: SecretBox
+    client_metadata_fetcher: ClientMetadataFetcher
+    login_provider: UpstreamProvider
+    authorization_server: AuthorizationServer
+    routes: dict[str, Route]
+    token_cache: TokenCache
+    refresh_locks: KeyedLocks
+    mcp_sessions: SessionBindings
+    downstream_proxy: DownstreamProxy
+    rate_limiter: Limiter
+    # Filled on first use by operations._schema_revisions: (head revisions, every revision) of the shipped scripts.
+    schema_revisions: tuple[set[str], set[str]] | None = None
+
+
+def attach_components(app: Flask, settings: Settings) -> Components:
+    """Create the empty registry for `app`; configure_app fills it as it builds each service."""
+    components = Components()
+    components.settings = settings
+    app.extensions[_KEY] = components
+    return components
+
+
+def components(app: Flask | None = None) -> Components:
+    """The services of `app`, or of the current application."""
+    return (app or current_app).extensions[_KEY]
