@@ -99,8 +99,9 @@ def _upgrade_database() -> int:
     try:
         upgrade_database(app)
     except DBAPIError as error:  # unreachable, refused, unknown database, wrong password: one line, no traceback
-        print(f"oauthproxy cannot start: {database_problem(app.config['SETTINGS'].database_dsn, error)}",
-              file=sys.stderr)
+        print(
+            f"oauthproxy cannot start: {database_problem(app.config['SETTINGS'].database_dsn, error)}", file=sys.stderr
+        )
         return DATABASE_PROBLEM
     finally:
         with app.app_context():

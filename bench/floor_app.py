@@ -15,8 +15,20 @@ from flask import Flask, Response, request
 
 DOWNSTREAM_URL = os.environ.get("FLOOR_DOWNSTREAM_URL", "http://127.0.0.1:9/mcp")
 #: WSGI servers refuse hop-by-hop headers from an application; requests recomputes the body framing.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "host", "content-length"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 
 app = Flask(__name__)
 # Imported in each worker after the fork (no preload), so each worker has its own pool. trust_env off: otherwise
@@ -40,8 +52,18 @@ def passthrough(rest: str = "") -> Response:
     if request.query_string:
         url += "?" + request.query_string.decode("latin-1")
     headers = {name: value for name, value in request.headers.items() if name.lower() not in HOP_BY_HOP}
-    upstream = session.request(request.method, url, headers=headers, data=request.get_data(), stream=True,
-                               allow_redirects=False, timeout=(5, 300))
-    response_headers = [(name, value) for name, value in upstream.raw.headers.items()
-                        if name.lower() not in HOP_BY_HOP or name.lower() == "content-length"]
+    upstream = session.request(
+        request.method,
+        url,
+        headers=headers,
+        data=request.get_data(),
+        stream=True,
+        allow_redirects=False,
+        timeout=(5, 300),
+    )
+    response_headers = [
+        (name, value)
+        for name, value in upstream.raw.headers.items()
+        if name.lower() not in HOP_BY_HOP or name.lower() == "content-length"
+    ]
     return Response(_body(upstream), status=upstream.status_code, headers=response_headers, direct_passthrough=True)

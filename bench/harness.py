@@ -101,8 +101,9 @@ class Target:
 
 def run_wrk(url: str, connections: int, seconds: int, token: str) -> dict[str, Any]:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA_SCRIPT), url]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60,
-                               env={**os.environ, "BENCH_TOKEN": token})
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + 60, env={**os.environ, "BENCH_TOKEN": token}
+    )
     line = next((line for line in completed.stdout.splitlines() if line.startswith("BENCH_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no summary:\n{completed.stdout}\n{completed.stderr}")
@@ -191,11 +192,13 @@ class Bench:
         proxy = self.proxy(downstream.url + "/mcp", options.workers)
         uncached = self.proxy(downstream.url + "/mcp", options.workers, TOKEN_CACHE_TTL="0")
         self.results["token_for_checks"] = {"env": proxy.env, "token": proxy.token}
-        targets = [Target("direct", downstream.url + "/mcp", downstream, proxy.token),
-                   Target("nginx", reference.url + "/mcp", reference, proxy.token),
-                   Target("floor", floor.url + "/mcp", floor, proxy.token),
-                   Target("proxy", proxy.url + "/mcp", proxy.service, proxy.token),
-                   Target("proxy, token cache off", uncached.url + "/mcp", uncached.service, uncached.token)]
+        targets = [
+            Target("direct", downstream.url + "/mcp", downstream, proxy.token),
+            Target("nginx", reference.url + "/mcp", reference, proxy.token),
+            Target("floor", floor.url + "/mcp", floor, proxy.token),
+            Target("proxy", proxy.url + "/mcp", proxy.service, proxy.token),
+            Target("proxy, token cache off", uncached.url + "/mcp", uncached.service, uncached.token),
+        ]
         for target in targets:
             check_target(target)
             run_wrk(target.url, 20, 2, target.token)  # warm-up: pools filled, token cached, code paths hot
@@ -207,7 +210,8 @@ class Bench:
                     result = measure_wrk(target, connections, options.seconds)
                     runs.setdefault((target.name, connections), []).append(result)
         self.results["throughput"] = {
-            f"{name}|{connections}": summarise_runs(found) for (name, connections), found in runs.items()}
+            f"{name}|{connections}": summarise_runs(found) for (name, connections), found in runs.items()
+        }
         if "profile" in options.sections:
             self.profiles([target for target in targets if target.name in ("floor", "proxy")])
 
@@ -229,11 +233,14 @@ class Bench:
                 continue
             parsed = profile.parse_collapsed(output.read_text())
             found[target.name] = {
-                "samples": parsed.samples, "cpu_us_per_request": result["cpu_us_per_request"], "rps": result["rps"],
+                "samples": parsed.samples,
+                "cpu_us_per_request": result["cpu_us_per_request"],
+                "rps": result["rps"],
                 "by_component": dict(parsed.by_component.most_common()),
                 "top_self": dict(parsed.by_self_frame.most_common(15)),
                 "ours_inclusive": dict(parsed.ours_inclusive.most_common(15)),
-                "raw": str(output)}
+                "raw": str(output),
+            }
         self.results["profile"] = found
 
     # -- token check ----------------------------------------------------------------------------------------
@@ -288,8 +295,12 @@ class Bench:
             with flask_app.app_context():
                 event.listen(db.engine, "before_cursor_execute", lambda *_: counted.__setitem__(0, counted[0] + 1))
             client = flask_app.test_client()
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
-                       "Accept": "application/json, text/event-stream", **extra}
+            headers = {
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream",
+                **extra,
+            }
 
             def one() -> None:
                 response = client.post(route.path, data=JSON_RPC_BODY, headers=headers)
@@ -313,11 +324,16 @@ class Bench:
             with flask_app.app_context():
                 db.engine.dispose()
         self.results["token"] = {
-            "database": env["DATABASE_DSN"].split(":", 1)[0], "hit_us": hit_us,
-            "miss_p50_us": percentile(misses, 0.5), "miss_p99_us": percentile(misses, 0.99),
-            "queries_first_request": first, "queries_per_request_cached": cached,
-            "queries_per_request_cache_off": uncached, "session_hit_us": session_hit_us,
-            "queries_per_request_with_session": with_session}
+            "database": env["DATABASE_DSN"].split(":", 1)[0],
+            "hit_us": hit_us,
+            "miss_p50_us": percentile(misses, 0.5),
+            "miss_p99_us": percentile(misses, 0.99),
+            "queries_first_request": first,
+            "queries_per_request_cached": cached,
+            "queries_per_request_cache_off": uncached,
+            "session_hit_us": session_hit_us,
+            "queries_per_request_with_session": with_session,
+        }
 
     # -- idle streams ---------------------------------------------------------------------------------------
 
@@ -331,8 +347,7 @@ class Bench:
                 if name == "floor":
                     service, token = start_floor(self.run_dir, downstream.url + "/mcp", 1), ""
                 else:
-                    instance = start_proxy(self.run_dir, self.provider, downstream.url + "/mcp", 1,
-                                           self.database_dsn)
+                    instance = start_proxy(self.run_dir, self.provider, downstream.url + "/mcp", 1, self.database_dsn)
                     service, token = instance.service, instance.token
                 with self.temporary(service):
                     self.log(f"streams: {count} idle event streams through one {name} worker")
@@ -348,12 +363,24 @@ class Bench:
         time.sleep(0.5)
         baseline = rss_kib(worker)
         cpu_before = cpu_seconds([worker])
-        held = asyncio.run(hold_idle_streams(url, headers, count, self.options.hold_seconds, downstream_url,
-                                             lambda: {"rss_kib": rss_kib(worker), "cpu": cpu_seconds([worker])}))
+        held = asyncio.run(
+            hold_idle_streams(
+                url,
+                headers,
+                count,
+                self.options.hold_seconds,
+                downstream_url,
+                lambda: {"rss_kib": rss_kib(worker), "cpu": cpu_seconds([worker])},
+            )
+        )
         rss = held.samples["rss_kib"]
-        return {**asdict(held), "baseline_rss_kib": baseline, "rss_kib": rss,
-                "bytes_per_stream": (rss - baseline) * 1024 / count,
-                "open_cpu_us_per_stream": (held.samples["cpu"] - cpu_before) * 1e6 / count}
+        return {
+            **asdict(held),
+            "baseline_rss_kib": baseline,
+            "rss_kib": rss,
+            "bytes_per_stream": (rss - baseline) * 1024 / count,
+            "open_cpu_us_per_stream": (held.samples["cpu"] - cpu_before) * 1e6 / count,
+        }
 
     # -- event delay ------------------------------------------------------------------------------------------
 
@@ -363,18 +390,27 @@ class Bench:
         reference = self.keep(start_reference_proxy(self.run_dir / "nginx-proxy-sse", {"sse": downstream.url}))
         floor = self.keep(start_floor(self.run_dir, downstream.url + "/mcp", 1))
         proxy = self.proxy(downstream.url + "/mcp", 1)
-        targets = [("direct", downstream.url, {}), ("nginx", reference.url, {}), ("floor", floor.url, {}),
-                   ("proxy", proxy.url, {"Authorization": f"Bearer {proxy.token}"})]
+        targets = [
+            ("direct", downstream.url, {}),
+            ("nginx", reference.url, {}),
+            ("floor", floor.url, {}),
+            ("proxy", proxy.url, {"Authorization": f"Bearer {proxy.token}"}),
+        ]
         rounds = options.delay_rounds
         # Per round and target: (event number, delay) of every event received, and how many were expected.
         runs: dict[str, list[list[tuple[int, float]]]] = {name: [] for name, _, _ in targets}
         expected: dict[str, int] = dict.fromkeys(runs, 0)
         for round_number in range(1, rounds + 1):
             for name, base, headers in targets:
-                self.log(f"event delay round {round_number}/{rounds}: {name}, {options.delay_streams} streams, "
-                         f"an event every {options.delay_interval * 1000:.0f} ms on each")
-                got, wanted = asyncio.run(event_delays(base + "/mcp/tick", headers, options.delay_streams,
-                                                       options.delay_interval, options.delay_events))
+                self.log(
+                    f"event delay round {round_number}/{rounds}: {name}, {options.delay_streams} streams, "
+                    f"an event every {options.delay_interval * 1000:.0f} ms on each"
+                )
+                got, wanted = asyncio.run(
+                    event_delays(
+                        base + "/mcp/tick", headers, options.delay_streams, options.delay_interval, options.delay_events
+                    )
+                )
                 runs[name].append(got)
                 expected[name] += wanted
         edge = STEADY_EDGE_EVENTS
@@ -388,14 +424,19 @@ class Bench:
         for name, per_round in runs.items():
             every = [delay for numbered in per_round for _, delay in numbered]
             kept = [delay for numbered in per_round for delay in steady(numbered)]
-            found[name] = {"events": len(every), "expected": expected[name],
-                           "p50_ms": percentile(kept, 0.5) * 1e3, "p99_ms": percentile(kept, 0.99) * 1e3,
-                           "max_ms": max(kept) * 1e3, "steady_events": len(kept),
-                           "all_p50_ms": percentile(every, 0.5) * 1e3, "all_p99_ms": percentile(every, 0.99) * 1e3,
-                           "all_max_ms": max(every) * 1e3,
-                           "round_p99_ms": [percentile(steady(numbered), 0.99) * 1e3 for numbered in per_round],
-                           "round_all_p99_ms": [percentile([d for _, d in numbered], 0.99) * 1e3
-                                                for numbered in per_round]}
+            found[name] = {
+                "events": len(every),
+                "expected": expected[name],
+                "p50_ms": percentile(kept, 0.5) * 1e3,
+                "p99_ms": percentile(kept, 0.99) * 1e3,
+                "max_ms": max(kept) * 1e3,
+                "steady_events": len(kept),
+                "all_p50_ms": percentile(every, 0.5) * 1e3,
+                "all_p99_ms": percentile(every, 0.99) * 1e3,
+                "all_max_ms": max(every) * 1e3,
+                "round_p99_ms": [percentile(steady(numbered), 0.99) * 1e3 for numbered in per_round],
+                "round_all_p99_ms": [percentile([d for _, d in numbered], 0.99) * 1e3 for numbered in per_round],
+            }
         self.results["delay"] = found
 
     # -- the real thing -----------------------------------------------------------------------------------------
@@ -404,30 +445,39 @@ class Bench:
         mcp_server = launch_mcp_downstream(self.run_dir)
         self.stack.callback(mcp_server.stop)
         proxy = self.proxy(mcp_server.url, self.options.workers)
-        targets = (("direct", mcp_server.url, {}),
-                   ("proxy", proxy.url + "/mcp", {"Authorization": f"Bearer {proxy.token}"}))
+        targets = (
+            ("direct", mcp_server.url, {}),
+            ("proxy", proxy.url + "/mcp", {"Authorization": f"Bearer {proxy.token}"}),
+        )
         found: dict[str, dict[str, list[float]]] = {name: {"call": [], "first": []} for name, _, _ in targets}
         rounds = 4
         for round_number in range(1, rounds + 1):  # alternating, so that a disturbance hits both sides alike
             for name, url, headers in targets:
-                self.log(f"real MCP server round {round_number}/{rounds}: {self.options.mcp_calls} streamed "
-                         f"tools/call, {name}")
+                self.log(
+                    f"real MCP server round {round_number}/{rounds}: {self.options.mcp_calls} streamed "
+                    f"tools/call, {name}"
+                )
                 calls, firsts = asyncio.run(_tool_calls(url, headers, self.options.mcp_calls))
                 found[name]["call"] += calls
                 found[name]["first"] += firsts
         self.results["mcp"] = {
-            name: {"calls": len(values["call"]), "call_p50_ms": percentile(values["call"], 0.5) * 1e3,
-                   "call_p99_ms": percentile(values["call"], 0.99) * 1e3,
-                   "first_p50_ms": percentile(values["first"], 0.5) * 1e3,
-                   "first_p99_ms": percentile(values["first"], 0.99) * 1e3}
-            for name, values in found.items()}
+            name: {
+                "calls": len(values["call"]),
+                "call_p50_ms": percentile(values["call"], 0.5) * 1e3,
+                "call_p99_ms": percentile(values["call"], 0.99) * 1e3,
+                "first_p50_ms": percentile(values["first"], 0.5) * 1e3,
+                "first_p99_ms": percentile(values["first"], 0.99) * 1e3,
+            }
+            for name, values in found.items()
+        }
 
     # -- everything -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         self.results["machine"] = machine()
-        self.results["options"] = {key: (str(value) if isinstance(value, Path) else value)
-                                   for key, value in asdict(self.options).items()}
+        self.results["options"] = {
+            key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self.options).items()
+        }
         started = time.monotonic()
         with self.stack:
             for section in ("throughput", "token", "streams", "delay", "mcp"):
@@ -447,13 +497,16 @@ async def _tool_calls(url: str, headers: dict[str, str], count: int) -> tuple[li
 
     calls: list[float] = []
     firsts: list[float] = []
-    async with httpx2.AsyncClient(headers=headers, timeout=30) as http, \
-            Client(streamable_http_client(url, http_client=http)) as client:
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
         for index in range(count + 5):
             first: list[float] = []
 
-            async def on_progress(progress: float, total: float | None, message: str | None,
-                                  first: list[float] = first) -> None:
+            async def on_progress(
+                progress: float, total: float | None, message: str | None, first: list[float] = first
+            ) -> None:
                 if not first:
                     first.append(time.perf_counter())
 
@@ -477,20 +530,46 @@ def _version(command: list[str]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    packages = {name: metadata.version(name) for name in (
-        "flask", "werkzeug", "gunicorn", "gevent", "greenlet", "requests", "urllib3", "sqlalchemy", "mcp",
-        "py-spy") if _installed(name)}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    packages = {
+        name: metadata.version(name)
+        for name in (
+            "flask",
+            "werkzeug",
+            "gunicorn",
+            "gevent",
+            "greenlet",
+            "requests",
+            "urllib3",
+            "sqlalchemy",
+            "mcp",
+            "py-spy",
+        )
+        if _installed(name)
+    }
     provider_package = ROOT / "tests" / "provider" / "node_modules" / "oidc-provider" / "package.json"
     revision = _version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpus": os.cpu_count(), "cpu_model": model,
-        "kernel": platform.release(), "python": platform.python_version(), "packages": packages,
-        "nginx": _version(["nginx", "-v"]).split("/", 1)[-1], "wrk": _version(["wrk", "--version"]).split(" [")[0],
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": packages,
+        "nginx": _version(["nginx", "-v"]).split("/", 1)[-1],
+        "wrk": _version(["wrk", "--version"]).split(" [")[0],
         "node": _version(["node", "--version"]),
         "oidc_provider": json.loads(provider_package.read_text())["version"] if provider_package.exists() else "?",
-        "revision": revision, "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+        "revision": revision,
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
 
 
 def _installed(name: str) -> bool:
@@ -509,33 +588,55 @@ def raise_open_files_limit() -> None:
 
 
 def parse_args(argv: list[str] | None) -> Options:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="wrk rounds per target, alternating (default 3)")
     parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (default 5)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="gunicorn workers of the floor and the proxy in the wrk runs (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gunicorn workers of the floor and the proxy in the wrk runs (default 1)"
+    )
     parser.add_argument("--streams", default="100,1000,5000", help="idle stream counts (default 100,1000,5000)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds the idle streams are held (default 5)")
-    parser.add_argument("--mcp-calls", type=int, default=50,
-                        help="streamed tools/call per round (4 rounds) and path (default 50)")
+    parser.add_argument(
+        "--mcp-calls", type=int, default=50, help="streamed tools/call per round (4 rounds) and path (default 50)"
+    )
     parser.add_argument("--quick", action="store_true", help="one short round of everything (a smoke run)")
     parser.add_argument("--database-dsn", default="", help="the proxy's database (default: SQLite in the run dir)")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md",
-                        help="the Markdown report to write (default docs/benchmarks.md)")
-    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
-                        help="measure nothing: write the report from an earlier run's results.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks.md",
+        help="the Markdown report to write (default docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: write the report from an earlier run's results.json",
+    )
     arguments = parser.parse_args(argv)
     sections = tuple(section.strip() for section in arguments.sections.split(",") if section.strip())
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    options = Options(rounds=arguments.rounds, seconds=arguments.seconds, workers=arguments.workers,
-                      stream_counts=tuple(int(n) for n in arguments.streams.split(",")), hold_seconds=arguments.hold,
-                      mcp_calls=arguments.mcp_calls, sections=sections, database_dsn=arguments.database_dsn,
-                      output=arguments.output, render=arguments.render)
+    options = Options(
+        rounds=arguments.rounds,
+        seconds=arguments.seconds,
+        workers=arguments.workers,
+        stream_counts=tuple(int(n) for n in arguments.streams.split(",")),
+        hold_seconds=arguments.hold,
+        mcp_calls=arguments.mcp_calls,
+        sections=sections,
+        database_dsn=arguments.database_dsn,
+        output=arguments.output,
+        render=arguments.render,
+    )
     if arguments.quick:
         options.rounds, options.seconds, options.hold_seconds, options.mcp_calls = 1, 2, 1.0, 10
         options.stream_counts, options.delay_events, options.profile_seconds = (100,), 30, 3

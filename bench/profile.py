@@ -14,11 +14,23 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 #: belongs to. Other standard-library frames are charged to whoever called them (socket writes to urllib3, and
 #: so on), except the few that are worth seeing on their own.
 COMPONENTS = {
-    "oauthproxy": "oauthproxy", "requests": "requests + urllib3", "urllib3": "requests + urllib3",
-    "http": "requests + urllib3", "email": "requests + urllib3", "flask": "flask + werkzeug",
-    "werkzeug": "flask + werkzeug", "gunicorn": "gunicorn", "gevent": "gevent", "logging": "logging",
-    "prometheus_client": "prometheus_client", "sqlalchemy": "sqlalchemy", "flask_sqlalchemy": "sqlalchemy",
-    "flask_limiter": "flask_limiter", "limits": "flask_limiter", "bench": "bench floor app", "json": "json",
+    "oauthproxy": "oauthproxy",
+    "requests": "requests + urllib3",
+    "urllib3": "requests + urllib3",
+    "http": "requests + urllib3",
+    "email": "requests + urllib3",
+    "flask": "flask + werkzeug",
+    "werkzeug": "flask + werkzeug",
+    "gunicorn": "gunicorn",
+    "gevent": "gevent",
+    "logging": "logging",
+    "prometheus_client": "prometheus_client",
+    "sqlalchemy": "sqlalchemy",
+    "flask_sqlalchemy": "sqlalchemy",
+    "flask_limiter": "flask_limiter",
+    "limits": "flask_limiter",
+    "bench": "bench floor app",
+    "json": "json",
 }
 
 
@@ -62,8 +74,11 @@ def parse_collapsed(text: str) -> Profile:
         innermost = frames[-1]
         name = innermost.rsplit(" (", 1)[0]
         profile.by_self_frame[f"{name} ({frame_file(innermost)})"] += count
-        ours = {f"{frame.rsplit(' (', 1)[0]} ({frame_file(frame)})" for frame in frames
-                if frame_file(frame).startswith("oauthproxy/")}
+        ours = {
+            f"{frame.rsplit(' (', 1)[0]} ({frame_file(frame)})"
+            for frame in frames
+            if frame_file(frame).startswith("oauthproxy/")
+        }
         for function in ours:
             profile.ours_inclusive[function] += count
     return profile
@@ -71,9 +86,26 @@ def parse_collapsed(text: str) -> Profile:
 
 def record(pid: int, seconds: float, output: Path, rate: int = 250) -> subprocess.Popen[bytes]:
     """Start sampling `pid` for `seconds` (non-blocking: the worker is not paused); wait on the returned process."""
-    return subprocess.Popen([str(PY_SPY), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(rate), "-f",
-                             "raw", "-o", str(output), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            str(PY_SPY),
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(seconds)),
+            "-r",
+            str(rate),
+            "-f",
+            "raw",
+            "-o",
+            str(output),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def available() -> bool:

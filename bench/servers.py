@@ -28,8 +28,10 @@ BIN = Path(sys.executable).parent
 BENCH = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: The fixed JSON-RPC result the fast downstream returns to every request (a `tools/list` answer).
-FIXED_RESULT = ('{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo","description":"Echo a message",'
-                '"inputSchema":{"type":"object","properties":{"message":{"type":"string"}}}}]}}')
+FIXED_RESULT = (
+    '{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo","description":"Echo a message",'
+    '"inputSchema":{"type":"object","properties":{"message":{"type":"string"}}}}]}}'
+)
 
 
 @dataclass
@@ -114,11 +116,13 @@ def _wait_until(check: Callable[[], bool], service: Service, timeout: float = 30
     raise RuntimeError(f"{service.name} did not start within {timeout:.0f} s:\n{service.logs()[-3000:]}")
 
 
-def _popen(command: list[str], log_path: Path, env: dict[str, str] | None = None,
-           cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+def _popen(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 # -- nginx ------------------------------------------------------------------------------------------------
@@ -147,11 +151,11 @@ http {{
     access_log off;
     keepalive_timeout 75s;
     keepalive_requests 10000000;
-    client_body_temp_path {temp['client_body']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
 {servers}
 }}
 """)
@@ -167,13 +171,17 @@ def start_fast_downstream(prefix: Path) -> Service:
     """nginx answering every request with the same JSON-RPC result: far faster than anything in Python."""
     port = free_port()
     body = FIXED_RESULT.replace("'", "\\'")
-    service = start_nginx("nginx downstream", prefix, f"""    server {{
+    service = start_nginx(
+        "nginx downstream",
+        prefix,
+        f"""    server {{
         listen 127.0.0.1:{port};
         location / {{
             default_type application/json;
             return 200 '{body}';
         }}
-    }}""")
+    }}""",
+    )
     service.url = f"http://127.0.0.1:{port}"
     _wait_until(lambda: requests.post(service.url + "/mcp", data="{}", timeout=2).status_code == 200, service)
     return service
@@ -187,7 +195,7 @@ def start_reference_proxy(prefix: Path, upstreams: dict[str, str]) -> Service:
         port = free_port()
         fronts[name] = f"http://127.0.0.1:{port}"
         blocks.append(f"""    upstream {name} {{
-        server {upstream.removeprefix('http://')};
+        server {upstream.removeprefix("http://")};
         keepalive 256;
         keepalive_requests 10000000;
     }}
@@ -214,8 +222,12 @@ def start_reference_proxy(prefix: Path, upstreams: dict[str, str]) -> Service:
 def start_sse_downstream(log_dir: Path) -> Service:
     port = free_port()
     log_path = log_dir / f"sse-downstream-{port}.log"
-    service = Service("sse downstream", f"http://127.0.0.1:{port}",
-                      _popen([sys.executable, "-m", "bench.sse_server", str(port)], log_path), log_path)
+    service = Service(
+        "sse downstream",
+        f"http://127.0.0.1:{port}",
+        _popen([sys.executable, "-m", "bench.sse_server", str(port)], log_path),
+        log_path,
+    )
     _wait_until(lambda: f"READY {port}" in service.logs(), service)
     return service
 
@@ -226,8 +238,13 @@ def start_floor(log_dir: Path, downstream_url: str, workers: int) -> Service:
     env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": str(workers), "FLOOR_DOWNSTREAM_URL": downstream_url}
     command = [str(BIN / "gunicorn"), "-c", str(BENCH / "floor_gunicorn_conf.py"), "bench.floor_app:app"]
     service = Service("floor gunicorn", f"http://127.0.0.1:{port}", _popen(command, log_path, env), log_path)
-    _wait_until(lambda: len(service.workers()) >= workers
-                and requests.get(service.url + "/nothing-here", timeout=2).status_code == 404, service)
+    _wait_until(
+        lambda: (
+            len(service.workers()) >= workers
+            and requests.get(service.url + "/nothing-here", timeout=2).status_code == 404
+        ),
+        service,
+    )
     return service
 
 
@@ -246,19 +263,36 @@ class ProxyInstance:
         return self.login.access_token
 
 
-def start_proxy(log_dir: Path, provider: OidcProvider, downstream_url: str, workers: int, database_dsn: str,
-                **overrides: str) -> ProxyInstance:
+def start_proxy(
+    log_dir: Path, provider: OidcProvider, downstream_url: str, workers: int, database_dsn: str, **overrides: str
+) -> ProxyInstance:
     """The product as deployed: `gunicorn -c gunicorn.conf.py wsgi:app` (migrations first), then a real login
     through the real provider, whose access token the load generators send."""
     port = free_port()
-    env = {**os.environ, **base_env(port, provider, database_dsn, f"bench-{port}"),
-           "HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers), "OAUTHPROXY_ENV_FILE": os.devnull,
-           "MCP_SERVER_URL": downstream_url, **overrides}
+    env = {
+        **os.environ,
+        **base_env(port, provider, database_dsn, f"bench-{port}"),
+        "HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": str(workers),
+        "OAUTHPROXY_ENV_FILE": os.devnull,
+        "MCP_SERVER_URL": downstream_url,
+        **overrides,
+    }
     provider.register_client(env["OAUTH_CLIENT_ID"], env["OAUTH_CLIENT_SECRET"], [f"{env['PUBLIC_URL']}/callback"])
     log_path = log_dir / f"proxy-{port}.log"
-    service = Service("proxy gunicorn", env["PUBLIC_URL"],
-                      _popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], log_path, env), log_path)
-    _wait_until(lambda: len(service.workers()) >= workers and requests.get(
-        service.url + "/.well-known/oauth-authorization-server", timeout=2).status_code == 200, service, 60)
+    service = Service(
+        "proxy gunicorn",
+        env["PUBLIC_URL"],
+        _popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], log_path, env),
+        log_path,
+    )
+    _wait_until(
+        lambda: (
+            len(service.workers()) >= workers
+            and requests.get(service.url + "/.well-known/oauth-authorization-server", timeout=2).status_code == 200
+        ),
+        service,
+        60,
+    )
     login = log_in(service.url, service.url + "/mcp")
     return ProxyInstance(service, login, env)

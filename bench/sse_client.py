@@ -67,8 +67,14 @@ async def open_stream(url: str, headers: dict[str, str], timeout: float = 30.0) 
     parts = urlsplit(url)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), timeout)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Accept: text/event-stream",
-             *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {parts.netloc}",
+        "Accept: text/event-stream",
+        *(f"{name}: {value}" for name, value in headers.items()),
+        "",
+        "",
+    ]
     writer.write("\r\n".join(lines).encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     stream = EventStream(reader, writer)
@@ -90,8 +96,15 @@ class HoldResult:
     samples: dict[str, float] = field(default_factory=dict)
 
 
-async def hold_idle_streams(url: str, headers: dict[str, str], count: int, hold_seconds: float, control_url: str,
-                            on_open: Callable[[], dict[str, float]], open_concurrency: int = 200) -> HoldResult:
+async def hold_idle_streams(
+    url: str,
+    headers: dict[str, str],
+    count: int,
+    hold_seconds: float,
+    control_url: str,
+    on_open: Callable[[], dict[str, float]],
+    open_concurrency: int = 200,
+) -> HoldResult:
     """Open `count` idle streams, keep them `hold_seconds`, call `on_open` (memory sample) while all are open, then
     have the downstream end them and count those that got their last event: all of it bounded in time."""
     started = time.monotonic()
@@ -138,8 +151,9 @@ def _safe(make: Callable[[int], Awaitable[EventStream]]) -> Callable[[int], Awai
     return safe
 
 
-async def _gather_safe(count: int, limit: int,
-                       make: Callable[[int], Awaitable[EventStream]]) -> list[EventStream | None]:
+async def _gather_safe(
+    count: int, limit: int, make: Callable[[int], Awaitable[EventStream]]
+) -> list[EventStream | None]:
     semaphore = asyncio.Semaphore(limit)
     safe = _safe(make)
 
@@ -156,14 +170,17 @@ async def _control(url: str) -> dict:
     method = "POST" if parts.path.endswith("/release") else "GET"
     writer.write(f"{method} {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: 0\r\n\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(
+        next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
     body = await reader.readexactly(length)
     writer.close()
     return json.loads(body)
 
 
-async def event_delays(url: str, headers: dict[str, str], streams: int, interval: float,
-                       count: int) -> tuple[list[tuple[int, float]], int]:
+async def event_delays(
+    url: str, headers: dict[str, str], streams: int, interval: float, count: int
+) -> tuple[list[tuple[int, float]], int]:
     """Open `streams` ticking streams at once; return each event's number in its stream and its delay (arrival minus
     the time the downstream wrote it, in seconds), and how many events were expected."""
 

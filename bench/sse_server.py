@@ -21,8 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 
 #: Idle streams waiting for a release, each with the event that ends its wait.
 IDLE: set[asyncio.Event] = set()
-EVENT_STREAM_HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n")
+EVENT_STREAM_HEADERS = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -49,8 +51,12 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
 
 async def _answer_json(writer: asyncio.StreamWriter, document: object) -> None:
     body = json.dumps(document).encode()
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     await writer.drain()
 
 

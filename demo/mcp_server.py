@@ -23,8 +23,11 @@ def _header(ctx: Context, name: str) -> str | None:
 @server.tool()
 async def whoami(ctx: Context) -> dict[str, str | None]:
     """Who is calling: the user oauthproxy signed in and forwarded (X-Forwarded-User, -Email, -Name)."""
-    return {"user": _header(ctx, "X-Forwarded-User"), "email": _header(ctx, "X-Forwarded-Email"),
-            "name": _header(ctx, "X-Forwarded-Name")}
+    return {
+        "user": _header(ctx, "X-Forwarded-User"),
+        "email": _header(ctx, "X-Forwarded-Email"),
+        "name": _header(ctx, "X-Forwarded-Name"),
+    }
 
 
 @server.tool()

@@ -91,7 +91,9 @@ def configure_app(app: Flask, settings: Settings) -> None:
     services.secret_box = SecretBox(settings.encryption_keys)
     services.client_metadata_fetcher = ClientMetadataFetcher(
         allow_private_networks=settings.allow_private_client_metadata_urls,
-        private_use_redirect_schemes=settings.private_use_redirect_schemes, ca_bundle=settings.ca_bundle)
+        private_use_redirect_schemes=settings.private_use_redirect_schemes,
+        ca_bundle=settings.ca_bundle,
+    )
     upstream = build_upstream_provider(settings)
     upstream.init_app(app)
     services.login_provider = upstream

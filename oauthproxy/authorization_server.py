@@ -71,11 +71,19 @@ class S256CodeChallenge(CodeChallenge):
 def revoke_grant(grant_id: int, reason: str) -> None:
     """Revoke a whole family: the grant, its tokens and any code still unused. The caller commits."""
     now = utcnow()
-    db.session.execute(update(Grant).where(Grant.id == grant_id, Grant.revoked_at.is_(None))
-                       .values(revoked_at=now, revoked_reason=reason))
-    db.session.execute(update(Token).where(Token.grant_id == grant_id, Token.revoked_at.is_(None)).values(revoked_at=now))
-    db.session.execute(update(AuthorizationCode).where(AuthorizationCode.grant_id == grant_id,
-                                                       AuthorizationCode.used_at.is_(None)).values(used_at=now))
+    db.session.execute(
+        update(Grant)
+        .where(Grant.id == grant_id, Grant.revoked_at.is_(None))
+        .values(revoked_at=now, revoked_reason=reason)
+    )
+    db.session.execute(
+        update(Token).where(Token.grant_id == grant_id, Token.revoked_at.is_(None)).values(revoked_at=now)
+    )
+    db.session.execute(
+        update(AuthorizationCode)
+        .where(AuthorizationCode.grant_id == grant_id, AuthorizationCode.used_at.is_(None))
+        .values(used_at=now)
+    )
     metrics.GRANTS_REVOKED.labels(reason).inc()
     # Immediate in this worker; other workers and instances notice within TOKEN_CACHE_TTL.
     forget_grant(current_app, grant_id)
@@ -86,7 +94,9 @@ def check_token_resource(grant: grants.BaseGrant, target: str) -> None:
     """RFC 8707 §2.2: a `resource` at the token endpoint must be the one the grant was issued for."""
     for resource in grant.request.payload.datalist.get("resource", []):
         if canonical_resource(resource) != canonical_resource(target):
-            raise InvalidTargetError(safe_description(f"this grant is for {target}; resource {resource} was not authorized"))
+            raise InvalidTargetError(
+                safe_description(f"this grant is for {target}; resource {resource} was not authorized")
+            )
 
 
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
@@ -116,8 +126,10 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
 
     def query_authorization_code(self, code: str, client) -> AuthorizationCode | None:
         found = db.session.execute(
-            select(AuthorizationCode, (AuthorizationCode.expires_at <= database_now()).label("expired"))
-            .where(AuthorizationCode.code_hash == hash_token(code))).first()
+            select(AuthorizationCode, (AuthorizationCode.expires_at <= database_now()).label("expired")).where(
+                AuthorizationCode.code_hash == hash_token(code)
+            )
+        ).first()
         if found is None or found.AuthorizationCode.client_id != client.get_client_id():
             return None
         row = found.AuthorizationCode
@@ -177,10 +189,11 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
     def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
         grace = self.server.settings.refresh_grace_seconds
         found = db.session.execute(
-            select(Token,
-                   (Token.refresh_expires_at <= database_now()).label("expired"),
-                   (Token.rotated_at < database_now(-grace)).label("grace_over"))
-            .where(Token.refresh_token_hash == hash_token(refresh_token))
+            select(
+                Token,
+                (Token.refresh_expires_at <= database_now()).label("expired"),
+                (Token.rotated_at < database_now(-grace)).label("grace_over"),
+            ).where(Token.refresh_token_hash == hash_token(refresh_token))
         ).first()
         if found is None:
             return None
@@ -209,13 +222,16 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         Runs after every check of the request, just before the new pair is issued, so a refused request
         (another client, a wrong scope or resource) uses nothing up."""
         live = (Token.id == refresh_token.id, Token.revoked_at.is_(None))
-        rotated = db.session.execute(update(Token).where(*live, Token.rotated_at.is_(None))
-                                     .values(rotated_at=database_now())).rowcount
+        rotated = db.session.execute(
+            update(Token).where(*live, Token.rotated_at.is_(None)).values(rotated_at=database_now())
+        ).rowcount
         if rotated != 1:
             grace = self.server.settings.refresh_grace_seconds
-            retried = db.session.execute(update(Token).where(
-                *live, Token.grace_used_at.is_(None), Token.rotated_at >= database_now(-grace))
-                .values(grace_used_at=database_now())).rowcount
+            retried = db.session.execute(
+                update(Token)
+                .where(*live, Token.grace_used_at.is_(None), Token.rotated_at >= database_now(-grace))
+                .values(grace_used_at=database_now())
+            ).rowcount
             if retried != 1:
                 db.session.rollback()
                 log.info("refresh token of grant %s presented again after its grace retry", refresh_token.grant_id)
@@ -237,8 +253,9 @@ class Revocation(RevocationEndpoint):
 
     def query_token(self, token_string: str, token_type_hint: str | None) -> Token | None:
         digest = hash_token(token_string)
-        return db.session.scalar(select(Token).where(or_(Token.access_token_hash == digest,
-                                                         Token.refresh_token_hash == digest)))
+        return db.session.scalar(
+            select(Token).where(or_(Token.access_token_hash == digest, Token.refresh_token_hash == digest))
+        )
 
     def revoke_token(self, token: Token, request) -> None:
         revoke_grant(token.grant_id, "revoked_by_client")
@@ -280,8 +297,9 @@ class AuthorizationServer(FlaskAuthorizationServer):
             error.status_code = 401  # RFC 6749 §5.2; Authlib answers 400 when no Authorization header was sent
         return super().handle_error_response(request, error)
 
-    def generate_bearer_token(self, grant_type: str, client, user=None, scope=None, expires_in=None,
-                              include_refresh_token: bool = True) -> dict:
+    def generate_bearer_token(
+        self, grant_type: str, client, user=None, scope=None, expires_in=None, include_refresh_token: bool = True
+    ) -> dict:
         token = {"token_type": "Bearer", "access_token": new_token(), "expires_in": self.settings.access_token_ttl}
         if scope:
             token["scope"] = scope
@@ -330,4 +348,3 @@ class AuthorizationServer(FlaskAuthorizationServer):
             "authorization_response_iss_parameter_supported": True,
             "client_id_metadata_document_supported": True,
         }
-

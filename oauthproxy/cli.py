@@ -58,23 +58,32 @@ def rotate_key() -> None:
     except UnreadableSecrets as error:
         for row in error.rows:
             click.echo(f"cannot decrypt {row}", err=True)
-        advice = [f"Nothing was changed: {len(error.rows)} stored value(s) cannot be decrypted with any key in "
-                  "ENCRYPTION_KEY."]
+        advice = [
+            f"Nothing was changed: {len(error.rows)} stored value(s) cannot be decrypted with any key in "
+            "ENCRYPTION_KEY."
+        ]
         if error.unknown_key:
-            advice.append("For 'no configured ENCRYPTION_KEY has key id' rows: list the old key after the new one "
-                          "in ENCRYPTION_KEY (ENCRYPTION_KEY=new,old) and run rotate-key again.")
-        advice.append("Rows that no key opens (tampered, or copied from another row) cannot be recovered: revoke "
-                      "those grants (`oauthproxy grants revoke ID`; their users sign in again), delete those "
-                      "clients (`oauthproxy clients delete ID`; they register again), let pending logins expire "
-                      "(10 minutes), then run rotate-key again.")
+            advice.append(
+                "For 'no configured ENCRYPTION_KEY has key id' rows: list the old key after the new one "
+                "in ENCRYPTION_KEY (ENCRYPTION_KEY=new,old) and run rotate-key again."
+            )
+        advice.append(
+            "Rows that no key opens (tampered, or copied from another row) cannot be recovered: revoke "
+            "those grants (`oauthproxy grants revoke ID`; their users sign in again), delete those "
+            "clients (`oauthproxy clients delete ID`; they register again), let pending logins expire "
+            "(10 minutes), then run rotate-key again."
+        )
         raise click.ClickException(" ".join(advice)) from None
     click.echo(f"re-encrypted {changed} value(s) under key {components().secret_box.current_key_id}")
 
 
 @click.command("check")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each network request.")
-@click.option("--skip-public-url", is_flag=True,
-              help="Do not walk the discovery chain through PUBLIC_URL (e.g. before the proxy is started).")
+@click.option(
+    "--skip-public-url",
+    is_flag=True,
+    help="Do not walk the discovery chain through PUBLIC_URL (e.g. before the proxy is started).",
+)
 @with_appcontext
 def check(timeout: float, skip_public_url: bool) -> None:
     """Check the configuration, database, provider, callback URL, downstream and the discovery chain."""
@@ -111,16 +120,21 @@ def clients_list() -> None:
 
     from oauthproxy.models import Grant, OAuthClient, db
 
-    live = dict(db.session.execute(select(Grant.client_id, func.count()).where(Grant.revoked_at.is_(None))
-                                   .group_by(Grant.client_id)).all())
+    live = dict(
+        db.session.execute(
+            select(Grant.client_id, func.count()).where(Grant.revoked_at.is_(None)).group_by(Grant.client_id)
+        ).all()
+    )
     rows = db.session.scalars(select(OAuthClient).order_by(OAuthClient.last_used_at.desc())).all()
     click.echo(f"{'CLIENT ID':<40} {'NAME':<28} {'AUTH':<20} {'CREATED':<16} {'LAST USED':<16} GRANTS  REDIRECT URIS")
     for row in rows:
         metadata = row.client_metadata
-        click.echo(f"{row.client_id:<40} {str(metadata.get('client_name', ''))[:28]:<28} "
-                   f"{metadata.get('token_endpoint_auth_method', 'none'):<20} {_when(row.created_at):<16} "
-                   f"{_when(row.last_used_at):<16} {live.pop(row.client_id, 0):<7} "
-                   f"{' '.join(metadata.get('redirect_uris', []))}")
+        click.echo(
+            f"{row.client_id:<40} {str(metadata.get('client_name', ''))[:28]:<28} "
+            f"{metadata.get('token_endpoint_auth_method', 'none'):<20} {_when(row.created_at):<16} "
+            f"{_when(row.last_used_at):<16} {live.pop(row.client_id, 0):<7} "
+            f"{' '.join(metadata.get('redirect_uris', []))}"
+        )
     for client_id, count in sorted(live.items()):  # metadata-document clients: their id is a URL, not a row
         click.echo(f"{client_id:<40} {'(client metadata document)':<28} {'none':<20} {'-':<16} {'-':<16} {count}")
     click.echo(f"{len(rows)} registered client(s)")
@@ -136,8 +150,9 @@ def clients_delete(client_id: str) -> None:
     from oauthproxy.authorization_server import revoke_grant
     from oauthproxy.models import Grant, OAuthClient, db
 
-    grant_ids = db.session.scalars(select(Grant.id).where(Grant.client_id == client_id,
-                                                          Grant.revoked_at.is_(None))).all()
+    grant_ids = db.session.scalars(
+        select(Grant.id).where(Grant.client_id == client_id, Grant.revoked_at.is_(None))
+    ).all()
     for grant_id in grant_ids:
         revoke_grant(grant_id, "revoked_by_operator")
     deleted = db.session.execute(delete(OAuthClient).where(OAuthClient.client_id == client_id)).rowcount
@@ -190,8 +205,10 @@ def grants_list(user: str | None, client: str | None, include_revoked: bool) -> 
     click.echo(f"{'ID':<7} {'USER':<24} {'EMAIL':<28} {'CLIENT ID':<40} {'CREATED':<16} {'REVOKED':<16} RESOURCE")
     for row in rows:
         revoked = f"{_when(row.revoked_at)} {row.revoked_reason or ''}".strip() if row.revoked_at else "-"
-        click.echo(f"{row.id:<7} {row.user_id[:24]:<24} {(row.user_email or '-')[:28]:<28} {row.client_id[:40]:<40} "
-                   f"{_when(row.created_at):<16} {revoked:<16} {row.resource}")
+        click.echo(
+            f"{row.id:<7} {row.user_id[:24]:<24} {(row.user_email or '-')[:28]:<28} {row.client_id[:40]:<40} "
+            f"{_when(row.created_at):<16} {revoked:<16} {row.resource}"
+        )
     click.echo(f"{len(rows)} grant(s)")
 
 
@@ -239,13 +256,20 @@ class DatabaseCommands(click.Group):
             return super().invoke(ctx)
         except DBAPIError as error:
             action = "upgrade the database" if ctx.invoked_subcommand == "upgrade" else "use the database"
-            click.echo(f"oauthproxy cannot {action}: "
-                       f"{database_problem(current_app.config['SETTINGS'].database_dsn, error)}", err=True)
+            click.echo(
+                f"oauthproxy cannot {action}: {database_problem(current_app.config['SETTINGS'].database_dsn, error)}",
+                err=True,
+            )
             ctx.exit(DATABASE_PROBLEM)
 
 
-database_commands = DatabaseCommands("db", commands=dict(migrate_cli.db.commands), callback=migrate_cli.db.callback,
-                                     params=migrate_cli.db.params, help=migrate_cli.db.help)
+database_commands = DatabaseCommands(
+    "db",
+    commands=dict(migrate_cli.db.commands),
+    callback=migrate_cli.db.callback,
+    params=migrate_cli.db.params,
+    help=migrate_cli.db.help,
+)
 
 
 def register_commands(app: Flask) -> None:
@@ -274,13 +298,17 @@ class ProxyCommands(FlaskGroup):
 
 # load_dotenv=False: create_app reads OAUTHPROXY_ENV_FILE (default .env in the working directory), as gunicorn
 # does; Flask's own loader would also pick up a .env or .flaskenv from any parent folder.
-main = ProxyCommands(create_app=create_app_or_exit, add_default_commands=False, add_version_option=False,
-                     load_dotenv=False, set_debug_flag=False,
-                     help="oauthproxy: an OAuth 2.1 authorization server and proxy for MCP servers. Settings come "
-                          "from the environment or .env (OAUTHPROXY_ENV_FILE); see the README.")
+main = ProxyCommands(
+    create_app=create_app_or_exit,
+    add_default_commands=False,
+    add_version_option=False,
+    load_dotenv=False,
+    set_debug_flag=False,
+    help="oauthproxy: an OAuth 2.1 authorization server and proxy for MCP servers. Settings come "
+    "from the environment or .env (OAUTHPROXY_ENV_FILE); see the README.",
+)
 main.params = [param for param in main.params if param.name not in ("env_file", "app", "debug")]
-click.version_option(package_version(), "--version", package_name="oauthproxy",
-                     message="%(prog)s %(version)s")(main)
+click.version_option(package_version(), "--version", package_name="oauthproxy", message="%(prog)s %(version)s")(main)
 main.add_command(gen_key)
 # Also on the top-level group, so that `oauthproxy --help` lists them even before the settings are complete.
 for _command in (purge, rotate_key, check, clients, grants):

@@ -408,10 +408,12 @@ class ClientMetadataFetcher:
         parts = urlsplit(client_id)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
+
         # The reason a host is refused is logged, never told to the requester: "host x resolves to 10.0.0.7"
         # would let anyone map this server's internal DNS. Unresolvable and non-public read alike for the same reason.
-        def refuse(detail: str, rule: str = "client metadata documents are fetched only from public addresses"
-                   ) -> ClientMetadataError:
+        def refuse(
+            detail: str, rule: str = "client metadata documents are fetched only from public addresses"
+        ) -> ClientMetadataError:
             log.info("client metadata document host %s refused: %s", host, detail)
             return ClientMetadataError(
                 "invalid_client",
@@ -438,8 +440,10 @@ class ClientMetadataFetcher:
             if parts.scheme == "http":
                 # Development mode only (see _client_id_problem): plain http must stay on this machine.
                 if not is_loopback_host(address):
-                    raise refuse(f"it resolves to {address}, which is not loopback",
-                                 "http is allowed only for loopback addresses")
+                    raise refuse(
+                        f"it resolves to {address}, which is not loopback",
+                        "http is allowed only for loopback addresses",
+                    )
                 continue
             if self.allow_private_networks:
                 continue

@@ -44,8 +44,9 @@ class Client(ClientMixin):
     from_metadata_document: bool = False
 
     @classmethod
-    def from_metadata(cls, client_id: str, metadata: dict, *, client_secret: str | None = None,
-                      from_metadata_document: bool = False) -> Client:
+    def from_metadata(
+        cls, client_id: str, metadata: dict, *, client_secret: str | None = None, from_metadata_document: bool = False
+    ) -> Client:
         return cls(
             client_id=client_id,
             client_name=str(metadata.get("client_name") or client_id),
@@ -117,8 +118,19 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
     return (a.hostname, a.path or "/", a.query) == (b.hostname, b.path or "/", b.query)
 
 
-STRING_METADATA = ("client_name", "client_uri", "logo_uri", "scope", "tos_uri", "policy_uri", "jwks_uri",
-                   "software_id", "software_version", "token_endpoint_auth_method", "application_type")
+STRING_METADATA = (
+    "client_name",
+    "client_uri",
+    "logo_uri",
+    "scope",
+    "tos_uri",
+    "policy_uri",
+    "jwks_uri",
+    "software_id",
+    "software_version",
+    "token_endpoint_auth_method",
+    "application_type",
+)
 LIST_METADATA = ("grant_types", "response_types", "contacts")
 
 
@@ -174,8 +186,7 @@ def load_client(client_id: str) -> Client | None:
     secret = None
     if row.client_secret_encrypted:
         try:
-            secret = components().secret_box.decrypt(row.client_secret_encrypted,
-                                                                  f"client:{row.client_id}:secret")
+            secret = components().secret_box.decrypt(row.client_secret_encrypted, f"client:{row.client_id}:secret")
         except DecryptionError as error:
             # Unusable until the operator restores the key: answered as an unknown client (it registers again).
             current_app.logger.error("client %s: its secret cannot be decrypted: %s", row.client_id, error)
@@ -236,8 +247,11 @@ class ClientRegistration(ClientRegistrationEndpoint):
         method = metadata.get("token_endpoint_auth_method", "client_secret_basic")
         if method not in SUPPORTED_AUTH_METHODS:
             raise InvalidClientMetadataError(
-                safe_description(f"token_endpoint_auth_method {method} is not supported; "
-                                 f"use one of {', '.join(SUPPORTED_AUTH_METHODS)}"))
+                safe_description(
+                    f"token_endpoint_auth_method {method} is not supported; "
+                    f"use one of {', '.join(SUPPORTED_AUTH_METHODS)}"
+                )
+            )
         if not set(metadata.get("response_types") or ["code"]) <= {"code"}:
             raise InvalidClientMetadataError("only the response type code is supported")
         return metadata
@@ -267,8 +281,10 @@ class ClientRegistration(ClientRegistrationEndpoint):
         fingerprint = registration_fingerprint(client_metadata, flask_request.remote_addr or "")
         if public:
             existing = db.session.scalar(
-                select(OAuthClient).where(OAuthClient.metadata_fingerprint == fingerprint,
-                                          OAuthClient.client_secret_encrypted.is_(None)).limit(1))
+                select(OAuthClient)
+                .where(OAuthClient.metadata_fingerprint == fingerprint, OAuthClient.client_secret_encrypted.is_(None))
+                .limit(1)
+            )
             if existing is not None:
                 # Reuse: the body of the 201 names the existing id, so the client ends up with one row.
                 existing.last_used_at = utcnow()
@@ -283,7 +299,8 @@ class ClientRegistration(ClientRegistrationEndpoint):
         )
         if not public:
             row.client_secret_encrypted = components().secret_box.encrypt(
-                client_info["client_secret"], f"client:{row.client_id}:secret")
+                client_info["client_secret"], f"client:{row.client_id}:secret"
+            )
         db.session.add(row)
         db.session.commit()
         return row
@@ -292,4 +309,3 @@ class ClientRegistration(ClientRegistrationEndpoint):
 def registration_fingerprint(client_metadata: dict, remote_addr: str) -> str:
     canonical = json.dumps(client_metadata, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{remote_addr}\n{canonical}".encode()).hexdigest()
-

@@ -111,14 +111,22 @@ def decode_encryption_keys(value: str) -> tuple[bytes, ...]:
         label = "ENCRYPTION_KEY" if position == 0 else f"ENCRYPTION_KEY (key #{position + 1})"
         if HEX_KEY.fullmatch(item):
             # `openssl rand -hex 32`: 32 bytes, but in hex. Refused rather than guessed: one spelling of a key.
-            raise ValueError(f"{label} is 64 hex digits (as `openssl rand -hex 32` prints); it must be base64 of 32 "
-                             "bytes: make one with `oauthproxy gen-key` or `openssl rand -base64 32`")
+            raise ValueError(
+                f"{label} is 64 hex digits (as `openssl rand -hex 32` prints); it must be base64 of 32 "
+                "bytes: make one with `oauthproxy gen-key` or `openssl rand -base64 32`"
+            )
         try:
-            key = base64.b64decode(item + "=" * (-len(item) % 4), altchars=b"-_" if ("-" in item or "_" in item) else None, validate=True)
+            key = base64.b64decode(
+                item + "=" * (-len(item) % 4), altchars=b"-_" if ("-" in item or "_" in item) else None, validate=True
+            )
         except (binascii.Error, ValueError):
-            raise ValueError(f"{label} must be base64 of 32 bytes; it is not valid base64; generate one with `oauthproxy gen-key`") from None
+            raise ValueError(
+                f"{label} must be base64 of 32 bytes; it is not valid base64; generate one with `oauthproxy gen-key`"
+            ) from None
         if len(key) != 32:
-            raise ValueError(f"{label} must be base64 of 32 bytes; got {len(key)} bytes; generate one with `oauthproxy gen-key`")
+            raise ValueError(
+                f"{label} must be base64 of 32 bytes; got {len(key)} bytes; generate one with `oauthproxy gen-key`"
+            )
         keys.append(key)
     return tuple(keys)
 
@@ -154,7 +162,7 @@ def normalise_database_dsn(dsn: str) -> str:
     """Accept `postgres://` (Heroku) and `postgresql://`, and pick psycopg 3, which cooperates with gevent."""
     for prefix in ("postgres://", "postgresql://"):
         if dsn.startswith(prefix):
-            return "postgresql+psycopg://" + dsn[len(prefix):]
+            return "postgresql+psycopg://" + dsn[len(prefix) :]
     return dsn
 
 
@@ -177,7 +185,9 @@ def _absolute_url(name: str, value: str, problems: list[str]) -> str:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, problems: list[str], minimum: int = 0, maximum: int | None = None) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, problems: list[str], minimum: int = 0, maximum: int | None = None
+) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -213,8 +223,10 @@ def _private_use_schemes(env: Mapping[str, str], problems: list[str]) -> frozens
     for scheme in sorted(schemes):
         problem = private_use_scheme_problem(scheme)
         if problem:
-            problems.append(f"ALLOW_CUSTOM_REDIRECT_SCHEMES must be true, false or a list of private-use schemes "
-                            f"such as cursor,vscode; {problem}")
+            problems.append(
+                f"ALLOW_CUSTOM_REDIRECT_SCHEMES must be true, false or a list of private-use schemes "
+                f"such as cursor,vscode; {problem}"
+            )
     return frozenset(s.lower() for s in schemes)
 
 
@@ -235,7 +247,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
 
     client_id = required("OAUTH_CLIENT_ID", "the client id you registered at your identity provider")
     client_secret = required("OAUTH_CLIENT_SECRET", "the client secret you registered at your identity provider")
-    authorize_url = required("OAUTH_AUTHORIZE_URL", "the provider's base URL (e.g. https://accounts.google.com) or its authorize URL")
+    authorize_url = required(
+        "OAUTH_AUTHORIZE_URL", "the provider's base URL (e.g. https://accounts.google.com) or its authorize URL"
+    )
     if authorize_url:
         authorize_url = _absolute_url("OAUTH_AUTHORIZE_URL", authorize_url, problems)
     if env.get("MCP_ROUTES_FILE", "").strip():
@@ -252,7 +266,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         if is_loopback_host(host):
             public_url = f"http://{'127.0.0.1' if host == '127.0.0.1' else 'localhost'}:{port}"
         else:
-            problems.append("PUBLIC_URL is required when HOST is not a loopback address: the external https URL clients use, e.g. https://mcp.example.com")
+            problems.append(
+                "PUBLIC_URL is required when HOST is not a loopback address: the external https URL clients use, e.g. https://mcp.example.com"
+            )
     if public_url:
         public_url = _origin_url("PUBLIC_URL", public_url, problems)
 
@@ -271,7 +287,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     elif not URL_SCHEME.match(dsn):
         dsn = database_dsn_from_path(dsn, instance_path)
     elif not dsn.startswith(("sqlite:", "postgres://", "postgresql://", "postgresql+psycopg://")):
-        problems.append(f"DATABASE_DSN must be a sqlite:/// URL, a path to an SQLite file or a postgresql:// URL; got a value starting {dsn.split(':', 1)[0]!r}")
+        problems.append(
+            f"DATABASE_DSN must be a sqlite:/// URL, a path to an SQLite file or a postgresql:// URL; got a value starting {dsn.split(':', 1)[0]!r}"
+        )
 
     for name in ("OAUTH_TOKEN_URL", "OAUTH_USERINFO_URL"):
         if env.get(name, "").strip():
@@ -293,14 +311,19 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         problems.append(f"LOG_FORMAT must be text or json; got {log_format!r}")
     metrics_token = env.get("METRICS_TOKEN", "").strip()
     if metrics_token and len(metrics_token) < 16:
-        problems.append(f"METRICS_TOKEN must be at least 16 characters (e.g. `oauthproxy gen-key`); got {len(metrics_token)}")
+        problems.append(
+            f"METRICS_TOKEN must be at least 16 characters (e.g. `oauthproxy gen-key`); got {len(metrics_token)}"
+        )
     private_use_schemes = _private_use_schemes(env, problems)
 
     rate_limit_storage = env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://"
-    if rate_limit_storage.startswith("sqlite:") and (not rate_limit_storage.startswith("sqlite:///")
-                                                     or rate_limit_storage.endswith("/")):
-        problems.append("RATE_LIMIT_STORAGE_URI as sqlite names a file: sqlite:////absolute/path or "
-                        f"sqlite:///relative/path; got {rate_limit_storage!r}")
+    if rate_limit_storage.startswith("sqlite:") and (
+        not rate_limit_storage.startswith("sqlite:///") or rate_limit_storage.endswith("/")
+    ):
+        problems.append(
+            "RATE_LIMIT_STORAGE_URI as sqlite names a file: sqlite:////absolute/path or "
+            f"sqlite:///relative/path; got {rate_limit_storage!r}"
+        )
 
     routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
@@ -314,7 +337,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
 
     from oauthproxy.crypto import derive_key  # deferred: crypto imports nothing from here
 
-    secret_key = secret_key_raw.encode() if secret_key_raw else derive_key(encryption_keys[0], b"oauthproxy cookie signing")
+    secret_key = (
+        secret_key_raw.encode() if secret_key_raw else derive_key(encryption_keys[0], b"oauthproxy cookie signing")
+    )
     return Settings(
         public_url=public_url,
         oauth_client_id=client_id,

@@ -55,8 +55,11 @@ def approved_scopes(request: Request) -> dict[str, list[str]]:
         return {}
     if not isinstance(value, dict):
         return {}
-    return {key: scopes for key, scopes in value.items()
-            if isinstance(key, str) and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)}
+    return {
+        key: scopes
+        for key, scopes in value.items()
+        if isinstance(key, str) and isinstance(scopes, list) and all(isinstance(s, str) for s in scopes)
+    }
 
 
 def has_consented(request: Request, client_id: str, resource: str, scope: str) -> bool:

@@ -80,14 +80,18 @@ class SecretBox:
             raise DecryptionError(f"unknown ciphertext version {version!r}")
         aead = self._keys.get(kid)
         if aead is None:
-            raise UnknownKeyError(f"no configured ENCRYPTION_KEY has key id {kid}; was a key removed before `oauthproxy rotate-key`?")
+            raise UnknownKeyError(
+                f"no configured ENCRYPTION_KEY has key id {kid}; was a key removed before `oauthproxy rotate-key`?"
+            )
         try:
             raw = base64.urlsafe_b64decode(payload.encode())
             return aead.decrypt(raw[:12], raw[12:], associated_data.encode()).decode()
         except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is a nonce of the wrong size
             raise DecryptionError("malformed ciphertext") from None
         except InvalidTag:
-            raise DecryptionError("ciphertext failed authentication (tampered, or bound to another row or purpose)") from None
+            raise DecryptionError(
+                "ciphertext failed authentication (tampered, or bound to another row or purpose)"
+            ) from None
 
     def needs_rotation(self, ciphertext: str) -> bool:
         return ciphertext.split(".", 2)[1:2] != [self.current_key_id]

@@ -46,7 +46,9 @@ def schema_is_current(app: Flask) -> bool:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory.from_config(app.extensions["migrate"].migrate.get_config(app.extensions["migrate"].directory))
+    script = ScriptDirectory.from_config(
+        app.extensions["migrate"].migrate.get_config(app.extensions["migrate"].directory)
+    )
     with db.engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_heads()
     return set(current) == set(script.get_heads())
@@ -67,25 +69,37 @@ def purge_expired() -> PurgeReport:
     settings = current_app.config["SETTINGS"]
     # Pending logins, codes and tokens are stamped with the database's clock, and so compared here: an instance
     # whose own clock runs ahead must not delete a rotated token still inside its grace window.
-    pending = db.session.execute(delete(PendingAuthorization).where(
-        PendingAuthorization.expires_at <= database_now())).rowcount
+    pending = db.session.execute(
+        delete(PendingAuthorization).where(PendingAuthorization.expires_at <= database_now())
+    ).rowcount
     # Used codes are kept until expiry so that a replay is still recognised (and revokes its grant).
     codes = db.session.execute(delete(AuthorizationCode).where(AuthorizationCode.expires_at <= database_now())).rowcount
-    tokens = db.session.execute(delete(Token).where(
-        Token.access_expires_at <= database_now(),
-        or_(Token.refresh_expires_at.is_(None), Token.refresh_expires_at <= database_now(),
-            Token.revoked_at.is_not(None), Token.rotated_at <= database_now(-settings.refresh_grace_seconds)),
-    )).rowcount
+    tokens = db.session.execute(
+        delete(Token).where(
+            Token.access_expires_at <= database_now(),
+            or_(
+                Token.refresh_expires_at.is_(None),
+                Token.refresh_expires_at <= database_now(),
+                Token.revoked_at.is_not(None),
+                Token.rotated_at <= database_now(-settings.refresh_grace_seconds),
+            ),
+        )
+    ).rowcount
     now = utcnow()
     live_grants = select(Token.grant_id).union(select(AuthorizationCode.grant_id))
-    grants = db.session.execute(delete(Grant).where(
-        Grant.id.not_in(live_grants), Grant.created_at <= now - timedelta(seconds=settings.authorization_code_ttl),
-    )).rowcount
+    grants = db.session.execute(
+        delete(Grant).where(
+            Grant.id.not_in(live_grants),
+            Grant.created_at <= now - timedelta(seconds=settings.authorization_code_ttl),
+        )
+    ).rowcount
     client_cutoff = now - timedelta(seconds=settings.unused_client_ttl)
-    clients = db.session.execute(delete(OAuthClient).where(
-        OAuthClient.last_used_at <= client_cutoff,
-        OAuthClient.client_id.not_in(select(Grant.client_id)),
-    )).rowcount
+    clients = db.session.execute(
+        delete(OAuthClient).where(
+            OAuthClient.last_used_at <= client_cutoff,
+            OAuthClient.client_id.not_in(select(Grant.client_id)),
+        )
+    ).rowcount
     idle_cutoff = now - timedelta(seconds=settings.proxy.session_idle_timeout)
     sessions = db.session.execute(delete(McpSession).where(McpSession.last_seen_at <= idle_cutoff)).rowcount
     db.session.commit()
@@ -161,14 +175,20 @@ def _re_encrypt_all(box) -> tuple[int, list[str], bool]:
         return rotated
 
     for client in db.session.scalars(select(OAuthClient).where(OAuthClient.client_secret_encrypted.is_not(None))):
-        client.client_secret_encrypted = rotate(client.client_secret_encrypted, f"client:{client.client_id}:secret",
-                                                f"client {client.client_id} (client secret)")
+        client.client_secret_encrypted = rotate(
+            client.client_secret_encrypted,
+            f"client:{client.client_id}:secret",
+            f"client {client.client_id} (client secret)",
+        )
     for grant in db.session.scalars(select(Grant).where(Grant.revoked_at.is_(None))):
         for column in ("upstream_access_token", "upstream_refresh_token"):
             value = getattr(grant, column)
             if value:
                 setattr(grant, column, rotate(value, f"grant:{grant.id}:{column}", f"grant {grant.id} ({column})"))
     for pending in db.session.scalars(select(PendingAuthorization).where(PendingAuthorization.expires_at > utcnow())):
-        pending.upstream_secrets = rotate(pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets",
-                                          f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)")
+        pending.upstream_secrets = rotate(
+            pending.upstream_secrets,
+            f"pending:{pending.state_hash}:upstream_secrets",
+            f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)",
+        )
     return changed, unreadable, unknown_key

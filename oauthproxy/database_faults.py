@@ -132,8 +132,10 @@ def engine_options(dsn: str, timeout: int) -> dict:
     """SQLAlchemy engine options that bound every wait on the database to about `timeout` seconds."""
     if dsn.startswith("sqlite:"):
         # timeout=0: SQLite's busy timeout would wait inside a C call; CooperativeConnection waits instead.
-        options: dict = {"pool_pre_ping": True,
-                         "connect_args": {"timeout": 0, "factory": _sqlite_connection_class(timeout)}}
+        options: dict = {
+            "pool_pre_ping": True,
+            "connect_args": {"timeout": 0, "factory": _sqlite_connection_class(timeout)},
+        }
         if not _in_memory_sqlite(dsn):
             options["pool_timeout"] = timeout  # an in-memory database has a single-connection pool, no queue
         return options
@@ -144,7 +146,10 @@ def engine_options(dsn: str, timeout: int) -> dict:
             "connect_timeout": timeout,  # libpq: the whole connection set-up, client-side
             # A peer that vanished (host down, packets dropped): noticed on an idle pooled connection by keepalives,
             # and on a connection with unacknowledged data after tcp_user_timeout.
-            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 5, "keepalives_count": 3,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
             "tcp_user_timeout": timeout * 1000,
         },
     }
@@ -166,9 +171,17 @@ def install_database_bounds(app: Flask, timeout: int) -> None:
         if _unbounded.get():
             return None  # the default connect: no bounds for migrations
         milliseconds = timeout * 1000
-        cparams["options"] = " ".join(filter(None, (
-            cparams.get("options"), f"-c statement_timeout={milliseconds}", f"-c lock_timeout={milliseconds}",
-            f"-c idle_in_transaction_session_timeout={milliseconds * 6}")))
+        cparams["options"] = " ".join(
+            filter(
+                None,
+                (
+                    cparams.get("options"),
+                    f"-c statement_timeout={milliseconds}",
+                    f"-c lock_timeout={milliseconds}",
+                    f"-c idle_in_transaction_session_timeout={milliseconds * 6}",
+                ),
+            )
+        )
         return bounded.connect(*cargs, **cparams)
 
 
@@ -186,8 +199,12 @@ def database_unavailable(error: SQLAlchemyError) -> Response:
         pass
     detail = str(getattr(error, "orig", None) or error).splitlines()[0][:200]  # the driver's message, no SQL or values
     log.warning("database unavailable during %s %s: %s: %s", request.method, request.path, type(error).__name__, detail)
-    return json_error(503, "temporarily_unavailable", "the database is unavailable; retry after the Retry-After delay",
-                      {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return json_error(
+        503,
+        "temporarily_unavailable",
+        "the database is unavailable; retry after the Retry-After delay",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def init_database_faults(app: Flask, timeout: int) -> None:

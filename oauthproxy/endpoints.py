@@ -81,8 +81,9 @@ def register() -> Response:
     except RecursionError:  # absurdly nested JSON
         body = None
     if not request.is_json or not isinstance(body, dict):
-        return json_error(400, "invalid_client_metadata",
-                          "send the client metadata as a JSON object (Content-Type: application/json)")
+        return json_error(
+            400, "invalid_client_metadata", "send the client metadata as a JSON object (Content-Type: application/json)"
+        )
     return _server().create_endpoint_response("client_registration")
 
 
@@ -106,17 +107,19 @@ SCOPE_DESCRIPTIONS = {
 
 
 def render_consent(validated) -> Response:
-    response = Response(render_template(
-        "consent.html",
-        client=validated.client,
-        scopes=validated.scope.split(),
-        scope_descriptions=SCOPE_DESCRIPTIONS,
-        provider_name=components().login_provider.display_name,
-        resource=validated.resource,
-        redirect_uri=validated.redirect_uri,
-        signed_request=consent.sign_authorization_request(validated.params),
-        csrf_token=consent.csrf_token(),
-    ))
+    response = Response(
+        render_template(
+            "consent.html",
+            client=validated.client,
+            scopes=validated.scope.split(),
+            scope_descriptions=SCOPE_DESCRIPTIONS,
+            provider_name=components().login_provider.display_name,
+            resource=validated.resource,
+            redirect_uri=validated.redirect_uri,
+            signed_request=consent.sign_authorization_request(validated.params),
+            csrf_token=consent.csrf_token(),
+        )
+    )
     response.headers.update(consent.CONSENT_PAGE_HEADERS)
     return response
 
@@ -124,17 +127,24 @@ def render_consent(validated) -> Response:
 @blueprint.route("/authorize/consent", methods=["POST"])
 def submit_consent() -> Response:
     if not consent.csrf_is_valid(request.form.get("csrf_token")):
-        raise AuthorizationPageError(400, "This page has expired",
-                                     "The consent form could not be verified (it may be stale or opened in "
-                                     "another browser). Start again from your MCP client.")
+        raise AuthorizationPageError(
+            400,
+            "This page has expired",
+            "The consent form could not be verified (it may be stale or opened in "
+            "another browser). Start again from your MCP client.",
+        )
     params = consent.load_authorization_request(request.form.get("request", ""))
     if params is None:
-        raise AuthorizationPageError(400, "This page has expired",
-                                     "The consent form is more than 10 minutes old. Start again from your MCP client.")
+        raise AuthorizationPageError(
+            400,
+            "This page has expired",
+            "The consent form is more than 10 minutes old. Start again from your MCP client.",
+        )
     validated = validate_authorization_request(params)
     if request.form.get("decision") != "approve":
-        return redirect(error_redirect_url(validated.redirect_uri, "access_denied",
-                                           "the user denied the request", validated.state))
+        return redirect(
+            error_redirect_url(validated.redirect_uri, "access_denied", "the user denied the request", validated.state)
+        )
     response = begin_upstream_login(validated)
     consent.remember_consent(request, response, validated.client.client_id, validated.resource, validated.scope)
     return response
@@ -164,8 +174,18 @@ def revoke() -> Response:
     return malformed_token_request() or _server().create_endpoint_response("revocation")
 
 
-SINGLE_VALUED_TOKEN_PARAMS = ("grant_type", "code", "redirect_uri", "code_verifier", "refresh_token", "client_id",
-                              "client_secret", "scope", "token", "token_type_hint")
+SINGLE_VALUED_TOKEN_PARAMS = (
+    "grant_type",
+    "code",
+    "redirect_uri",
+    "code_verifier",
+    "refresh_token",
+    "client_id",
+    "client_secret",
+    "scope",
+    "token",
+    "token_type_hint",
+)
 
 
 def malformed_token_request() -> Response | None:
@@ -180,7 +200,9 @@ def malformed_token_request() -> Response | None:
                 raise ValueError("no credentials")  # `Basic` alone: Authlib's parser would raise on it
             base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
         except ValueError:  # also binascii.Error and UnicodeDecodeError
-            response = json_error(401, "invalid_client", "the Basic credentials are missing or not base64 of UTF-8 text")
+            response = json_error(
+                401, "invalid_client", "the Basic credentials are missing or not base64 of UTF-8 text"
+            )
             response.headers["WWW-Authenticate"] = 'Basic error="invalid_client"'
             return response
     return None
@@ -197,8 +219,10 @@ def authorization_page_error(error: AuthorizationPageError) -> Response:
     if request.path == "/authorize" and prefers_json():
         # RFC 6749 §5.2 shape; 400 because no client authentication was attempted (401 is for that case).
         return json_error(error.status, error.error, safe_description(error.message))
-    response = Response(render_template("error.html", title=error.title, message=error.message,
-                                        continue_url=error.continue_url), status=error.status)
+    response = Response(
+        render_template("error.html", title=error.title, message=error.message, continue_url=error.continue_url),
+        status=error.status,
+    )
     response.headers.update(consent.CONSENT_PAGE_HEADERS)
     return response
 
@@ -211,16 +235,24 @@ def authorization_redirect_error(error: AuthorizationRedirectError) -> Response:
 @blueprint.app_errorhandler(RequestEntityTooLarge)
 def request_too_large(error: RequestEntityTooLarge) -> Response:
     limit = request.max_content_length
-    description = (f"the request body is larger than the {limit}-byte limit of this endpoint, or has more than "
-                   f"{MAX_FORM_PARTS} form fields" if limit else "the request body is too large")
+    description = (
+        f"the request body is larger than the {limit}-byte limit of this endpoint, or has more than "
+        f"{MAX_FORM_PARTS} form fields"
+        if limit
+        else "the request body is too large"
+    )
     return json_error(413, "invalid_request", description)
 
 
 @blueprint.app_errorhandler(TooManyRequests)
 def too_many_requests(error: TooManyRequests) -> Response:
-    retry_after = (error.get_response().headers.get("Retry-After") if hasattr(error, "get_response") else None)
-    return json_error(429, "too_many_requests", "Too many requests from this address; retry after the Retry-After delay.",
-                      {"Retry-After": retry_after or "60"})
+    retry_after = error.get_response().headers.get("Retry-After") if hasattr(error, "get_response") else None
+    return json_error(
+        429,
+        "too_many_requests",
+        "Too many requests from this address; retry after the Retry-After delay.",
+        {"Retry-After": retry_after or "60"},
+    )
 
 
 # The consent page says where a redirect URI sends the user, by the URL rules in urls.py.

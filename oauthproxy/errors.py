@@ -8,7 +8,7 @@ from authlib.oauth2.rfc6749.errors import OAuth2Error
 from flask import Response, jsonify
 
 # RFC 6749 §5.2: error_description is %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash, ASCII only).
-_NOT_PERMITTED = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+_NOT_PERMITTED = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
 
 def safe_description(text: str, limit: int = 300) -> str:

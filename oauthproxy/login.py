@@ -32,15 +32,24 @@ PENDING_LOGIN_TTL = timedelta(minutes=10)
 #: The client's error for a failed code exchange: a provider refused, hung or answering 5xx is worth a retry
 #: (RFC 6749 §4.1.2.1 `temporarily_unavailable`, as when login cannot start); the rest is not.
 EXCHANGE_ERRORS = {"access_denied": "access_denied", "transient": "temporarily_unavailable"}
-SINGLE_VALUED = ("response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge",
-                 "code_challenge_method", "resource")
+SINGLE_VALUED = (
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "resource",
+)
 
 
 class AuthorizationPageError(Exception):
     """An error shown to the person as a page: the client or redirect URI is not validated (OAuth 2.1 §7.12.2)."""
 
-    def __init__(self, status: int, title: str, message: str, continue_url: str | None = None, *,
-                 error: str = "invalid_request"):
+    def __init__(
+        self, status: int, title: str, message: str, continue_url: str | None = None, *, error: str = "invalid_request"
+    ):
         super().__init__(message)
         self.status, self.title, self.message, self.continue_url = status, title, message, continue_url
         self.error = error  # the OAuth error code, for a client that asks for JSON instead of the page
@@ -100,15 +109,20 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
         raise AuthorizationPageError(400, "Invalid request", f"The parameter {repeated[0]!r} was sent more than once.")
     client_id = params.get("client_id")
     if not client_id:
-        raise AuthorizationPageError(400, "Invalid request", "The request has no client_id. Start again from your MCP client.")
+        raise AuthorizationPageError(
+            400, "Invalid request", "The request has no client_id. Start again from your MCP client."
+        )
     params = dict(params)
     redirect_uri = params.get("redirect_uri")
     if redirect_uri and safe_description(redirect_uri, len(redirect_uri)) != redirect_uri:
         # Authlib quotes the redirect URI in its error and, for a character RFC 6749 §5.2 forbids in an error
         # description, raises ValueError (a 500). No registered URI has one (urls.redirect_uri_problem).
-        raise AuthorizationPageError(400, "This sign-in request cannot continue",
-                                     "The redirect_uri is not one this client registered: it contains spaces, "
-                                     "quotes, backslashes, control or non-ASCII characters.")
+        raise AuthorizationPageError(
+            400,
+            "This sign-in request cannot continue",
+            "The redirect_uri is not one this client registered: it contains spaces, "
+            "quotes, backslashes, control or non-ASCII characters.",
+        )
     if "response_type" in params:
         # Likewise quoted by Authlib: with such characters replaced it is just as unsupported, and answered so.
         params["response_type"] = safe_description(params["response_type"], len(params["response_type"]))
@@ -120,15 +134,19 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
         grant = _server().get_consent_grant(request)
     except OAuth2Error as error:
         if error.redirect_uri:
-            raise AuthorizationRedirectError(error.redirect_uri, error.error, error.description,
-                                             params.get("state")) from None
+            raise AuthorizationRedirectError(
+                error.redirect_uri, error.error, error.description, params.get("state")
+            ) from None
         reason = metadata_document_error(client_id) if error.error == "invalid_client" else None
         message = reason or error.description or error.error
         if error.error == "invalid_client" and not reason:
-            message = (f"The client {client_id!r} is not registered here. If it was registered before, its "
-                       "registration may have expired: remove the server in your MCP client and add it again.")
-        raise AuthorizationPageError(400, "This sign-in request cannot continue", message,
-                                     error=error.error or "invalid_request") from None
+            message = (
+                f"The client {client_id!r} is not registered here. If it was registered before, its "
+                "registration may have expired: remove the server in your MCP client and add it again."
+            )
+        raise AuthorizationPageError(
+            400, "This sign-in request cannot continue", message, error=error.error or "invalid_request"
+        ) from None
     redirect_uri = params.get("redirect_uri") or grant.request.client.get_default_redirect_uri()
     state = params.get("state")
 
@@ -136,14 +154,22 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
     if resource:
         matches = [r for r in served_resources() if canonical_resource(r) == canonical_resource(resource)]
         if not matches:
-            raise AuthorizationRedirectError(redirect_uri, "invalid_target",
-                                             f"{resource} is not a resource served here", state)
+            raise AuthorizationRedirectError(
+                redirect_uri, "invalid_target", f"{resource} is not a resource served here", state
+            )
         resource = matches[0]
     else:
         # The TypeScript SDK omits `resource` when it found no resource metadata (RFC 8707 makes it optional).
         resource = served_resources()[0]
-    return ValidatedAuthorization(client=grant.request.client, grant=grant, request=request, params=params,
-                                  redirect_uri=redirect_uri, scope=grant.request.scope or "", resource=resource)
+    return ValidatedAuthorization(
+        client=grant.request.client,
+        grant=grant,
+        request=request,
+        params=params,
+        redirect_uri=redirect_uri,
+        scope=grant.request.scope or "",
+        resource=resource,
+    )
 
 
 def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
@@ -157,20 +183,29 @@ def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
         url, upstream_secrets = upstream.create_authorization_url(settings.callback_url, scopes)
     except UpstreamError as error:
         log.warning("cannot start upstream login: %s", error.description)
-        return redirect(error_redirect_url(validated.redirect_uri, "temporarily_unavailable",
-                                           "the identity provider cannot be reached", validated.state))
+        return redirect(
+            error_redirect_url(
+                validated.redirect_uri,
+                "temporarily_unavailable",
+                "the identity provider cannot be reached",
+                validated.state,
+            )
+        )
     if "browser_id" not in session:
         session["browser_id"] = secrets.token_urlsafe(32)
     state_hash = hash_token(upstream_secrets["state"])
-    db.session.add(PendingAuthorization(
-        state_hash=state_hash,
-        browser_binding_hash=hash_token(session["browser_id"]),
-        client_id=validated.client.client_id,
-        request_json=json.dumps(validated.params),
-        upstream_secrets=components().secret_box.encrypt(
-            json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"),
-        expires_at=database_now(int(PENDING_LOGIN_TTL.total_seconds())),
-    ))
+    db.session.add(
+        PendingAuthorization(
+            state_hash=state_hash,
+            browser_binding_hash=hash_token(session["browser_id"]),
+            client_id=validated.client.client_id,
+            request_json=json.dumps(validated.params),
+            upstream_secrets=components().secret_box.encrypt(
+                json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"
+            ),
+            expires_at=database_now(int(PENDING_LOGIN_TTL.total_seconds())),
+        )
+    )
     db.session.commit()
     return redirect(url)
 
@@ -181,8 +216,11 @@ def _claim_pending(state: str) -> PendingAuthorization | None:
     row = db.session.get(PendingAuthorization, state_hash)
     if row is None:
         return None
-    claimed = db.session.execute(delete(PendingAuthorization).where(
-        PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > database_now())).rowcount
+    claimed = db.session.execute(
+        delete(PendingAuthorization).where(
+            PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > database_now()
+        )
+    ).rowcount
     db.session.commit()
     return row if claimed == 1 else None
 
@@ -192,15 +230,22 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
     settings = _settings()
     state = args.get("state")
     if not state:
-        raise AuthorizationPageError(400, "Sign-in failed", "The identity provider's answer has no state. "
-                                     "Start again from your MCP client.")
+        raise AuthorizationPageError(
+            400, "Sign-in failed", "The identity provider's answer has no state. Start again from your MCP client."
+        )
     pending = _claim_pending(state)
     if pending is None:
-        raise AuthorizationPageError(400, "Sign-in link expired", "This sign-in has expired or was already "
-                                     "used. Start again from your MCP client.")
+        raise AuthorizationPageError(
+            400,
+            "Sign-in link expired",
+            "This sign-in has expired or was already used. Start again from your MCP client.",
+        )
     if hash_token(session.get("browser_id", "")) != pending.browser_binding_hash:
-        raise AuthorizationPageError(400, "Sign-in failed", "This sign-in was started in another browser. "
-                                     "Start again from your MCP client in this browser.")
+        raise AuthorizationPageError(
+            400,
+            "Sign-in failed",
+            "This sign-in was started in another browser. Start again from your MCP client in this browser.",
+        )
     validated = validate_authorization_request(pending.request_params)
     upstream: UpstreamProvider = components().login_provider
 
@@ -211,40 +256,61 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         raise AuthorizationRedirectError(validated.redirect_uri, error, upstream_error.description, validated.state)
     code = args.get("code")
     if not code:
-        raise AuthorizationRedirectError(validated.redirect_uri, "server_error",
-                                         "the identity provider returned no code", validated.state)
+        raise AuthorizationRedirectError(
+            validated.redirect_uri, "server_error", "the identity provider returned no code", validated.state
+        )
     try:
-        upstream_secrets = json.loads(components().secret_box.decrypt(
-            pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets"))
+        upstream_secrets = json.loads(
+            components().secret_box.decrypt(pending.upstream_secrets, f"pending:{pending.state_hash}:upstream_secrets")
+        )
     except DecryptionError as error:
         log.error("pending login %s: its secrets cannot be decrypted: %s", pending.state_hash[:12], error)
-        raise AuthorizationRedirectError(validated.redirect_uri, "temporarily_unavailable",
-                                         "the sign-in could not be completed; start again", validated.state) from None
+        raise AuthorizationRedirectError(
+            validated.redirect_uri,
+            "temporarily_unavailable",
+            "the sign-in could not be completed; start again",
+            validated.state,
+        ) from None
     scopes = upstream_secrets.pop("scopes", [])
     try:
         tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)
     except UpstreamError as error:
         log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
-        raise AuthorizationRedirectError(validated.redirect_uri, EXCHANGE_ERRORS.get(error.kind, "server_error"),
-                                         "sign-in at the identity provider failed", validated.state) from None
+        raise AuthorizationRedirectError(
+            validated.redirect_uri,
+            EXCHANGE_ERRORS.get(error.kind, "server_error"),
+            "sign-in at the identity provider failed",
+            validated.state,
+        ) from None
 
     identity = storable_identity(identity)
     if identity is None:
-        raise AuthorizationRedirectError(validated.redirect_uri, "server_error", "the identity provider returned a "
-                                         "user id this server cannot use (over 255 characters, or control "
-                                         "characters)", validated.state)
+        raise AuthorizationRedirectError(
+            validated.redirect_uri,
+            "server_error",
+            "the identity provider returned a "
+            "user id this server cannot use (over 255 characters, or control "
+            "characters)",
+            validated.state,
+        )
     set_request_user(identity.id)
     if not settings.user_is_allowed(identity.email):
         log.info("user %s is not in the allowlist", identity.id)
-        denied = error_redirect_url(validated.redirect_uri, "access_denied",
-                                    "this account is not allowed to use this server", validated.state)
+        denied = error_redirect_url(
+            validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
+        )
         who = identity.email or "This account"
-        raise AuthorizationPageError(403, "Access denied", f"{who} is not allowed to use this server. "
-                                     "Ask its operator to add you, or sign in with another account.", denied)
+        raise AuthorizationPageError(
+            403,
+            "Access denied",
+            f"{who} is not allowed to use this server. Ask its operator to add you, or sign in with another account.",
+            denied,
+        )
 
     family = store_grant(validated, identity, tokens, scopes)
-    response = _server().create_authorization_response(request=validated.request, grant_user=family,
-                                                       grant=validated.grant)
+    response = _server().create_authorization_response(
+        request=validated.request, grant_user=family, grant=validated.grant
+    )
     return response
 
 
@@ -270,8 +336,11 @@ def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
         return None
     email = identity.email
     if email is not None and (len(email) > MAX_EMAIL or _has_control_characters(email)):
-        log.info("user %s: the provider's email is unusable (%d characters, or control characters); ignored",
-                 identity.id, len(email))
+        log.info(
+            "user %s: the provider's email is unusable (%d characters, or control characters); ignored",
+            identity.id,
+            len(email),
+        )
         email = None
     name = identity.name
     if name is not None:
@@ -279,13 +348,21 @@ def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
     return replace(identity, email=email, name=name or None)
 
 
-def store_grant(validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens,
-                upstream_scopes: list[str]) -> Grant:
+def store_grant(
+    validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens, upstream_scopes: list[str]
+) -> Grant:
     """A new grant for this login, with the upstream tokens sealed to its row; the caller commits."""
     box = components().secret_box
-    family = Grant(client_id=validated.client.client_id, user_id=identity.id, user_email=identity.email,
-                   user_name=identity.name, scope=validated.scope, resource=validated.resource,
-                   upstream_expires_at=tokens.expires_at, upstream_scope=" ".join(upstream_scopes))
+    family = Grant(
+        client_id=validated.client.client_id,
+        user_id=identity.id,
+        user_email=identity.email,
+        user_name=identity.name,
+        scope=validated.scope,
+        resource=validated.resource,
+        upstream_expires_at=tokens.expires_at,
+        upstream_scope=" ".join(upstream_scopes),
+    )
     db.session.add(family)
     db.session.flush()
     family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")

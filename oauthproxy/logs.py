@@ -13,8 +13,19 @@ from typing import Any
 from flask import has_request_context, request
 
 # Query and form parameters whose values are credentials or one-time secrets.
-SECRET_PARAMETERS = ("code", "state", "code_verifier", "code_challenge", "access_token", "refresh_token",
-                     "id_token", "token", "client_secret", "csrf_token", "request")
+SECRET_PARAMETERS = (
+    "code",
+    "state",
+    "code_verifier",
+    "code_challenge",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "client_secret",
+    "csrf_token",
+    "request",
+)
 _SECRET_VALUE = re.compile(r"(?<=[?&])(" + "|".join(SECRET_PARAMETERS) + r")=[^&\s\"]*")
 
 
@@ -132,8 +143,16 @@ def log_request(environ: dict[str, Any], status: int, duration: float) -> None:
         "client": environ.get("REMOTE_ADDR", "-"),
     }
     # The text line carries the request id through the format's [request_id]; JSON gets every field.
-    access_log.info("%s %s %s %.1fms user=%s client=%s", fields["method"], _printable(path), status,
-                    fields["duration_ms"], fields["user_id"], fields["client"], extra=fields)
+    access_log.info(
+        "%s %s %s %.1fms user=%s client=%s",
+        fields["method"],
+        _printable(path),
+        status,
+        fields["duration_ms"],
+        fields["user_id"],
+        fields["client"],
+        extra=fields,
+    )
 
 
 def _printable(path: str) -> str:

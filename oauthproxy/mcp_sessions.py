@@ -76,8 +76,11 @@ class SessionBindings:
             self._drop(key)
             entry = None
         if entry is None:
-            row = db.session.execute(select(McpSession.user_id, McpSession.last_seen_at)
-                                     .where(McpSession.key_hash == session_key(route_name, session_id))).first()
+            row = db.session.execute(
+                select(McpSession.user_id, McpSession.last_seen_at).where(
+                    McpSession.key_hash == session_key(route_name, session_id)
+                )
+            ).first()
             db.session.rollback()  # end the read transaction now; a stream may outlive this request
             if row is None or row.last_seen_at <= utcnow() - timedelta(seconds=self.idle_timeout):
                 return False
@@ -86,9 +89,11 @@ class SessionBindings:
         if entry[0] != user_id:
             return False
         if now - entry[1] > self.touch_interval:
-            touched = db.session.execute(update(McpSession)
-                                         .where(McpSession.key_hash == session_key(route_name, session_id))
-                                         .values(last_seen_at=utcnow())).rowcount
+            touched = db.session.execute(
+                update(McpSession)
+                .where(McpSession.key_hash == session_key(route_name, session_id))
+                .values(last_seen_at=utcnow())
+            ).rowcount
             db.session.commit()
             if not touched:  # ended on another instance (DELETE, a downstream 404) or purged
                 self._drop(key)
@@ -109,8 +114,9 @@ class SessionBindings:
             owner = db.session.scalar(select(McpSession.user_id).where(McpSession.key_hash == key_hash))
             db.session.rollback()
             if owner is not None and owner != user_id:
-                log.warning("downstream %s handed a session id already bound to another user; it stays theirs",
-                            route_name)
+                log.warning(
+                    "downstream %s handed a session id already bound to another user; it stays theirs", route_name
+                )
             if owner is not None:
                 self._remember(key, owner, time.monotonic())
             return
@@ -122,8 +128,9 @@ class SessionBindings:
         db.session.execute(delete(McpSession).where(McpSession.key_hash == session_key(route_name, session_id)))
         db.session.commit()
 
-    def observe(self, route_name: str, method: str, sent: str | None, answered: str | None, status: int,
-                user_id: str) -> None:
+    def observe(
+        self, route_name: str, method: str, sent: str | None, answered: str | None, status: int, user_id: str
+    ) -> None:
         """After the downstream's answer: record a session it opened, forget one it ended."""
         if sent is not None and (status == 404 or (method == "DELETE" and 200 <= status < 300)):
             self.forget(route_name, sent)  # MCP transport: 404 means the session is gone; DELETE ends it

@@ -56,8 +56,10 @@ def metadata_size_problem(metadata: Mapping[str, object]) -> str | None:
     for name in SHORT_STRING_FIELDS:
         if _too_long(metadata.get(name), MAX_SHORT_STRING_LENGTH):
             return f"{name} is longer than {MAX_SHORT_STRING_LENGTH} characters"
-    for name, max_items, max_length in (("contacts", MAX_CONTACTS, MAX_CONTACT_LENGTH),
-                                        *((name, MAX_LIST_ITEMS, MAX_SHORT_STRING_LENGTH) for name in SHORT_LIST_FIELDS)):
+    for name, max_items, max_length in (
+        ("contacts", MAX_CONTACTS, MAX_CONTACT_LENGTH),
+        *((name, MAX_LIST_ITEMS, MAX_SHORT_STRING_LENGTH) for name in SHORT_LIST_FIELDS),
+    ):
         problem = _list_problem(metadata, name, max_items, max_length)
         if problem:
             return problem

@@ -18,38 +18,81 @@ STREAM_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3
 
 #: OAuth / proxy error codes worth a series of their own; anything else is counted as "other", so that a
 #: client sending made-up error strings cannot grow the number of series.
-KNOWN_ERRORS = frozenset({
-    "invalid_request", "invalid_client", "invalid_grant", "unauthorized_client", "unsupported_grant_type",
-    "invalid_scope", "invalid_target", "invalid_token", "insufficient_scope", "access_denied", "unauthorized",
-    "invalid_client_metadata", "invalid_redirect_uri", "unsupported_token_type", "temporarily_unavailable",
-    "server_error", "too_many_requests", "forbidden_origin", "downstream_unavailable", "downstream_timeout",
-    "downstream_error",
-})
+KNOWN_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_target",
+        "invalid_token",
+        "insufficient_scope",
+        "access_denied",
+        "unauthorized",
+        "invalid_client_metadata",
+        "invalid_redirect_uri",
+        "unsupported_token_type",
+        "temporarily_unavailable",
+        "server_error",
+        "too_many_requests",
+        "forbidden_origin",
+        "downstream_unavailable",
+        "downstream_timeout",
+        "downstream_error",
+    }
+)
 
-HTTP_REQUESTS = Counter("oauthproxy_http_requests_total", "HTTP requests answered, by route template, method and status.",
-                        ["route", "method", "status"])
-HTTP_LATENCY = Histogram("oauthproxy_http_request_duration_seconds",
-                         "Time from receiving a request to its response headers, by route template.",
-                         ["route", "method"], buckets=LATENCY_BUCKETS)
-HTTP_ERRORS = Counter("oauthproxy_http_errors_total",
-                      "Error answers by route and the OAuth/proxy error code in their JSON body.", ["route", "error"])
-OPEN_STREAMS = Gauge("oauthproxy_open_streams", "Event streams (text/event-stream responses) open right now.",
-                     ["route"], multiprocess_mode="livesum")
-STREAM_DURATION = Histogram("oauthproxy_stream_duration_seconds", "How long event streams stayed open.", ["route"],
-                            buckets=STREAM_BUCKETS)
-TOKENS_ISSUED = Counter("oauthproxy_tokens_issued_total",
-                        "Token pairs issued at /token, by grant type (authorization_code: new logins; refresh_token: "
-                        "refreshes).", ["grant_type"])
-REFRESH_GRACE = Counter("oauthproxy_refresh_grace_total",
-                        "Rotated refresh tokens honoured again inside REFRESH_GRACE_SECONDS (lost response or race).")
-GRANTS_REVOKED = Counter("oauthproxy_grants_revoked_total", "Grants (whole token families) revoked, by reason.",
-                         ["reason"])
+HTTP_REQUESTS = Counter(
+    "oauthproxy_http_requests_total",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "oauthproxy_http_request_duration_seconds",
+    "Time from receiving a request to its response headers, by route template.",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+HTTP_ERRORS = Counter(
+    "oauthproxy_http_errors_total",
+    "Error answers by route and the OAuth/proxy error code in their JSON body.",
+    ["route", "error"],
+)
+OPEN_STREAMS = Gauge(
+    "oauthproxy_open_streams",
+    "Event streams (text/event-stream responses) open right now.",
+    ["route"],
+    multiprocess_mode="livesum",
+)
+STREAM_DURATION = Histogram(
+    "oauthproxy_stream_duration_seconds", "How long event streams stayed open.", ["route"], buckets=STREAM_BUCKETS
+)
+TOKENS_ISSUED = Counter(
+    "oauthproxy_tokens_issued_total",
+    "Token pairs issued at /token, by grant type (authorization_code: new logins; refresh_token: refreshes).",
+    ["grant_type"],
+)
+REFRESH_GRACE = Counter(
+    "oauthproxy_refresh_grace_total",
+    "Rotated refresh tokens honoured again inside REFRESH_GRACE_SECONDS (lost response or race).",
+)
+GRANTS_REVOKED = Counter(
+    "oauthproxy_grants_revoked_total", "Grants (whole token families) revoked, by reason.", ["reason"]
+)
 REGISTRATIONS = Counter("oauthproxy_client_registrations_total", "Dynamic client registrations answered with 201.")
-UPSTREAM_LATENCY = Histogram("oauthproxy_upstream_request_duration_seconds",
-                             "Requests to the identity provider, by action.", ["action"], buckets=LATENCY_BUCKETS)
-UPSTREAM_ERRORS = Counter("oauthproxy_upstream_errors_total",
-                          "Failed requests to the identity provider, by action and kind (transient, invalid_grant, "
-                          "misconfigured, ...).", ["action", "kind"])
+UPSTREAM_LATENCY = Histogram(
+    "oauthproxy_upstream_request_duration_seconds",
+    "Requests to the identity provider, by action.",
+    ["action"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "oauthproxy_upstream_errors_total",
+    "Failed requests to the identity provider, by action and kind (transient, invalid_grant, misconfigured, ...).",
+    ["action", "kind"],
+)
 
 
 def error_label(error: object) -> str:

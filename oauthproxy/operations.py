@@ -149,9 +149,12 @@ def _metrics_authorized(token: str) -> bool:
 def metrics_page() -> Response:
     settings: Settings = current_app.config["SETTINGS"]
     if settings.metrics_token and not _metrics_authorized(settings.metrics_token):
-        return Response("metrics need METRICS_TOKEN as a Bearer token or a Basic password\n", status=401,
-                        mimetype="text/plain",
-                        headers={"WWW-Authenticate": 'Bearer realm="metrics", Basic realm="metrics"', **NO_STORE})
+        return Response(
+            "metrics need METRICS_TOKEN as a Bearer token or a Basic password\n",
+            status=401,
+            mimetype="text/plain",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics", Basic realm="metrics"', **NO_STORE},
+        )
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type, headers=NO_STORE)
 
@@ -196,6 +199,12 @@ def init_operations(app: Flask, settings: Settings) -> None:
     if settings.trusted_proxy_hops:
         # Outermost, so the request log, the rate limits and the downstream's X-Forwarded-For all see the client
         # address the trusted proxies reported. Host is never taken from a header: PUBLIC_URL says where we are.
-        wsgi_app = ProxyFix(wsgi_app, x_for=settings.trusted_proxy_hops, x_proto=settings.trusted_proxy_hops,
-                            x_host=0, x_port=0, x_prefix=0)
+        wsgi_app = ProxyFix(
+            wsgi_app,
+            x_for=settings.trusted_proxy_hops,
+            x_proto=settings.trusted_proxy_hops,
+            x_host=0,
+            x_port=0,
+            x_prefix=0,
+        )
     app.wsgi_app = wsgi_app

@@ -32,24 +32,54 @@ from oauthproxy.routes import ProxySettings, Route
 log = logging.getLogger(__name__)
 
 #: RFC 9110 §7.6.1: connection-specific fields, never forwarded (WSGI servers also refuse them from apps).
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 #: Client headers never forwarded: the client's token (no token passthrough, MCP P-6), headers the proxy sets
 #: itself (Host: SDK servers answer 421 to a foreign one; X-Forwarded-*: a client must not choose them),
 #: Origin (checked here; SDK servers answer 403 to a foreign one), and the body framing requests recomputes.
-DROPPED_REQUEST_HEADERS = frozenset({"host", "authorization", "origin", "content-length", "expect", "forwarded",
-                                     "x-real-ip"})
+DROPPED_REQUEST_HEADERS = frozenset(
+    {"host", "authorization", "origin", "content-length", "expect", "forwarded", "x-real-ip"}
+)
 #: Client headers other stacks trust for identity, the client address or the original URL, removed as the
 #: X-Forwarded-* ones are: a downstream behind another proxy, or a framework that reads them, must not take a
 #: client's word for who it is (Apache's and IIS's Remote-User, X-Original-URL and X-Rewrite-URL; CDN client
 #: addresses).
-IDENTITY_SPOOFING_HEADERS = frozenset({"remote-user", "x-original-url", "x-rewrite-url", "x-original-uri",
-                                       "true-client-ip", "cf-connecting-ip", "x-client-ip", "x-cluster-client-ip",
-                                       "fastly-client-ip"})
+IDENTITY_SPOOFING_HEADERS = frozenset(
+    {
+        "remote-user",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "fastly-client-ip",
+    }
+)
 #: The same, by prefix: X-Forwarded-* (ours to set), oauth2-proxy's X-Auth-Request-*, Kubernetes' and Apache's
 #: X-Remote-*, Azure's X-MS-Client-Principal*, Google IAP's, AWS ALB's and Cloudflare Access's identity headers.
-IDENTITY_SPOOFING_PREFIXES = ("x-forwarded-", "x-auth-request-", "x-remote-", "x-ms-client-principal",
-                              "x-goog-authenticated-user-", "x-amzn-oidc-", "cf-access-")
+IDENTITY_SPOOFING_PREFIXES = (
+    "x-forwarded-",
+    "x-auth-request-",
+    "x-remote-",
+    "x-ms-client-principal",
+    "x-goog-authenticated-user-",
+    "x-amzn-oidc-",
+    "cf-access-",
+)
 #: The WSGI server writes its own.
 DROPPED_RESPONSE_HEADERS = frozenset({"date", "server"})
 _NEVER_FORWARDED = HOP_BY_HOP | DROPPED_REQUEST_HEADERS | IDENTITY_SPOOFING_HEADERS
@@ -66,7 +96,8 @@ RESPONSE_BUFFER = 1024
 #: Detects a dead downstream peer on a long idle stream (Linux option names; others fall back to defaults).
 KEEPALIVE_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
     (socket.IPPROTO_TCP, getattr(socket, name), value)
-    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)) if hasattr(socket, name)
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
+    if hasattr(socket, name)
 ]
 
 
@@ -131,8 +162,9 @@ class _Tuned:
     def is_connected(self) -> bool:
         if self.sock is None:
             return False
-        if self.idle_since is not None and (time.monotonic() - self.idle_since > self.idle_limit
-                                            or self.idle_since <= self.retire_idle_before):
+        if self.idle_since is not None and (
+            time.monotonic() - self.idle_since > self.idle_limit or self.idle_since <= self.retire_idle_before
+        ):
             return False  # urllib3 closes it and opens a fresh one
         poller = _unpatched_poll()()
         poller.register(self.sock.fileno(), select.POLLIN)
@@ -197,8 +229,10 @@ class _PooledAdapter(HTTPAdapter):
         kwargs["socket_options"] = HTTPConnection.default_socket_options + KEEPALIVE_OPTIONS
         super().init_poolmanager(*args, **kwargs)
         limit = {"idle_limit": self.idle_limit}
-        self.connection_classes = (type("_Connection", (_Connection,), limit),
-                                   type("_TLSConnection", (_TLSConnection,), limit))
+        self.connection_classes = (
+            type("_Connection", (_Connection,), limit),
+            type("_TLSConnection", (_TLSConnection,), limit),
+        )
         self.poolmanager.pool_classes_by_scheme = {
             "http": type("_Pool", (_Pool,), {"ConnectionCls": self.connection_classes[0]}),
             "https": type("_TLSPool", (_TLSPool,), {"ConnectionCls": self.connection_classes[1]}),
@@ -253,16 +287,23 @@ def _read_chunked(stream: IO[bytes], received: int, limit: int) -> bytes:
         data = stream.read(CHUNK_SIZE)
     except Exception as error:  # gunicorn's ParseException is no OSError; werkzeug raises OSError or ValueError
         log.info("malformed chunked request body: %s", type(error).__name__)
-        raise DownstreamError(400, "invalid_request", "the request body is not valid chunked transfer coding "
-                                                      "(RFC 9112 §7.1): a chunk size or extension is malformed") from None
+        raise DownstreamError(
+            400,
+            "invalid_request",
+            "the request body is not valid chunked transfer coding "
+            "(RFC 9112 §7.1): a chunk size or extension is malformed",
+        ) from None
     if received + len(data) > limit:
         raise body_too_large(limit)
     return data
 
 
 def body_too_large(limit: int) -> DownstreamError:
-    return DownstreamError(413, "request_too_large", f"the request body is larger than {limit} bytes, "
-                                                     "this server's limit (MCP_MAX_BODY_BYTES)")
+    return DownstreamError(
+        413,
+        "request_too_large",
+        f"the request body is larger than {limit} bytes, this server's limit (MCP_MAX_BODY_BYTES)",
+    )
 
 
 def _chunks(stream: IO[bytes], limit: int, on_end: Callable[[], None]) -> Iterator[bytes]:
@@ -284,8 +325,9 @@ def _chunks(stream: IO[bytes], limit: int, on_end: Callable[[], None]) -> Iterat
 
 
 def _without_cookies(value: str, names: frozenset[str]) -> str:
-    return "; ".join(part.strip() for part in value.split(";")
-                     if part.strip() and part.split("=", 1)[0].strip() not in names)
+    return "; ".join(
+        part.strip() for part in value.split(";") if part.strip() and part.split("=", 1)[0].strip() not in names
+    )
 
 
 #: Rounds of percent-decoding a path segment gets; a segment still encoded after this many is refused.
@@ -338,9 +380,9 @@ def confined_suffix(route_path: str, raw_path: str) -> str:
     for segment in decoded:
         _check_segment(segment)
     prefix = route_path.rstrip("/").split("/")  # "/mcp": ["", "mcp"]; "/": [""]
-    if decoded[:len(prefix)] != [unquote(segment) for segment in prefix]:
+    if decoded[: len(prefix)] != [unquote(segment) for segment in prefix]:
         raise PathRefused("the path is not under this route's path")
-    below = segments[len(prefix):]
+    below = segments[len(prefix) :]
     if not below or (below == [""] and route_path == "/"):
         return ""
     if "" in below[:-1]:
@@ -359,8 +401,11 @@ def query_without_tokens(query: str) -> str:
     the Authorization header (RS-3), and one in the query is never passed on."""
     if "%" not in query and "access_token" not in query.lower():
         return query
-    return "&".join(pair for pair in query.split("&")
-                    if not any(_is_token_parameter(part.split("=", 1)[0]) for part in pair.split(";")))
+    return "&".join(
+        pair
+        for pair in query.split("&")
+        if not any(_is_token_parameter(part.split("=", 1)[0]) for part in pair.split(";"))
+    )
 
 
 class ProxiedResponse(Response):
@@ -372,8 +417,9 @@ class ProxiedResponse(Response):
 class DownstreamProxy:
     """Forwards requests to downstream MCP servers with one pooled `requests.Session` per worker process."""
 
-    def __init__(self, settings: ProxySettings, public_url: str, proxy_cookie_names: frozenset[str],
-                 ca_bundle: str | None = None):
+    def __init__(
+        self, settings: ProxySettings, public_url: str, proxy_cookie_names: frozenset[str], ca_bundle: str | None = None
+    ):
         self.settings = settings
         self.ca_bundle = ca_bundle  # CA_BUNDLE: downstream servers with certificates from a private PKI
         parts = urlsplit(public_url)
@@ -395,8 +441,11 @@ class DownstreamProxy:
                     # the downstream's traffic, credentials included, through an HTTP(S)_PROXY).
                     session.trust_env = False
                     session.headers.clear()  # forward what the client sent, not requests' defaults
-                    adapter = _PooledAdapter(self.settings.downstream_pool_idle_timeout, pool_connections=16,
-                                             pool_maxsize=self.settings.downstream_pool_size)
+                    adapter = _PooledAdapter(
+                        self.settings.downstream_pool_idle_timeout,
+                        pool_connections=16,
+                        pool_maxsize=self.settings.downstream_pool_size,
+                    )
                     session.mount("http://", adapter)
                     session.mount("https://", adapter)
                     self._session, self._session_pid = session, os.getpid()
@@ -434,8 +483,12 @@ class DownstreamProxy:
                     headers["Content-Type"] = value
                 continue
             lower = key[5:].replace("_", "-").lower()
-            if (lower in _NEVER_FORWARDED or lower in connection_tokens or lower in own
-                    or lower.startswith(IDENTITY_SPOOFING_PREFIXES)):
+            if (
+                lower in _NEVER_FORWARDED
+                or lower in connection_tokens
+                or lower in own
+                or lower.startswith(IDENTITY_SPOOFING_PREFIXES)
+            ):
                 continue
             if lower == "cookie":
                 # The proxy's own session and consent cookies are its secrets, not the downstream's.
@@ -443,8 +496,13 @@ class DownstreamProxy:
                 if not value:
                     continue
             headers[lower.title()] = value
-        headers.update({"X-Forwarded-For": environ.get("REMOTE_ADDR", ""), "X-Forwarded-Host": self.public_host,
-                        "X-Forwarded-Proto": self.public_scheme})
+        headers.update(
+            {
+                "X-Forwarded-For": environ.get("REMOTE_ADDR", ""),
+                "X-Forwarded-Host": self.public_host,
+                "X-Forwarded-Proto": self.public_scheme,
+            }
+        )
         headers.update(downstream_auth_headers(route, caller))
         return headers
 
@@ -497,8 +555,9 @@ class DownstreamProxy:
             downstream.close()
             raise
 
-    def _send_apart(self, route: Route, url: str, prepared: requests.PreparedRequest,
-                    watch: ClientWatch) -> requests.Response:
+    def _send_apart(
+        self, route: Route, url: str, prepared: requests.PreparedRequest, watch: ClientWatch
+    ) -> requests.Response:
         """`_send` on a greenlet of its own, for GET: MCP's listening streams, held open for minutes or hours.
 
         Waiting for the downstream's headers runs deepest into requests, urllib3 and http.client. Every greenlet keeps
@@ -529,15 +588,19 @@ class DownstreamProxy:
             except requests.ConnectionError as error:
                 if not _may_send_again(prepared, error):
                     raise
-                log.info("downstream %s closed a pooled connection before answering %s; sent again on a fresh one",
-                         route.name, prepared.method)
+                log.info(
+                    "downstream %s closed a pooled connection before answering %s; sent again on a fresh one",
+                    route.name,
+                    prepared.method,
+                )
             adapter.retire_idle_connections()
             return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
         except requests.RequestException as error:
             raise _downstream_error(route, error) from None
 
-    def _response(self, route: Route, environ: dict[str, Any], downstream: requests.Response,
-                  watch: ClientWatch) -> ProxiedResponse:
+    def _response(
+        self, route: Route, environ: dict[str, Any], downstream: requests.Response, watch: ClientWatch
+    ) -> ProxiedResponse:
         content_type = downstream.headers.get("Content-Type", "")
         is_event_stream = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
         # A comment cannot be spliced into a compressed body; such a stream starts with its own first bytes.
@@ -559,8 +622,9 @@ class DownstreamProxy:
                 session_id = value
             headers.append((name, value))
         headers.append(("X-Accel-Buffering", "no"))  # nginx and similar front proxies: do not buffer this
-        body = DownstreamBody(route, downstream.raw, opening, watch,
-                              listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET")
+        body = DownstreamBody(
+            route, downstream.raw, opening, watch, listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET"
+        )
         response = ProxiedResponse(body, status=downstream.status_code, headers=headers, direct_passthrough=True)
         # Noted on the way, not looked up: a lookup in Werkzeug's (or requests') headers costs 3-7 µs a request.
         response.mcp_session_id = session_id
@@ -572,9 +636,9 @@ class DownstreamProxy:
         base = route.downstream_url.split("?", 1)[0]
         base_path = urlsplit(base).path
         if location.startswith(base):
-            return route.resource + location[len(base):]
+            return route.resource + location[len(base) :]
         if base_path and (location.startswith(base_path + "/") or location == base_path):
-            return route.path.rstrip("/") + location[len(base_path):]
+            return route.path.rstrip("/") + location[len(base_path) :]
         return location
 
     def _set_stream_idle_timeout(self, downstream: requests.Response) -> None:
@@ -632,8 +696,12 @@ class DownstreamBody:
             else:
                 # The downstream died or stalled mid-answer. Ending normally would send the client a final chunk, a
                 # complete-looking answer; cut the connection instead, so the client sees it truncated.
-                log.warning("downstream %s broke off its answer to %s: %r; client connection aborted",
-                            self.route.name, self.route.path, error)
+                log.warning(
+                    "downstream %s broke off its answer to %s: %r; client connection aborted",
+                    self.route.name,
+                    self.route.path,
+                    error,
+                )
                 if not self.watch.abort_client():
                     raise  # no socket of ours to cut (TLS, HTTP/2): the WSGI server drops the connection itself
         finally:
@@ -667,26 +735,35 @@ def _may_send_again(prepared: requests.PreparedRequest, error: requests.Connecti
     if not isinstance(cause, urllib3.exceptions.ProtocolError) or len(cause.args) < 2:
         return False
     reused, sent = getattr(cause.args[1], "oauthproxy_attempt", (False, True))
-    return (reused and (prepared.body is None or isinstance(prepared.body, bytes))
-            and (not sent or prepared.method in IDEMPOTENT_METHODS))
+    return (
+        reused
+        and (prepared.body is None or isinstance(prepared.body, bytes))
+        and (not sent or prepared.method in IDEMPOTENT_METHODS)
+    )
 
 
 def _downstream_error(route: Route, error: requests.RequestException) -> DownstreamError:
     """The client's answer for a failed downstream request, named for what happened."""
     if isinstance(error, requests.ConnectTimeout):
-        return DownstreamError(504, "downstream_timeout",
-                               f"timed out connecting to the downstream MCP server {route.name!r}")
+        return DownstreamError(
+            504, "downstream_timeout", f"timed out connecting to the downstream MCP server {route.name!r}"
+        )
     if isinstance(error, requests.ReadTimeout):
-        return DownstreamError(504, "downstream_timeout",
-                               f"the downstream MCP server {route.name!r} did not answer in time")
+        return DownstreamError(
+            504, "downstream_timeout", f"the downstream MCP server {route.name!r} did not answer in time"
+        )
     if isinstance(error, requests.ConnectionError):
         if isinstance(error.args[0] if error.args else None, urllib3.exceptions.ProtocolError):
             # Connected, sent, and the connection broke (reset or closed) before an answer came.
             log.warning("downstream %s closed the connection without answering: %r", route.name, error)
-            return DownstreamError(502, "downstream_unavailable",
-                                   f"the downstream MCP server {route.name!r} closed the connection without answering")
-        return DownstreamError(502, "downstream_unavailable",
-                               f"could not connect to the downstream MCP server {route.name!r}")
+            return DownstreamError(
+                502,
+                "downstream_unavailable",
+                f"the downstream MCP server {route.name!r} closed the connection without answering",
+            )
+        return DownstreamError(
+            502, "downstream_unavailable", f"could not connect to the downstream MCP server {route.name!r}"
+        )
     log.warning("request to downstream %s failed: %r", route.name, error)
     return DownstreamError(502, "downstream_error", f"the request to the downstream MCP server {route.name!r} failed")
 
@@ -744,13 +821,27 @@ class ClientWatch:
     One is alive per open stream: slots, and bound methods rather than closures, keep it small.
     """
 
-    __slots__ = ("_downstream", "_gevent", "_guard", "_raw", "_sock", "_started", "_stop_callback", "_stopped",
-                 "_waiting_greenlet", "_watcher", "client_gone")
+    __slots__ = (
+        "_downstream",
+        "_gevent",
+        "_guard",
+        "_raw",
+        "_sock",
+        "_started",
+        "_stop_callback",
+        "_stopped",
+        "_waiting_greenlet",
+        "_watcher",
+        "client_gone",
+    )
 
     def __init__(self, environ: dict[str, Any]):
         sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-        usable = (sock is not None and not isinstance(sock, ssl.SSLSocket)
-                  and str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1"))
+        usable = (
+            sock is not None
+            and not isinstance(sock, ssl.SSLSocket)
+            and str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1")
+        )
         self._sock = sock if usable else None
         self._gevent = _gevent_hub_running()
         self._waiting_greenlet: Any = None  # the greenlet a disconnect interrupts until the downstream answers

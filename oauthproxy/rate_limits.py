@@ -38,7 +38,9 @@ class SqliteCounterStorage(Storage):
         # As SQLAlchemy spells SQLite URLs: sqlite:////absolute/path, sqlite:///relative/path.
         path = unquote(urlsplit(uri or "").path)[1:]
         if not path or path.endswith("/"):
-            raise ValueError(f"a sqlite rate-limit storage URI names a file, e.g. sqlite:////run/oauthproxy/rl.db; got {uri!r}")
+            raise ValueError(
+                f"a sqlite rate-limit storage URI names a file, e.g. sqlite:////run/oauthproxy/rl.db; got {uri!r}"
+            )
         self.path = path
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
@@ -53,12 +55,15 @@ class SqliteCounterStorage(Storage):
     def _db(self) -> sqlite3.Connection:
         # One connection per process: a connection must not cross a fork (the master may have made one).
         if self._connection is None or self._pid != os.getpid():
-            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                         timeout=self.BUSY_TIMEOUT_MS / 1000)
+            connection = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self.BUSY_TIMEOUT_MS / 1000
+            )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=OFF")
-            connection.execute("CREATE TABLE IF NOT EXISTS counters "
-                               "(key TEXT PRIMARY KEY, count INTEGER NOT NULL, expires_at REAL NOT NULL)")
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS counters "
+                "(key TEXT PRIMARY KEY, count INTEGER NOT NULL, expires_at REAL NOT NULL)"
+            )
             self._connection, self._pid = connection, os.getpid()
         return self._connection
 
@@ -73,7 +78,9 @@ class SqliteCounterStorage(Storage):
             "INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
             "count = CASE WHEN counters.expires_at <= ? THEN excluded.count ELSE counters.count + excluded.count END, "
             "expires_at = CASE WHEN counters.expires_at <= ? THEN excluded.expires_at ELSE counters.expires_at END "
-            "RETURNING count", (key, amount, now + expiry, now, now))
+            "RETURNING count",
+            (key, amount, now + expiry, now, now),
+        )
         self._increments += 1
         if self._increments % self.PURGE_EVERY == 0:
             self._execute("DELETE FROM counters WHERE expires_at <= ?", (now,))
@@ -116,13 +123,22 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     # successes and 500s included. `rate_limit_headers` below sends them as they are meant.
     # When the shared counters fail (the file, Redis), the limits keep holding per process in memory: one warning,
     # then a check of the storage now and then until it recovers; not a traceback per request, not no limit at all.
-    limiter = Limiter(get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
-                      headers_enabled=False, default_limits=[], swallow_errors=True, in_memory_fallback_enabled=True)
-    limits = (("authorization.register", settings.register_rate_limit),
-              ("authorization.authorize", settings.authorize_rate_limit),
-              ("authorization.submit_consent", settings.authorize_rate_limit),
-              ("authorization.token", settings.token_rate_limit),
-              ("authorization.revoke", settings.token_rate_limit))
+    limiter = Limiter(
+        get_remote_address,
+        app=app,
+        storage_uri=settings.rate_limit_storage_uri,
+        headers_enabled=False,
+        default_limits=[],
+        swallow_errors=True,
+        in_memory_fallback_enabled=True,
+    )
+    limits = (
+        ("authorization.register", settings.register_rate_limit),
+        ("authorization.authorize", settings.authorize_rate_limit),
+        ("authorization.submit_consent", settings.authorize_rate_limit),
+        ("authorization.token", settings.token_rate_limit),
+        ("authorization.revoke", settings.token_rate_limit),
+    )
     for endpoint, limit in limits:
         # Flask-Limiter 4 checks inside the wrapper it returns, so the view must be replaced by it.
         app.view_functions[endpoint] = limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])

@@ -42,8 +42,18 @@ log = logging.getLogger(__name__)
 
 METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 #: Request headers a browser client may send (T-1); `Mcp-Param-*` (2026-07-28) are matched by prefix.
-CORS_ALLOWED_HEADERS = frozenset({"authorization", "content-type", "accept", "mcp-session-id", "mcp-protocol-version",
-                                  "last-event-id", "mcp-method", "mcp-name"})
+CORS_ALLOWED_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-type",
+        "accept",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "last-event-id",
+        "mcp-method",
+        "mcp-name",
+    }
+)
 #: T-6: a browser client must read the challenge and the session headers.
 CORS_EXPOSED_HEADERS = "WWW-Authenticate, Mcp-Session-Id, MCP-Protocol-Version"
 #: RFC 6750 §3: quoted-string values of the challenge may not contain `"` or `\`.
@@ -136,9 +146,21 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
     validated = cache.get(key)
     if validated is None:
         row = db.session.execute(
-            select(Token.id, Token.grant_id, Token.scope, Token.resource, Token.access_expires_at, Token.revoked_at,
-                   Grant.revoked_at.label("grant_revoked_at"), Grant.user_id, Grant.user_email, Grant.user_name,
-                   Grant.upstream_access_token, Grant.upstream_expires_at, database_now().label("database_now"))
+            select(
+                Token.id,
+                Token.grant_id,
+                Token.scope,
+                Token.resource,
+                Token.access_expires_at,
+                Token.revoked_at,
+                Grant.revoked_at.label("grant_revoked_at"),
+                Grant.user_id,
+                Grant.user_email,
+                Grant.user_name,
+                Grant.upstream_access_token,
+                Grant.upstream_expires_at,
+                database_now().label("database_now"),
+            )
             .join(Grant, Grant.id == Token.grant_id)
             .where(Token.access_token_hash == key)
         ).first()
@@ -156,19 +178,23 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
         upstream_token = None
         if row.upstream_access_token and route.forwards_upstream_token:
             try:
-                upstream_token = open_grant_secret(current_app._get_current_object(), row.grant_id,
-                                                   "upstream_access_token", row.upstream_access_token)
+                upstream_token = open_grant_secret(
+                    current_app._get_current_object(), row.grant_id, "upstream_access_token", row.upstream_access_token
+                )
             except UnreadableGrant as error:
                 revoke_unreadable_grant(row.grant_id)
                 raise TokenRejected(f"{error}; sign in again") from None
         # Expiry as the time left on the database's clock, which stamped it (clock.py): a skewed instance clock
         # neither ends the token early nor stretches it.
         validated = ValidatedToken(
-            token_id=row.id, grant_id=row.grant_id, scopes=frozenset((row.scope or "").split()),
+            token_id=row.id,
+            grant_id=row.grant_id,
+            scopes=frozenset((row.scope or "").split()),
             resource=canonical_resource(row.resource),
             expires_at=time.time() + (row.access_expires_at - row.database_now).total_seconds(),
             caller=Caller(row.user_id, row.user_email, row.user_name, upstream_token),
-            upstream=UpstreamAccess(upstream_token, row.upstream_expires_at))
+            upstream=UpstreamAccess(upstream_token, row.upstream_expires_at),
+        )
         if validated.expires_at > time.time():
             cache.put(key, validated)
     if validated.expires_at <= time.time():
@@ -196,8 +222,9 @@ def resource_scopes() -> tuple[str, ...]:
     return tuple(s for s in current_app.config["OAUTH_SCOPES_SUPPORTED"] if s != "offline_access")
 
 
-def www_authenticate(route: Route, error: str | None = None, description: str | None = None,
-                     scopes: tuple[str, ...] | None = None) -> str:
+def www_authenticate(
+    route: Route, error: str | None = None, description: str | None = None, scopes: tuple[str, ...] | None = None
+) -> str:
     """RFC 6750 §3 challenge with an absolute RFC 9728 `resource_metadata` URL (RS-2, RS-4)."""
     params = []
     if error:
@@ -225,38 +252,49 @@ def _session_not_found() -> Response:
 def _database_unavailable() -> Response:
     db.session.rollback()
     log.warning("MCP session binding: the database is unavailable")
-    return json_error(503, "temporarily_unavailable", "the session store is unavailable; retry shortly",
-                       {"Retry-After": "5"})
+    return json_error(
+        503, "temporarily_unavailable", "the session store is unavailable; retry shortly", {"Retry-After": "5"}
+    )
 
 
 def unauthorized(route: Route, description: str | None = None, token_sent: bool = True) -> Response:
     """401: no token (no error code, RFC 6750 §3.1) or a token that is bad, expired, revoked or for elsewhere."""
     if not token_sent:
-        return json_error(401, "unauthorized", "this MCP endpoint requires a Bearer access token",
-                           {"WWW-Authenticate": www_authenticate(route)})
+        return json_error(
+            401,
+            "unauthorized",
+            "this MCP endpoint requires a Bearer access token",
+            {"WWW-Authenticate": www_authenticate(route)},
+        )
     description = description or "the access token is invalid"
-    return json_error(401, "invalid_token", description,
-                       {"WWW-Authenticate": www_authenticate(route, "invalid_token", description)})
+    return json_error(
+        401, "invalid_token", description, {"WWW-Authenticate": www_authenticate(route, "invalid_token", description)}
+    )
 
 
 def _cors_headers(origin: str | None) -> dict[str, str]:
     if not origin:
         return {}
-    return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": CORS_EXPOSED_HEADERS,
-            "Vary": "Origin"}
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": CORS_EXPOSED_HEADERS,
+        "Vary": "Origin",
+    }
 
 
 def _preflight(origin: str) -> Response:
     requested = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",") if h.strip()]
     allowed = [h for h in requested if h.lower() in CORS_ALLOWED_HEADERS or h.lower().startswith("mcp-param-")]
     response = Response(status=204)
-    response.headers.update({
-        "Access-Control-Allow-Origin": origin,
-        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-        "Access-Control-Allow-Headers": ", ".join(allowed or sorted(CORS_ALLOWED_HEADERS)),
-        "Access-Control-Max-Age": "86400",
-        "Vary": "Origin",
-    })
+    response.headers.update(
+        {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": ", ".join(allowed or sorted(CORS_ALLOWED_HEADERS)),
+            "Access-Control-Max-Age": "86400",
+            "Vary": "Origin",
+        }
+    )
     return response
 
 
@@ -267,13 +305,15 @@ def protected_resource_metadata(route_name: str) -> Response:
     """RFC 9728 §2-3: what this resource is and which authorization server issues its tokens."""
     route = components().routes[route_name]
     settings = _settings()
-    response = jsonify({
-        "resource": route.resource,
-        "authorization_servers": [settings.issuer],  # byte-identical to the AS metadata's issuer (AS-1)
-        "scopes_supported": list(resource_scopes()),
-        "bearer_methods_supported": ["header"],
-        "resource_name": route.name,
-    })
+    response = jsonify(
+        {
+            "resource": route.resource,
+            "authorization_servers": [settings.issuer],  # byte-identical to the AS metadata's issuer (AS-1)
+            "scopes_supported": list(resource_scopes()),
+            "bearer_methods_supported": ["header"],
+            "resource_name": route.name,
+        }
+    )
     response.headers["Cache-Control"] = "public, max-age=300"
     return response
 
@@ -313,8 +353,12 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     if missing:
         # RS-4: name every scope needed; clients re-authorize with the union of old and new.
         description = f"this resource requires the scope(s): {' '.join(route.required_scopes)}"
-        return json_error(403, "insufficient_scope", description, {
-            "WWW-Authenticate": www_authenticate(route, "insufficient_scope", description, route.required_scopes)})
+        return json_error(
+            403,
+            "insufficient_scope",
+            description,
+            {"WWW-Authenticate": www_authenticate(route, "insufficient_scope", description, route.required_scopes)},
+        )
     if not route.user_is_allowed(validated.caller.email):
         return json_error(403, "access_denied", f"this account is not allowed to use {route.path}")
 
@@ -330,8 +374,9 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
 
     if route.forwards_upstream_token and validated.upstream.needs_refresh(settings.proxy.upstream_refresh_skew):
         try:
-            upstream = refresh_upstream_access(current_app._get_current_object(), validated.grant_id,
-                                               settings.proxy.upstream_refresh_skew)
+            upstream = refresh_upstream_access(
+                current_app._get_current_object(), validated.grant_id, settings.proxy.upstream_refresh_skew
+            )
         except LoginRequired as error:
             if isinstance(error, UnreadableGrant):
                 revoke_unreadable_grant(validated.grant_id)
@@ -339,8 +384,9 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
             return unauthorized(route, str(error) + "; sign in again")
         except UpstreamUnavailable as error:
             return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
-        validated = replace(validated, upstream=upstream,
-                            caller=replace(validated.caller, upstream_access_token=upstream.access_token))
+        validated = replace(
+            validated, upstream=upstream, caller=replace(validated.caller, upstream_access_token=upstream.access_token)
+        )
         components().token_cache.put(key, validated)
 
     proxy: DownstreamProxy = components().downstream_proxy
@@ -351,8 +397,9 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     answered = response.mcp_session_id
     if session_id is not None or answered is not None:
         try:
-            _sessions().observe(route.name, request.method, session_id, answered, response.status_code,
-                                validated.caller.user_id)
+            _sessions().observe(
+                route.name, request.method, session_id, answered, response.status_code, validated.caller.user_id
+            )
         except SQLAlchemyError:
             response.close()  # a session we could not bind is not handed out
             return _database_unavailable()
@@ -360,7 +407,8 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
         # The downstream refused the credential we sent; its challenge would point the client at an
         # authorization server it has nothing to do with. Every 401 here carries our own (RS-2).
         response.headers["WWW-Authenticate"] = www_authenticate(
-            route, "invalid_token", "the downstream MCP server refused the request's credentials")
+            route, "invalid_token", "the downstream MCP server refused the request's credentials"
+        )
     elif response.status_code == 403:
         response.headers.pop("WWW-Authenticate", None)
     return response
@@ -383,22 +431,48 @@ def init_resource_server(app: Flask, settings: Settings) -> None:
     services.refresh_locks = KeyedLocks()
     services.mcp_sessions = SessionBindings(settings.proxy.session_idle_timeout)
     services.downstream_proxy = DownstreamProxy(
-        settings.proxy, settings.public_url,
-        frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}), settings.ca_bundle)
+        settings.proxy,
+        settings.public_url,
+        frozenset({app.config["SESSION_COOKIE_NAME"], consent_cookie_name(settings)}),
+        settings.ca_bundle,
+    )
     app.url_map.converters["below"] = BelowRoute
     for index, route in enumerate(settings.routes):
         defaults = {"route_name": route.name}
-        app.add_url_rule(route.metadata_path, f"resource_metadata_{index}", protected_resource_metadata,
-                         defaults=defaults, methods=["GET"])
+        app.add_url_rule(
+            route.metadata_path,
+            f"resource_metadata_{index}",
+            protected_resource_metadata,
+            defaults=defaults,
+            methods=["GET"],
+        )
         if index == 0 and route.path != "/":
             # RFC 9728 clients fall back to the root well-known URL; it describes the default resource.
-            app.add_url_rule("/.well-known/oauth-protected-resource", "resource_metadata_root",
-                             protected_resource_metadata, defaults=defaults, methods=["GET"])
+            app.add_url_rule(
+                "/.well-known/oauth-protected-resource",
+                "resource_metadata_root",
+                protected_resource_metadata,
+                defaults=defaults,
+                methods=["GET"],
+            )
         endpoint = f"mcp_{index}"
-        app.add_url_rule(route.path, endpoint, mcp_endpoint, defaults=defaults, methods=METHODS,
-                         provide_automatic_options=False)
+        app.add_url_rule(
+            route.path, endpoint, mcp_endpoint, defaults=defaults, methods=METHODS, provide_automatic_options=False
+        )
         if route.path != "/":
-            app.add_url_rule(route.path + "/", endpoint + "_slash", mcp_endpoint, defaults=defaults,
-                             methods=METHODS, provide_automatic_options=False)
-            app.add_url_rule(route.path + "/<below:subpath>", endpoint + "_sub", mcp_endpoint, defaults=defaults,
-                             methods=METHODS, provide_automatic_options=False)
+            app.add_url_rule(
+                route.path + "/",
+                endpoint + "_slash",
+                mcp_endpoint,
+                defaults=defaults,
+                methods=METHODS,
+                provide_automatic_options=False,
+            )
+            app.add_url_rule(
+                route.path + "/<below:subpath>",
+                endpoint + "_sub",
+                mcp_endpoint,
+                defaults=defaults,
+                methods=METHODS,
+                provide_automatic_options=False,
+            )

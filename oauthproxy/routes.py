@@ -16,23 +16,60 @@ CredentialKind = Literal["none", "upstream_token", "static"]
 CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("none", "upstream_token", "static")
 
 #: Paths the authorization server owns; a route there would shadow it.
-RESERVED_PATHS = ("/authorize", "/token", "/register", "/revoke", "/callback", "/.well-known", "/static", "/healthz",
-                  "/readyz", "/metrics")
+RESERVED_PATHS = (
+    "/authorize",
+    "/token",
+    "/register",
+    "/revoke",
+    "/callback",
+    "/.well-known",
+    "/static",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 
 #: An RFC 9110 field name (token characters).
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: Headers a static credential must not replace: the proxy sets or strips them itself.
-PROTECTED_HEADERS = frozenset({
-    "host", "content-length", "transfer-encoding", "connection", "x-forwarded-for", "x-forwarded-host",
-    "x-forwarded-proto", "x-forwarded-user", "x-forwarded-email", "x-forwarded-name", "x-forwarded-access-token",
-    "mcp-session-id", "mcp-protocol-version", "content-type", "accept",
-})
+PROTECTED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-name",
+        "x-forwarded-access-token",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "content-type",
+        "accept",
+    }
+)
 
-ROUTE_KEYS = frozenset({
-    "name", "path", "url", "scopes", "allowed_emails", "allowed_email_domains", "identity_headers",
-    "forward_access_token", "credential", "credential_header", "credential_scheme", "credential_env", "credential_file",
-})
+ROUTE_KEYS = frozenset(
+    {
+        "name",
+        "path",
+        "url",
+        "scopes",
+        "allowed_emails",
+        "allowed_email_domains",
+        "identity_headers",
+        "forward_access_token",
+        "credential",
+        "credential_header",
+        "credential_scheme",
+        "credential_env",
+        "credential_file",
+    }
+)
 
 #: `MCP_SERVER_URL` alone is one route; these variables configure it the way a routes-file entry would.
 SINGLE_ROUTE_ENV = {
@@ -142,8 +179,10 @@ def _read_secret(entry: Mapping[str, Any], where: str, env: Mapping[str, str], p
     """A static credential from an environment variable or a file. Error messages name the source, never the value."""
     env_name, file_name = entry.get("credential_env"), entry.get("credential_file")
     if bool(env_name) == bool(file_name):
-        problems.append(f"{where}: a static credential needs exactly one of credential_env (the name of an "
-                        "environment variable holding the secret) or credential_file (a file holding it)")
+        problems.append(
+            f"{where}: a static credential needs exactly one of credential_env (the name of an "
+            "environment variable holding the secret) or credential_file (a file holding it)"
+        )
         return ""
     if env_name:
         if not isinstance(env_name, str):
@@ -169,8 +208,9 @@ def _read_secret(entry: Mapping[str, Any], where: str, env: Mapping[str, str], p
     return secret
 
 
-def _credential(entry: Mapping[str, Any], where: str, env: Mapping[str, str],
-                problems: list[str]) -> DownstreamCredential:
+def _credential(
+    entry: Mapping[str, Any], where: str, env: Mapping[str, str], problems: list[str]
+) -> DownstreamCredential:
     kind = entry.get("credential", "none")
     if kind not in CREDENTIAL_KINDS:
         problems.append(f"{where}: credential must be one of {', '.join(CREDENTIAL_KINDS)}; got {kind!r}")
@@ -202,7 +242,9 @@ def _path(value: Any, where: str, problems: list[str]) -> str:
         return "/"
     parts = urlsplit(value)
     if parts.query or parts.fragment or "//" in value or any(seg in (".", "..") for seg in value.split("/")):
-        problems.append(f"{where}: path must be a plain path without query, fragment, // or dot segments; got {value!r}")
+        problems.append(
+            f"{where}: path must be a plain path without query, fragment, // or dot segments; got {value!r}"
+        )
     path = value.rstrip("/") or "/"
     if any(path == reserved or path.startswith(reserved + "/") for reserved in RESERVED_PATHS):
         problems.append(f"{where}: path {path} would shadow an authorization server endpoint; choose another path")
@@ -217,16 +259,24 @@ def _downstream_url(value: Any, where: str, problems: list[str]) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         problems.append(f"{where}: url must be an absolute http(s) URL; got {value!r}")
     if parts.fragment or parts.username or parts.password:
-        problems.append(f"{where}: url must not carry a fragment or credentials (use credential = \"static\")")
+        problems.append(f'{where}: url must not carry a fragment or credentials (use credential = "static")')
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), parts.query, ""))
 
 
-def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapping[str, str],
-                scopes_supported: tuple[str, ...], problems: list[str]) -> Route:
+def build_route(
+    entry: Mapping[str, Any],
+    where: str,
+    public_url: str,
+    env: Mapping[str, str],
+    scopes_supported: tuple[str, ...],
+    problems: list[str],
+) -> Route:
     """Validate one route entry (a TOML table, or the single-route environment variables)."""
     unknown = sorted(set(entry) - ROUTE_KEYS)
     if unknown:
-        problems.append(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(ROUTE_KEYS))}")
+        problems.append(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(ROUTE_KEYS))}"
+        )
     path = _path(entry.get("path"), where, problems)
     url = _downstream_url(entry.get("url"), where, problems)
     name = entry.get("name") or (path.rstrip("/").rsplit("/", 1)[-1] or "mcp")
@@ -237,8 +287,9 @@ def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapp
     if scopes_supported:
         missing = [scope for scope in scopes if scope not in scopes_supported]
         if missing:
-            problems.append(f"{where}: scopes {', '.join(missing)} are not in SCOPES_SUPPORTED, so no token could "
-                            "ever carry them")
+            problems.append(
+                f"{where}: scopes {', '.join(missing)} are not in SCOPES_SUPPORTED, so no token could ever carry them"
+            )
     identity_headers = _bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems)
     credential = _credential(entry, where, env, problems)
     emails = _strings(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
@@ -252,14 +303,18 @@ def build_route(entry: Mapping[str, Any], where: str, public_url: str, env: Mapp
         allowed_emails=frozenset(email.lower() for email in emails),
         allowed_email_domains=frozenset(domain.lower().lstrip("@") for domain in domains),
         identity_headers=identity_headers,
-        forward_access_token=_bool(entry.get("forward_access_token", identity_headers and credential.kind == "upstream_token"),
-                                   f"{where}: forward_access_token", problems),
+        forward_access_token=_bool(
+            entry.get("forward_access_token", identity_headers and credential.kind == "upstream_token"),
+            f"{where}: forward_access_token",
+            problems,
+        ),
         credential=credential,
     )
 
 
-def load_routes(env: Mapping[str, str], public_url: str, scopes_supported: tuple[str, ...],
-                problems: list[str]) -> tuple[Route, ...]:
+def load_routes(
+    env: Mapping[str, str], public_url: str, scopes_supported: tuple[str, ...], problems: list[str]
+) -> tuple[Route, ...]:
     """Routes from the TOML file named by `MCP_ROUTES_FILE`, or one route from `MCP_SERVER_URL`."""
     routes_file = env.get("MCP_ROUTES_FILE", "").strip()
     server_url = env.get("MCP_SERVER_URL", "").strip()
@@ -291,8 +346,10 @@ def load_routes(env: Mapping[str, str], public_url: str, scopes_supported: tuple
     if not isinstance(entries, list) or not entries or not all(isinstance(item, dict) for item in entries):
         problems.append(f"MCP_ROUTES_FILE: {routes_file} must declare at least one [[routes]] table")
         return ()
-    routes = tuple(build_route(item, f"MCP_ROUTES_FILE [[routes]] #{index + 1}", public_url, env,
-                               scopes_supported, problems) for index, item in enumerate(entries))
+    routes = tuple(
+        build_route(item, f"MCP_ROUTES_FILE [[routes]] #{index + 1}", public_url, env, scopes_supported, problems)
+        for index, item in enumerate(entries)
+    )
     seen_paths: dict[str, str] = {}
     seen_names: set[str] = set()
     for route in routes:
@@ -300,17 +357,29 @@ def load_routes(env: Mapping[str, str], public_url: str, scopes_supported: tuple
             problems.append(f"MCP_ROUTES_FILE: two routes are named {route.name!r}; names must be unique")
         seen_names.add(route.name)
         for other, other_name in seen_paths.items():
-            if route.path == other or route.path.startswith(other.rstrip("/") + "/") or other.startswith(
-                    route.path.rstrip("/") + "/"):
+            if (
+                route.path == other
+                or route.path.startswith(other.rstrip("/") + "/")
+                or other.startswith(route.path.rstrip("/") + "/")
+            ):
                 # Each route is its own audience; a nested path would make one resource a prefix of another.
-                problems.append(f"MCP_ROUTES_FILE: routes {other_name!r} ({other}) and {route.name!r} ({route.path}) "
-                                "overlap; route paths must not be equal or nested")
+                problems.append(
+                    f"MCP_ROUTES_FILE: routes {other_name!r} ({other}) and {route.name!r} ({route.path}) "
+                    "overlap; route paths must not be equal or nested"
+                )
         seen_paths[route.path] = route.name
     return routes
 
 
-def _number(env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float,
-            problems: list[str], unit: str = "seconds") -> float:
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    minimum: float,
+    maximum: float,
+    problems: list[str],
+    unit: str = "seconds",
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -331,8 +400,9 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         if not origin:
             continue
         if origin != "*" and not re.match(r"^https?://[^/?#]+$", origin.rstrip("/")):
-            problems.append(f"ALLOWED_ORIGINS entries must be origins such as https://app.example.com, or *; "
-                            f"got {origin!r}")
+            problems.append(
+                f"ALLOWED_ORIGINS entries must be origins such as https://app.example.com, or *; got {origin!r}"
+            )
             continue
         origins.add(origin if origin == "*" else normalise_origin(origin))
     return ProxySettings(
@@ -348,4 +418,3 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         max_body_bytes=int(_number(env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 2**40, problems, "bytes")),
         session_idle_timeout=_number(env, "MCP_SESSION_IDLE_TIMEOUT", 86_400, 60, 30 * 86_400, problems),
     )
-

@@ -21,20 +21,45 @@ Level = Literal["ok", "info", "warn", "fail"]
 
 #: An MCP `initialize` request: what a client sends first, so servers answer it as they would a real client.
 INITIALIZE = {
-    "jsonrpc": "2.0", "id": 1, "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-               "clientInfo": {"name": "oauthproxy-check", "version": "1"}},
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "oauthproxy-check", "version": "1"},
+    },
 }
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               "MCP-Protocol-Version": "2025-06-18"}
+MCP_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+    "MCP-Protocol-Version": "2025-06-18",
+}
 #: Words providers use when they refuse a redirect URI (Google, Microsoft Entra, Keycloak, Auth0, Okta,
 #: oidc-provider, GitHub). Checked in the provider's answer to an authorization request.
-REDIRECT_REFUSALS = ("redirect_uri_mismatch", "invalid_redirect_uri", "aadsts50011", "aadsts500113",
-                     "redirect_uri is not associated", "callback url mismatch", "invalid parameter: redirect_uri",
-                     "redirect_uri did not match", "'redirect_uri' parameter does not match", "invalid redirect_uri",
-                     "redirect uri mismatch", "the redirect uri")
-CLIENT_REFUSALS = ("invalid_client", "unauthorized_client", "aadsts700016", "oauth client was not found",
-                   "client not found", "unknown client", "client authentication failed")
+REDIRECT_REFUSALS = (
+    "redirect_uri_mismatch",
+    "invalid_redirect_uri",
+    "aadsts50011",
+    "aadsts500113",
+    "redirect_uri is not associated",
+    "callback url mismatch",
+    "invalid parameter: redirect_uri",
+    "redirect_uri did not match",
+    "'redirect_uri' parameter does not match",
+    "invalid redirect_uri",
+    "redirect uri mismatch",
+    "the redirect uri",
+)
+CLIENT_REFUSALS = (
+    "invalid_client",
+    "unauthorized_client",
+    "aadsts700016",
+    "oauth client was not found",
+    "client not found",
+    "unknown client",
+    "client authentication failed",
+)
 MAX_PROVIDER_HOPS = 6
 #: Bytes of a page read when looking for the provider's error words.
 PAGE_LIMIT = 256 * 1024
@@ -55,16 +80,26 @@ def database_problem(dsn: str, error: Exception) -> str:
     where = make_url(dsn).render_as_string(hide_password=True)
     cause = getattr(error, "orig", None) or error  # the driver's own error, without SQLAlchemy's background link
     reason = " ".join(str(cause).split())[:300]
-    return (f"cannot use {where}: {type(cause).__name__}: {reason}{'' if reason.endswith(('.', '?')) else '.'} "
-            "Check DATABASE_DSN (or DATABASE_URL) and that the database server is running.")
+    return (
+        f"cannot use {where}: {type(cause).__name__}: {reason}{'' if reason.endswith(('.', '?')) else '.'} "
+        "Check DATABASE_DSN (or DATABASE_URL) and that the database server is running."
+    )
 
 
 def _reason(error: Exception) -> str:
     """A short reason for a failed connection, without requests' nested exception reprs."""
     text = str(error)
-    for marker in ("Connection refused", "Name or service not known", "nodename nor servname", "timed out",
-                   "No route to host", "certificate verify failed", "Temporary failure in name resolution",
-                   "Network is unreachable", "Connection reset"):
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "nodename nor servname",
+        "timed out",
+        "No route to host",
+        "certificate verify failed",
+        "Temporary failure in name resolution",
+        "Network is unreachable",
+        "Connection reset",
+    ):
         if marker.lower() in text.lower():
             return marker.lower()
     return type(error).__name__
@@ -109,8 +144,12 @@ class SelfCheck:
             for finding in self.provider():
                 provider_ok = provider_ok or (finding.subject == "identity provider" and finding.level == "ok")
                 yield finding
-            yield Finding("info", "callback URL", f"register exactly {self.settings.callback_url} as a redirect URI "
-                          f"of the client {self.settings.oauth_client_id} at the identity provider")
+            yield Finding(
+                "info",
+                "callback URL",
+                f"register exactly {self.settings.callback_url} as a redirect URI "
+                f"of the client {self.settings.oauth_client_id} at the identity provider",
+            )
             if provider_ok:
                 yield from self.callback_accepted()
             for route in self.settings.routes:
@@ -126,9 +165,13 @@ class SelfCheck:
         routes = ", ".join(f"{route.resource} -> {route.downstream_url}" for route in settings.routes)
         yield Finding("ok", "configuration", f"PUBLIC_URL {settings.public_url}; MCP {routes}")
         if not settings.is_loopback and settings.trusted_proxy_hops == 0:
-            yield Finding("info", "forwarded headers", "TRUSTED_PROXY_HOPS is 0: client addresses (logs, rate "
-                          "limits) are those of the peer; behind nginx or a load balancer set it to the number of "
-                          "proxies in front")
+            yield Finding(
+                "info",
+                "forwarded headers",
+                "TRUSTED_PROXY_HOPS is 0: client addresses (logs, rate "
+                "limits) are those of the peer; behind nginx or a load balancer set it to the number of "
+                "proxies in front",
+            )
 
     def database(self) -> Iterator[Finding]:
         from oauthproxy.database import schema_is_current
@@ -142,8 +185,9 @@ class SelfCheck:
         if current:
             yield Finding("ok", "database", f"{where} answers and its schema is current")
         else:
-            yield Finding("fail", "database", f"{where} answers but its schema is not current: run "
-                          "`oauthproxy db upgrade`")
+            yield Finding(
+                "fail", "database", f"{where} answers but its schema is not current: run `oauthproxy db upgrade`"
+            )
 
     # -- the identity provider ----------------------------------------------------------------------
 
@@ -154,13 +198,19 @@ class SelfCheck:
         try:
             metadata = upstream.load_metadata()
         except UpstreamError as error:
-            advice = ("the provider could not be reached from here; check the network, proxies and "
-                      "OAUTH_AUTHORIZE_URL" if error.kind == "transient" else "fix OAUTH_AUTHORIZE_URL")
+            advice = (
+                "the provider could not be reached from here; check the network, proxies and OAUTH_AUTHORIZE_URL"
+                if error.kind == "transient"
+                else "fix OAUTH_AUTHORIZE_URL"
+            )
             yield Finding("fail", "identity provider", f"{error.description} ({advice})")
             return
         source = upstream.metadata_url or "the configured endpoints (OAUTH_TOKEN_URL)"
-        yield Finding("ok", "identity provider", f"{upstream.name} metadata from {source}; authorize at "
-                      f"{metadata.get('authorization_endpoint')}")
+        yield Finding(
+            "ok",
+            "identity provider",
+            f"{upstream.name} metadata from {source}; authorize at {metadata.get('authorization_endpoint')}",
+        )
 
     def callback_accepted(self) -> Iterator[Finding]:
         """Start an authorization request as a browser would and read the provider's answer: most providers
@@ -171,7 +221,8 @@ class SelfCheck:
         callback = self.settings.callback_url
         try:
             url, _secrets = upstream.create_authorization_url(
-                callback, upstream.upstream_scopes(list(self.app.config["OAUTH_SCOPES_SUPPORTED"])))
+                callback, upstream.upstream_scopes(list(self.app.config["OAUTH_SCOPES_SUPPORTED"]))
+            )
         except UpstreamError as error:
             yield Finding("fail", "callback URL", f"cannot build an authorization request: {error.description}")
             return
@@ -182,8 +233,11 @@ class SelfCheck:
             try:
                 response = browser.get(url, allow_redirects=False, timeout=self.timeout)
             except requests.RequestException as error:
-                yield Finding("fail", "callback URL", f"the provider's authorization endpoint {url.split('?')[0]} "
-                              f"did not answer ({_reason(error)})")
+                yield Finding(
+                    "fail",
+                    "callback URL",
+                    f"the provider's authorization endpoint {url.split('?')[0]} did not answer ({_reason(error)})",
+                )
                 return
             if response.is_redirect:
                 location = urljoin(url, response.headers.get("Location", ""))
@@ -191,29 +245,45 @@ class SelfCheck:
                     yield from self._back_at_callback(location)
                     return
                 if _origin(location) != provider_origin:
-                    yield Finding("ok", "callback URL", "the provider accepted the authorization request and sent "
-                                  f"the browser on to sign in at {_origin(location)}")
+                    yield Finding(
+                        "ok",
+                        "callback URL",
+                        "the provider accepted the authorization request and sent "
+                        f"the browser on to sign in at {_origin(location)}",
+                    )
                     return
                 url = location
                 continue
             yield from self._provider_page(response)
             return
-        yield Finding("ok", "callback URL", "the provider accepted the authorization request (it redirected the "
-                      "browser several times within its own site, naming no error)")
+        yield Finding(
+            "ok",
+            "callback URL",
+            "the provider accepted the authorization request (it redirected the "
+            "browser several times within its own site, naming no error)",
+        )
 
     def _back_at_callback(self, location: str) -> Iterator[Finding]:
         query = {key: values[0] for key, values in parse_qs(urlsplit(location).query).items()}
         if "error" not in query:
-            yield Finding("ok", "callback URL", "the provider accepted the callback URL (it sent the browser back "
-                          "to it)")
+            yield Finding(
+                "ok", "callback URL", "the provider accepted the callback URL (it sent the browser back to it)"
+            )
             return
         detail = f"{query['error']}: {query.get('error_description', '')}".strip(": ")
         if query["error"] == "invalid_scope":
-            yield Finding("fail", "scopes", f"the provider refused the scopes we ask for ({detail}); fix "
-                          "SCOPES_SUPPORTED / UPSTREAM_SCOPES")
+            yield Finding(
+                "fail",
+                "scopes",
+                f"the provider refused the scopes we ask for ({detail}); fix SCOPES_SUPPORTED / UPSTREAM_SCOPES",
+            )
         else:
-            yield Finding("warn", "callback URL", f"the provider accepted the callback URL but answered the "
-                          f"authorization request with an error ({detail})")
+            yield Finding(
+                "warn",
+                "callback URL",
+                f"the provider accepted the callback URL but answered the "
+                f"authorization request with an error ({detail})",
+            )
 
     def _provider_page(self, response: requests.Response) -> Iterator[Finding]:
         page = _page_text(response)
@@ -222,24 +292,43 @@ class SelfCheck:
         if response.status_code >= 400 and not refused_redirect and "redirect_uri" in page:
             refused_redirect = True
         if refused_redirect:
-            yield Finding("fail", "callback URL", f"the provider refused our redirect URI {callback}: register "
-                          f"exactly this URL for the client {client_id} at the provider, or, if it is registered "
-                          "already, PUBLIC_URL is wrong (the callback derives from it)")
+            yield Finding(
+                "fail",
+                "callback URL",
+                f"the provider refused our redirect URI {callback}: register "
+                f"exactly this URL for the client {client_id} at the provider, or, if it is registered "
+                "already, PUBLIC_URL is wrong (the callback derives from it)",
+            )
             return
         if any(word in page for word in CLIENT_REFUSALS):
-            yield Finding("fail", "client id", f"the provider does not accept the client {client_id} (HTTP "
-                          f"{response.status_code}): check OAUTH_CLIENT_ID, and that the client is enabled")
+            yield Finding(
+                "fail",
+                "client id",
+                f"the provider does not accept the client {client_id} (HTTP "
+                f"{response.status_code}): check OAUTH_CLIENT_ID, and that the client is enabled",
+            )
             return
         if response.status_code >= 400:
-            yield Finding("fail", "callback URL", f"the provider answered the authorization request with HTTP "
-                          f"{response.status_code}: {page[:200]!r}")
+            yield Finding(
+                "fail",
+                "callback URL",
+                f"the provider answered the authorization request with HTTP {response.status_code}: {page[:200]!r}",
+            )
             return
         if getattr(components(self.app).login_provider, "name", "") == "github":
-            yield Finding("info", "callback URL", "GitHub shows its sign-in page first and checks the redirect URI "
-                          f"only after sign-in: make sure {callback} is the app's Authorization callback URL")
+            yield Finding(
+                "info",
+                "callback URL",
+                "GitHub shows its sign-in page first and checks the redirect URI "
+                f"only after sign-in: make sure {callback} is the app's Authorization callback URL",
+            )
             return
-        yield Finding("ok", "callback URL", "the provider answered the authorization request with a page that "
-                      "names no error (its sign-in page); most providers check the redirect URI before showing it")
+        yield Finding(
+            "ok",
+            "callback URL",
+            "the provider answered the authorization request with a page that "
+            "names no error (its sign-in page); most providers check the redirect URI before showing it",
+        )
 
     # -- the downstream MCP server -------------------------------------------------------------------
 
@@ -252,40 +341,72 @@ class SelfCheck:
         session.trust_env = False  # as the proxy itself connects
         session.verify = self.verify
         try:
-            response = session.post(route.downstream_url, json=INITIALIZE, headers=headers, timeout=self.timeout,
-                                    allow_redirects=False, stream=True)
+            response = session.post(
+                route.downstream_url,
+                json=INITIALIZE,
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+            )
         except requests.Timeout:
-            yield Finding("fail", subject, f"{route.downstream_url} did not answer within {self.timeout:g} s; is "
-                          "the MCP server overloaded, or is a firewall dropping the connection?")
+            yield Finding(
+                "fail",
+                subject,
+                f"{route.downstream_url} did not answer within {self.timeout:g} s; is "
+                "the MCP server overloaded, or is a firewall dropping the connection?",
+            )
             return
         except requests.RequestException as error:
-            yield Finding("fail", subject, f"cannot connect to {route.downstream_url} ({_reason(error)}): start "
-                          "the MCP server, or fix MCP_SERVER_URL (it is reached from where the proxy runs: in a "
-                          "container, localhost is the container itself)")
+            yield Finding(
+                "fail",
+                subject,
+                f"cannot connect to {route.downstream_url} ({_reason(error)}): start "
+                "the MCP server, or fix MCP_SERVER_URL (it is reached from where the proxy runs: in a "
+                "container, localhost is the container itself)",
+            )
             return
         with response:
             status = response.status_code
             if status == 404:
-                yield Finding("fail", subject, f"{route.downstream_url} answered 404: the server runs, but its MCP "
-                              "endpoint has another path; fix the path in MCP_SERVER_URL (often /mcp)")
+                yield Finding(
+                    "fail",
+                    subject,
+                    f"{route.downstream_url} answered 404: the server runs, but its MCP "
+                    "endpoint has another path; fix the path in MCP_SERVER_URL (often /mcp)",
+                )
             elif status == 421:
-                yield Finding("fail", subject, f"{route.downstream_url} refused the Host header (421): the MCP "
-                              "server's DNS-rebinding protection must allow the host named in MCP_SERVER_URL")
+                yield Finding(
+                    "fail",
+                    subject,
+                    f"{route.downstream_url} refused the Host header (421): the MCP "
+                    "server's DNS-rebinding protection must allow the host named in MCP_SERVER_URL",
+                )
             elif status in (401, 403):
-                yield Finding("warn", subject, f"{route.downstream_url} answered {status} to a request without a "
-                              "user's identity; if it wants a credential of its own, configure DOWNSTREAM_CREDENTIAL")
+                yield Finding(
+                    "warn",
+                    subject,
+                    f"{route.downstream_url} answered {status} to a request without a "
+                    "user's identity; if it wants a credential of its own, configure DOWNSTREAM_CREDENTIAL",
+                )
             elif 200 <= status < 300:
                 yield Finding("ok", subject, f"{route.downstream_url} answers MCP{self._server_name(response)}")
                 session_id = response.headers.get("Mcp-Session-Id")
                 if session_id:  # end the session the probe opened
                     try:
-                        session.delete(route.downstream_url, headers={**headers, "Mcp-Session-Id": session_id},
-                                       timeout=self.timeout)
+                        session.delete(
+                            route.downstream_url,
+                            headers={**headers, "Mcp-Session-Id": session_id},
+                            timeout=self.timeout,
+                        )
                     except requests.RequestException:
                         pass
             else:
-                yield Finding("warn", subject, f"{route.downstream_url} is reachable but answered an MCP initialize "
-                              f"request with HTTP {status}")
+                yield Finding(
+                    "warn",
+                    subject,
+                    f"{route.downstream_url} is reachable but answered an MCP initialize request with HTTP {status}",
+                )
 
     @staticmethod
     def _server_name(response: requests.Response) -> str:
@@ -311,59 +432,96 @@ class SelfCheck:
         settings = self.settings
         resource = route.resource
         try:
-            response = self.http.post(resource, json=INITIALIZE, headers=MCP_HEADERS, timeout=self.timeout,
-                                      allow_redirects=False)
+            response = self.http.post(
+                resource, json=INITIALIZE, headers=MCP_HEADERS, timeout=self.timeout, allow_redirects=False
+            )
         except requests.exceptions.SSLError as error:
-            yield Finding("fail", subject, f"TLS failed at {resource} ({_reason(error)}): clients need a valid "
-                          "certificate for PUBLIC_URL's host")
+            yield Finding(
+                "fail",
+                subject,
+                f"TLS failed at {resource} ({_reason(error)}): clients need a valid certificate for PUBLIC_URL's host",
+            )
             return
         except requests.RequestException as error:
-            yield Finding("fail", subject, f"nothing answers at {resource} ({_reason(error)}). PUBLIC_URL must be the "
-                          "address clients use to reach this proxy: is the proxy running, and do DNS and the reverse "
-                          "proxy send that address here?")
+            yield Finding(
+                "fail",
+                subject,
+                f"nothing answers at {resource} ({_reason(error)}). PUBLIC_URL must be the "
+                "address clients use to reach this proxy: is the proxy running, and do DNS and the reverse "
+                "proxy send that address here?",
+            )
             return
         status = response.status_code
         if response.is_redirect:
             location = urljoin(resource, response.headers.get("Location", ""))
-            yield Finding("fail", subject, f"{resource} redirects to {location}: clients do not follow that (a POST "
-                          f"is lost), so PUBLIC_URL is wrong; set it to the address that answers directly, probably "
-                          f"{_origin(location)}")
+            yield Finding(
+                "fail",
+                subject,
+                f"{resource} redirects to {location}: clients do not follow that (a POST "
+                f"is lost), so PUBLIC_URL is wrong; set it to the address that answers directly, probably "
+                f"{_origin(location)}",
+            )
             return
         if status == 404:
-            yield Finding("fail", subject, f"{resource} answered 404: whatever answers at PUBLIC_URL does not serve "
-                          f"the MCP path {route.path}; PUBLIC_URL may point at another server, or lack a path prefix "
-                          "that the reverse proxy adds")
+            yield Finding(
+                "fail",
+                subject,
+                f"{resource} answered 404: whatever answers at PUBLIC_URL does not serve "
+                f"the MCP path {route.path}; PUBLIC_URL may point at another server, or lack a path prefix "
+                "that the reverse proxy adds",
+            )
             return
         if status in (502, 503, 504):
-            yield Finding("fail", subject, f"{resource} answered {status}: the reverse proxy at PUBLIC_URL cannot reach "
-                          "this proxy; check its upstream address and that the proxy is running")
+            yield Finding(
+                "fail",
+                subject,
+                f"{resource} answered {status}: the reverse proxy at PUBLIC_URL cannot reach "
+                "this proxy; check its upstream address and that the proxy is running",
+            )
             return
         challenge = response.headers.get("WWW-Authenticate", "")
-        metadata_url = _bearer_parameter(challenge, "resource_metadata") if challenge.lower().startswith("bearer") \
-            else None
+        metadata_url = (
+            _bearer_parameter(challenge, "resource_metadata") if challenge.lower().startswith("bearer") else None
+        )
         if status != 401 or not metadata_url:
-            yield Finding("fail", subject, f"{resource} answered {status} "
-                          f"{'with' if challenge else 'without'} a challenge {challenge[:120]!r}; the proxy answers 401 "
-                          "with a Bearer challenge naming resource_metadata, so something else answers at PUBLIC_URL")
+            yield Finding(
+                "fail",
+                subject,
+                f"{resource} answered {status} "
+                f"{'with' if challenge else 'without'} a challenge {challenge[:120]!r}; the proxy answers 401 "
+                "with a Bearer challenge naming resource_metadata, so something else answers at PUBLIC_URL",
+            )
             return
         if not metadata_url.startswith(settings.public_url + "/"):
-            yield Finding("fail", subject, f"the server at {resource} points clients to {metadata_url}, outside "
-                          f"PUBLIC_URL={settings.public_url}: it runs with another PUBLIC_URL "
-                          f"({_origin(metadata_url)}); give every instance the same PUBLIC_URL, the address clients use")
+            yield Finding(
+                "fail",
+                subject,
+                f"the server at {resource} points clients to {metadata_url}, outside "
+                f"PUBLIC_URL={settings.public_url}: it runs with another PUBLIC_URL "
+                f"({_origin(metadata_url)}); give every instance the same PUBLIC_URL, the address clients use",
+            )
             return
         document = yield from self._json(subject, metadata_url, "protected resource metadata")
         if document is None:
             return
         advertised = str(document.get("resource", ""))
         if canonical_resource(advertised) != canonical_resource(resource):
-            yield Finding("fail", subject, f"{metadata_url} describes the resource {advertised!r}, but clients reach "
-                          f"it at {resource}; clients refuse the mismatch (RFC 9728 §3.3): the proxy answering there "
-                          "runs with another PUBLIC_URL or MCP path")
+            yield Finding(
+                "fail",
+                subject,
+                f"{metadata_url} describes the resource {advertised!r}, but clients reach "
+                f"it at {resource}; clients refuse the mismatch (RFC 9728 §3.3): the proxy answering there "
+                "runs with another PUBLIC_URL or MCP path",
+            )
             return
         servers = document.get("authorization_servers") or []
         if settings.issuer not in servers:
-            yield Finding("fail", subject, f"{metadata_url} names the authorization server(s) {servers}, not "
-                          f"{settings.issuer}: PUBLIC_URL differs between this configuration and the running proxy")
+            yield Finding(
+                "fail",
+                subject,
+                f"{metadata_url} names the authorization server(s) {servers}, not "
+                f"{settings.issuer}: PUBLIC_URL differs between this configuration and the running proxy",
+            )
             return
         issuer = settings.issuer
         parts = urlsplit(issuer)
@@ -372,32 +530,47 @@ class SelfCheck:
         if metadata is None:
             return
         if metadata.get("issuer") != issuer:
-            yield Finding("fail", subject, f"{as_url} names the issuer {metadata.get('issuer')!r}, not {issuer}; "
-                          "clients refuse the mismatch (RFC 8414 §3.3)")
+            yield Finding(
+                "fail",
+                subject,
+                f"{as_url} names the issuer {metadata.get('issuer')!r}, not {issuer}; "
+                "clients refuse the mismatch (RFC 8414 §3.3)",
+            )
             return
-        outside = [f"{key} {metadata.get(key)}" for key in ("authorization_endpoint", "token_endpoint",
-                                                            "registration_endpoint")
-                   if not str(metadata.get(key, "")).startswith(issuer + "/")]
+        outside = [
+            f"{key} {metadata.get(key)}"
+            for key in ("authorization_endpoint", "token_endpoint", "registration_endpoint")
+            if not str(metadata.get(key, "")).startswith(issuer + "/")
+        ]
         if outside:
             yield Finding("fail", subject, f"{as_url} advertises endpoints outside PUBLIC_URL: {', '.join(outside)}")
             return
         if "S256" not in (metadata.get("code_challenge_methods_supported") or []):
             yield Finding("fail", subject, f"{as_url} does not advertise PKCE S256; MCP clients refuse to proceed")
             return
-        yield Finding("ok", subject, f"a client reaching {resource} gets 401, then {metadata_url}, then {as_url}: "
-                      "all consistent with PUBLIC_URL")
+        yield Finding(
+            "ok",
+            subject,
+            f"a client reaching {resource} gets 401, then {metadata_url}, then {as_url}: "
+            "all consistent with PUBLIC_URL",
+        )
 
     def _json(self, subject: str, url: str, what: str) -> Iterator[Finding]:
         """Generator helper: yields a failure, or returns the JSON object at `url` (via `yield from`)."""
         try:
-            response = self.http.get(url, headers={"Accept": "application/json"}, timeout=self.timeout,
-                                     allow_redirects=False)
+            response = self.http.get(
+                url, headers={"Accept": "application/json"}, timeout=self.timeout, allow_redirects=False
+            )
         except requests.RequestException as error:
             yield Finding("fail", subject, f"cannot fetch the {what} at {url} ({_reason(error)})")
             return None
         if response.status_code != 200:
-            yield Finding("fail", subject, f"the {what} at {url} answered HTTP {response.status_code}; a reverse "
-                          "proxy in front may not pass /.well-known/ paths through")
+            yield Finding(
+                "fail",
+                subject,
+                f"the {what} at {url} answered HTTP {response.status_code}; a reverse "
+                "proxy in front may not pass /.well-known/ paths through",
+            )
             return None
         try:
             document: Any = response.json()

@@ -848,7 +848,8 @@ def github_email(user: Mapping[str, Any], emails: list[Any] | None) -> str | Non
     verified = [
         address
         for entry in emails
-        if isinstance(entry, Mapping) and entry.get("verified") is True
+        if isinstance(entry, Mapping)
+        and entry.get("verified") is True
         and (address := email_address(entry.get("email"))) is not None
     ]
     public = email_address(user.get("email"))
@@ -1169,8 +1170,11 @@ def build_upstream_provider(settings: UpstreamSettings) -> UpstreamProvider:
         parts = urlsplit(url.strip())
         origin = f"{parts.scheme}://{parts.netloc}"
         authorize_url = url.strip() if parts.path.strip("/") else origin + "/login/oauth/authorize"
-        return GitHubProvider(settings, authorize_url=authorize_url,
-                              token_url=settings.oauth_token_url or origin + "/login/oauth/access_token")
+        return GitHubProvider(
+            settings,
+            authorize_url=authorize_url,
+            token_url=settings.oauth_token_url or origin + "/login/oauth/access_token",
+        )
     if settings.oauth_token_url:
         if not settings.oauth_userinfo_url:
             raise UpstreamError(

@@ -100,18 +100,25 @@ def _claim(grant_id: int, claim: str) -> bool:
     """Take the grant's refresh lease if nobody holds a live one: one short write, atomic on both databases."""
     now = utcnow()
     with db.engine.begin() as connection:
-        taken = connection.execute(update(GRANTS).where(
-            GRANTS.c.id == grant_id,
-            or_(GRANTS.c.upstream_refresh_claimed_until.is_(None), GRANTS.c.upstream_refresh_claimed_until <= now),
-        ).values(upstream_refresh_claim=claim, upstream_refresh_claimed_until=now + timedelta(seconds=LEASE_SECONDS)))
+        taken = connection.execute(
+            update(GRANTS)
+            .where(
+                GRANTS.c.id == grant_id,
+                or_(GRANTS.c.upstream_refresh_claimed_until.is_(None), GRANTS.c.upstream_refresh_claimed_until <= now),
+            )
+            .values(upstream_refresh_claim=claim, upstream_refresh_claimed_until=now + timedelta(seconds=LEASE_SECONDS))
+        )
         return taken.rowcount == 1
 
 
 def _release(grant_id: int, claim: str, **values: Any) -> bool:
     """Store `values` and end the lease in one short write, if the lease is still ours; False when it lapsed."""
     with db.engine.begin() as connection:
-        done = connection.execute(update(GRANTS).where(GRANTS.c.id == grant_id, GRANTS.c.upstream_refresh_claim == claim)
-                                  .values(upstream_refresh_claim=None, upstream_refresh_claimed_until=None, **values))
+        done = connection.execute(
+            update(GRANTS)
+            .where(GRANTS.c.id == grant_id, GRANTS.c.upstream_refresh_claim == claim)
+            .values(upstream_refresh_claim=None, upstream_refresh_claimed_until=None, **values)
+        )
         return done.rowcount == 1
 
 
@@ -128,8 +135,11 @@ def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> st
         return components(app).secret_box.decrypt(sealed, f"grant:{grant_id}:{column}")
     except UnknownKeyError as error:
         log.error("grant %s: cannot decrypt its %s: %s", grant_id, column, error)
-        raise UpstreamUnavailable("the server cannot read this sign-in's stored credentials right now (an "
-                                  "encryption key is missing); retry later", retry_after=60) from None
+        raise UpstreamUnavailable(
+            "the server cannot read this sign-in's stored credentials right now (an "
+            "encryption key is missing); retry later",
+            retry_after=60,
+        ) from None
     except DecryptionError as error:
         log.error("grant %s: its %s can never be decrypted (%s); the grant is revoked", grant_id, column, error)
         raise UnreadableGrant("this sign-in's stored credentials cannot be read") from None
@@ -217,15 +227,18 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUna
         assert row is not None  # _settled raised otherwise
         refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", row["upstream_refresh_token"])
         try:
-            tokens = upstream.refresh_upstream_token(refresh_token, upstream.upstream_scopes(
-                (row["scope"] or "").split()))
+            tokens = upstream.refresh_upstream_token(
+                refresh_token, upstream.upstream_scopes((row["scope"] or "").split())
+            )
         except UpstreamError as error:
             if error.kind in ("invalid_grant", "access_denied"):
                 log.info("upstream refresh for grant %s refused (%s): %s", grant_id, error.kind, error.description)
                 raise _Done(dead_reason="upstream_invalid_grant") from None
             log.warning("upstream refresh for grant %s failed (%s): %s", grant_id, error.kind, error.description)
-            raise UpstreamUnavailable("the identity provider could not refresh the sign-in; retry shortly",
-                                      retry_after=10 if error.kind == "transient" else 60) from None
+            raise UpstreamUnavailable(
+                "the identity provider could not refresh the sign-in; retry shortly",
+                retry_after=10 if error.kind == "transient" else 60,
+            ) from None
     except BaseException:
         _release(grant_id, claim)
         raise
@@ -236,8 +249,9 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUna
     if tokens.refresh_token and tokens.refresh_token != refresh_token:
         values["upstream_refresh_token"] = box.encrypt(tokens.refresh_token, f"grant:{grant_id}:upstream_refresh_token")
     if not _release(grant_id, claim, **values):
-        log.warning("the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored",
-                    grant_id)
+        log.warning(
+            "the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored", grant_id
+        )
     else:
         log.info("refreshed the upstream token of grant %s", grant_id)
     return UpstreamAccess(tokens.access_token, tokens.expires_at)

@@ -12,20 +12,71 @@ _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*$")
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
 
 #: Schemes that run code, read local data or open the browser's own pages: never a redirect target.
-NEVER_REDIRECT_SCHEMES = frozenset({
-    "javascript", "vbscript", "data", "file", "filesystem", "blob", "about", "view-source", "jar", "intent",
-    "chrome", "chrome-extension", "moz-extension", "resource", "ms-appinstaller", "search-ms", "ms-msdt",
-    # Handlers with a record of being abused from a link: `search:` is search-ms's other name (Explorer opening
-    # a remote share), ms-officecmd had an argument-injection RCE, the Office schemes open remote documents,
-    # shell:/hcp:/ms-help:/ms-its:/its:/mk: reach the Windows shell and help (CHM) handlers, itms-services
-    # installs an iOS app as ms-appinstaller does a Windows one.
-    "search", "ms-officecmd", "ms-word", "ms-excel", "ms-powerpoint", "shell", "hcp", "ms-help", "ms-its", "its",
-    "mk", "itms-services",
-})
+NEVER_REDIRECT_SCHEMES = frozenset(
+    {
+        "javascript",
+        "vbscript",
+        "data",
+        "file",
+        "filesystem",
+        "blob",
+        "about",
+        "view-source",
+        "jar",
+        "intent",
+        "chrome",
+        "chrome-extension",
+        "moz-extension",
+        "resource",
+        "ms-appinstaller",
+        "search-ms",
+        "ms-msdt",
+        # Handlers with a record of being abused from a link: `search:` is search-ms's other name (Explorer opening
+        # a remote share), ms-officecmd had an argument-injection RCE, the Office schemes open remote documents,
+        # shell:/hcp:/ms-help:/ms-its:/its:/mk: reach the Windows shell and help (CHM) handlers, itms-services
+        # installs an iOS app as ms-appinstaller does a Windows one.
+        "search",
+        "ms-officecmd",
+        "ms-word",
+        "ms-excel",
+        "ms-powerpoint",
+        "shell",
+        "hcp",
+        "ms-help",
+        "ms-its",
+        "its",
+        "mk",
+        "itms-services",
+    }
+)
 #: Registered network schemes: they name a place on the network, not an app on the user's device, so they are
 #: not private-use schemes (RFC 8252 §7.1); http and https follow their own rule.
-NETWORK_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "sftp", "ws", "wss", "gopher", "mailto", "news", "nntp",
-                             "telnet", "ldap", "ldaps", "tel", "sms", "smb", "ssh", "irc", "xmpp", "sip", "sips"})
+NETWORK_SCHEMES = frozenset(
+    {
+        "http",
+        "https",
+        "ftp",
+        "ftps",
+        "sftp",
+        "ws",
+        "wss",
+        "gopher",
+        "mailto",
+        "news",
+        "nntp",
+        "telnet",
+        "ldap",
+        "ldaps",
+        "tel",
+        "sms",
+        "smb",
+        "ssh",
+        "irc",
+        "xmpp",
+        "sip",
+        "sips",
+    }
+)
 
 
 class MalformedURL(ValueError):
@@ -116,14 +167,18 @@ def redirect_uri_problem(uri: object, private_use_schemes: frozenset[str] | None
             return "has an IPv6 zone id (%...), which is not allowed in a redirect URI"
         if scheme == "https" or is_loopback_host(parts.hostname):
             return None
-        return ("uses http on a host that is not loopback; use https, or http on a loopback address "
-                "(127.0.0.1, [::1] or localhost)")
+        return (
+            "uses http on a host that is not loopback; use https, or http on a loopback address "
+            "(127.0.0.1, [::1] or localhost)"
+        )
     if scheme in NETWORK_SCHEMES:
         return f"uses the {scheme}: scheme; use https, http on a loopback address, or an app's private-use scheme"
     if private_use_schemes is not None and scheme not in private_use_schemes:
         allowed = ", ".join(f"{s}:" for s in sorted(private_use_schemes)) or "none"
-        return (f"uses the private-use scheme {scheme}:, which this server does not allow "
-                f"(ALLOW_CUSTOM_REDIRECT_SCHEMES; allowed: {allowed})")
+        return (
+            f"uses the private-use scheme {scheme}:, which this server does not allow "
+            f"(ALLOW_CUSTOM_REDIRECT_SCHEMES; allowed: {allowed})"
+        )
     return None
 
 
@@ -160,7 +215,7 @@ def redirect_target(uri: str) -> str:
     if scheme is not None:
         if len(scheme) > SHOWN_TARGET_LENGTH:
             head = SHOWN_TARGET_LENGTH * 2 // 3
-            scheme = f"{scheme[:head]}…{scheme[head + 1 - SHOWN_TARGET_LENGTH:]}"
+            scheme = f"{scheme[:head]}…{scheme[head + 1 - SHOWN_TARGET_LENGTH :]}"
         return f"the app that handles {scheme} links"
     try:
         parts = split_url(uri)
@@ -169,7 +224,7 @@ def redirect_target(uri: str) -> str:
     else:
         target = parts.netloc.rpartition("@")[2] or uri
     if len(target) > SHOWN_TARGET_LENGTH:
-        target = "…" + target[1 - SHOWN_TARGET_LENGTH:]
+        target = "…" + target[1 - SHOWN_TARGET_LENGTH :]
     return target
 
 

@@ -20,10 +20,15 @@ REQUEST_HEAD_TIMEOUT = float(os.environ.get("REQUEST_HEAD_TIMEOUT") or 10)
 # JSON-RPC messages sent whole, and the authorization server's are small forms; none pauses for seconds.
 REQUEST_BODY_TIMEOUT = float(os.environ.get("REQUEST_BODY_TIMEOUT") or 30)
 
-_HEAD_TIMED_OUT_BODY = (b'{"error": "invalid_request", "error_description": "the request head did not arrive within '
-                        + str(REQUEST_HEAD_TIMEOUT).encode() + b' s"}')
-_HEAD_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                   b"Content-Length: %d\r\n\r\n%s" % (len(_HEAD_TIMED_OUT_BODY), _HEAD_TIMED_OUT_BODY))
+_HEAD_TIMED_OUT_BODY = (
+    b'{"error": "invalid_request", "error_description": "the request head did not arrive within '
+    + str(REQUEST_HEAD_TIMEOUT).encode()
+    + b' s"}'
+)
+_HEAD_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_HEAD_TIMED_OUT_BODY), _HEAD_TIMED_OUT_BODY)
+)
 
 
 class ClientConnection:

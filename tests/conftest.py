@@ -119,8 +119,9 @@ def migrated_databases() -> set[str]:
 
 
 @pytest.fixture
-def start_proxy(oidc_provider: OidcProvider, database_dsn: str,
-                migrated_databases: set[str]) -> Iterator[Callable[..., RunningProxy]]:
+def start_proxy(
+    oidc_provider: OidcProvider, database_dsn: str, migrated_databases: set[str]
+) -> Iterator[Callable[..., RunningProxy]]:
     """Factory: start the proxy app on a real loopback HTTP server, with extra environment settings.
 
     Every proxy a test starts is stopped, and its connection pool closed, when the test ends; kept open, a

@@ -39,8 +39,18 @@ def base_image() -> str:
 
 def build_image(folder: Path, image: str = IMAGE) -> float:
     """`podman build` of the project's Dockerfile as it is, with BASE_IMAGE set to the stand-in; returns seconds."""
-    command = ["build", "--network", "host", *LIMITS, "--format", "docker",  # docker format keeps HEALTHCHECK
-               "--build-arg", f"BASE_IMAGE={base_image()}", "-t", image]
+    command = [
+        "build",
+        "--network",
+        "host",
+        *LIMITS,
+        "--format",
+        "docker",  # docker format keeps HEALTHCHECK
+        "--build-arg",
+        f"BASE_IMAGE={base_image()}",
+        "-t",
+        image,
+    ]
     if (HOST_CA_FOLDER / "ca-certificates.crt").is_file():
         pip_conf = folder / "pip.conf"
         pip_conf.write_text("[global]\ncert = /run/host-certs/ca-certificates.crt\n")
@@ -60,12 +70,16 @@ def remove_container(name: str) -> None:
 
 # -- a streamed tool call, by hand: no SDK background tasks (its GET listener) to trip over a draining server ----
 
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               "MCP-Protocol-Version": "2025-06-18"}
+MCP_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+    "MCP-Protocol-Version": "2025-06-18",
+}
 
 
-def streamed_tool_call(mcp_url: str, token: str, arguments: dict, on_event=None, verify: str | bool = True
-                       ) -> tuple[list[dict], dict]:
+def streamed_tool_call(
+    mcp_url: str, token: str, arguments: dict, on_event=None, verify: str | bool = True
+) -> tuple[list[dict], dict]:
     """initialize, notifications/initialized, then tools/call `progress` with a progress token, read as SSE event
     by event. Returns (progress notifications, the final result); `on_event(count)` runs as each event arrives."""
     import requests
@@ -73,19 +87,37 @@ def streamed_tool_call(mcp_url: str, token: str, arguments: dict, on_event=None,
     with requests.Session() as session:
         session.verify, session.trust_env = verify, False
         session.headers.update({**MCP_HEADERS, "Authorization": f"Bearer {token}"})
-        opened = session.post(mcp_url, timeout=30, json={
-            "jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                       "clientInfo": {"name": "container-test", "version": "1"}}})
+        opened = session.post(
+            mcp_url,
+            timeout=30,
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "container-test", "version": "1"},
+                },
+            },
+        )
         assert opened.status_code == 200, opened.text
         if opened.headers.get("Mcp-Session-Id"):
             session.headers["Mcp-Session-Id"] = opened.headers["Mcp-Session-Id"]
         notified = session.post(mcp_url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, timeout=30)
         assert notified.status_code in (200, 202), notified.text
         progress, result = [], None
-        with session.post(mcp_url, stream=True, timeout=30, json={
-                "jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                "params": {"name": "progress", "arguments": arguments, "_meta": {"progressToken": "p1"}}}) as call:
+        with session.post(
+            mcp_url,
+            stream=True,
+            timeout=30,
+            json={
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "progress", "arguments": arguments, "_meta": {"progressToken": "p1"}},
+            },
+        ) as call:
             assert call.status_code == 200 and call.headers["Content-Type"].startswith("text/event-stream"), call.text
             # SSE lines as they arrive (the SDK's server ends them with CRLF); one JSON-RPC message per data line.
             for line in call.iter_lines(chunk_size=None, decode_unicode=True):
@@ -130,23 +162,32 @@ exec "$@"
 """
 
 STANDINS = {
-    "postgres": ("localhost/oauthproxy-standin/postgres:15-bookworm", """
+    "postgres": (
+        "localhost/oauthproxy-standin/postgres:15-bookworm",
+        """
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends postgresql-15 && rm -rf /var/lib/apt/lists/*
 COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 RUN chmod +x /usr/local/bin/docker-entrypoint.sh
 ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data
 ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["postgres"]
-"""),
-    "redis": ("localhost/oauthproxy-standin/redis:7.0-bookworm", """
+""",
+    ),
+    "redis": (
+        "localhost/oauthproxy-standin/redis:7.0-bookworm",
+        """
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*
 CMD ["redis-server"]
-"""),
-    "nginx": ("localhost/oauthproxy-standin/nginx:1.22-bookworm", """
+""",
+    ),
+    "nginx": (
+        "localhost/oauthproxy-standin/nginx:1.22-bookworm",
+        """
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends nginx && rm -rf /var/lib/apt/lists/* \\
     && rm -f /etc/nginx/sites-enabled/default
 CMD ["nginx", "-g", "daemon off;"]
-"""),
+""",
+    ),
 }
 
 

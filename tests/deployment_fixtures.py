@@ -51,18 +51,25 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "oauthproxy test")])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -130,11 +137,11 @@ error_log {prefix}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
     access_log {prefix}/access.log;
-    client_body_temp_path {temp['client_body']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
     include {prefix}/site.conf;
 }}
 """)
@@ -142,8 +149,12 @@ http {{
     command = [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
     checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, f"nginx -t refused the example:\n{checked.stderr}"
-    process = subprocess.Popen([*command, "-g", "daemon off;"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=(prefix / "stderr.log").open("wb"))
+    process = subprocess.Popen(
+        [*command, "-g", "daemon off;"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(prefix / "stderr.log").open("wb"),
+    )
     nginx = Nginx(prefix, process, https_port, http_port, cert)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -192,8 +203,14 @@ def spawn_instance(log_dir: Path, env: dict[str, str], command: list[str] | None
     port = int(env["PORT"])
     log_path = log_dir / f"instance-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command or [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command or [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     return Instance(port, process, log_path, env)
 
 
@@ -232,18 +249,27 @@ class BrowserLogin:
 
     async def callback_handler(self) -> AuthorizationCodeResult:
         assert "code" in self.result, f"the authorization ended without a code: {self.result}"
-        return AuthorizationCodeResult(code=self.result["code"], state=self.result.get("state"),
-                                       iss=self.result.get("iss"))
+        return AuthorizationCodeResult(
+            code=self.result["code"], state=self.result.get("state"), iss=self.result.get("iss")
+        )
 
 
-def sdk_oauth(proxy_url: str, resource_url: str, verify: str | bool = True
-              ) -> tuple[OAuthClientProvider, BrowserLogin, MemoryStorage]:
+def sdk_oauth(
+    proxy_url: str, resource_url: str, verify: str | bool = True
+) -> tuple[OAuthClientProvider, BrowserLogin, MemoryStorage]:
     login = BrowserLogin(proxy_url, verify)
     storage = MemoryStorage()
     provider = OAuthClientProvider(
         resource_url,
-        OAuthClientMetadata(client_name="oauthproxy deployment test", redirect_uris=[SDK_REDIRECT_URI],
-                            grant_types=["authorization_code", "refresh_token"], response_types=["code"],
-                            token_endpoint_auth_method="none"),
-        storage, redirect_handler=login.redirect_handler, callback_handler=login.callback_handler)
+        OAuthClientMetadata(
+            client_name="oauthproxy deployment test",
+            redirect_uris=[SDK_REDIRECT_URI],
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+            token_endpoint_auth_method="none",
+        ),
+        storage,
+        redirect_handler=login.redirect_handler,
+        callback_handler=login.callback_handler,
+    )
     return provider, login, storage

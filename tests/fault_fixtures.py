@@ -57,8 +57,12 @@ class LockHolder:
 
 def hold_sqlite_write_lock(path: str, seconds: float) -> LockHolder:
     """Another process takes SQLite's write lock (BEGIN IMMEDIATE) on `path` and keeps it for `seconds`."""
-    process = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, path, str(seconds)], stdout=subprocess.PIPE,
-                               stdin=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, path, str(seconds)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.strip() == "LOCKED", line
@@ -143,8 +147,13 @@ class PostgresCluster:
         subprocess.run(command, check=True, capture_output=True, **_as_postgres())
 
     def start(self) -> None:
-        self._ctl("-l", str(self.folder / "server.log"), "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off", "start")
+        self._ctl(
+            "-l",
+            str(self.folder / "server.log"),
+            "-o",
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off",
+            "start",
+        )
 
     def stop(self) -> None:
         self._ctl("-m", "immediate", "stop")
@@ -209,8 +218,12 @@ def start_postgres_cluster(folder: Path) -> PostgresCluster:
     owner = _as_postgres()
     if owner:
         os.chown(folder, owner["user"], owner["group"])
-    subprocess.run([_postgres_binary("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust",
-                    "--no-sync"], check=True, capture_output=True, **owner)
+    subprocess.run(
+        [_postgres_binary("initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+        **owner,
+    )
     cluster = PostgresCluster(folder, free_port())
     cluster.start()
     cluster.wait_ready()
@@ -278,12 +291,17 @@ class ScriptedDownstream:
                     if answered:
                         return  # read, and closed without an answer
                     body = b'{"ok": true}'
-                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    connection.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode()
+                        + b"\r\n\r\n"
+                        + body
+                    )
                     answered += 1
                     continue
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                   b"Transfer-Encoding: chunked\r\n\r\n")
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
                 for index in range(events):
                     data = f"data: event {index}\n\n".encode()
                     connection.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -305,8 +323,11 @@ def small_filesystem(size: str, prefix: str = "oauthproxy-full-disk-") -> Iterat
     """
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", str(folder)],
-                                 capture_output=True, text=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
         assert mounted.returncode == 0, f"cannot mount a tmpfs for the full-disk test (root needed): {mounted.stderr}"
         try:
             yield folder

@@ -33,8 +33,10 @@ def with_query(url: str, **params: str) -> str:
 
 
 def hidden_inputs(html: str) -> dict[str, str]:
-    return {unescape(name): unescape(value) for name, value in
-            re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', html)}
+    return {
+        unescape(name): unescape(value)
+        for name, value in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', html)
+    }
 
 
 @dataclass
@@ -67,8 +69,9 @@ class Browser:
                 self.consent_pages_seen += 1
                 form = hidden_inputs(response.text)
                 form["decision"] = decision
-                response = self.session.post(self.proxy_url + "/authorize/consent", data=form,
-                                             allow_redirects=False, timeout=15)
+                response = self.session.post(
+                    self.proxy_url + "/authorize/consent", data=form, allow_redirects=False, timeout=15
+                )
                 self.last_page = response
                 if not response.is_redirect:
                     raise AssertionError(f"consent POST answered {response.status_code}: {response.text[:500]}")
@@ -91,23 +94,36 @@ class McpOAuthClient:
     state: str = ""
 
     @classmethod
-    def register(cls, proxy_url: str, auth_method: str | None = "none", redirect_uri: str = CLIENT_REDIRECT,
-                 **metadata) -> McpOAuthClient:
-        body = {"client_name": "Test MCP Client", "redirect_uris": [redirect_uri],
-                "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"], **metadata}
+    def register(
+        cls, proxy_url: str, auth_method: str | None = "none", redirect_uri: str = CLIENT_REDIRECT, **metadata
+    ) -> McpOAuthClient:
+        body = {
+            "client_name": "Test MCP Client",
+            "redirect_uris": [redirect_uri],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            **metadata,
+        }
         if auth_method is not None:
             body["token_endpoint_auth_method"] = auth_method
         response = requests.post(proxy_url + "/register", json=body, timeout=10)
         assert response.status_code == 201, response.text
         data = response.json()
-        return cls(proxy_url, data["client_id"], data.get("client_secret"),
-                   data["token_endpoint_auth_method"], redirect_uri)
+        return cls(
+            proxy_url, data["client_id"], data.get("client_secret"), data["token_endpoint_auth_method"], redirect_uri
+        )
 
     def authorize_url(self, **overrides: str) -> str:
         self.verifier, challenge = pkce_pair()
         self.state = secrets.token_urlsafe(16)
-        params = {"response_type": "code", "client_id": self.client_id, "redirect_uri": self.redirect_uri,
-                  "code_challenge": challenge, "code_challenge_method": "S256", "state": self.state}
+        params = {
+            "response_type": "code",
+            "client_id": self.client_id,
+            "redirect_uri": self.redirect_uri,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "state": self.state,
+        }
         params.update(overrides)
         return self.proxy_url + "/authorize?" + urlencode({k: v for k, v in params.items() if v is not None})
 
@@ -123,8 +139,15 @@ class McpOAuthClient:
         return requests.post(self.proxy_url + "/token", data=data, auth=auth, timeout=10)
 
     def exchange(self, code: str, **extra: str) -> requests.Response:
-        return self.token_request({"grant_type": "authorization_code", "code": code,
-                                   "redirect_uri": self.redirect_uri, "code_verifier": self.verifier, **extra})
+        return self.token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.redirect_uri,
+                "code_verifier": self.verifier,
+                **extra,
+            }
+        )
 
     def refresh(self, refresh_token: str, **extra: str) -> requests.Response:
         return self.token_request({"grant_type": "refresh_token", "refresh_token": refresh_token, **extra})

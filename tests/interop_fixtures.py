@@ -79,7 +79,8 @@ class ProxyDatabase:
         with self.engine.begin() as connection:
             updated = connection.execute(
                 sqlalchemy.text("UPDATE tokens SET access_expires_at = :past WHERE access_token_hash = :hash"),
-                {"past": utcnow() - timedelta(minutes=1), "hash": hash_token(access_token)}).rowcount
+                {"past": utcnow() - timedelta(minutes=1), "hash": hash_token(access_token)},
+            ).rowcount
         assert updated == 1, "the access token is not in the proxy's database"
 
     def close(self) -> None:
@@ -99,8 +100,9 @@ def proxy_database_fixture(database_dsn: str) -> Iterator[ProxyDatabase]:
 @pytest.fixture(name="interop_node", scope="session")
 def interop_node_fixture() -> Path:
     """Node 22 and the pinned npm packages of tests/interop. Missing ones fail the run: they are never skipped."""
-    missing = [path for path in (NODE22, CONFORMANCE_CLI, NODE_MODULES / "@modelcontextprotocol" / "sdk")
-               if not path.exists()]
+    missing = [
+        path for path in (NODE22, CONFORMANCE_CLI, NODE_MODULES / "@modelcontextprotocol" / "sdk") if not path.exists()
+    ]
     if missing:
         pytest.fail(f"{missing[0]} is missing: run `npm ci --prefix tests/interop` (or `make install`).")
     return NODE22
@@ -171,11 +173,16 @@ class SdkClient:
         return self.browser.consent_pages_seen
 
     def new_provider(self) -> OAuthClientProvider:
-        metadata = OAuthClientMetadata(client_name=self.client_name, redirect_uris=[SDK_REDIRECT_URI],
-                                       grant_types=["authorization_code", "refresh_token"],
-                                       response_types=["code"], token_endpoint_auth_method="none")
-        self.provider = OAuthClientProvider(self.resource_url, metadata, self.storage,
-                                            redirect_handler=self._redirect, callback_handler=self._callback)
+        metadata = OAuthClientMetadata(
+            client_name=self.client_name,
+            redirect_uris=[SDK_REDIRECT_URI],
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+            token_endpoint_auth_method="none",
+        )
+        self.provider = OAuthClientProvider(
+            self.resource_url, metadata, self.storage, redirect_handler=self._redirect, callback_handler=self._callback
+        )
         return self.provider
 
     async def _redirect(self, authorization_url: str) -> None:
@@ -192,8 +199,10 @@ class SdkClient:
 
     @asynccontextmanager
     async def connect(self, mode: str = "auto") -> AsyncIterator[Client]:
-        async with httpx2.AsyncClient(auth=self.new_provider(), timeout=30) as http, \
-                Client(streamable_http_client(self.resource_url, http_client=http), mode=mode) as client:
+        async with (
+            httpx2.AsyncClient(auth=self.new_provider(), timeout=30) as http,
+            Client(streamable_http_client(self.resource_url, http_client=http), mode=mode) as client,
+        ):
             yield client
 
     async def whoami(self, client: Client) -> dict[str, str]:
@@ -343,8 +352,13 @@ def launch_python_server(module: str, log_dir: Path, *extra: str) -> PythonServe
         port = free_port()
         log_path = log_dir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", module, str(port), *extra], cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, str(port), *extra],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         server = PythonServer(port, process, log_path)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and process.poll() is None:
@@ -394,12 +408,27 @@ class TsClientRun:
         return found[0]
 
 
-def run_ts_client(node: Path, mcp_url: str, state_file: Path, browser: Browser, redirect_uri: str,
-                  decision: str = "approve", timeout: float = 60.0, **options: Any) -> TsClientRun:
+def run_ts_client(
+    node: Path,
+    mcp_url: str,
+    state_file: Path,
+    browser: Browser,
+    redirect_uri: str,
+    decision: str = "approve",
+    timeout: float = 60.0,
+    **options: Any,
+) -> TsClientRun:
     """Run the TypeScript SDK client; walk each authorization URL it prints in `browser`, answer the landing URL."""
     arguments = json.dumps({"url": mcp_url, "redirectUri": redirect_uri, "stateFile": str(state_file), **options})
-    process = subprocess.Popen([str(node), str(TS_CLIENT), arguments], cwd=INTEROP_DIR, env=node_env(), text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [str(node), str(TS_CLIENT), arguments],
+        cwd=INTEROP_DIR,
+        env=node_env(),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     watchdog = threading.Timer(timeout, process.kill)  # a hung client fails the test instead of blocking the run
     watchdog.start()
     consents_before = browser.consent_pages_seen

@@ -66,8 +66,9 @@ def main() -> None:
     parser.add_argument("--path", default="/mcp")
     parser.add_argument("--stateless", action="store_true")
     arguments = parser.parse_args()
-    app = server.streamable_http_app(streamable_http_path=arguments.path, stateless_http=arguments.stateless,
-                                     host="127.0.0.1")
+    app = server.streamable_http_app(
+        streamable_http_path=arguments.path, stateless_http=arguments.stateless, host="127.0.0.1"
+    )
     config = uvicorn.Config(app, host="127.0.0.1", port=arguments.port, log_level="warning", lifespan="on")
     uvicorn_server = uvicorn.Server(config)
 

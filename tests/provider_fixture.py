@@ -108,8 +108,12 @@ class OidcProvider:
 
     def add_user(self, login: str, email: str | None, name: str | None, email_verified: bool = True) -> None:
         """Add (or replace) a user whose ``login_hint`` and OIDC ``sub`` are ``login``, with these claims as sent."""
-        self._json("POST", "/test/users", json={"login": login, "email": email, "name": name,
-                                                "emailVerified": email_verified}, expected=201)
+        self._json(
+            "POST",
+            "/test/users",
+            json={"login": login, "email": email, "name": name, "emailVerified": email_verified},
+            expected=201,
+        )
 
     def stats(self) -> dict[str, int]:
         """Token endpoint hits: token_requests, refresh_requests, authorization_code_requests."""

@@ -111,14 +111,24 @@ class EchoHandler(BaseHTTPRequestHandler):
             time.sleep(float(query.get("delay", "3")))
         if "/status/" in parts.path:
             status = int(parts.path.rsplit("/", 1)[1])
-            return self._send(status, {"error": "downstream says no"},
-                              [("WWW-Authenticate", 'Bearer realm="downstream", error="invalid_token"')])
+            return self._send(
+                status,
+                {"error": "downstream says no"},
+                [("WWW-Authenticate", 'Bearer realm="downstream", error="invalid_token"')],
+            )
         if parts.path.endswith("/redirect"):
             return self._send(302, {}, [("Location", f"{self.server.url}/mcp/elsewhere?x=1")])
         if parts.path.endswith("/set-cookie"):
             return self._send(200, {}, [("Set-Cookie", f"downstream-session={query.get('who', 'someone')}; Path=/")])
-        self._send(200, {"method": seen.method, "target": seen.target, "headers": seen.headers,
-                         "body": seen.body.decode("utf-8", "replace")})
+        self._send(
+            200,
+            {
+                "method": seen.method,
+                "target": seen.target,
+                "headers": seen.headers,
+                "body": seen.body.decode("utf-8", "replace"),
+            },
+        )
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = _handle
 
@@ -217,8 +227,13 @@ def launch_mcp_downstream(log_dir: Path, *extra: str) -> McpDownstream:
         port = free_port()
         log_path = log_dir / f"mcp-downstream-{port}.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "tests.mcp_downstream", str(port), *extra], cwd=ROOT,
-                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.mcp_downstream", str(port), *extra],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         server = McpDownstream(port, process, log_path)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and process.poll() is None:
@@ -262,8 +277,9 @@ class GunicornProxy:
 
 
 @pytest.fixture(name="start_gunicorn", scope="session")
-def start_gunicorn_fixture(oidc_provider: OidcProvider, database_dsn: str,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., GunicornProxy]]:
+def start_gunicorn_fixture(
+    oidc_provider: OidcProvider, database_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., GunicornProxy]]:
     """Factory: `start_gunicorn(workers=1, **env)` runs `gunicorn -c gunicorn.conf.py wsgi:app` on loopback."""
     started: list[GunicornProxy] = []
     log_dir = tmp_path_factory.mktemp("gunicorn")
@@ -271,14 +287,25 @@ def start_gunicorn_fixture(oidc_provider: OidcProvider, database_dsn: str,
     def start(workers: int = 1, provider: OidcProvider | None = None, **overrides: str) -> GunicornProxy:
         provider = provider or oidc_provider
         port = free_port()
-        env = {**os.environ, **base_env(port, provider, database_dsn, f"gunicorn-{port}"),
-               "HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers), "OAUTHPROXY_ENV_FILE": os.devnull,
-               **overrides}
+        env = {
+            **os.environ,
+            **base_env(port, provider, database_dsn, f"gunicorn-{port}"),
+            "HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": str(workers),
+            "OAUTHPROXY_ENV_FILE": os.devnull,
+            **overrides,
+        }
         provider.register_client(env["OAUTH_CLIENT_ID"], env["OAUTH_CLIENT_SECRET"], [f"{env['PUBLIC_URL']}/callback"])
         log_path = log_dir / f"gunicorn-{port}.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
-                                       env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         proxy = GunicornProxy(env["PUBLIC_URL"], process, log_path, env)
         started.append(proxy)
         deadline = time.monotonic() + 30
@@ -339,8 +366,11 @@ def write_routes(path: Path, routes: list[dict[str, Any]]) -> str:
 def sse_events(response: requests.Response) -> Iterator[tuple[float, str]]:
     """(arrival time, event text) for each SSE event of a streamed `requests` response, as it arrives."""
     buffer = b""
-    for chunk in response.raw.stream(1024, decode_content=False) if not response.raw.chunked else \
-            response.raw.read_chunked(decode_content=False):
+    for chunk in (
+        response.raw.stream(1024, decode_content=False)
+        if not response.raw.chunked
+        else response.raw.read_chunked(decode_content=False)
+    ):
         buffer += chunk
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)

@@ -26,8 +26,9 @@ def refresh_at(proxy: RunningProxy, login: Login) -> requests.Response:
     return replace(login.client, proxy_url=proxy.url).refresh(login.refresh_token)
 
 
-def test_a_user_taken_off_the_global_allowlist_loses_access(start_proxy: Callable[..., RunningProxy],
-                                                            echo_downstream: EchoServer) -> None:
+def test_a_user_taken_off_the_global_allowlist_loses_access(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     mcp = {"MCP_SERVER_URL": echo_downstream.url + "/mcp"}
     before = start_proxy(**mcp)
     alice = log_in(before.url, before.url + "/mcp", login_hint="alice")  # alice@example.com
@@ -52,8 +53,9 @@ def test_a_user_taken_off_the_global_allowlist_loses_access(start_proxy: Callabl
     assert echo_downstream.last().header("X-Forwarded-User") == "bob"
 
 
-def test_a_user_taken_off_a_routes_allowlist_loses_the_refresh(start_proxy: Callable[..., RunningProxy],
-                                                               echo_downstream: EchoServer, tmp_path: Path) -> None:
+def test_a_user_taken_off_a_routes_allowlist_loses_the_refresh(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, tmp_path: Path
+) -> None:
     route = {"name": "files", "path": "/mcp/files", "url": echo_downstream.url + "/files"}
     before = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=write_routes(tmp_path / "before.toml", [route]))
     alice = log_in(before.url, before.url + "/mcp/files", login_hint="alice")

@@ -55,9 +55,14 @@ def test_registered_client_full_lifecycle(proxy: RunningProxy, auth_method: str 
         # upstream tokens are stored encrypted, never in clear
         assert grant.upstream_access_token.startswith("v1.") and grant.upstream_refresh_token.startswith("v1.")
         upstream_access = components(proxy.app).secret_box.decrypt(
-            grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
-    assert requests.get(proxy.provider.url("/me"), headers={"Authorization": f"Bearer {upstream_access}"},
-                        timeout=5).json()["email"] == "bob@example.org"
+            grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token"
+        )
+    assert (
+        requests.get(
+            proxy.provider.url("/me"), headers={"Authorization": f"Bearer {upstream_access}"}, timeout=5
+        ).json()["email"]
+        == "bob@example.org"
+    )
 
     # refresh rotates; the new pair works, and so does the next refresh
     second = assert_token_response(client.refresh(tokens["refresh_token"]), scope="openid email profile")
@@ -84,10 +89,13 @@ def test_consent_is_remembered_per_client(proxy: RunningProxy) -> None:
 
 
 def test_consent_is_remembered_per_resource(start_proxy, tmp_path) -> None:
-    routes = write_routes(tmp_path / "routes.toml", [
-        {"name": "mail", "path": "/mcp/mail", "url": "http://127.0.0.1:9/mail"},
-        {"name": "files", "path": "/mcp/files", "url": "http://127.0.0.1:9/files"},
-    ])
+    routes = write_routes(
+        tmp_path / "routes.toml",
+        [
+            {"name": "mail", "path": "/mcp/mail", "url": "http://127.0.0.1:9/mail"},
+            {"name": "files", "path": "/mcp/files", "url": "http://127.0.0.1:9/files"},
+        ],
+    )
     proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes)
     client = proxy.register_client()
     browser = proxy.browser()
@@ -123,7 +131,8 @@ def test_upstream_denial_or_failure_reaches_the_client(proxy: RunningProxy, logi
 
 
 def test_provider_failing_at_the_code_exchange_is_temporarily_unavailable(
-        proxy: RunningProxy, provider_failure_reset) -> None:
+    proxy: RunningProxy, provider_failure_reset
+) -> None:
     # A 500 from the provider's token endpoint is transient: the client may retry the sign-in later.
     client = proxy.register_client()
     provider_failure_reset.set_failure("code_server_error")
@@ -133,7 +142,8 @@ def test_provider_failing_at_the_code_exchange_is_temporarily_unavailable(
 
 
 def test_provider_hanging_at_the_code_exchange_is_temporarily_unavailable(
-        proxy: RunningProxy, provider_failure_reset) -> None:
+    proxy: RunningProxy, provider_failure_reset
+) -> None:
     # The provider answers the token request after 3 s; the proxy's provider timeout is cut to 1 s for the test
     # (10 s in production, HTTP_TIMEOUT).
     components(proxy.app).login_provider._client.client_kwargs["default_timeout"] = 1.0
@@ -150,9 +160,11 @@ def test_provider_refusing_connections_at_the_code_exchange_is_temporarily_unava
     # Discovery and login work; the token endpoint (configured explicitly) refuses connections.
     probe = start_proxy()
     discovery = probe.provider.discovery()
-    proxy = start_proxy(OAUTH_AUTHORIZE_URL=discovery["authorization_endpoint"],
-                        OAUTH_TOKEN_URL="http://127.0.0.1:9/token",
-                        OAUTH_USERINFO_URL=discovery["userinfo_endpoint"])
+    proxy = start_proxy(
+        OAUTH_AUTHORIZE_URL=discovery["authorization_endpoint"],
+        OAUTH_TOKEN_URL="http://127.0.0.1:9/token",
+        OAUTH_USERINFO_URL=discovery["userinfo_endpoint"],
+    )
     client = proxy.register_client()
     result = client.login(proxy.browser())
     assert result["error"] == "temporarily_unavailable", result
@@ -168,7 +180,9 @@ def test_user_outside_allowlist_sees_page_and_client_gets_access_denied(start_pr
     page = browser.last_page
     assert page.status_code == 403
     assert "carol@outsider.test is not allowed" in page.text
-    continue_url = requests.utils.unquote(page.text.split('id="continue" href="')[1].split('"')[0]).replace("&amp;", "&")
+    continue_url = requests.utils.unquote(page.text.split('id="continue" href="')[1].split('"')[0]).replace(
+        "&amp;", "&"
+    )
     assert continue_url.startswith(client.redirect_uri)
     assert "error=access_denied" in continue_url and f"state={client.state}" in continue_url
     # alice is in the allowed domain
@@ -266,9 +280,13 @@ def test_client_identified_by_metadata_document_full_lifecycle(start_proxy, meta
     proxy = start_proxy(CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS="true")
     client_id = f"http://127.0.0.1:{metadata_document_server.server_port}/oauth/client.json"
     redirect_uri = "http://127.0.0.1:9/cimd-callback"
-    metadata_document_server.document = {"client_id": client_id, "client_name": "Document Client",
-                                         "redirect_uris": [redirect_uri], "token_endpoint_auth_method": "none",
-                                         "grant_types": ["authorization_code", "refresh_token"]}
+    metadata_document_server.document = {
+        "client_id": client_id,
+        "client_name": "Document Client",
+        "redirect_uris": [redirect_uri],
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code", "refresh_token"],
+    }
     client = McpOAuthClient(proxy.url, client_id, redirect_uri=redirect_uri)
     browser = proxy.browser()
     browser.session.get(client.authorize_url(), timeout=10)  # warm: the consent page names the client
@@ -279,8 +297,9 @@ def test_client_identified_by_metadata_document_full_lifecycle(start_proxy, meta
     assert client.revoke(second["access_token"]).status_code == 200
     assert client.refresh(second["refresh_token"]).status_code == 400
     # a redirect URI the document does not list is refused with a page, not a redirect
-    bad = requests.get(client.authorize_url(redirect_uri="http://127.0.0.1:9/elsewhere"), allow_redirects=False,
-                       timeout=10)
+    bad = requests.get(
+        client.authorize_url(redirect_uri="http://127.0.0.1:9/elsewhere"), allow_redirects=False, timeout=10
+    )
     assert bad.status_code == 400 and "Location" not in bad.headers
 
 

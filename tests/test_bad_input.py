@@ -64,8 +64,9 @@ def assert_page(response: requests.Response, status: int = 400, text: str | None
         assert text in unescape(response.text), response.text[:1500]
 
 
-def assert_error_redirect(response: requests.Response, proxy: RunningProxy, client: McpOAuthClient,
-                          error: str) -> dict[str, str]:
+def assert_error_redirect(
+    response: requests.Response, proxy: RunningProxy, client: McpOAuthClient, error: str
+) -> dict[str, str]:
     """An authorization error response at the client's validated redirect URI, with `state` and `iss` (RFC 9207)."""
     assert response.status_code in (302, 303), (response.status_code, response.text[:800])
     location = response.headers["Location"]
@@ -150,8 +151,9 @@ def test_authorize_with_unknown_client_id_is_a_page(proxy: RunningProxy) -> None
     assert_page(response, text="is not registered here")
 
 
-@pytest.mark.parametrize("accept", ["application/json", "application/json, text/plain, */*",
-                                    "text/html;q=0.5, application/json"])
+@pytest.mark.parametrize(
+    "accept", ["application/json", "application/json, text/plain, */*", "text/html;q=0.5, application/json"]
+)
 def test_authorize_with_unknown_client_id_is_json_when_json_is_preferred(proxy: RunningProxy, accept: str) -> None:
     """mcp-remote checks a stored registration so; with the HTML page it waited for a browser until its timeout."""
     client = new_client(proxy)
@@ -164,8 +166,15 @@ def test_authorize_with_unknown_client_id_is_json_when_json_is_preferred(proxy: 
     assert body["error"] == "invalid_client" and "is not registered here" in body["error_description"]
 
 
-@pytest.mark.parametrize("accept", [None, "*/*", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-                                    "application/json;q=0.5, text/html"])
+@pytest.mark.parametrize(
+    "accept",
+    [
+        None,
+        "*/*",
+        "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        "application/json;q=0.5, text/html",
+    ],
+)
 def test_authorize_with_unknown_client_id_is_a_page_for_browsers(proxy: RunningProxy, accept: str | None) -> None:
     client = new_client(proxy)
     url = client.authorize_url(client_id="no-such-client-" + secrets.token_hex(8))
@@ -187,15 +196,19 @@ def test_authorize_with_unregistered_redirect_uri_is_a_page(proxy: RunningProxy)
     assert 'href="https://attacker.example' not in response.text
 
 
-@pytest.mark.parametrize("requested", [
-    "https://other.example.test/oauth/callback",           # different host
-    "https://client.example.test/oauth/elsewhere",         # different path
-    "https://client.example.test/oauth/callback?x=1",      # added query
-    "https://client.example.test/oauth/callback/",         # trailing slash
-    "https://client.example.test:8443/oauth/callback",     # added port
-    "https://client.example.test/oauth/callback#frag",     # fragment
-    "https://client.example.test.attacker.example/oauth/callback",  # suffix host
-], ids=["host", "path", "query", "trailing-slash", "port", "fragment", "suffix-host"])
+@pytest.mark.parametrize(
+    "requested",
+    [
+        "https://other.example.test/oauth/callback",  # different host
+        "https://client.example.test/oauth/elsewhere",  # different path
+        "https://client.example.test/oauth/callback?x=1",  # added query
+        "https://client.example.test/oauth/callback/",  # trailing slash
+        "https://client.example.test:8443/oauth/callback",  # added port
+        "https://client.example.test/oauth/callback#frag",  # fragment
+        "https://client.example.test.attacker.example/oauth/callback",  # suffix host
+    ],
+    ids=["host", "path", "query", "trailing-slash", "port", "fragment", "suffix-host"],
+)
 def test_authorize_redirect_uri_must_match_exactly(proxy: RunningProxy, requested: str) -> None:
     client = new_client(proxy, redirect_uri="https://client.example.test/oauth/callback")
     assert_page(get(client.authorize_url(redirect_uri=requested)))
@@ -221,12 +234,16 @@ def test_loopback_redirect_may_use_another_port(proxy: RunningProxy) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("requested", [
-    "http://127.0.0.1:45123/elsewhere",
-    "http://localhost:33418/callback",
-    "http://127.0.0.1:33418/callback?x=1",
-    "http://10.0.0.1:33418/callback",
-], ids=["path", "host", "query", "not-loopback"])
+@pytest.mark.parametrize(
+    "requested",
+    [
+        "http://127.0.0.1:45123/elsewhere",
+        "http://localhost:33418/callback",
+        "http://127.0.0.1:33418/callback?x=1",
+        "http://10.0.0.1:33418/callback",
+    ],
+    ids=["path", "host", "query", "not-loopback"],
+)
 def test_loopback_redirect_must_match_except_for_the_port(proxy: RunningProxy, requested: str) -> None:
     client = new_client(proxy, redirect_uri="http://127.0.0.1:33418/callback")
     assert_page(get(client.authorize_url(redirect_uri=requested)))
@@ -249,7 +266,9 @@ def test_authorize_unsupported_response_type_redirects_with_error(proxy: Running
     response = get(client.authorize_url(response_type=response_type))
     params = query_of(response.headers.get("Location", ""))
     # RFC 6749 §4.1.2.1: an empty response_type may be read as missing (invalid_request) or unsupported
-    expected = ("invalid_request", "unsupported_response_type") if response_type == "" else ("unsupported_response_type",)
+    expected = (
+        ("invalid_request", "unsupported_response_type") if response_type == "" else ("unsupported_response_type",)
+    )
     assert params.get("error") in expected, (response.status_code, params)
     assert_error_redirect(response, proxy, client, params["error"])
 
@@ -283,28 +302,36 @@ def test_authorize_without_code_challenge_method_redirects_invalid_request(proxy
 
 
 @pytest.mark.parametrize("method", ["s256", "S512", "none"])
-def test_authorize_with_unknown_code_challenge_method_redirects_invalid_request(proxy: RunningProxy,
-                                                                                method: str) -> None:
+def test_authorize_with_unknown_code_challenge_method_redirects_invalid_request(
+    proxy: RunningProxy, method: str
+) -> None:
     client = new_client(proxy)
     response = get(client.authorize_url(code_challenge_method=method))
     assert_error_redirect(response, proxy, client, "invalid_request")
 
 
-@pytest.mark.parametrize("resource", [
-    "https://elsewhere.example/mcp",
-    "http://127.0.0.1:9/mcp",  # the downstream's own URL is not a resource of this server
-    "{proxy}/other",
-    "{proxy}/mcp/deeper",
-    "not a url",
-], ids=["other-host", "downstream-url", "other-path", "sub-path", "garbage"])
+@pytest.mark.parametrize(
+    "resource",
+    [
+        "https://elsewhere.example/mcp",
+        "http://127.0.0.1:9/mcp",  # the downstream's own URL is not a resource of this server
+        "{proxy}/other",
+        "{proxy}/mcp/deeper",
+        "not a url",
+    ],
+    ids=["other-host", "downstream-url", "other-path", "sub-path", "garbage"],
+)
 def test_authorize_with_unknown_resource_redirects_invalid_target(proxy: RunningProxy, resource: str) -> None:
     client = new_client(proxy)
     response = get(client.authorize_url(resource=resource.format(proxy=proxy.url)))
     assert_error_redirect(response, proxy, client, "invalid_target")
 
 
-@pytest.mark.parametrize("resource", ["{proxy}/mcp/", "{proxy}/mcp?source=chatgpt", "HTTP://127.0.0.1:{port}/mcp"],
-                         ids=["trailing-slash", "query", "upper-case-scheme"])
+@pytest.mark.parametrize(
+    "resource",
+    ["{proxy}/mcp/", "{proxy}/mcp?source=chatgpt", "HTTP://127.0.0.1:{port}/mcp"],
+    ids=["trailing-slash", "query", "upper-case-scheme"],
+)
 def test_authorize_accepts_resource_variants(proxy: RunningProxy, resource: str) -> None:
     """RFC 8707 comparison: scheme and host case-insensitive, trailing slash ignored, ChatGPT's query ignored."""
     client = new_client(proxy)
@@ -319,14 +346,28 @@ def test_authorize_accepts_resource_variants(proxy: RunningProxy, resource: str)
 def test_authorize_accepts_resource_with_upper_case_host(start_proxy) -> None:
     proxy = start_proxy(PUBLIC_URL=HTTPS_PUBLIC_URL)
     web = proxy.app.test_client()
-    registered = web.post("/register", base_url=HTTPS_PUBLIC_URL, json={
-        "client_name": f"Upper {secrets.token_hex(4)}", "redirect_uris": ["https://client.example.test/cb"],
-        "token_endpoint_auth_method": "none"})
+    registered = web.post(
+        "/register",
+        base_url=HTTPS_PUBLIC_URL,
+        json={
+            "client_name": f"Upper {secrets.token_hex(4)}",
+            "redirect_uris": ["https://client.example.test/cb"],
+            "token_endpoint_auth_method": "none",
+        },
+    )
     assert registered.status_code == 201, registered.text
     _, challenge = pkce_pair()
-    query = urlencode({"response_type": "code", "client_id": registered.json["client_id"], "state": "s",
-                       "redirect_uri": "https://client.example.test/cb", "code_challenge": challenge,
-                       "code_challenge_method": "S256", "resource": "https://PROXY.Example.TEST/mcp"})
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": registered.json["client_id"],
+            "state": "s",
+            "redirect_uri": "https://client.example.test/cb",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "resource": "https://PROXY.Example.TEST/mcp",
+        }
+    )
     page = web.get("/authorize?" + query, base_url=HTTPS_PUBLIC_URL)
     assert page.status_code == 200, page.text[:800]
     assert f"{HTTPS_PUBLIC_URL}/mcp" in page.text
@@ -390,8 +431,9 @@ def test_consent_request_with_swapped_redirect_uri_is_refused(proxy: RunningProx
     params = json.loads(zlib.decompress(raw) if payload.startswith(".") else raw)  # itsdangerous may compress
     params["redirect_uri"] = "https://attacker.example/steal"
     forged = base64.urlsafe_b64encode(json.dumps(params, separators=(",", ":")).encode()).rstrip(b"=").decode()
-    response = post_consent(proxy, browser, {**form, "request": f"{forged}.{timestamp}.{signature}",
-                                             "decision": "approve"})
+    response = post_consent(
+        proxy, browser, {**form, "request": f"{forged}.{timestamp}.{signature}", "decision": "approve"}
+    )
     assert_page(response)
     assert "attacker.example" not in response.headers.get("Location", "")
 
@@ -460,14 +502,27 @@ def test_cookies_on_https_public_url_are_host_prefixed_and_secure(start_proxy) -
     """P-4: `__Host-` prefix, Secure, HttpOnly, SameSite=Lax when PUBLIC_URL is https (and the provider is loopback)."""
     proxy = start_proxy(PUBLIC_URL=HTTPS_PUBLIC_URL)
     web = proxy.app.test_client()
-    registered = web.post("/register", base_url=HTTPS_PUBLIC_URL, json={
-        "client_name": f"Secure Cookies {secrets.token_hex(4)}", "redirect_uris": ["https://client.example.test/cb"],
-        "token_endpoint_auth_method": "none"})
+    registered = web.post(
+        "/register",
+        base_url=HTTPS_PUBLIC_URL,
+        json={
+            "client_name": f"Secure Cookies {secrets.token_hex(4)}",
+            "redirect_uris": ["https://client.example.test/cb"],
+            "token_endpoint_auth_method": "none",
+        },
+    )
     assert registered.status_code == 201, registered.text
     _, challenge = pkce_pair()
-    query = urlencode({"response_type": "code", "client_id": registered.json["client_id"], "state": "s",
-                       "redirect_uri": "https://client.example.test/cb", "code_challenge": challenge,
-                       "code_challenge_method": "S256"})
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": registered.json["client_id"],
+            "state": "s",
+            "redirect_uri": "https://client.example.test/cb",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+    )
     page = web.get("/authorize?" + query, base_url=HTTPS_PUBLIC_URL)
     assert page.status_code == 200, page.text[:800]
     header, attributes = cookie_attributes(page.headers.getlist("Set-Cookie"), "__Host-oauthproxy-session")
@@ -502,8 +557,10 @@ def test_callback_without_state_is_a_page(proxy: RunningProxy) -> None:
     assert count(proxy, Grant) == before
 
 
-@pytest.mark.parametrize("query", [{"code": "x", "state": "unknown"}, {"error": "access_denied", "state": "unknown"},
-                                   {"code": "x", "state": ""}])
+@pytest.mark.parametrize(
+    "query",
+    [{"code": "x", "state": "unknown"}, {"error": "access_denied", "state": "unknown"}, {"code": "x", "state": ""}],
+)
 def test_callback_with_unknown_state_is_a_page(proxy: RunningProxy, query: dict[str, str]) -> None:
     before = count(proxy, Grant)
     assert_page(get(proxy.url + "/callback?" + urlencode(query)))
@@ -538,8 +595,11 @@ def test_callback_for_expired_pending_login_is_a_page(proxy: RunningProxy) -> No
     browser = proxy.browser()
     url = callback_url(proxy, client, browser)
     with proxy.app.app_context():
-        db.session.execute(update(PendingAuthorization).where(PendingAuthorization.client_id == client.client_id)
-                           .values(expires_at=utcnow() - timedelta(seconds=1)))
+        db.session.execute(
+            update(PendingAuthorization)
+            .where(PendingAuthorization.client_id == client.client_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
         db.session.commit()
     before = count(proxy, Grant)
     assert_page(get(url, browser.session), text="expired")
@@ -553,20 +613,21 @@ def test_token_without_code_verifier_is_refused(proxy: RunningProxy) -> None:
     client = new_client(proxy)
     code = login_code(proxy, client)
     before = count(proxy, Token)
-    response = client.token_request({"grant_type": "authorization_code", "code": code,
-                                     "redirect_uri": client.redirect_uri})
+    response = client.token_request(
+        {"grant_type": "authorization_code", "code": code, "redirect_uri": client.redirect_uri}
+    )
     assert_token_error(response, 400, "invalid_request", "invalid_grant")
     assert count(proxy, Token) == before
 
 
 @pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
-def test_token_without_code_verifier_is_refused_for_confidential_clients(proxy: RunningProxy,
-                                                                         auth_method: str) -> None:
+def test_token_without_code_verifier_is_refused_for_confidential_clients(proxy: RunningProxy, auth_method: str) -> None:
     """PKCE must not be skippable because the client has a secret."""
     client = new_client(proxy, auth_method=auth_method)
     code = login_code(proxy, client)
-    response = client.token_request({"grant_type": "authorization_code", "code": code,
-                                     "redirect_uri": client.redirect_uri})
+    response = client.token_request(
+        {"grant_type": "authorization_code", "code": code, "redirect_uri": client.redirect_uri}
+    )
     assert_token_error(response, 400, "invalid_request", "invalid_grant")
 
 
@@ -583,8 +644,11 @@ def test_token_with_wrong_code_verifier_is_invalid_grant(proxy: RunningProxy, ve
     assert count(proxy, Token) == before
 
 
-@pytest.mark.parametrize("redirect_uri", ["http://127.0.0.1:9/other", "https://attacker.example/cb", None],
-                         ids=["other-path", "other-host", "missing"])
+@pytest.mark.parametrize(
+    "redirect_uri",
+    ["http://127.0.0.1:9/other", "https://attacker.example/cb", None],
+    ids=["other-path", "other-host", "missing"],
+)
 def test_token_with_wrong_redirect_uri_is_invalid_grant(proxy: RunningProxy, redirect_uri: str | None) -> None:
     client = new_client(proxy)
     code = login_code(proxy, client)
@@ -605,13 +669,20 @@ def test_code_issued_to_one_client_is_refused_to_another(proxy: RunningProxy) ->
     assert count(proxy, Token) == before
 
 
-@pytest.mark.parametrize("grant_type", ["password", "client_credentials", "implicit",
-                                        "urn:ietf:params:oauth:grant-type:device_code",
-                                        "urn:ietf:params:oauth:grant-type:jwt-bearer", "AUTHORIZATION_CODE"])
+@pytest.mark.parametrize(
+    "grant_type",
+    [
+        "password",
+        "client_credentials",
+        "implicit",
+        "urn:ietf:params:oauth:grant-type:device_code",
+        "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "AUTHORIZATION_CODE",
+    ],
+)
 def test_unsupported_grant_type_is_refused(proxy: RunningProxy, grant_type: str) -> None:
     client = new_client(proxy, auth_method="client_secret_basic")
-    response = client.token_request({"grant_type": grant_type, "username": "alice", "password": "x",
-                                     "scope": "openid"})
+    response = client.token_request({"grant_type": grant_type, "username": "alice", "password": "x", "scope": "openid"})
     assert_token_error(response, 400, "unsupported_grant_type", "unauthorized_client")
 
 
@@ -650,9 +721,17 @@ def test_public_client_presenting_a_secret_method_is_invalid_client(proxy: Runni
 
 @pytest.mark.parametrize("client_id", ["no-such-client", "x" * 300, "https://client.invalid/client.json"])
 def test_unknown_client_at_token_is_invalid_client(proxy: RunningProxy, client_id: str) -> None:
-    response = requests.post(proxy.url + "/token", data={"grant_type": "authorization_code", "code": "x",
-                                                         "client_id": client_id, "code_verifier": "y",
-                                                         "redirect_uri": "http://127.0.0.1:9/callback"}, timeout=15)
+    response = requests.post(
+        proxy.url + "/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": "x",
+            "client_id": client_id,
+            "code_verifier": "y",
+            "redirect_uri": "http://127.0.0.1:9/callback",
+        },
+        timeout=15,
+    )
     assert_token_error(response, 401, "invalid_client")
 
 
@@ -660,8 +739,11 @@ def test_expired_code_is_invalid_grant(proxy: RunningProxy) -> None:
     client = new_client(proxy)
     code = login_code(proxy, client)
     with proxy.app.app_context():
-        db.session.execute(update(AuthorizationCode).where(AuthorizationCode.code_hash == hash_token(code))
-                           .values(expires_at=utcnow() - timedelta(seconds=1)))
+        db.session.execute(
+            update(AuthorizationCode)
+            .where(AuthorizationCode.code_hash == hash_token(code))
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
         db.session.commit()
     before = count(proxy, Token)
     assert_token_error(client.exchange(code), 400, "invalid_grant")
@@ -676,8 +758,7 @@ def test_unknown_code_is_invalid_grant(proxy: RunningProxy, code: str) -> None:
 
 
 @pytest.mark.parametrize("resource", ["https://elsewhere.example/mcp", "{proxy}/other"])
-def test_token_resource_differing_from_the_authorized_one_is_invalid_target(proxy: RunningProxy,
-                                                                            resource: str) -> None:
+def test_token_resource_differing_from_the_authorized_one_is_invalid_target(proxy: RunningProxy, resource: str) -> None:
     client = new_client(proxy)
     code = login_code(proxy, client, resource=proxy.app.config["SETTINGS"].mcp_resource)
     before = count(proxy, Token)
@@ -689,8 +770,9 @@ def test_token_resource_differing_from_the_authorized_one_is_invalid_target(prox
 def test_refresh_resource_differing_from_the_authorized_one_is_invalid_target(proxy: RunningProxy) -> None:
     client = new_client(proxy)
     tokens = tokens_for(proxy, client)
-    assert_token_error(client.refresh(tokens["refresh_token"], resource="https://elsewhere.example/mcp"), 400,
-                       "invalid_target")
+    assert_token_error(
+        client.refresh(tokens["refresh_token"], resource="https://elsewhere.example/mcp"), 400, "invalid_target"
+    )
     # the refused request neither rotated nor revoked the token
     assert client.refresh(tokens["refresh_token"]).status_code == 200
 
@@ -731,28 +813,47 @@ def test_token_responses_are_json_and_never_cached(proxy: RunningProxy) -> None:
     assert good.status_code == 200 and good.headers["Cache-Control"] == "no-store"
     assert good.headers["Content-Type"].startswith("application/json")
     assert_token_error(client.refresh("nope"), 400, "invalid_grant")
-    unauthenticated = requests.post(proxy.url + "/token", data={"grant_type": "refresh_token", "refresh_token": "x",
-                                                                "client_id": "nobody"}, timeout=15)
+    unauthenticated = requests.post(
+        proxy.url + "/token",
+        data={"grant_type": "refresh_token", "refresh_token": "x", "client_id": "nobody"},
+        timeout=15,
+    )
     assert_token_error(unauthenticated, 401, "invalid_client")
 
 
 def test_token_request_with_json_body_is_a_400(proxy: RunningProxy) -> None:
     client = new_client(proxy)
     code = login_code(proxy, client)
-    response = requests.post(proxy.url + "/token", json={
-        "grant_type": "authorization_code", "code": code, "client_id": client.client_id,
-        "redirect_uri": client.redirect_uri, "code_verifier": client.verifier}, timeout=15)
+    response = requests.post(
+        proxy.url + "/token",
+        json={
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": client.client_id,
+            "redirect_uri": client.redirect_uri,
+            "code_verifier": client.verifier,
+        },
+        timeout=15,
+    )
     assert_token_error(response, 400, "invalid_request", "unsupported_grant_type")
 
 
 def test_token_request_with_a_repeated_parameter_is_invalid_request(proxy: RunningProxy) -> None:
     client = new_client(proxy)
     code = login_code(proxy, client)
-    body = urlencode([("grant_type", "authorization_code"), ("code", code), ("code", "other"),
-                      ("client_id", client.client_id), ("redirect_uri", client.redirect_uri),
-                      ("code_verifier", client.verifier)])
-    response = requests.post(proxy.url + "/token", data=body, timeout=15,
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    body = urlencode(
+        [
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("code", "other"),
+            ("client_id", client.client_id),
+            ("redirect_uri", client.redirect_uri),
+            ("code_verifier", client.verifier),
+        ]
+    )
+    response = requests.post(
+        proxy.url + "/token", data=body, timeout=15, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert_token_error(response, 400, "invalid_request", "invalid_grant")
 
 
@@ -760,8 +861,15 @@ def test_token_parameters_in_the_query_string_are_not_used(proxy: RunningProxy) 
     """OAuth 2.1 §3.2: token requests are POST bodies; a code in the URL (and so in access logs) is not honoured."""
     client = new_client(proxy)
     code = login_code(proxy, client)
-    query = urlencode({"grant_type": "authorization_code", "code": code, "client_id": client.client_id,
-                       "redirect_uri": client.redirect_uri, "code_verifier": client.verifier})
+    query = urlencode(
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": client.client_id,
+            "redirect_uri": client.redirect_uri,
+            "code_verifier": client.verifier,
+        }
+    )
     response = requests.post(proxy.url + "/token?" + query, timeout=15)
     assert 400 <= response.status_code < 500, response.text
     assert "access_token" not in response.text
@@ -770,18 +878,23 @@ def test_token_parameters_in_the_query_string_are_not_used(proxy: RunningProxy) 
 # --- /register -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (b"client_name=x&redirect_uris=http://127.0.0.1:9/cb", "application/x-www-form-urlencoded"),
-    (b'{"redirect_uris": ["http://127.0.0.1:9/cb"]', "application/json"),
-    (b'{"redirect_uris": ["http://127.0.0.1:9/cb"]}', "text/plain"),
-    (b"", "application/json"),
-    (b"\xff\xfe\x00garbage", "application/json"),
-    (b"null", "application/json"),
-    (b'"a string"', "application/json"),
-    (b"42", "application/json"),
-], ids=["form", "broken-json", "text-plain", "empty", "binary", "null", "string", "number"])
-def test_register_with_non_json_object_body_is_invalid_client_metadata(proxy: RunningProxy, body: bytes,
-                                                                       content_type: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"client_name=x&redirect_uris=http://127.0.0.1:9/cb", "application/x-www-form-urlencoded"),
+        (b'{"redirect_uris": ["http://127.0.0.1:9/cb"]', "application/json"),
+        (b'{"redirect_uris": ["http://127.0.0.1:9/cb"]}', "text/plain"),
+        (b"", "application/json"),
+        (b"\xff\xfe\x00garbage", "application/json"),
+        (b"null", "application/json"),
+        (b'"a string"', "application/json"),
+        (b"42", "application/json"),
+    ],
+    ids=["form", "broken-json", "text-plain", "empty", "binary", "null", "string", "number"],
+)
+def test_register_with_non_json_object_body_is_invalid_client_metadata(
+    proxy: RunningProxy, body: bytes, content_type: str
+) -> None:
     before = count(proxy, OAuthClient)
     response = requests.post(proxy.url + "/register", data=body, headers={"Content-Type": content_type}, timeout=15)
     assert_register_error(response, "invalid_client_metadata")
@@ -796,13 +909,20 @@ def test_register_with_json_array_is_invalid_client_metadata(proxy: RunningProxy
 
 
 def register(proxy: RunningProxy, **metadata) -> requests.Response:
-    body = {"client_name": f"Bad Input {secrets.token_hex(6)}", "redirect_uris": ["http://127.0.0.1:9/cb"],
-            "token_endpoint_auth_method": "none", **metadata}
+    body = {
+        "client_name": f"Bad Input {secrets.token_hex(6)}",
+        "redirect_uris": ["http://127.0.0.1:9/cb"],
+        "token_endpoint_auth_method": "none",
+        **metadata,
+    }
     return requests.post(proxy.url + "/register", json={k: v for k, v in body.items() if v is not None}, timeout=15)
 
 
-@pytest.mark.parametrize("redirect_uris", [None, [], "http://127.0.0.1:9/cb", [42], [""], [None]],
-                         ids=["missing", "empty", "string", "number", "empty-string", "null"])
+@pytest.mark.parametrize(
+    "redirect_uris",
+    [None, [], "http://127.0.0.1:9/cb", [42], [""], [None]],
+    ids=["missing", "empty", "string", "number", "empty-string", "null"],
+)
 def test_register_without_usable_redirect_uris_is_invalid_redirect_uri(proxy: RunningProxy, redirect_uris) -> None:
     before = count(proxy, OAuthClient)
     response = register(proxy, redirect_uris=redirect_uris)
@@ -812,21 +932,37 @@ def test_register_without_usable_redirect_uris_is_invalid_redirect_uri(proxy: Ru
     assert count(proxy, OAuthClient) == before
 
 
-@pytest.mark.parametrize("uri", [
-    "http://client.example.test/cb",
-    "http://192.168.1.10/cb",
-    "http://127.0.0.1.attacker.example/cb",
-    "http://localhost.attacker.example/cb",
-    "https:///cb",
-    "/relative/cb",
-    "javascript:alert(1)",
-    "data:text/html,hi",
-    "file:///etc/passwd",
-    "ftp://client.example.test/cb",
-    "http://client.example.test/caf\u00e9",
-    "http://client.example.test/it's\"quoted\"\\",
-], ids=["http-host", "http-private-ip", "loopback-prefix-host", "localhost-prefix-host", "no-host", "relative",
-        "javascript", "data", "file", "ftp", "non-ascii", "quotes-backslash"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://client.example.test/cb",
+        "http://192.168.1.10/cb",
+        "http://127.0.0.1.attacker.example/cb",
+        "http://localhost.attacker.example/cb",
+        "https:///cb",
+        "/relative/cb",
+        "javascript:alert(1)",
+        "data:text/html,hi",
+        "file:///etc/passwd",
+        "ftp://client.example.test/cb",
+        "http://client.example.test/caf\u00e9",
+        'http://client.example.test/it\'s"quoted"\\',
+    ],
+    ids=[
+        "http-host",
+        "http-private-ip",
+        "loopback-prefix-host",
+        "localhost-prefix-host",
+        "no-host",
+        "relative",
+        "javascript",
+        "data",
+        "file",
+        "ftp",
+        "non-ascii",
+        "quotes-backslash",
+    ],
+)
 def test_register_with_unsafe_redirect_uri_is_invalid_redirect_uri(proxy: RunningProxy, uri: str) -> None:
     before = count(proxy, OAuthClient)
     assert_register_error(register(proxy, redirect_uris=["http://127.0.0.1:9/ok", uri]), "invalid_redirect_uri")
@@ -841,8 +977,9 @@ def test_register_with_fragment_in_redirect_uri_is_invalid_redirect_uri(start_pr
     assert count(proxy, OAuthClient) == before
 
 
-@pytest.mark.parametrize("uri", ["cursor://anysphere.cursor-retrieval/oauth/callback", "vscode://cb",
-                                 "com.example.app:/oauth2redirect"])
+@pytest.mark.parametrize(
+    "uri", ["cursor://anysphere.cursor-retrieval/oauth/callback", "vscode://cb", "com.example.app:/oauth2redirect"]
+)
 def test_register_private_use_scheme_is_refused_when_turned_off(start_proxy, uri: str) -> None:
     proxy = start_proxy(ALLOW_CUSTOM_REDIRECT_SCHEMES="false")
     before = count(proxy, OAuthClient)
@@ -866,8 +1003,17 @@ def test_register_unsupported_auth_method_is_invalid_client_metadata(proxy: Runn
     assert count(proxy, OAuthClient) == before
 
 
-@pytest.mark.parametrize("grant_types", [["password"], ["client_credentials"], ["implicit"],
-                                         ["authorization_code", "password"], "authorization_code", [42]])
+@pytest.mark.parametrize(
+    "grant_types",
+    [
+        ["password"],
+        ["client_credentials"],
+        ["implicit"],
+        ["authorization_code", "password"],
+        "authorization_code",
+        [42],
+    ],
+)
 def test_register_unsupported_grant_types_is_invalid_client_metadata(proxy: RunningProxy, grant_types) -> None:
     before = count(proxy, OAuthClient)
     assert_register_error(register(proxy, grant_types=grant_types), "invalid_client_metadata")
@@ -875,19 +1021,41 @@ def test_register_unsupported_grant_types_is_invalid_client_metadata(proxy: Runn
 
 
 @pytest.mark.parametrize("response_types", [["token"], ["code", "token"], ["id_token"], "code"])
-def test_register_unsupported_response_types_is_invalid_client_metadata(proxy: RunningProxy,
-                                                                        response_types) -> None:
+def test_register_unsupported_response_types_is_invalid_client_metadata(proxy: RunningProxy, response_types) -> None:
     before = count(proxy, OAuthClient)
     assert_register_error(register(proxy, response_types=response_types), "invalid_client_metadata")
     assert count(proxy, OAuthClient) == before
 
 
-@pytest.mark.parametrize("metadata", [{"client_name": ["not", "a", "string"]}, {"scope": 42},
-                                      {"client_uri": "javascript:alert(1)"}, {"logo_uri": "not a url"},
-                                      {"jwks": []}, {"jwks": "x"}, {"jwks": 1}, {"jwks": {}},
-                                      {"jwks": {"keys": "x"}}, {"jwks": {"keys": [1]}}, {"jwks": {"keys": [{}]}}],
-                         ids=["name-list", "scope-number", "client-uri-javascript", "logo-uri-garbage", "jwks-list", "jwks-string", "jwks-number", "jwks-no-keys", "jwks-keys-string",
-                              "jwks-keys-number", "jwks-key-empty"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"client_name": ["not", "a", "string"]},
+        {"scope": 42},
+        {"client_uri": "javascript:alert(1)"},
+        {"logo_uri": "not a url"},
+        {"jwks": []},
+        {"jwks": "x"},
+        {"jwks": 1},
+        {"jwks": {}},
+        {"jwks": {"keys": "x"}},
+        {"jwks": {"keys": [1]}},
+        {"jwks": {"keys": [{}]}},
+    ],
+    ids=[
+        "name-list",
+        "scope-number",
+        "client-uri-javascript",
+        "logo-uri-garbage",
+        "jwks-list",
+        "jwks-string",
+        "jwks-number",
+        "jwks-no-keys",
+        "jwks-keys-string",
+        "jwks-keys-number",
+        "jwks-key-empty",
+    ],
+)
 def test_register_with_ill_typed_metadata_is_invalid_client_metadata(proxy: RunningProxy, metadata: dict) -> None:
     before = count(proxy, OAuthClient)
     assert_register_error(register(proxy, **metadata), "invalid_client_metadata")
@@ -897,8 +1065,11 @@ def test_register_with_ill_typed_metadata_is_invalid_client_metadata(proxy: Runn
 def test_register_with_a_null_jwks_is_invalid_client_metadata(proxy: RunningProxy) -> None:
     """Found by the registration fuzzer: `"jwks": null` was a 500 (Authlib reads it as a JWK Set)."""
     before = count(proxy, OAuthClient)
-    response = requests.post(proxy.url + "/register", timeout=15, json={
-        "redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none", "jwks": None})
+    response = requests.post(
+        proxy.url + "/register",
+        timeout=15,
+        json={"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none", "jwks": None},
+    )
     assert_register_error(response, "invalid_client_metadata")
     assert count(proxy, OAuthClient) == before
 
@@ -1016,23 +1187,30 @@ def dev_proxy(start_proxy) -> RunningProxy:
 
 def document_client(proxy: RunningProxy, server: DocumentServer, **document) -> McpOAuthClient:
     client_id = f"http://127.0.0.1:{server.server_port}/oauth/{secrets.token_hex(4)}/client.json"
-    server.document = {"client_id": client_id, "client_name": "Document Client",
-                       "redirect_uris": ["http://127.0.0.1:9/cimd-callback"], "token_endpoint_auth_method": "none",
-                       **document}
+    server.document = {
+        "client_id": client_id,
+        "client_name": "Document Client",
+        "redirect_uris": ["http://127.0.0.1:9/cimd-callback"],
+        "token_endpoint_auth_method": "none",
+        **document,
+    }
     return McpOAuthClient(proxy.url, client_id, redirect_uri="http://127.0.0.1:9/cimd-callback")
 
 
-def test_metadata_document_naming_another_client_id_is_a_page(dev_proxy: RunningProxy,
-                                                              document_server: DocumentServer) -> None:
-    client = document_client(dev_proxy, document_server,
-                             client_id=f"http://127.0.0.1:{document_server.server_port}/oauth/someone-else.json")
+def test_metadata_document_naming_another_client_id_is_a_page(
+    dev_proxy: RunningProxy, document_server: DocumentServer
+) -> None:
+    client = document_client(
+        dev_proxy, document_server, client_id=f"http://127.0.0.1:{document_server.server_port}/oauth/someone-else.json"
+    )
     response = get(client.authorize_url())
     assert_page(response, text="client_id")
     assert document_server.hits >= 1
 
 
-def test_metadata_document_redirect_uri_not_listed_is_a_page(dev_proxy: RunningProxy,
-                                                             document_server: DocumentServer) -> None:
+def test_metadata_document_redirect_uri_not_listed_is_a_page(
+    dev_proxy: RunningProxy, document_server: DocumentServer
+) -> None:
     client = document_client(dev_proxy, document_server)
     assert get(client.authorize_url()).status_code == 200  # the document itself is fine
     assert_page(get(client.authorize_url(redirect_uri="http://127.0.0.1:9/elsewhere")))
@@ -1070,8 +1248,9 @@ def test_metadata_document_on_a_private_address_is_refused_without_fetching(prox
             listener.accept()  # nothing connected
 
 
-def test_http_metadata_document_is_not_fetched_in_production(proxy: RunningProxy,
-                                                             document_server: DocumentServer) -> None:
+def test_http_metadata_document_is_not_fetched_in_production(
+    proxy: RunningProxy, document_server: DocumentServer
+) -> None:
     client = document_client(proxy, document_server)
     assert_page(get(client.authorize_url()))
     assert document_server.hits == 0
@@ -1095,7 +1274,9 @@ def full_flow_secrets(proxy: RunningProxy) -> dict[str, str]:
     assert second.status_code == 200, second.text
     assert client.revoke(second.json()["refresh_token"]).status_code == 200
     with proxy.app.app_context():
-        row = db.session.scalar(select(Token).where(Token.access_token_hash == hash_token(first.json()["access_token"])))
+        row = db.session.scalar(
+            select(Token).where(Token.access_token_hash == hash_token(first.json()["access_token"]))
+        )
         grant = db.session.get(Grant, row.grant_id)
         box = components(proxy.app).secret_box
         upstream_access = box.decrypt(grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
@@ -1120,8 +1301,11 @@ def leaks(records: list[logging.LogRecord], secrets_by_name: dict[str, str]) -> 
     found = []
     for record in records:
         line = formatter.format(record)
-        found += [f"{name} in {record.name} {record.levelname}: {line[:200]!r}"
-                  for name, value in secrets_by_name.items() if value and value in line]
+        found += [
+            f"{name} in {record.name} {record.levelname}: {line[:200]!r}"
+            for name, value in secrets_by_name.items()
+            if value and value in line
+        ]
     return found
 
 
@@ -1235,21 +1419,38 @@ GARBAGE_BODIES = [
     b'{"redirect_uris": ["http://127.0.0.1:9/cb\\u0000"], "client_name": "\\u0000"}',
     b'{"redirect_uris": [{"a": 1}], "grant_types": {"x": 1}, "client_name": 1e999}',
     b'{"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none", "client_name": "'
-    + b"n" * 200_000 + b'"}',
+    + b"n" * 200_000
+    + b'"}',
     b'{"redirect_uris": ["http://127.0.0.1:9/cb"], "scope": "\\ud800", "jwks": {"keys": "x"}}',
     b"x" * 1_000_000,
 ]
 
-ENDPOINTS = ["/authorize", "/authorize/consent", "/callback", "/token", "/revoke", "/register",
-             "/.well-known/oauth-authorization-server", "/.well-known/openid-configuration", "/static/missing.css"]
+ENDPOINTS = [
+    "/authorize",
+    "/authorize/consent",
+    "/callback",
+    "/token",
+    "/revoke",
+    "/register",
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration",
+    "/static/missing.css",
+]
 
 
 def raw_status(proxy: RunningProxy, request_line: bytes, headers: bytes = b"", body: bytes = b"") -> int:
     """Send bytes that an HTTP client library would refuse to send (raw non-UTF-8 in the request line)."""
     host, port = urlsplit(proxy.url).hostname, urlsplit(proxy.url).port
     with socket.create_connection((host, port), timeout=15) as sock:
-        sock.sendall(request_line + b"\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers
-                     + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(
+            request_line
+            + b"\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            + headers
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         reply = b""
         while b"\r\n" not in reply:
             chunk = sock.recv(4096)
@@ -1276,8 +1477,9 @@ def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: st
 
     session = requests.Session()
     for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "FOO"):
-        check(f"{method} {path}", session.request(method, proxy.url + path, timeout=15,
-                                                  allow_redirects=False).status_code)
+        check(
+            f"{method} {path}", session.request(method, proxy.url + path, timeout=15, allow_redirects=False).status_code
+        )
     for query in [*GARBAGE_QUERIES, f"client_id={real.client_id}&response_type=code&redirect_uri=%ff"]:
         for method in ("GET", "POST"):
             response = session.request(method, f"{proxy.url}{path}?{query}", timeout=15, allow_redirects=False)
@@ -1289,13 +1491,26 @@ def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: st
             check(f"POST {path} headers={headers} body={body[:60]!r}", response.status_code)
     basic = {"Authorization": "Basic " + base64.b64encode(f"{real.client_id}:{real.client_secret}".encode()).decode()}
     for body in GARBAGE_BODIES:
-        response = requests.post(proxy.url + path, data=body, timeout=30, allow_redirects=False,
-                                 headers={**basic, "Content-Type": "application/x-www-form-urlencoded"})
+        response = requests.post(
+            proxy.url + path,
+            data=body,
+            timeout=30,
+            allow_redirects=False,
+            headers={**basic, "Content-Type": "application/x-www-form-urlencoded"},
+        )
         check(f"POST {path} (authenticated) body={body[:60]!r}", response.status_code)
     for raw_query in (b"client_id=\xff\xfe\x80&state=\xc3\x28", b"\x00\x01\x02", b"client_id=" + "é".encode()):
-        check(f"raw GET {path}?{raw_query!r}", raw_status(proxy, b"GET " + path.encode() + b"?" + raw_query
-                                                          + b" HTTP/1.1"))
-        check(f"raw POST {path} body {raw_query!r}", raw_status(
-            proxy, b"POST " + path.encode() + b" HTTP/1.1",
-            b"Content-Type: application/x-www-form-urlencoded\r\n", raw_query))
+        check(
+            f"raw GET {path}?{raw_query!r}",
+            raw_status(proxy, b"GET " + path.encode() + b"?" + raw_query + b" HTTP/1.1"),
+        )
+        check(
+            f"raw POST {path} body {raw_query!r}",
+            raw_status(
+                proxy,
+                b"POST " + path.encode() + b" HTTP/1.1",
+                b"Content-Type: application/x-www-form-urlencoded\r\n",
+                raw_query,
+            ),
+        )
     assert not failures, "\n".join(failures)

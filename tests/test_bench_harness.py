@@ -19,8 +19,10 @@ def test_percentiles_are_observed_values() -> None:
 
 
 def test_samples_are_charged_to_the_innermost_known_component() -> None:
-    collapsed = ("run (gunicorn/workers/ggevent.py:1);forward (oauthproxy/proxy.py:2);send (socket.py:3) 3\n"
-                 "run (gunicorn/workers/ggevent.py:1);urlopen (urllib3/connectionpool.py:4) 1\n")
+    collapsed = (
+        "run (gunicorn/workers/ggevent.py:1);forward (oauthproxy/proxy.py:2);send (socket.py:3) 3\n"
+        "run (gunicorn/workers/ggevent.py:1);urlopen (urllib3/connectionpool.py:4) 1\n"
+    )
     parsed = profile.parse_collapsed(collapsed)
     assert parsed.samples == 4
     assert dict(parsed.by_component) == {"oauthproxy/proxy": 3, "requests + urllib3": 1}
@@ -29,26 +31,87 @@ def test_samples_are_charged_to_the_innermost_known_component() -> None:
 
 def test_the_report_names_each_target() -> None:
     def wrk(rps: float, p50: float, p99: float) -> dict:
-        return {"rps": rps, "p50_us": p50, "p90_us": p50, "p99_us": p99, "mean_us": p50, "cpu_us_per_request": 1e6 / rps,
-                "requests": 100, "errors": 0, "rounds": []}
+        return {
+            "rps": rps,
+            "p50_us": p50,
+            "p90_us": p50,
+            "p99_us": p99,
+            "mean_us": p50,
+            "cpu_us_per_request": 1e6 / rps,
+            "requests": 100,
+            "errors": 0,
+            "rounds": [],
+        }
 
     results = {
-        "machine": {"date": "today", "cpus": 2, "cpu_model": "cpu", "kernel": "k", "python": "3.11", "packages": {},
-                    "nginx": "1", "wrk": "4", "node": "20", "oidc_provider": "9", "revision": "abc"},
-        "options": {"workers": 1, "rounds": 3, "seconds": 5, "delay_streams": 20, "delay_interval": 0.05,
-                    "delay_events": 100, "delay_rounds": 2},
-        "throughput": {"direct|1": wrk(40_000, 20, 200), "floor|1": wrk(1_500, 600, 1_500),
-                       "proxy|1": wrk(1_400, 650, 1_700), "direct|20": wrk(100_000, 100, 1_000),
-                       "floor|20": wrk(1_600, 12_000, 25_000), "proxy|20": wrk(1_300, 14_000, 40_000)},
-        "streams": {"proxy|5000": {"opened": 5000, "open_after_hold": 5000, "downstream_open": 5000,
-                                   "released_ok": 4999, "baseline_rss_kib": 90_000, "rss_kib": 220_000,
-                                   "bytes_per_stream": 26_000.0, "open_seconds": 5.0, "open_cpu_us_per_stream": 900}},
-        "delay": {name: {"events": 100, "expected": 100, "p50_ms": p50, "p99_ms": p99, "max_ms": p99,
-                         "steady_events": 90, "all_p50_ms": p50, "all_p99_ms": p99, "all_max_ms": p99,
-                         "round_p99_ms": [p99, p99 + 0.1, 40.0], "round_all_p99_ms": [p99, p99, p99]}
-                  for name, p50, p99 in (("direct", 0.1, 0.5), ("proxy", 0.3, 1.5))},
-        "token": {"database": "sqlite", "hit_us": 2.0, "miss_p50_us": 200, "miss_p99_us": 300,
-                  "queries_first_request": 1, "queries_per_request_cached": 0, "queries_per_request_cache_off": 1},
+        "machine": {
+            "date": "today",
+            "cpus": 2,
+            "cpu_model": "cpu",
+            "kernel": "k",
+            "python": "3.11",
+            "packages": {},
+            "nginx": "1",
+            "wrk": "4",
+            "node": "20",
+            "oidc_provider": "9",
+            "revision": "abc",
+        },
+        "options": {
+            "workers": 1,
+            "rounds": 3,
+            "seconds": 5,
+            "delay_streams": 20,
+            "delay_interval": 0.05,
+            "delay_events": 100,
+            "delay_rounds": 2,
+        },
+        "throughput": {
+            "direct|1": wrk(40_000, 20, 200),
+            "floor|1": wrk(1_500, 600, 1_500),
+            "proxy|1": wrk(1_400, 650, 1_700),
+            "direct|20": wrk(100_000, 100, 1_000),
+            "floor|20": wrk(1_600, 12_000, 25_000),
+            "proxy|20": wrk(1_300, 14_000, 40_000),
+        },
+        "streams": {
+            "proxy|5000": {
+                "opened": 5000,
+                "open_after_hold": 5000,
+                "downstream_open": 5000,
+                "released_ok": 4999,
+                "baseline_rss_kib": 90_000,
+                "rss_kib": 220_000,
+                "bytes_per_stream": 26_000.0,
+                "open_seconds": 5.0,
+                "open_cpu_us_per_stream": 900,
+            }
+        },
+        "delay": {
+            name: {
+                "events": 100,
+                "expected": 100,
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "max_ms": p99,
+                "steady_events": 90,
+                "all_p50_ms": p50,
+                "all_p99_ms": p99,
+                "all_max_ms": p99,
+                "round_p99_ms": [p99, p99 + 0.1, 40.0],
+                "round_all_p99_ms": [p99, p99, p99],
+            }
+            for name, p50, p99 in (("direct", 0.1, 0.5), ("proxy", 0.3, 1.5))
+        },
+        "token": {
+            "database": "sqlite",
+            "hit_us": 2.0,
+            "miss_p50_us": 200,
+            "miss_p99_us": 300,
+            "queries_first_request": 1,
+            "queries_per_request_cached": 0,
+            "queries_per_request_cache_off": 1,
+        },
     }
     found = {name: met for name, _, _, met in report.targets(results)}
     assert found["throughput vs floor, 1 connection(s)"] is True  # 93 %

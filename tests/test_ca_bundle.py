@@ -26,9 +26,16 @@ from tests.conftest import TEST_KEY, RunningProxy, free_port
 from tests.deployment_fixtures import self_signed_certificate
 from tests.proxy_fixtures import McpDownstream, log_in, mcp_downstream_fixture  # noqa: F401 (fixture)
 
-INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                         "clientInfo": {"name": "ca-bundle-test", "version": "1"}}}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "ca-bundle-test", "version": "1"},
+    },
+}
 
 
 class PrivateTlsSite(ThreadingHTTPServer):
@@ -53,12 +60,21 @@ class SiteHandler(BaseHTTPRequestHandler):
         url = self.server.url
         documents = {
             "/.well-known/openid-configuration": {
-                "issuer": url, "authorization_endpoint": url + "/authorize", "token_endpoint": url + "/token",
-                "userinfo_endpoint": url + "/userinfo", "jwks_uri": url + "/jwks",
-                "response_types_supported": ["code"], "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["RS256"]},
-            "/client.json": {"client_id": url + "/client.json", "client_name": "Private PKI client",
-                             "redirect_uris": ["http://127.0.0.1:9/callback"], "token_endpoint_auth_method": "none"},
+                "issuer": url,
+                "authorization_endpoint": url + "/authorize",
+                "token_endpoint": url + "/token",
+                "userinfo_endpoint": url + "/userinfo",
+                "jwks_uri": url + "/jwks",
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+            },
+            "/client.json": {
+                "client_id": url + "/client.json",
+                "client_name": "Private PKI client",
+                "redirect_uris": ["http://127.0.0.1:9/callback"],
+                "token_endpoint_auth_method": "none",
+            },
         }
         body = json.dumps(documents.get(self.path, {})).encode()
         self.send_response(200 if self.path in documents else 404)
@@ -144,14 +160,22 @@ def private_downstream(mcp_downstream: McpDownstream, private_ca: tuple[Path, Pa
 
 def app_env(private_site: PrivateTlsSite, **overrides: str) -> dict[str, str]:
     port = free_port()
-    return {"PUBLIC_URL": f"http://127.0.0.1:{port}", "OAUTH_CLIENT_ID": "private-pki", "OAUTH_CLIENT_SECRET": "s",
-            "OAUTH_AUTHORIZE_URL": private_site.url, "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
-            "DATABASE_DSN": "sqlite:///:memory:", "ENCRYPTION_KEY": TEST_KEY,
-            "CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS": "true", **overrides}
+    return {
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "OAUTH_CLIENT_ID": "private-pki",
+        "OAUTH_CLIENT_SECRET": "s",
+        "OAUTH_AUTHORIZE_URL": private_site.url,
+        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        "DATABASE_DSN": "sqlite:///:memory:",
+        "ENCRYPTION_KEY": TEST_KEY,
+        "CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS": "true",
+        **overrides,
+    }
 
 
 def test_the_provider_and_client_metadata_documents_are_trusted_through_ca_bundle(
-        private_site: PrivateTlsSite, private_ca: tuple[Path, Path]) -> None:
+    private_site: PrivateTlsSite, private_ca: tuple[Path, Path]
+) -> None:
     trusted = create_app(app_env(private_site, CA_BUNDLE=str(private_ca[0])))
     assert components(trusted).login_provider.load_metadata()["issuer"] == private_site.url
     document = components(trusted).client_metadata_fetcher.fetch(private_site.url + "/client.json")
@@ -160,23 +184,34 @@ def test_the_provider_and_client_metadata_documents_are_trusted_through_ca_bundl
     untrusted = create_app(app_env(private_site))
     with pytest.raises(UpstreamError) as refused:
         components(untrusted).login_provider.load_metadata()
-    assert "CERTIFICATE_VERIFY_FAILED" in refused.value.description or "certificate verify failed" in \
-        refused.value.description.lower()
+    assert (
+        "CERTIFICATE_VERIFY_FAILED" in refused.value.description
+        or "certificate verify failed" in refused.value.description.lower()
+    )
     with pytest.raises(ClientMetadataError) as refused_document:
         components(untrusted).client_metadata_fetcher.fetch(private_site.url + "/client.json")
     assert "TLS connection failed" in refused_document.value.description
 
 
 def test_a_downstream_with_a_private_certificate_is_reached_through_ca_bundle(
-        start_proxy: Callable[..., RunningProxy], private_downstream: str, private_ca: tuple[Path, Path]) -> None:
+    start_proxy: Callable[..., RunningProxy], private_downstream: str, private_ca: tuple[Path, Path]
+) -> None:
     for ca_bundle, expected in ((str(private_ca[0]), 200), (None, 502)):
         overrides = {"MCP_SERVER_URL": private_downstream}
         if ca_bundle:
             overrides["CA_BUNDLE"] = ca_bundle
         proxy = start_proxy(**overrides)
         login = log_in(proxy.url, proxy.url + "/mcp")
-        answer = requests.post(proxy.url + "/mcp", json=INITIALIZE, timeout=15, headers={
-            **login.bearer, "Accept": "application/json, text/event-stream", "Content-Type": "application/json"})
+        answer = requests.post(
+            proxy.url + "/mcp",
+            json=INITIALIZE,
+            timeout=15,
+            headers={
+                **login.bearer,
+                "Accept": "application/json, text/event-stream",
+                "Content-Type": "application/json",
+            },
+        )
         assert answer.status_code == expected, (ca_bundle, answer.status_code, answer.text)
 
 

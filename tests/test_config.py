@@ -35,23 +35,43 @@ def test_seed_example_with_a_path_is_valid() -> None:
     assert settings.issuer == "http://127.0.0.1:8080"
     assert settings.callback_url == "http://127.0.0.1:8080/callback"
     assert (settings.host, settings.port) == ("127.0.0.1", 8080)
-    assert (settings.access_token_ttl, settings.refresh_token_ttl, settings.refresh_grace_seconds) == (3600, 2592000, 10)
+    assert (settings.access_token_ttl, settings.refresh_token_ttl, settings.refresh_grace_seconds) == (
+        3600,
+        2592000,
+        10,
+    )
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    problems = problems_for({"ENCRYPTION_KEY": base64.b64encode(b"x" * 17).decode(), "PORT": "eighty",
-                             "ACCESS_TOKEN_TTL": "5", "HOST": "0.0.0.0"})
+    problems = problems_for(
+        {
+            "ENCRYPTION_KEY": base64.b64encode(b"x" * 17).decode(),
+            "PORT": "eighty",
+            "ACCESS_TOKEN_TTL": "5",
+            "HOST": "0.0.0.0",
+        }
+    )
     text = "\n".join(problems)
-    for name in ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_AUTHORIZE_URL", "MCP_SERVER_URL", "PORT",
-                 "ACCESS_TOKEN_TTL", "PUBLIC_URL"):
+    for name in (
+        "OAUTH_CLIENT_ID",
+        "OAUTH_CLIENT_SECRET",
+        "OAUTH_AUTHORIZE_URL",
+        "MCP_SERVER_URL",
+        "PORT",
+        "ACCESS_TOKEN_TTL",
+        "PUBLIC_URL",
+    ):
         assert name in text, name
     assert "ENCRYPTION_KEY must be base64 of 32 bytes; got 17 bytes; generate one with `oauthproxy gen-key`" in text
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("not base64!", "not valid base64"),
-    (base64.b64encode(b"x" * 31).decode(), "got 31 bytes"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("not base64!", "not valid base64"),
+        (base64.b64encode(b"x" * 31).decode(), "got 31 bytes"),
+    ],
+)
 def test_bad_encryption_key(value: str, message: str) -> None:
     assert any(message in p for p in problems_for({**GOOD, "ENCRYPTION_KEY": value}))
 
@@ -84,8 +104,9 @@ def test_allowlist() -> None:
 
 def test_server_refuses_to_start_and_lists_problems(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "ENCRYPTION_KEY": "c2hvcnQ=", "OAUTHPROXY_ENV_FILE": str(tmp_path / "none.env")}
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "OAUTH_CLIENT_ID is required" in result.stderr
     assert "ENCRYPTION_KEY must be base64 of 32 bytes; got 5 bytes" in result.stderr
@@ -96,8 +117,9 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
     lines = [f"{k}={v}" for k, v in {**GOOD, "ENCRYPTION_KEY": "c2hvcnQ="}.items()]
     (tmp_path / ".env").write_text("\n".join(lines) + "\n")
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     # The .env was read: the only complaint left is the short key it contains.
     assert result.returncode != 0
     assert "ENCRYPTION_KEY must be base64 of 32 bytes; got 5 bytes" in result.stderr
@@ -105,7 +127,13 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
 
 
 def test_gen_key_prints_a_valid_key() -> None:
-    result = subprocess.run([sys.executable, "-m", "oauthproxy.cli", "gen-key"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    result = subprocess.run(
+        [sys.executable, "-m", "oauthproxy.cli", "gen-key"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert result.returncode == 0, result.stderr
     assert len(base64.b64decode(result.stdout.strip())) == 32

@@ -42,8 +42,9 @@ def downstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpDownstre
 
 
 @pytest.fixture(scope="module")
-def container(oidc_provider: OidcProvider, downstream: McpDownstream,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def container(
+    oidc_provider: OidcProvider, downstream: McpDownstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Running]:
     build_seconds = build_image(tmp_path_factory.mktemp("build"))
     suffix = secrets.token_hex(4)
     name, volume = f"oauthproxy-test-{suffix}", f"oauthproxy-test-data-{suffix}"
@@ -51,14 +52,33 @@ def container(oidc_provider: OidcProvider, downstream: McpDownstream,
     url = f"http://127.0.0.1:{port}"
     client_id = f"container-{port}"
     oidc_provider.register_client(client_id, "container-secret", [f"{url}/callback"])
-    settings = {"HOST": "127.0.0.1", "PORT": str(port), "PUBLIC_URL": url, "WEB_CONCURRENCY": "2",
-                "OAUTH_CLIENT_ID": client_id, "OAUTH_CLIENT_SECRET": "container-secret",
-                "OAUTH_AUTHORIZE_URL": oidc_provider.issuer, "MCP_SERVER_URL": downstream.url,
-                "SCOPES_SUPPORTED": "openid,email,profile", "ENCRYPTION_KEY": TEST_KEY}
+    settings = {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "PUBLIC_URL": url,
+        "WEB_CONCURRENCY": "2",
+        "OAUTH_CLIENT_ID": client_id,
+        "OAUTH_CLIENT_SECRET": "container-secret",
+        "OAUTH_AUTHORIZE_URL": oidc_provider.issuer,
+        "MCP_SERVER_URL": downstream.url,
+        "SCOPES_SUPPORTED": "openid,email,profile",
+        "ENCRYPTION_KEY": TEST_KEY,
+    }
     environment = [argument for key, value in settings.items() for argument in ("-e", f"{key}={value}")]
     started = time.monotonic()
-    podman("run", "--detach", "--name", name, "--network", "host", *LIMITS, "-v", f"{volume}:/app/instance",
-           *environment, IMAGE)
+    podman(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        "host",
+        *LIMITS,
+        "-v",
+        f"{volume}:/app/instance",
+        *environment,
+        IMAGE,
+    )
     running = Running(name, volume, url, build_seconds, 0.0)
     try:
         deadline = time.monotonic() + 60
@@ -89,11 +109,19 @@ def test_the_image_runs_as_a_non_root_user_with_a_health_check(container: Runnin
     checked = podman("healthcheck", "run", container.name, check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # The package is installed (not the checkout): its templates travel inside it.
-    found = podman("exec", container.name, "python", "-c",
-                   "import oauthproxy, pathlib; print(sorted(p.name for p in "
-                   "(pathlib.Path(oauthproxy.__file__).parent / 'templates').iterdir()))").stdout
-    assert "consent.html" in found and "site-packages" in podman(
-        "exec", container.name, "python", "-c", "import oauthproxy; print(oauthproxy.__file__)").stdout
+    found = podman(
+        "exec",
+        container.name,
+        "python",
+        "-c",
+        "import oauthproxy, pathlib; print(sorted(p.name for p in "
+        "(pathlib.Path(oauthproxy.__file__).parent / 'templates').iterdir()))",
+    ).stdout
+    assert (
+        "consent.html" in found
+        and "site-packages"
+        in podman("exec", container.name, "python", "-c", "import oauthproxy; print(oauthproxy.__file__)").stdout
+    )
 
 
 def test_a_whole_login_through_the_container_keeps_its_data_in_the_volume(container: Running) -> None:
@@ -119,8 +147,9 @@ def test_sigterm_lets_a_streamed_tool_call_finish(container: Running) -> None:
         if count == 1:  # mid-stream: what `docker stop` does, SIGTERM to gunicorn (PID 1)
             threading.Thread(target=stop_container, daemon=True).start()
 
-    progress, result = streamed_tool_call(container.url + "/mcp", login.access_token, {"steps": 6, "pause": 0.5},
-                                          on_event)
+    progress, result = streamed_tool_call(
+        container.url + "/mcp", login.access_token, {"steps": 6, "pause": 0.5}, on_event
+    )
     assert len(progress) == 6 and result["result"]["isError"] is False  # every event arrived after SIGTERM
     deadline = time.monotonic() + 40
     while "seconds" not in stopped and time.monotonic() < deadline:

@@ -11,14 +11,18 @@ from oauthproxy.crypto import DecryptionError, SecretBox, hash_token, key_id, ne
 
 def test_round_trip_with_fresh_nonce() -> None:
     box = SecretBox([os.urandom(32)])
-    first, second = box.encrypt("upstream-token", "grant:1:upstream_access_token"), box.encrypt(
-        "upstream-token", "grant:1:upstream_access_token")
+    first, second = (
+        box.encrypt("upstream-token", "grant:1:upstream_access_token"),
+        box.encrypt("upstream-token", "grant:1:upstream_access_token"),
+    )
     assert first != second  # a fresh 96-bit nonce every time
     assert "upstream-token" not in first
     assert box.decrypt(first, "grant:1:upstream_access_token") == "upstream-token"
 
 
-@pytest.mark.parametrize("other_row", ["grant:2:upstream_access_token", "grant:1:upstream_refresh_token", "client:1:secret"])
+@pytest.mark.parametrize(
+    "other_row", ["grant:2:upstream_access_token", "grant:1:upstream_refresh_token", "client:1:secret"]
+)
 def test_ciphertext_is_bound_to_its_row_and_purpose(other_row: str) -> None:
     box = SecretBox([os.urandom(32)])
     sealed = box.encrypt("token", "grant:1:upstream_access_token")

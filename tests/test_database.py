@@ -34,17 +34,31 @@ def test_concurrent_migrations_on_a_fresh_postgres_database(oidc_provider) -> No
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         dsn = POSTGRES_DSN.rsplit("/", 1)[0] + "/" + name
-        env = {"PATH": os.environ["PATH"], **base_env(8080, oidc_provider, dsn, "c"),
-               "OAUTHPROXY_ENV_FILE": "/nonexistent.env"}
-        processes = [subprocess.Popen([sys.executable, "-m", "oauthproxy.cli", "db", "upgrade"], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+        env = {
+            "PATH": os.environ["PATH"],
+            **base_env(8080, oidc_provider, dsn, "c"),
+            "OAUTHPROXY_ENV_FILE": "/nonexistent.env",
+        }
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "oauthproxy.cli", "db", "upgrade"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(4)
+        ]
         outputs = [process.communicate(timeout=120)[0] for process in processes]
         assert [process.returncode for process in processes] == [0, 0, 0, 0], outputs
         assert sum("Running upgrade  -> " in output for output in outputs) == 1, outputs
         app = create_app(base_env(8080, oidc_provider, dsn, "c"))
         with app.app_context():
             assert schema_is_current(app)
-            assert {"oauth_clients", "grants", "tokens", "authorization_codes"} <= set(inspect(db.engine).get_table_names())
+            assert {"oauth_clients", "grants", "tokens", "authorization_codes"} <= set(
+                inspect(db.engine).get_table_names()
+            )
             db.engine.dispose()
     finally:
         with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
@@ -60,22 +74,36 @@ def test_purge_removes_expired_rows_and_keeps_live_ones(proxy: RunningProxy) -> 
     proxy.browser().session.get(client.authorize_url(), timeout=10)
     long_ago = utcnow() - timedelta(days=400)
     with proxy.app.app_context():
-        db.session.execute(update(Token).where(Token.client_id == stale_client.client_id).values(
-            access_expires_at=long_ago, refresh_expires_at=long_ago))
+        db.session.execute(
+            update(Token)
+            .where(Token.client_id == stale_client.client_id)
+            .values(access_expires_at=long_ago, refresh_expires_at=long_ago)
+        )
         db.session.execute(update(Grant).where(Grant.client_id == stale_client.client_id).values(created_at=long_ago))
         db.session.execute(update(AuthorizationCode).values(expires_at=long_ago))
-        db.session.execute(update(OAuthClient).where(OAuthClient.client_id == abandoned.client_id)
-                           .values(last_used_at=long_ago))
-        db.session.add(PendingAuthorization(state_hash="x" * 64, browser_binding_hash="y", client_id="c",
-                                            request_json="{}", upstream_secrets="v1", expires_at=long_ago))
+        db.session.execute(
+            update(OAuthClient).where(OAuthClient.client_id == abandoned.client_id).values(last_used_at=long_ago)
+        )
+        db.session.add(
+            PendingAuthorization(
+                state_hash="x" * 64,
+                browser_binding_hash="y",
+                client_id="c",
+                request_json="{}",
+                upstream_secrets="v1",
+                expires_at=long_ago,
+            )
+        )
         db.session.commit()
         report = purge_expired()
         assert report.tokens >= 1 and report.authorization_codes >= 2 and report.pending_authorizations >= 1
         assert report.clients >= 1
         assert db.session.get(OAuthClient, abandoned.client_id) is None
         assert db.session.get(OAuthClient, client.client_id) is not None
-        assert db.session.scalar(select(func.count()).select_from(Grant).where(
-            Grant.client_id == stale_client.client_id)) == 0
+        assert (
+            db.session.scalar(select(func.count()).select_from(Grant).where(Grant.client_id == stale_client.client_id))
+            == 0
+        )
     # what is live still works
     assert client.refresh(live["refresh_token"]).status_code == 200
     assert stale_client.refresh(stale_tokens["refresh_token"]).status_code == 400
@@ -88,8 +116,13 @@ def test_rotate_key_re_encrypts_everything(start_proxy) -> None:
     tokens = confidential.exchange(confidential.login(proxy.browser())["code"]).json()
     new_key = base64.b64encode(os.urandom(32)).decode()
     rotated = start_proxy(ENCRYPTION_KEY=f"{new_key},{old_key}")
-    rotated_client = type(confidential)(rotated.url, confidential.client_id, confidential.client_secret,
-                                        confidential.auth_method, confidential.redirect_uri)
+    rotated_client = type(confidential)(
+        rotated.url,
+        confidential.client_id,
+        confidential.client_secret,
+        confidential.auth_method,
+        confidential.redirect_uri,
+    )
     with rotated.app.app_context():
         changed = rotate_encryption_key()
         assert changed >= 3  # the client secret and both upstream tokens
@@ -100,8 +133,13 @@ def test_rotate_key_re_encrypts_everything(start_proxy) -> None:
         box = components(only_new.app).secret_box
         for grant in db.session.scalars(select(Grant).where(Grant.client_id == confidential.client_id)):
             assert box.decrypt(grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token")
-    only_new_client = type(confidential)(only_new.url, confidential.client_id, confidential.client_secret,
-                                         confidential.auth_method, confidential.redirect_uri)
+    only_new_client = type(confidential)(
+        only_new.url,
+        confidential.client_id,
+        confidential.client_secret,
+        confidential.auth_method,
+        confidential.redirect_uri,
+    )
     assert only_new_client.refresh(tokens["refresh_token"]).status_code == 200
     assert rotated_client.client_id == confidential.client_id
     # and back, so the shared test database is under the suite's key again

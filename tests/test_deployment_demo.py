@@ -61,8 +61,15 @@ def launch(tmp_path: Path, extra_env: dict[str, str]) -> Launched:
     output = tmp_path / "run.log"
     with output.open("wb") as log:
         # The launcher in its own session, as a shell's foreground job is: SIGINT reaches it alone here.
-        process = subprocess.Popen([sys.executable, str(RUN)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, str(RUN)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return Launched(process, output, ports)
 
 
@@ -98,8 +105,10 @@ def test_the_demo_serves_an_mcp_client_from_nothing_and_ctrl_c_stops_everything(
         progress.append(time.monotonic())
 
     async def scenario() -> tuple[list[str], object, object]:
-        async with httpx2.AsyncClient(auth=provider, timeout=30) as http, \
-                Client(streamable_http_client(mcp_url, http_client=http)) as client:
+        async with (
+            httpx2.AsyncClient(auth=provider, timeout=30) as http,
+            Client(streamable_http_client(mcp_url, http_client=http)) as client,
+        ):
             tools = sorted(tool.name for tool in (await client.list_tools()).tools)
             who = await client.call_tool("whoami", {})
             countdown = await client.call_tool("countdown", {"seconds": 2}, progress_callback=on_progress)
@@ -122,7 +131,8 @@ def test_the_demo_serves_an_mcp_client_from_nothing_and_ctrl_c_stops_everything(
 
 
 def test_with_a_provider_configured_the_run_command_runs_the_proxy_for_real(
-        tmp_path: Path, oidc_provider: OidcProvider) -> None:
+    tmp_path: Path, oidc_provider: OidcProvider
+) -> None:
     port = free_port()
     env_file = tmp_path / ".env"
     # What an operator writes into .env (see .env.example), here naming the test provider.
@@ -131,7 +141,7 @@ OAUTH_CLIENT_SECRET=real-secret
 OAUTH_AUTHORIZE_URL={oidc_provider.issuer}
 MCP_SERVER_URL=http://127.0.0.1:9/mcp
 ENCRYPTION_KEY={TEST_KEY}
-DATABASE_DSN=sqlite:///{tmp_path / 'real.sqlite3'}
+DATABASE_DSN=sqlite:///{tmp_path / "real.sqlite3"}
 PORT={port}
 """)
     launched = launch(tmp_path, {"OAUTHPROXY_ENV_FILE": str(env_file), "PORT": str(port)})

@@ -81,11 +81,16 @@ def test_the_dockerfile_parses_and_matches_the_package() -> None:
     assert ("EXPOSE", env["PORT"]) in instructions
 
     # Dependencies in their own layer: the lock alone, installed with its hashes, before the application is copied.
-    copies = [(index, arguments.split()) for index, (keyword, arguments) in enumerate(instructions) if keyword == "COPY"]
+    copies = [
+        (index, arguments.split()) for index, (keyword, arguments) in enumerate(instructions) if keyword == "COPY"
+    ]
     first_source = next(index for index, parts in copies if "oauthproxy" in parts[0])
     deps_copy = next(index for index, parts in copies if parts[:-1] == ["requirements.txt"])
-    deps_install = next(index for index, (keyword, arguments) in enumerate(instructions)
-                        if keyword == "RUN" and "pip install --require-hashes -r requirements.txt" in arguments)
+    deps_install = next(
+        index
+        for index, (keyword, arguments) in enumerate(instructions)
+        if keyword == "RUN" and "pip install --require-hashes -r requirements.txt" in arguments
+    )
     assert deps_copy < deps_install < first_source
     for _, parts in copies:
         for source in parts[:-1]:
@@ -97,8 +102,9 @@ def test_the_dockerfile_parses_and_matches_the_package() -> None:
 
     user = next(arguments for keyword, arguments in instructions if keyword == "USER")
     assert user not in ("root", "0") and keywords.index("USER") < keywords.index("CMD")
-    assert f"--uid {user}" in next(arguments for keyword, arguments in instructions
-                                   if keyword == "RUN" and "useradd" in arguments)
+    assert f"--uid {user}" in next(
+        arguments for keyword, arguments in instructions if keyword == "RUN" and "useradd" in arguments
+    )
 
     cmd = json.loads(next(arguments for keyword, arguments in instructions if keyword == "CMD"))
     assert cmd == ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
@@ -107,12 +113,19 @@ def test_the_dockerfile_parses_and_matches_the_package() -> None:
     assert "oauthproxy" in PYPROJECT["project"]["scripts"]  # `docker run ... oauthproxy check`
 
     healthcheck = next(arguments for keyword, arguments in instructions if keyword == "HEALTHCHECK")
-    probe = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
+    probe = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())
     assert probe[:2] == ["python", "-c"]
     path = re.search(r"http://127\.0\.0\.1:%s(/\w+)", probe[2]).group(1)
-    app = create_app({"OAUTH_CLIENT_ID": "c", "OAUTH_CLIENT_SECRET": "s", "OAUTH_AUTHORIZE_URL": "http://127.0.0.1:9",
-                      "MCP_SERVER_URL": "http://127.0.0.1:9/mcp", "ENCRYPTION_KEY": TEST_KEY,
-                      "DATABASE_DSN": "sqlite:///:memory:"})
+    app = create_app(
+        {
+            "OAUTH_CLIENT_ID": "c",
+            "OAUTH_CLIENT_SECRET": "s",
+            "OAUTH_AUTHORIZE_URL": "http://127.0.0.1:9",
+            "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+            "ENCRYPTION_KEY": TEST_KEY,
+            "DATABASE_DSN": "sqlite:///:memory:",
+        }
+    )
     assert path == "/healthz" and path in {rule.rule for rule in app.url_map.iter_rules()}
 
 
@@ -127,8 +140,14 @@ def test_app_json_describes_settings_the_proxy_reads() -> None:
     for name, spec in manifest["env"].items():
         assert f'"{name}"' in SETTINGS_SOURCES, f"app.json sets {name}, which the proxy never reads"
         assert spec.get("description")
-    for name in ("PUBLIC_URL", "OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_AUTHORIZE_URL", "MCP_SERVER_URL",
-                 "ENCRYPTION_KEY"):
+    for name in (
+        "PUBLIC_URL",
+        "OAUTH_CLIENT_ID",
+        "OAUTH_CLIENT_SECRET",
+        "OAUTH_AUTHORIZE_URL",
+        "MCP_SERVER_URL",
+        "ENCRYPTION_KEY",
+    ):
         assert manifest["env"][name].get("required") is True, name
     # Heroku's secret generator makes 64 hex characters: fine for METRICS_TOKEN, never for ENCRYPTION_KEY.
     assert "generator" not in manifest["env"]["ENCRYPTION_KEY"]
@@ -140,11 +159,16 @@ def test_app_json_describes_settings_the_proxy_reads() -> None:
 def test_the_nginx_example_streams_unbuffered_and_forwards_the_client() -> None:
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     location = re.search(r"location / \{(.*?)\n    \}", text, re.DOTALL).group(1)
-    directives = {line.strip().rstrip(";") for line in location.splitlines() if line.strip()
-                  and not line.strip().startswith("#")}
-    for wanted in ("proxy_buffering off", "proxy_request_buffering off", "proxy_http_version 1.1",
-                   "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for",
-                   "proxy_set_header X-Forwarded-Proto $scheme"):
+    directives = {
+        line.strip().rstrip(";") for line in location.splitlines() if line.strip() and not line.strip().startswith("#")
+    }
+    for wanted in (
+        "proxy_buffering off",
+        "proxy_request_buffering off",
+        "proxy_http_version 1.1",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for",
+        "proxy_set_header X-Forwarded-Proto $scheme",
+    ):
         assert wanted in directives, wanted
     read_timeout = next(d for d in directives if d.startswith("proxy_read_timeout")).split()[1]
     assert read_timeout in ("1h", "3600s", "3600") or read_timeout.endswith("h")
@@ -161,28 +185,45 @@ def fresh_postgres_url() -> str:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_the_procfile_runs_as_a_platform_runs_it(oidc_provider: OidcProvider, fresh_postgres_url: str,
-                                                 tmp_path: Path) -> None:
+def test_the_procfile_runs_as_a_platform_runs_it(
+    oidc_provider: OidcProvider, fresh_postgres_url: str, tmp_path: Path
+) -> None:
     processes = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
     assert set(processes) == {"web", "release"}
     assert processes["web"].startswith("HOST=${HOST:-0.0.0.0} ")  # a platform's router reaches every interface
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
     env = {
-        "PATH": f"{BIN}:{os.environ['PATH']}", "PORT": str(port), "HOST": "127.0.0.1",  # loopback here
-        "DATABASE_URL": fresh_postgres_url, "PUBLIC_URL": public_url, "WEB_CONCURRENCY": "1",
-        "OAUTH_CLIENT_ID": "paas", "OAUTH_CLIENT_SECRET": "paas-secret", "OAUTH_AUTHORIZE_URL": oidc_provider.issuer,
-        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp", "ENCRYPTION_KEY": TEST_KEY, "OAUTHPROXY_ENV_FILE": os.devnull,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",  # loopback here
+        "DATABASE_URL": fresh_postgres_url,
+        "PUBLIC_URL": public_url,
+        "WEB_CONCURRENCY": "1",
+        "OAUTH_CLIENT_ID": "paas",
+        "OAUTH_CLIENT_SECRET": "paas-secret",
+        "OAUTH_AUTHORIZE_URL": oidc_provider.issuer,
+        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        "ENCRYPTION_KEY": TEST_KEY,
+        "OAUTHPROXY_ENV_FILE": os.devnull,
     }
     # As a platform runs a process type: its line given to a shell (Heroku: bash -c).
-    release = subprocess.run(["bash", "-c", processes["release"]], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=120)
+    release = subprocess.run(
+        ["bash", "-c", processes["release"]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert release.returncode == 0, release.stderr
     assert "Running upgrade  -> " in release.stderr
     log_path = tmp_path / "web.log"
     with log_path.open("wb") as log:
-        web = subprocess.Popen(["bash", "-c", processes["web"]], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        web = subprocess.Popen(
+            ["bash", "-c", processes["web"]],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 30
         ready = None

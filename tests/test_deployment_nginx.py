@@ -41,9 +41,16 @@ from tests.proxy_fixtures import McpDownstream, launch_mcp_downstream
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 REGISTER_LIMIT = 6
-INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                         "clientInfo": {"name": "fleet-test", "version": "1"}}}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "fleet-test", "version": "1"},
+    },
+}
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
@@ -73,21 +80,32 @@ class Fleet:
         """A whole login through nginx: registration, consent, provider, callback and token, instance by turns."""
         with requests.Session() as session:
             session.verify, session.trust_env = self.cert, False
-            body = {"client_name": "fleet test", "redirect_uris": ["http://127.0.0.1:9/callback"],
-                    "token_endpoint_auth_method": "none"}
+            body = {
+                "client_name": "fleet test",
+                "redirect_uris": ["http://127.0.0.1:9/callback"],
+                "token_endpoint_auth_method": "none",
+            }
             registered = session.post(self.url + "/register", json=body, timeout=10)
         assert registered.status_code == 201, registered.text
         client = McpOAuthClient(self.url, registered.json()["client_id"])
         result = client.login(self.browser(), resource=self.url + "/mcp")
-        tokens = self.token_request(client, {"grant_type": "authorization_code", "code": result["code"],
-                                             "redirect_uri": client.redirect_uri, "code_verifier": client.verifier})
+        tokens = self.token_request(
+            client,
+            {
+                "grant_type": "authorization_code",
+                "code": result["code"],
+                "redirect_uri": client.redirect_uri,
+                "code_verifier": client.verifier,
+            },
+        )
         assert tokens.status_code == 200, tokens.text
         return client, tokens.json()
 
     def token_request(self, client: McpOAuthClient, data: dict, base: str | None = None) -> requests.Response:
         verify = self.cert if base is None else True
-        return requests.post((base or self.url) + "/token", data={**data, "client_id": client.client_id},
-                             verify=verify, timeout=10)
+        return requests.post(
+            (base or self.url) + "/token", data={**data, "client_id": client.client_id}, verify=verify, timeout=10
+        )
 
     def json_logs(self, instance: Instance) -> list[dict]:
         lines = []
@@ -101,8 +119,13 @@ class Fleet:
 
 
 def mcp_call(url: str, token: str, verify: str | bool = True) -> requests.Response:
-    return requests.post(url + "/mcp", json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
-                         verify=verify, timeout=10)
+    return requests.post(
+        url + "/mcp",
+        json=INITIALIZE,
+        headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
+        verify=verify,
+        timeout=10,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +144,21 @@ def fleet(oidc_provider: OidcProvider, tmp_path_factory: pytest.TempPathFactory)
     database = create_engine(normalise_database_dsn(dsn))
     try:
         for index, port in enumerate(ports):
-            env = {**os.environ, **base_env(port, oidc_provider, dsn, client_id),
-                   "PUBLIC_URL": nginx.url, "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2",
-                   "OAUTHPROXY_ENV_FILE": os.devnull, "MCP_SERVER_URL": downstream.url,
-                   "DOWNSTREAM_FORWARD_ACCESS_TOKEN": "true",  # the provider-token refresh race below
-                   "TRUSTED_PROXY_HOPS": "1", "LOG_FORMAT": "json", "TOKEN_CACHE_TTL": "1",
-                   "RATE_LIMIT_STORAGE_URI": REDIS_URL, "REGISTER_RATE_LIMIT": f"{REGISTER_LIMIT} per minute"}
+            env = {
+                **os.environ,
+                **base_env(port, oidc_provider, dsn, client_id),
+                "PUBLIC_URL": nginx.url,
+                "HOST": "127.0.0.1",
+                "WEB_CONCURRENCY": "2",
+                "OAUTHPROXY_ENV_FILE": os.devnull,
+                "MCP_SERVER_URL": downstream.url,
+                "DOWNSTREAM_FORWARD_ACCESS_TOKEN": "true",  # the provider-token refresh race below
+                "TRUSTED_PROXY_HOPS": "1",
+                "LOG_FORMAT": "json",
+                "TOKEN_CACHE_TTL": "1",
+                "RATE_LIMIT_STORAGE_URI": REDIS_URL,
+                "REGISTER_RATE_LIMIT": f"{REGISTER_LIMIT} per minute",
+            }
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             if index == 1:
                 # The second instance gets a folder of the operator's, holding a previous run's counts.
@@ -160,7 +192,8 @@ def test_two_instances_migrate_a_fresh_database_once(fleet: Fleet) -> None:
 
 
 def test_a_login_spread_over_both_instances_works_and_either_honours_its_token(
-        fleet: Fleet, fleet_login: tuple[McpOAuthClient, dict]) -> None:
+    fleet: Fleet, fleet_login: tuple[McpOAuthClient, dict]
+) -> None:
     _client, tokens = fleet_login
     # nginx took turns: each instance served part of the login, so the state between steps is shared.
     for instance in fleet.instances:
@@ -175,8 +208,9 @@ def test_a_revocation_on_one_instance_reaches_the_other(fleet: Fleet) -> None:
     client, tokens = fleet.log_in()
     first, second = fleet.instances
     assert mcp_call(second.url, tokens["access_token"]).status_code == 200  # cached by the second instance now
-    revoked = requests.post(first.url + "/revoke", data={"token": tokens["refresh_token"],
-                                                        "client_id": client.client_id}, timeout=10)
+    revoked = requests.post(
+        first.url + "/revoke", data={"token": tokens["refresh_token"], "client_id": client.client_id}, timeout=10
+    )
     assert revoked.status_code == 200
     time.sleep(1.2)  # TOKEN_CACHE_TTL=1 here (default 30): the bound on how late a revocation bites
     assert mcp_call(second.url, tokens["access_token"]).status_code == 401
@@ -189,9 +223,11 @@ def test_a_client_refresh_racing_on_two_instances_logs_nobody_out(fleet: Fleet) 
 
     def refresh(index: int) -> None:
         barrier.wait()
-        answers[index] = fleet.token_request(client, {"grant_type": "refresh_token",
-                                                      "refresh_token": tokens["refresh_token"]},
-                                             base=fleet.instances[index].url)
+        answers[index] = fleet.token_request(
+            client,
+            {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+            base=fleet.instances[index].url,
+        )
 
     threads = [threading.Thread(target=refresh, args=(index,)) for index in range(2)]
     for thread in threads:
@@ -202,25 +238,29 @@ def test_a_client_refresh_racing_on_two_instances_logs_nobody_out(fleet: Fleet) 
     assert [answers[index].status_code for index in range(2)] == [200, 200], [a.text for a in answers.values()]
     pairs = [answers[index].json() for index in range(2)]
     with fleet.database.connect() as connection:
-        old = connection.execute(select(Token).where(Token.refresh_token_hash == hash_token(tokens["refresh_token"]))
-                                 ).one()
+        old = connection.execute(
+            select(Token).where(Token.refresh_token_hash == hash_token(tokens["refresh_token"]))
+        ).one()
         grant = connection.execute(select(Grant).where(Grant.id == old.grant_id)).one()
     assert old.rotated_at is not None and grant.revoked_at is None
     for index, pair in enumerate(pairs):
         other = fleet.instances[1 - index]
         assert mcp_call(other.url, pair["access_token"]).status_code == 200
-        again = fleet.token_request(client, {"grant_type": "refresh_token", "refresh_token": pair["refresh_token"]},
-                                    base=other.url)
+        again = fleet.token_request(
+            client, {"grant_type": "refresh_token", "refresh_token": pair["refresh_token"]}, base=other.url
+        )
         assert again.status_code == 200, again.text
 
 
 def test_an_upstream_refresh_racing_on_two_instances_happens_once(fleet: Fleet) -> None:
     _client, tokens = fleet.log_in()
     with fleet.database.begin() as connection:
-        grant_id = connection.execute(select(Token.grant_id).where(
-            Token.access_token_hash == hash_token(tokens["access_token"]))).scalar_one()
-        connection.execute(update(Grant).where(Grant.id == grant_id)
-                           .values(upstream_expires_at=utcnow() - timedelta(seconds=5)))
+        grant_id = connection.execute(
+            select(Token.grant_id).where(Token.access_token_hash == hash_token(tokens["access_token"]))
+        ).scalar_one()
+        connection.execute(
+            update(Grant).where(Grant.id == grant_id).values(upstream_expires_at=utcnow() - timedelta(seconds=5))
+        )
     fleet.provider.reset_stats()
     barrier = threading.Barrier(6)
     statuses: list[int] = []
@@ -229,8 +269,10 @@ def test_an_upstream_refresh_racing_on_two_instances_happens_once(fleet: Fleet) 
         barrier.wait()
         statuses.append(mcp_call(instance.url, tokens["access_token"]).status_code)
 
-    threads = [threading.Thread(target=call, args=(instance,))
-               for instance in itertools.islice(itertools.cycle(fleet.instances), 6)]
+    threads = [
+        threading.Thread(target=call, args=(instance,))
+        for instance in itertools.islice(itertools.cycle(fleet.instances), 6)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -252,22 +294,32 @@ class FromAddress(HTTPAdapter):
 
 
 def test_rate_limits_are_shared_by_the_instances_and_keyed_on_the_trusted_address(fleet: Fleet) -> None:
-    body = {"client_name": "rate test", "redirect_uris": ["http://127.0.0.1:9/callback"],
-            "token_endpoint_auth_method": "none"}
+    body = {
+        "client_name": "rate test",
+        "redirect_uris": ["http://127.0.0.1:9/callback"],
+        "token_endpoint_auth_method": "none",
+    }
     with requests.Session() as session:
         session.verify, session.trust_env = fleet.cert, False
         session.mount("https://", FromAddress("127.0.0.2"))
         # A made-up X-Forwarded-For on each request: nginx appends the real address, and only that is trusted.
-        answers = [session.post(fleet.url + "/register", json=body, timeout=10,
-                                headers={"X-Forwarded-For": f"198.51.100.{n}"}) for n in range(REGISTER_LIMIT + 1)]
+        answers = [
+            session.post(fleet.url + "/register", json=body, timeout=10, headers={"X-Forwarded-For": f"198.51.100.{n}"})
+            for n in range(REGISTER_LIMIT + 1)
+        ]
     assert [answer.status_code for answer in answers] == [201] * REGISTER_LIMIT + [429]
     assert int(answers[-1].headers["Retry-After"]) > 0
     # The limit held across both instances (with per-process counters each would have allowed REGISTER_LIMIT).
     deadline = time.monotonic() + 5
     while True:  # each line is written when its response is closed, a moment after the client has it
-        served = [sum(1 for line in fleet.json_logs(instance)
-                      if line.get("path") == "/register" and line.get("client") == "127.0.0.2")
-                  for instance in fleet.instances]
+        served = [
+            sum(
+                1
+                for line in fleet.json_logs(instance)
+                if line.get("path") == "/register" and line.get("client") == "127.0.0.2"
+            )
+            for instance in fleet.instances
+        ]
         if sum(served) == REGISTER_LIMIT + 1 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -294,8 +346,10 @@ def test_a_streamed_tool_call_through_nginx_arrives_event_by_event(fleet: Fleet)
         open_streams.append(await anyio.to_thread.run_sync(total_open_streams, fleet))
 
     async def scenario() -> tuple[object, object, float, float]:
-        async with httpx2.AsyncClient(auth=provider, timeout=30, verify=context) as http, \
-                Client(streamable_http_client(resource_url, http_client=http)) as client:
+        async with (
+            httpx2.AsyncClient(auth=provider, timeout=30, verify=context) as http,
+            Client(streamable_http_client(resource_url, http_client=http)) as client,
+        ):
             started = time.monotonic()
             async with anyio.create_task_group() as group:
                 group.start_soon(scrape_while_streaming)
@@ -319,13 +373,18 @@ def test_a_streamed_tool_call_through_nginx_arrives_event_by_event(fleet: Fleet)
     # nginx's request id reached the MCP server, and names the tool call's line in an instance's log.
     deadline = time.monotonic() + 5
     while True:  # the line is written once the response is closed, which may be just after the client has it
-        lines = [line for instance in fleet.instances for line in fleet.json_logs(instance)
-                 if line.get("request_id") == seen["x-request-id"]]
+        lines = [
+            line
+            for instance in fleet.instances
+            for line in fleet.json_logs(instance)
+            if line.get("request_id") == seen["x-request-id"]
+        ]
         if lines or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert [(line["method"], line["path"], line["status"], line["user_id"]) for line in lines] == \
-        [("POST", "/mcp", 200, "alice")]
+    assert [(line["method"], line["path"], line["status"], line["user_id"]) for line in lines] == [
+        ("POST", "/mcp", 200, "alice")
+    ]
 
 
 def total_open_streams(fleet: Fleet) -> float:
@@ -339,11 +398,18 @@ def total_open_streams(fleet: Fleet) -> float:
 
 def stale_metrics(folder: str) -> None:
     """What a previous run leaves: 1,000 metadata requests counted in a file of the folder."""
-    script = ("from oauthproxy import metrics; metrics.HTTP_REQUESTS.labels("
-              "'/.well-known/oauth-authorization-server', 'GET', '200').inc(1000)")
+    script = (
+        "from oauthproxy import metrics; metrics.HTTP_REQUESTS.labels("
+        "'/.well-known/oauth-authorization-server', 'GET', '200').inc(1000)"
+    )
     Path(folder).mkdir()
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder},
-                   check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder},
+        check=True,
+        timeout=60,
+    )
     assert list(Path(folder).glob("counter_*.db"))
 
 
@@ -354,24 +420,33 @@ def test_metrics_add_up_every_worker_of_an_instance(fleet: Fleet, index: int) ->
 
     def served() -> float:
         text = requests.get(instance.url + "/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("oauthproxy_http_requests_total{")
-                   and 'route="/.well-known/oauth-authorization-server"' in line and 'status="200"' in line)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("oauthproxy_http_requests_total{")
+            and 'route="/.well-known/oauth-authorization-server"' in line
+            and 'status="200"' in line
+        )
 
     before = served()
     with requests.Session() as session:  # new connections, so both workers take some
         for _ in range(20):
-            session.get(instance.url + "/.well-known/oauth-authorization-server", timeout=5,
-                        headers={"Connection": "close"})
+            session.get(
+                instance.url + "/.well-known/oauth-authorization-server", timeout=5, headers={"Connection": "close"}
+            )
     readings = {served() for _ in range(6)}  # whichever worker answers, it reports the sum
     assert readings == {before + 20}, (before, readings)
     assert before < 1000  # the stale file of a previous run was not added in
     if index == 1:
         # Both workers counted requests, each in its own file of the folder.
-        workers = set(subprocess.run(["ps", "-o", "pid=", "--ppid", str(instance.process.pid)], capture_output=True,
-                                     text=True, timeout=10).stdout.split())
-        writers = {path.stem.rsplit("_", 1)[1]
-                   for path in Path(instance.env["PROMETHEUS_MULTIPROC_DIR"]).glob("counter_*.db")}
+        workers = set(
+            subprocess.run(
+                ["ps", "-o", "pid=", "--ppid", str(instance.process.pid)], capture_output=True, text=True, timeout=10
+            ).stdout.split()
+        )
+        writers = {
+            path.stem.rsplit("_", 1)[1] for path in Path(instance.env["PROMETHEUS_MULTIPROC_DIR"]).glob("counter_*.db")
+        }
         assert len(workers) == 2 and workers <= writers, (workers, writers)
     assert total_open_streams(fleet) == 0
 
@@ -392,8 +467,10 @@ def test_check_through_nginx_names_a_wrong_scheme_and_an_untrusted_certificate(f
             check = SelfCheck(app, timeout=5)
             check.http.verify, check.http.trust_env = verify, False
             with app.app_context():
-                return [f"{finding.level} {finding.message}" for finding in
-                        check.discovery_chain(app.config["SETTINGS"].routes[0])]
+                return [
+                    f"{finding.level} {finding.message}"
+                    for finding in check.discovery_chain(app.config["SETTINGS"].routes[0])
+                ]
         finally:
             with app.app_context():
                 db.engine.dispose()

@@ -29,7 +29,8 @@ def scripted() -> Iterator[ScriptedDownstream]:
 
 
 def test_a_pooled_connection_closed_under_a_request_is_retried_only_when_safe(
-        start_proxy: Callable[..., RunningProxy], scripted: ScriptedDownstream) -> None:
+    start_proxy: Callable[..., RunningProxy], scripted: ScriptedDownstream
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=scripted.url)
     login = log_in(proxy.url, proxy.url + "/mcp")
     assert requests.post(proxy.url + "/mcp/once", headers=login.bearer, timeout=10).status_code == 200
@@ -51,8 +52,9 @@ def test_a_pooled_connection_closed_under_a_request_is_retried_only_when_safe(
     assert [method for _, method, _ in scripted.seen[before:]] == ["POST"]
 
 
-def test_uvicorn_closing_idle_connections_never_causes_a_502(start_proxy: Callable[..., RunningProxy],
-                                                             tmp_path: Path) -> None:
+def test_uvicorn_closing_idle_connections_never_causes_a_502(
+    start_proxy: Callable[..., RunningProxy], tmp_path: Path
+) -> None:
     """uvicorn closes a keep-alive connection 5 s after its last answer. Requests sent around that moment, on several
     pooled connections at once, all get answers: the proxy retires a pooled connection idle for longer than
     DOWNSTREAM_POOL_IDLE_TIMEOUT (4 s). The race it prevents is narrow (the old code lost ~3% of such requests under
@@ -67,8 +69,9 @@ def test_uvicorn_closing_idle_connections_never_causes_a_502(start_proxy: Callab
 
         def client(offset: float) -> None:
             for _ in range(2):
-                statuses.append(requests.post(proxy.url + "/mcp", headers=headers, json=TOOLS_LIST,
-                                              timeout=30).status_code)
+                statuses.append(
+                    requests.post(proxy.url + "/mcp", headers=headers, json=TOOLS_LIST, timeout=30).status_code
+                )
                 time.sleep(5.0 + offset)  # across uvicorn's 5 s keep-alive boundary
             statuses.append(requests.post(proxy.url + "/mcp", headers=headers, json=TOOLS_LIST, timeout=30).status_code)
 
@@ -83,11 +86,13 @@ def test_uvicorn_closing_idle_connections_never_causes_a_502(start_proxy: Callab
         downstream.stop()
 
 
-@pytest.mark.parametrize(("path", "extra"), [("/mcp/sse-die?events=3", {}),
-                                             ("/mcp/sse-stall?events=3", {"DOWNSTREAM_STREAM_IDLE_TIMEOUT": "1"})])
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [("/mcp/sse-die?events=3", {}), ("/mcp/sse-stall?events=3", {"DOWNSTREAM_STREAM_IDLE_TIMEOUT": "1"})],
+)
 def test_a_stream_that_breaks_off_reaches_the_client_truncated(
-        start_gunicorn: Callable[..., GunicornProxy], scripted: ScriptedDownstream, path: str,
-        extra: dict[str, str]) -> None:
+    start_gunicorn: Callable[..., GunicornProxy], scripted: ScriptedDownstream, path: str, extra: dict[str, str]
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=scripted.url, **extra)
     login = log_in(proxy.url, proxy.url + "/mcp")
     response = requests.get(proxy.url + path, headers=login.bearer, stream=True, timeout=30)

@@ -23,15 +23,17 @@ pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
 
 
 def test_sigterm_stops_accepting_at_once_finishes_requests_and_ends_streams(
-        start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> None:
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer
+) -> None:
     # Two workers: each used to notice SIGTERM only at its own once-a-second check, accepting until then.
     proxy = start_gunicorn(workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp", GRACEFUL_TIMEOUT="4")
     login = log_in(proxy.url, proxy.url + "/mcp")
     outcome: dict[str, object] = {}
 
     def stream() -> None:
-        response = requests.get(proxy.url + "/mcp/sse?events=1000&pause=0.2", headers=login.bearer, stream=True,
-                                timeout=30)
+        response = requests.get(
+            proxy.url + "/mcp/sse?events=1000&pause=0.2", headers=login.bearer, stream=True, timeout=30
+        )
         try:
             outcome["events"] = sum(chunk.count(b"data: event") for chunk in response.iter_content(None))
             outcome["stream"] = "ended"

@@ -74,11 +74,12 @@ def assert_recovered(proxy: RunningProxy | GunicornProxy, login: Login) -> None:
     assert requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=30).status_code == 200
 
 
-def test_a_stopped_database_answers_503_then_recovers(start_proxy: Callable[..., RunningProxy],
-                                                      private_postgres: PostgresCluster,
-                                                      echo_downstream: EchoServer) -> None:
-    proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
-                        MCP_SERVER_URL=echo_downstream.url + "/mcp")
+def test_a_stopped_database_answers_503_then_recovers(
+    start_proxy: Callable[..., RunningProxy], private_postgres: PostgresCluster, echo_downstream: EchoServer
+) -> None:
+    proxy = start_proxy(
+        DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2", MCP_SERVER_URL=echo_downstream.url + "/mcp"
+    )
     [login] = logins(proxy, 1)
     private_postgres.stop()
     try:
@@ -88,12 +89,13 @@ def test_a_stopped_database_answers_503_then_recovers(start_proxy: Callable[...,
     assert_recovered(proxy, login)
 
 
-def test_a_read_only_database_answers_503_and_is_not_ready(start_proxy: Callable[..., RunningProxy],
-                                                           private_postgres: PostgresCluster,
-                                                           echo_downstream: EchoServer) -> None:
+def test_a_read_only_database_answers_503_and_is_not_ready(
+    start_proxy: Callable[..., RunningProxy], private_postgres: PostgresCluster, echo_downstream: EchoServer
+) -> None:
     """As on a standby, or a database an operator set read-only: reads work, writes are refused."""
-    proxy = start_proxy(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2",
-                        MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_proxy(
+        DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="2", MCP_SERVER_URL=echo_downstream.url + "/mcp"
+    )
     [login] = logins(proxy, 1)
     with psycopg.connect(private_postgres.dsn, autocommit=True) as admin:
         admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
@@ -115,15 +117,16 @@ def test_a_read_only_database_answers_503_and_is_not_ready(start_proxy: Callable
     assert_recovered(proxy, login)
 
 
-def test_a_frozen_database_answers_503_within_its_bound(start_gunicorn: Callable[..., GunicornProxy],
-                                                        private_postgres: PostgresCluster,
-                                                        echo_downstream: EchoServer) -> None:
+def test_a_frozen_database_answers_503_within_its_bound(
+    start_gunicorn: Callable[..., GunicornProxy], private_postgres: PostgresCluster, echo_downstream: EchoServer
+) -> None:
     """SIGSTOP: the kernel still accepts connections and acknowledges packets, but nothing answers. Only a
     client-side bound ends the wait; without one a request waits for as long as the database is frozen (under
     gunicorn's gevent worker, as in production). /readyz has its own, shorter bound (3 s): sent together with the
     other requests, it answers first, while they still wait out DATABASE_TIMEOUT."""
-    proxy = start_gunicorn(DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="4",
-                           MCP_SERVER_URL=echo_downstream.url + "/mcp")
+    proxy = start_gunicorn(
+        DATABASE_DSN=private_postgres.dsn, DATABASE_TIMEOUT="4", MCP_SERVER_URL=echo_downstream.url + "/mcp"
+    )
     login = log_in(proxy.url, proxy.url + "/mcp")
     assert requests.get(proxy.url + "/readyz", timeout=30).status_code == 200
     answered: list[str] = []
@@ -139,7 +142,9 @@ def test_a_frozen_database_answers_503_within_its_bound(start_gunicorn: Callable
     calls = {
         "register": lambda: requests.post(proxy.url + "/register", json=REGISTRATION, timeout=60),
         "refresh": lambda: login.client.refresh(login.refresh_token),
-        "mcp": lambda: requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=60),  # its token is not cached yet
+        "mcp": lambda: requests.post(
+            proxy.url + "/mcp", headers=login.bearer, timeout=60
+        ),  # its token is not cached yet
     }
     with private_postgres.frozen():
         threads = [threading.Thread(target=expect_unavailable, args=item) for item in calls.items()]
@@ -177,8 +182,9 @@ def test_a_full_disk_answers_503_and_recovers_when_space_is_freed(start_proxy: C
 
             registered = 0
             for number in range(500):  # until a table must grow; distinct names, or the client row is reused
-                registration = requests.post(proxy.url + "/register", timeout=30,
-                                             json={**REGISTRATION, "client_name": f"full disk {number}"})
+                registration = requests.post(
+                    proxy.url + "/register", timeout=30, json={**REGISTRATION, "client_name": f"full disk {number}"}
+                )
                 if registration.status_code != 201:
                     assert_unavailable(registration)
                     break

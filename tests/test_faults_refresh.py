@@ -19,14 +19,20 @@ from tests.test_proxy_refresh import expire_upstream_token, grant_id_of, grant_r
 def claim(proxy: RunningProxy, grant_id: int, until_seconds: float) -> None:
     """As if another worker had taken the refresh lease (and, when it has lapsed, died holding it)."""
     with proxy.app.app_context():
-        db.session.execute(update(Grant).where(Grant.id == grant_id).values(
-            upstream_refresh_claim="someone-else",
-            upstream_refresh_claimed_until=utcnow() + timedelta(seconds=until_seconds)))
+        db.session.execute(
+            update(Grant)
+            .where(Grant.id == grant_id)
+            .values(
+                upstream_refresh_claim="someone-else",
+                upstream_refresh_claimed_until=utcnow() + timedelta(seconds=until_seconds),
+            )
+        )
         db.session.commit()
 
 
-def test_a_lease_left_by_a_dead_worker_lapses(start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-                                              provider_failure_reset: OidcProvider) -> None:
+def test_a_lease_left_by_a_dead_worker_lapses(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
     # A route that sends the user's provider token, so the proxy must refresh it.
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
@@ -39,4 +45,3 @@ def test_a_lease_left_by_a_dead_worker_lapses(start_proxy: Callable[..., Running
     assert provider_failure_reset.stats()["refresh_requests"] == 1
     after = grant_row(proxy.app, grant_id)
     assert after.upstream_refresh_claim is None and after.upstream_expires_at > utcnow() + timedelta(seconds=600)
-

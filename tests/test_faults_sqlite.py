@@ -37,8 +37,11 @@ from tests.test_proxy_refresh import expire_upstream_token, grant_id_of
 
 pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
 
-REGISTRATION = {"client_name": "fault test", "redirect_uris": ["http://127.0.0.1:3999/callback"],
-                "token_endpoint_auth_method": "none"}
+REGISTRATION = {
+    "client_name": "fault test",
+    "redirect_uris": ["http://127.0.0.1:3999/callback"],
+    "token_endpoint_auth_method": "none",
+}
 
 
 def assert_unavailable(response: requests.Response) -> None:
@@ -49,16 +52,16 @@ def assert_unavailable(response: requests.Response) -> None:
     assert int(response.headers["Retry-After"]) > 0
 
 
-def test_a_held_write_lock_never_freezes_the_worker(start_gunicorn: Callable[..., GunicornProxy],
-                                                    echo_downstream: EchoServer, database_dsn: str) -> None:
+def test_a_held_write_lock_never_freezes_the_worker(
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer, database_dsn: str
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp", DATABASE_TIMEOUT="2")
     login = log_in(proxy.url, proxy.url + "/mcp")
     assert requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=10).status_code == 200  # token cached
 
     arrivals: list[float] = []
     stream = requests.get(proxy.url + "/mcp/sse?events=35&pause=0.2", headers=login.bearer, stream=True, timeout=30)
-    reader = threading.Thread(target=lambda: arrivals.extend(time.monotonic() for _ in sse_events(stream)),
-                              daemon=True)
+    reader = threading.Thread(target=lambda: arrivals.extend(time.monotonic() for _ in sse_events(stream)), daemon=True)
     reader.start()
     health = Probe(proxy.url + "/healthz").start()
     time.sleep(0.5)
@@ -85,8 +88,9 @@ def test_a_held_write_lock_never_freezes_the_worker(start_gunicorn: Callable[...
     assert requests.post(proxy.url + "/register", json=REGISTRATION, timeout=30).status_code == 201
 
 
-def test_a_locked_database_answers_503_on_every_writing_endpoint(start_proxy: Callable[..., RunningProxy],
-                                                                  database_dsn: str) -> None:
+def test_a_locked_database_answers_503_on_every_writing_endpoint(
+    start_proxy: Callable[..., RunningProxy], database_dsn: str
+) -> None:
     proxy = start_proxy(DATABASE_TIMEOUT="2")
     path = sqlite_path(database_dsn)
     client = proxy.register_client()
@@ -103,8 +107,9 @@ def test_a_locked_database_answers_503_on_every_writing_endpoint(start_proxy: Ca
     assert consent_page.status_code == 200 and 'action="/authorize/consent"' in consent_page.text
     form = {**hidden_inputs(consent_page.text), "decision": "approve"}
     with sqlite_locked(path):
-        assert_unavailable(browser.session.post(proxy.url + "/authorize/consent", data=form, allow_redirects=False,
-                                                timeout=30))
+        assert_unavailable(
+            browser.session.post(proxy.url + "/authorize/consent", data=form, allow_redirects=False, timeout=30)
+        )
     approved = browser.session.post(proxy.url + "/authorize/consent", data=form, allow_redirects=False, timeout=30)
     assert approved.is_redirect, approved.text  # to the provider's login
     callback = browser.authorize(approved.headers["Location"], proxy.url + "/callback")
@@ -128,8 +133,8 @@ def test_a_read_only_database_answers_503(start_proxy: Callable[..., RunningProx
 
 
 def test_no_database_lock_is_held_while_the_provider_refreshes(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        provider_failure_reset: OidcProvider) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
     """An upstream refresh waiting on a slow provider holds no SQLite lock: other writes go through meanwhile."""
     # The route forwards the provider's token, so a request refreshes it when it is about to expire.
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
@@ -159,8 +164,10 @@ def test_no_database_lock_is_held_while_the_provider_refreshes(
 def row_counts(path: str) -> dict[str, int]:
     connection = sqlite3.connect(path)
     try:
-        return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("oauth_clients", "grants", "authorization_codes", "tokens", "pending_authorizations")}
+        return {
+            table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("oauth_clients", "grants", "authorization_codes", "tokens", "pending_authorizations")
+        }
     finally:
         connection.close()
 
@@ -224,8 +231,10 @@ def test_a_disk_filling_up_never_logs_a_user_out(start_proxy: Callable[..., Runn
 def grants_without_a_code(path: str) -> int:
     connection = sqlite3.connect(path)
     try:
-        return connection.execute("SELECT count(*) FROM grants WHERE NOT EXISTS (SELECT 1 FROM authorization_codes "
-                                  "WHERE authorization_codes.grant_id = grants.id)").fetchone()[0]
+        return connection.execute(
+            "SELECT count(*) FROM grants WHERE NOT EXISTS (SELECT 1 FROM authorization_codes "
+            "WHERE authorization_codes.grant_id = grants.id)"
+        ).fetchone()[0]
     finally:
         connection.close()
 
@@ -247,14 +256,18 @@ def test_a_disk_filling_up_leaves_no_half_written_login(start_proxy: Callable[..
                 page = browser.session.get(client.authorize_url(), allow_redirects=False, timeout=30)
                 assert page.status_code == 200, page.text  # reads only
                 form = {**hidden_inputs(page.text), "decision": "approve"}
-                approved = browser.session.post(proxy.url + "/authorize/consent", data=form, allow_redirects=False,
-                                                timeout=30)
+                approved = browser.session.post(
+                    proxy.url + "/authorize/consent", data=form, allow_redirects=False, timeout=30
+                )
                 answers.append(("consent", approved.status_code))
                 if not approved.is_redirect:
                     assert_unavailable(approved)
                     continue
-                back = browser.session.get(browser.authorize(approved.headers["Location"], proxy.url + "/callback"),
-                                           allow_redirects=False, timeout=30)
+                back = browser.session.get(
+                    browser.authorize(approved.headers["Location"], proxy.url + "/callback"),
+                    allow_redirects=False,
+                    timeout=30,
+                )
                 answers.append(("callback", back.status_code))
                 if not back.is_redirect:
                     assert_unavailable(back)

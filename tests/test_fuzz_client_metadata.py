@@ -44,17 +44,31 @@ def cimd_proxy(start_proxy) -> RunningProxy:
 
 
 @FUZZ
-@given(fields=client_metadata(), client_id_matches=st.sampled_from([True, True, True, False]),
-       raw=st.sampled_from([None, None, None]) | st.binary(max_size=200) | json_values,
-       pick=st.integers(min_value=0, max_value=30))
-@example(fields={"client_name": "Evil", "redirect_uris": ["javascript:alert(1)"]}, client_id_matches=True, raw=None,
-         pick=0)
-@example(fields={"client_name": "Evil", "redirect_uris": ["https://accounts.google.com@evil.example/cb"]},
-         client_id_matches=True, raw=None, pick=0)
+@given(
+    fields=client_metadata(),
+    client_id_matches=st.sampled_from([True, True, True, False]),
+    raw=st.sampled_from([None, None, None]) | st.binary(max_size=200) | json_values,
+    pick=st.integers(min_value=0, max_value=30),
+)
+@example(
+    fields={"client_name": "Evil", "redirect_uris": ["javascript:alert(1)"]}, client_id_matches=True, raw=None, pick=0
+)
+@example(
+    fields={"client_name": "Evil", "redirect_uris": ["https://accounts.google.com@evil.example/cb"]},
+    client_id_matches=True,
+    raw=None,
+    pick=0,
+)
 @example(fields={"client_name": "Evil", "redirect_uris": ["http://[::1"]}, client_id_matches=True, raw=None, pick=0)
-def test_fuzz_metadata_documents(cimd_proxy: RunningProxy, documents: DocumentServer,
-                                 caplog: pytest.LogCaptureFixture, fields: dict, client_id_matches: bool,
-                                 raw: object, pick: int) -> None:
+def test_fuzz_metadata_documents(
+    cimd_proxy: RunningProxy,
+    documents: DocumentServer,
+    caplog: pytest.LogCaptureFixture,
+    fields: dict,
+    client_id_matches: bool,
+    raw: object,
+    pick: int,
+) -> None:
     caplog.clear()
     path = f"/fuzz/{next(_paths)}.json"
     client_id = f"http://127.0.0.1:{documents.port}{path}"
@@ -76,8 +90,14 @@ def test_fuzz_metadata_documents(cimd_proxy: RunningProxy, documents: DocumentSe
     uris = document.get("redirect_uris")
     redirect_uri = uris[pick % len(uris)] if isinstance(uris, list) and uris else fields.get("client_uri")
     _, challenge = pkce_pair()
-    query = {"response_type": "code", "client_id": client_id, "code_challenge": challenge,
-             "code_challenge_method": "S256", "state": "st", "resource": cimd_proxy.url + "/mcp"}
+    query = {
+        "response_type": "code",
+        "client_id": client_id,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": "st",
+        "resource": cimd_proxy.url + "/mcp",
+    }
     if isinstance(redirect_uri, str):
         query["redirect_uri"] = redirect_uri
     response = cimd_proxy.app.test_client().get("/authorize", query_string=query)
@@ -88,4 +108,3 @@ def test_fuzz_metadata_documents(cimd_proxy: RunningProxy, documents: DocumentSe
         assert redirect_uri_problem(redirect_uri, settings) is None, ("redirected to", redirect_uri)
     found = tracebacks(caplog.records)
     assert not found, found
-

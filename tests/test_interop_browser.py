@@ -33,14 +33,20 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     start_gunicorn_fixture,
 )
 
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 SCOPES = ["openid", "email", "profile"]
 
 
 @pytest.fixture(scope="module")
-def browser_proxy(start_gunicorn: StartGunicorn,
-                  mcp_downstream: McpDownstream) -> Iterator[GunicornProxy]:
+def browser_proxy(start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream) -> Iterator[GunicornProxy]:
     # carol@outsider.test is outside the allowlist: the refusal page is part of what a person may see.
     proxy = start_gunicorn(MCP_SERVER_URL=mcp_downstream.url, ALLOWED_EMAIL_DOMAINS="example.com,example.org")
     yield proxy
@@ -79,7 +85,8 @@ def visited(requests_seen: list[str], prefix: str) -> list[str]:
 
 
 def test_a_person_reads_the_consent_page_approves_and_lands_on_the_redirect_uri(
-        browser_proxy: GunicornProxy, page: Page, redirect_listener: RedirectListener, artifacts_dir: Path) -> None:
+    browser_proxy: GunicornProxy, page: Page, redirect_listener: RedirectListener, artifacts_dir: Path
+) -> None:
     client = register(browser_proxy, redirect_listener, "Playwright Notes App")
     resource = browser_proxy.url + "/mcp"
     seen: list[str] = []
@@ -122,18 +129,32 @@ def test_a_person_reads_the_consent_page_approves_and_lands_on_the_redirect_uri(
     # The client redeems the code and reaches the MCP server through the proxy.
     token = client.exchange(answer["code"])
     assert token.status_code == 200, token.text
-    hello = {"protocolVersion": "2025-11-25", "capabilities": {},
-             "clientInfo": {"name": "browser-test", "version": "1"}}
+    hello = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "browser-test", "version": "1"},
+    }
     initialize = requests.post(
-        resource, timeout=10, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello},
-        headers={"Authorization": f"Bearer {token.json()['access_token']}",
-                 "Accept": "application/json, text/event-stream"})
+        resource,
+        timeout=10,
+        json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello},
+        headers={
+            "Authorization": f"Bearer {token.json()['access_token']}",
+            "Accept": "application/json, text/event-stream",
+        },
+    )
     assert initialize.status_code == 200 and "proxy-test-downstream" in initialize.text, initialize.text
 
     # The same person, the same client, later: approval is remembered, no consent page.
     consent_pages: list[str] = []
-    page.on("response", lambda response: consent_pages.append(response.url)
-            if response.url.startswith(browser_proxy.url + "/authorize") and response.status == 200 else None)
+    page.on(
+        "response",
+        lambda response: (
+            consent_pages.append(response.url)
+            if response.url.startswith(browser_proxy.url + "/authorize") and response.status == 200
+            else None
+        ),
+    )
     page.goto(client.authorize_url(resource=resource, scope=" ".join(SCOPES)))
     page.wait_for_url(f"{redirect_listener.redirect_uri}?**")
     assert consent_pages == []
@@ -141,7 +162,8 @@ def test_a_person_reads_the_consent_page_approves_and_lands_on_the_redirect_uri(
 
 
 def test_a_person_denies_and_the_client_is_told_access_denied(
-        browser_proxy: GunicornProxy, page: Page, redirect_listener: RedirectListener) -> None:
+    browser_proxy: GunicornProxy, page: Page, redirect_listener: RedirectListener
+) -> None:
     client = register(browser_proxy, redirect_listener, "Unknown Tool")
     seen: list[str] = []
     page.on("request", lambda request: seen.append(request.url))
@@ -158,14 +180,23 @@ def test_a_person_denies_and_the_client_is_told_access_denied(
 
 
 def test_a_person_outside_the_allowlist_sees_why_and_returns_to_the_client(
-        browser_proxy: GunicornProxy, page: Page, redirect_listener: RedirectListener, artifacts_dir: Path) -> None:
+    browser_proxy: GunicornProxy, page: Page, redirect_listener: RedirectListener, artifacts_dir: Path
+) -> None:
     client = register(browser_proxy, redirect_listener, "Playwright Notes App")
 
     # Carol is already signed in at her identity provider, as people usually are. (Its login page is automatic
     # here; a login_hint picks the user. page.route cannot add one: redirected requests are not routed.)
-    page.goto(with_query(provider_of(browser_proxy) + "/auth", client_id=browser_proxy.env["OAUTH_CLIENT_ID"],
-                         response_type="code", scope="openid", redirect_uri=browser_proxy.url + "/callback",
-                         state="signed-in-elsewhere", login_hint="carol"))
+    page.goto(
+        with_query(
+            provider_of(browser_proxy) + "/auth",
+            client_id=browser_proxy.env["OAUTH_CLIENT_ID"],
+            response_type="code",
+            scope="openid",
+            redirect_uri=browser_proxy.url + "/callback",
+            state="signed-in-elsewhere",
+            login_hint="carol",
+        )
+    )
     expect(page.get_by_role("heading", level=1)).to_have_text("Sign-in link expired")  # the proxy knows no such state
 
     page.goto(client.authorize_url(resource=browser_proxy.url + "/mcp"))

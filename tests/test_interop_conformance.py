@@ -44,8 +44,7 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
-def conformance_proxy(start_gunicorn: StartGunicorn,
-                      conformance_downstream: PythonServer) -> Iterator[GunicornProxy]:
+def conformance_proxy(start_gunicorn: StartGunicorn, conformance_downstream: PythonServer) -> Iterator[GunicornProxy]:
     proxy = start_gunicorn(workers=2, MCP_SERVER_URL=conformance_downstream.url, ACCESS_LOG="-")
     yield proxy
     proxy.stop()
@@ -67,18 +66,39 @@ def failures(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # -- authorization server ---------------------------------------------------------------------------
 
 
-def test_conformance_authorization_server_scenarios(conformance_proxy: GunicornProxy, interop_node: Path,
-                                                    tmp_path: Path) -> None:
+def test_conformance_authorization_server_scenarios(
+    conformance_proxy: GunicornProxy, interop_node: Path, tmp_path: Path
+) -> None:
     callback_port = free_port()
     redirect_uri = f"http://127.0.0.1:{callback_port}/callback"
-    client = McpOAuthClient.register(conformance_proxy.url, redirect_uri=redirect_uri,
-                                     client_name="MCP conformance suite")
+    client = McpOAuthClient.register(
+        conformance_proxy.url, redirect_uri=redirect_uri, client_name="MCP conformance suite"
+    )
     output_dir = tmp_path / "results"
-    command = [str(interop_node), str(CONFORMANCE_CLI), "authorization", "--url", conformance_proxy.url,
-               "--client-id", client.client_id, "--port", str(callback_port),
-               "--resource", conformance_proxy.url + "/mcp", "--output-dir", str(output_dir)]
-    process = subprocess.Popen(command, cwd=INTEROP_DIR, env=node_env(), text=True, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [
+        str(interop_node),
+        str(CONFORMANCE_CLI),
+        "authorization",
+        "--url",
+        conformance_proxy.url,
+        "--client-id",
+        client.client_id,
+        "--port",
+        str(callback_port),
+        "--resource",
+        conformance_proxy.url + "/mcp",
+        "--output-dir",
+        str(output_dir),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=INTEROP_DIR,
+        env=node_env(),
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     watchdog = threading.Timer(90, process.kill)
     watchdog.start()
     output: list[str] = []
@@ -151,15 +171,29 @@ def forwarder(conformance_proxy: GunicornProxy) -> Iterator[TokenForwarder]:
 
 
 @pytest.mark.parametrize(("scenario", "revision"), STREAMING_SCENARIOS)
-def test_conformance_streaming_scenario_through_the_proxy(forwarder: TokenForwarder, interop_node: Path,
-                                                          tmp_path: Path, scenario: str, revision: str) -> None:
+def test_conformance_streaming_scenario_through_the_proxy(
+    forwarder: TokenForwarder, interop_node: Path, tmp_path: Path, scenario: str, revision: str
+) -> None:
     output_dir = tmp_path / "results"
-    command = [str(interop_node), str(CONFORMANCE_CLI), "server", "--url", forwarder.url + "/mcp",
-               "--scenario", scenario, "--spec-version", revision, "--timeout", "20000",
-               "--output-dir", str(output_dir)]
+    command = [
+        str(interop_node),
+        str(CONFORMANCE_CLI),
+        "server",
+        "--url",
+        forwarder.url + "/mcp",
+        "--scenario",
+        scenario,
+        "--spec-version",
+        revision,
+        "--timeout",
+        "20000",
+        "--output-dir",
+        str(output_dir),
+    ]
     before = len(forwarder.forwarded)
-    result = subprocess.run(command, cwd=INTEROP_DIR, env=node_env(), text=True, stdin=subprocess.DEVNULL,
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        command, cwd=INTEROP_DIR, env=node_env(), text=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=60
+    )
     output = result.stdout + result.stderr
 
     checks = checks_in(output_dir)

@@ -47,29 +47,45 @@ NO_HANG = 15.0
 
 
 @pytest.fixture(scope="module")
-def interop_proxy(start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornProxy]:
+def interop_proxy(
+    start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GunicornProxy]:
     """One proxy for the module: two routes to the real MCP server, an email-domain allowlist, short caches."""
-    routes = write_routes(tmp_path_factory.mktemp("routes") / "routes.toml", [
-        {"name": "mcp", "path": "/mcp", "url": mcp_downstream.url, "forward_access_token": True},
-        {"name": "other", "path": "/other", "url": mcp_downstream.url},
-    ])
+    routes = write_routes(
+        tmp_path_factory.mktemp("routes") / "routes.toml",
+        [
+            {"name": "mcp", "path": "/mcp", "url": mcp_downstream.url, "forward_access_token": True},
+            {"name": "other", "path": "/other", "url": mcp_downstream.url},
+        ],
+    )
     proxy = start_gunicorn(
-        workers=2, MCP_SERVER_URL="", MCP_ROUTES_FILE=routes, ACCESS_LOG="-",
+        workers=2,
+        MCP_SERVER_URL="",
+        MCP_ROUTES_FILE=routes,
+        ACCESS_LOG="-",
         TOKEN_CACHE_TTL=str(TOKEN_CACHE_TTL),
         # No retry grace: a replayed refresh token is theft at once (the grace window has its own tests).
         REFRESH_GRACE_SECONDS="0",
         # alice@example.com and bob@example.org are in; carol@outsider.test is not.
-        ALLOWED_EMAIL_DOMAINS="example.com,example.org")
+        ALLOWED_EMAIL_DOMAINS="example.com,example.org",
+    )
     yield proxy
     proxy.stop()
 
 
 def mcp_post(url: str, token: str) -> requests.Response:
     """One raw MCP request with a Bearer token, as any client sends it."""
-    return requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, timeout=10, headers={
-        "Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
-        "Content-Type": "application/json", "MCP-Protocol-Version": "2025-11-25"})
+    return requests.post(
+        url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        timeout=10,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+            "MCP-Protocol-Version": "2025-11-25",
+        },
+    )
 
 
 def seconds_until_refused(url: str, token: str, limit: float) -> float:
@@ -89,8 +105,15 @@ def seconds_until_refused(url: str, token: str, limit: float) -> float:
 
 def refresh(proxy: GunicornProxy, sdk: SdkClient, refresh_token: str) -> requests.Response:
     assert sdk.storage.client_info is not None
-    return requests.post(proxy.url + "/token", timeout=10, data={
-        "grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": sdk.storage.client_info.client_id})
+    return requests.post(
+        proxy.url + "/token",
+        timeout=10,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": sdk.storage.client_info.client_id,
+        },
+    )
 
 
 def run_expecting_failure(sdk: SdkClient, mode: str = "auto") -> tuple[BaseException, float]:
@@ -172,7 +195,8 @@ def test_first_connection_then_stored_tokens_then_a_new_client(interop_proxy: Gu
 
 
 def test_expiry_then_sdk_refresh_then_rotation_and_replay_revokes_the_family(
-        interop_proxy: GunicornProxy, proxy_database: ProxyDatabase) -> None:
+    interop_proxy: GunicornProxy, proxy_database: ProxyDatabase
+) -> None:
     resource = interop_proxy.url + "/mcp"
     sdk = SdkClient(interop_proxy.url, resource)
 
@@ -216,7 +240,8 @@ def test_expiry_then_sdk_refresh_then_rotation_and_replay_revokes_the_family(
 
 
 def test_a_revoked_token_gets_401_within_the_cache_bound_and_the_sdk_signs_in_again(
-        interop_proxy: GunicornProxy) -> None:
+    interop_proxy: GunicornProxy,
+) -> None:
     resource = interop_proxy.url + "/mcp"
     sdk = SdkClient(interop_proxy.url, resource)
     timings: dict[str, float] = {}
@@ -229,12 +254,17 @@ def test_a_revoked_token_gets_401_within_the_cache_bound_and_the_sdk_signs_in_ag
             for _ in range(4):  # warm both workers' caches
                 assert (await anyio.to_thread.run_sync(mcp_post, resource, token)).status_code != 401
             # RFC 7009, as a client does when its user signs out.
-            revoked = await anyio.to_thread.run_sync(lambda: requests.post(
-                interop_proxy.url + "/revoke", timeout=10,
-                data={"token": token, "client_id": sdk.storage.client_info.client_id}))
+            revoked = await anyio.to_thread.run_sync(
+                lambda: requests.post(
+                    interop_proxy.url + "/revoke",
+                    timeout=10,
+                    data={"token": token, "client_id": sdk.storage.client_info.client_id},
+                )
+            )
             assert revoked.status_code == 200, revoked.text
             timings["refused after"] = await anyio.to_thread.run_sync(
-                seconds_until_refused, resource, token, TOKEN_CACHE_TTL + 3)
+                seconds_until_refused, resource, token, TOKEN_CACHE_TTL + 3
+            )
             # The worker that handled /revoke refuses at once; the other one within TOKEN_CACHE_TTL. Past
             # that bound every worker refuses, so the SDK's next call certainly meets a 401.
             await anyio.sleep(max(0.0, TOKEN_CACHE_TTL + 0.3 - timings["refused after"]))
@@ -253,8 +283,10 @@ def test_a_revoked_token_gets_401_within_the_cache_bound_and_the_sdk_signs_in_ag
 
 def test_two_users_through_one_proxy_each_seen_as_themselves(interop_proxy: GunicornProxy) -> None:
     resource = interop_proxy.url + "/mcp"
-    clients = {"alice": SdkClient(interop_proxy.url, resource, login_hint="alice"),
-               "bob": SdkClient(interop_proxy.url, resource, login_hint="bob")}
+    clients = {
+        "alice": SdkClient(interop_proxy.url, resource, login_hint="alice"),
+        "bob": SdkClient(interop_proxy.url, resource, login_hint="bob"),
+    }
     seen: dict[str, list[dict[str, str]]] = {"alice": [], "bob": []}
 
     async def use(name: str) -> None:
@@ -289,7 +321,8 @@ def test_two_users_through_one_proxy_each_seen_as_themselves(interop_proxy: Guni
 
 
 def test_a_user_outside_the_allowlist_is_refused_and_the_client_told_access_denied(
-        interop_proxy: GunicornProxy) -> None:
+    interop_proxy: GunicornProxy,
+) -> None:
     carol = SdkClient(interop_proxy.url, interop_proxy.url + "/mcp", login_hint="carol")
     error, elapsed = run_expecting_failure(carol)
 
@@ -309,12 +342,17 @@ def test_a_user_outside_the_allowlist_is_refused_and_the_client_told_access_deni
 
 
 def test_a_route_needing_an_extra_scope_gets_403_and_the_sdk_reauthorizes_with_the_union(
-        start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream, tmp_path: Path) -> None:
+    start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream, tmp_path: Path
+) -> None:
     routes_file = tmp_path / "routes.toml"
     route = {"name": "files", "path": "/files", "url": mcp_downstream.url}
     write_routes(routes_file, [{**route, "scopes": ["files:read"]}])
-    proxy = start_gunicorn(MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes_file), GRACEFUL_TIMEOUT="1",
-                           SCOPES_SUPPORTED="openid,email,profile,files:read,files:write")
+    proxy = start_gunicorn(
+        MCP_SERVER_URL="",
+        MCP_ROUTES_FILE=str(routes_file),
+        GRACEFUL_TIMEOUT="1",
+        SCOPES_SUPPORTED="openid,email,profile,files:read,files:write",
+    )
     resource = proxy.url + "/files"
     sdk = SdkClient(proxy.url, resource)
     statuses: list[int] = []
@@ -386,7 +424,8 @@ def test_a_token_for_one_route_is_refused_on_another(interop_proxy: GunicornProx
 
 @pytest.mark.parametrize(("login_hint", "error"), [("deny", "access_denied"), ("error", "server_error")])
 def test_the_provider_denies_or_fails_and_the_client_gets_an_oauth_error(
-        interop_proxy: GunicornProxy, login_hint: str, error: str) -> None:
+    interop_proxy: GunicornProxy, login_hint: str, error: str
+) -> None:
     sdk = SdkClient(interop_proxy.url, interop_proxy.url + "/mcp", login_hint=login_hint)
     raised, elapsed = run_expecting_failure(sdk)
 
@@ -399,8 +438,8 @@ def test_the_provider_denies_or_fails_and_the_client_gets_an_oauth_error(
 
 
 def test_an_unreachable_provider_gives_the_client_an_oauth_error_not_a_hang(
-        start_oidc_provider: Callable[..., OidcProvider], start_gunicorn: StartGunicorn,
-        mcp_downstream: McpDownstream) -> None:
+    start_oidc_provider: Callable[..., OidcProvider], start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream
+) -> None:
     provider: OidcProvider = start_oidc_provider()
     proxy = start_gunicorn(provider=provider, MCP_SERVER_URL=mcp_downstream.url)
     try:

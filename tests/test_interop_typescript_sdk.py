@@ -39,14 +39,14 @@ def ts_proxy(start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream) -> It
 
 
 def test_typescript_sdk_first_connection_stored_tokens_and_a_new_client(
-        ts_proxy: GunicornProxy, interop_node: Path, tmp_path: Path) -> None:
+    ts_proxy: GunicornProxy, interop_node: Path, tmp_path: Path
+) -> None:
     resource = ts_proxy.url + "/mcp"
     browser = Browser(ts_proxy.url, login_hint="bob")
     state = tmp_path / "ts-client-state.json"
 
     # 1. From nothing: 401 → resource metadata → AS metadata → DCR → consent → provider → code → token → calls.
-    first = run_ts_client(interop_node, resource, state, browser, REDIRECT_URI,
-                          toolArgs={"steps": 3, "pause": 0.4})
+    first = run_ts_client(interop_node, resource, state, browser, REDIRECT_URI, toolArgs={"steps": 3, "pause": 0.4})
     assert first.returncode == 0, (first.events, first.stderr[-3000:])
     authorize = query_of(first.one("authorize")["url"])
     assert authorize["resource"] == resource  # it found our resource metadata, so it sends RFC 8707 resource
@@ -87,19 +87,27 @@ def test_typescript_sdk_first_connection_stored_tokens_and_a_new_client(
     assert len(again.of("authorize")) == 1 and again.consent_pages_seen == 0
 
     # 4. Another client in the same browser must be approved on its own.
-    other = run_ts_client(interop_node, resource, tmp_path / "another-client.json", browser, REDIRECT_URI,
-                          clientName="Another TypeScript client")
+    other = run_ts_client(
+        interop_node,
+        resource,
+        tmp_path / "another-client.json",
+        browser,
+        REDIRECT_URI,
+        clientName="Another TypeScript client",
+    )
     assert other.returncode == 0, (other.events, other.stderr[-3000:])
     assert len(other.of("authorize")) == 1 and other.consent_pages_seen == 1
     assert other.one("done")["clientId"] != first.one("done")["clientId"]
 
 
 def test_typescript_sdk_is_told_access_denied_when_the_person_denies(
-        ts_proxy: GunicornProxy, interop_node: Path, tmp_path: Path) -> None:
+    ts_proxy: GunicornProxy, interop_node: Path, tmp_path: Path
+) -> None:
     # The person clicks Deny on the consent page: the client learns it at its redirect URI, with state and iss.
     browser = Browser(ts_proxy.url)
-    run = run_ts_client(interop_node, ts_proxy.url + "/mcp", tmp_path / "state.json", browser, REDIRECT_URI,
-                        decision="deny", timeout=30)
+    run = run_ts_client(
+        interop_node, ts_proxy.url + "/mcp", tmp_path / "state.json", browser, REDIRECT_URI, decision="deny", timeout=30
+    )
     assert run.returncode == 1
     error = run.one("error")
     assert error["oauthError"] == "access_denied" and error["iss"] == ts_proxy.url, error

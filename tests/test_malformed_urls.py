@@ -34,9 +34,18 @@ def test_malformed_resource_at_authorize_is_invalid_target(proxy: RunningProxy, 
 def test_malformed_resource_at_token_is_invalid_target(proxy: RunningProxy, url: str, no_tracebacks) -> None:
     client = proxy.register_client()
     code = client.login(Browser(proxy.url))["code"]
-    response = requests.post(proxy.url + "/token", timeout=10, data={
-        "grant_type": "authorization_code", "code": code, "redirect_uri": client.redirect_uri,
-        "client_id": client.client_id, "code_verifier": client.verifier, "resource": url})
+    response = requests.post(
+        proxy.url + "/token",
+        timeout=10,
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": client.redirect_uri,
+            "client_id": client.client_id,
+            "code_verifier": client.verifier,
+            "resource": url,
+        },
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_target"
 
@@ -57,18 +66,21 @@ def test_malformed_origin_on_the_mcp_endpoint_is_forbidden(proxy: RunningProxy, 
 
 
 @pytest.mark.parametrize("url", MALFORMED)
-def test_malformed_redirect_uri_at_registration_is_invalid_redirect_uri(proxy: RunningProxy, url: str,
-                                                                        no_tracebacks) -> None:
+def test_malformed_redirect_uri_at_registration_is_invalid_redirect_uri(
+    proxy: RunningProxy, url: str, no_tracebacks
+) -> None:
     response = requests.post(proxy.url + "/register", timeout=10, json={"redirect_uris": [url]})
     assert response.status_code == 400 and response.json()["error"] == "invalid_redirect_uri", response.text
 
 
 @pytest.mark.parametrize("field", ["client_uri", "logo_uri", "tos_uri", "policy_uri", "jwks_uri"])
 @pytest.mark.parametrize("url", MALFORMED[:2])
-def test_malformed_metadata_url_at_registration_is_invalid_client_metadata(proxy: RunningProxy, field: str,
-                                                                          url: str, no_tracebacks) -> None:
-    response = requests.post(proxy.url + "/register", timeout=10, json={
-        "redirect_uris": ["http://127.0.0.1:9/cb"], field: url})
+def test_malformed_metadata_url_at_registration_is_invalid_client_metadata(
+    proxy: RunningProxy, field: str, url: str, no_tracebacks
+) -> None:
+    response = requests.post(
+        proxy.url + "/register", timeout=10, json={"redirect_uris": ["http://127.0.0.1:9/cb"], field: url}
+    )
     assert response.status_code == 400 and response.json()["error"] == "invalid_client_metadata", response.text
 
 

@@ -27,15 +27,28 @@ HEX_KEY = "9f" * 32  # what `openssl rand -hex 32` prints
 
 
 def settings_env(**overrides: str) -> dict[str, str]:
-    return {"PATH": f"{BIN}:/usr/bin:/bin", "OAUTHPROXY_ENV_FILE": os.devnull, "OAUTH_CLIENT_ID": "c",
-            "OAUTH_CLIENT_SECRET": "s", "OAUTH_AUTHORIZE_URL": "http://127.0.0.1:9",
-            "MCP_SERVER_URL": "http://127.0.0.1:9/mcp", "ENCRYPTION_KEY": TEST_KEY, "WEB_CONCURRENCY": "1",
-            **overrides}
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "OAUTHPROXY_ENV_FILE": os.devnull,
+        "OAUTH_CLIENT_ID": "c",
+        "OAUTH_CLIENT_SECRET": "s",
+        "OAUTH_AUTHORIZE_URL": "http://127.0.0.1:9",
+        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        "ENCRYPTION_KEY": TEST_KEY,
+        "WEB_CONCURRENCY": "1",
+        **overrides,
+    }
 
 
 def gunicorn(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_for(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
@@ -53,8 +66,14 @@ def test_flask_run_as_the_readme_says_serves_where_discovery_points(tmp_path: Pa
     assert "flask --app wsgi run" in README
     port = free_port()
     env = settings_env(PORT=str(port), DATABASE_DSN=f"sqlite:///{tmp_path / 'dev.db'}")
-    process = subprocess.Popen([str(BIN / "flask"), "--app", "wsgi", "run"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "flask"), "--app", "wsgi", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", process)
         metadata = requests.get(f"http://127.0.0.1:{port}/.well-known/oauth-authorization-server", timeout=10).json()
@@ -70,8 +89,9 @@ def test_make_clean_never_deletes_the_instance_folder(tmp_path: Path) -> None:
     database.parent.mkdir()
     database.write_bytes(b"the production database")
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    done = subprocess.run([shutil.which("make") or "make", "clean"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [shutil.which("make") or "make", "clean"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / ".venv").exists()  # it does clean
     assert database.read_bytes() == b"the production database"
@@ -92,10 +112,13 @@ def test_the_tests_create_their_postgresql_database_when_it_is_missing() -> None
     assert "CREATE DATABASE" in script  # `make test` creates it before pytest starts, too
 
 
-@pytest.mark.parametrize("dsn, reason", [
-    (f"postgresql://postgres@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
-    (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
-])
+@pytest.mark.parametrize(
+    "dsn, reason",
+    [
+        (f"postgresql://postgres@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
+        (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
+    ],
+)
 def test_a_database_problem_at_start_up_is_one_line(dsn: str, reason: str) -> None:
     done = gunicorn(settings_env(PORT=str(free_port()), DATABASE_DSN=dsn))
     assert done.returncode == 3
@@ -116,8 +139,15 @@ def test_a_settings_error_is_not_followed_by_a_database_upgrade_failure() -> Non
 def test_ctrl_c_stops_gunicorn_without_a_traceback_per_worker(tmp_path: Path) -> None:
     port = free_port()
     env = settings_env(PORT=str(port), WEB_CONCURRENCY="2", DATABASE_DSN=f"sqlite:///{tmp_path / 'ctrl-c.db'}")
-    process = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     connections = []
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", process)
@@ -156,8 +186,14 @@ def test_a_plain_path_database_serves_the_proxy(tmp_path: Path) -> None:
     port = free_port()
     database = tmp_path / "proxy.db"
     env = settings_env(PORT=str(port), DATABASE_DSN=str(database))
-    process = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", process)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
@@ -183,8 +219,9 @@ def _settings_read() -> set[str]:
     for path in (ROOT / "oauthproxy").glob("*.py"):
         text = path.read_text()
         names |= set(re.findall(r'env\.get\("([A-Z][A-Z0-9_]+)"', text))
-        names |= set(re.findall(r'(?:_int|_bool|_list|required|_float|_seconds)\(\s*(?:env,\s*)?"([A-Z][A-Z0-9_]+)"',
-                                text))
+        names |= set(
+            re.findall(r'(?:_int|_bool|_list|required|_float|_seconds)\(\s*(?:env,\s*)?"([A-Z][A-Z0-9_]+)"', text)
+        )
         names |= set(re.findall(r'os\.environ\.get\("([A-Z][A-Z0-9_]+)"', text))
     names |= set(re.findall(r'os\.environ\.get\("([A-Z][A-Z0-9_]+)"', (ROOT / "gunicorn.conf.py").read_text()))
     return names - {"AUTHLIB_INSECURE_TRANSPORT"}  # set by the proxy itself, not an operator's setting
@@ -192,8 +229,14 @@ def _settings_read() -> set[str]:
 
 def test_every_setting_and_make_target_is_documented() -> None:
     settings = _settings_read()
-    assert {"GUNICORN_TIMEOUT", "LOG_LEVEL", "OAUTHPROXY_ENV_FILE", "KEEPALIVE", "CA_BUNDLE",
-            "GITHUB_API_URL"} <= settings
+    assert {
+        "GUNICORN_TIMEOUT",
+        "LOG_LEVEL",
+        "OAUTHPROXY_ENV_FILE",
+        "KEEPALIVE",
+        "CA_BUNDLE",
+        "GITHUB_API_URL",
+    } <= settings
     undocumented = sorted(name for name in settings if f"`{name}`" not in README)
     assert not undocumented, f"settings the README does not name: {undocumented}"
     makefile = (ROOT / "Makefile").read_text()
@@ -205,16 +248,25 @@ def test_every_setting_and_make_target_is_documented() -> None:
     assert "PYTEST_ARGS" in README
 
 
-@pytest.mark.parametrize("command", [[sys.executable, "-m", "oauthproxy.cli", "db", "upgrade"],  # `oauthproxy db upgrade`
-                                     [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"]])  # the Procfile's
-@pytest.mark.parametrize("dsn, reason", [
-    (f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
-    (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "oauthproxy.cli", "db", "upgrade"],  # `oauthproxy db upgrade`
+        [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+    ],
+)  # the Procfile's
+@pytest.mark.parametrize(
+    "dsn, reason",
+    [
+        (f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
+        (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
+    ],
+)
 def test_db_upgrade_with_a_database_problem_says_it_in_one_line(command: list[str], dsn: str, reason: str) -> None:
     """`oauthproxy db upgrade`, and the Procfile's release step (`flask --app wsgi db upgrade`), as gunicorn's start."""
-    done = subprocess.run(command, cwd=ROOT, env=settings_env(DATABASE_DSN=dsn),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        command, cwd=ROOT, env=settings_env(DATABASE_DSN=dsn), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]

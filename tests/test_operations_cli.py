@@ -21,14 +21,17 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def checked(start_proxy: Callable[..., RunningProxy], mcp_downstream: McpDownstream
-            ) -> Iterator[tuple[RunningProxy, Callable[..., list[Finding]]]]:
+def checked(
+    start_proxy: Callable[..., RunningProxy], mcp_downstream: McpDownstream
+) -> Iterator[tuple[RunningProxy, Callable[..., list[Finding]]]]:
     """A running proxy in front of a real MCP server, and `check(**overrides)`: the findings of `oauthproxy check`
     run with the proxy's own settings changed by `overrides`, as an operator's mistake would change them."""
     proxy = start_proxy(MCP_SERVER_URL=mcp_downstream.url)
     port = urlsplit(proxy.url).port
-    env = {**base_env(port, proxy.provider, proxy.app.config["SETTINGS"].database_dsn, f"proxy-{port}"),
-           "MCP_SERVER_URL": mcp_downstream.url}
+    env = {
+        **base_env(port, proxy.provider, proxy.app.config["SETTINGS"].database_dsn, f"proxy-{port}"),
+        "MCP_SERVER_URL": mcp_downstream.url,
+    }
     apps: list[Flask] = []
 
     def check(**overrides: str) -> list[Finding]:
@@ -52,11 +55,19 @@ def test_check_passes_a_working_setup_and_prints_the_callback_to_register(checke
     findings = check()
     assert failures(findings) == {}
     subjects = {finding.subject: finding for finding in findings}
-    assert {"configuration", "database", "identity provider", "callback URL", "downstream mcp",
-            "discovery /mcp"} <= set(subjects)
+    assert {
+        "configuration",
+        "database",
+        "identity provider",
+        "callback URL",
+        "downstream mcp",
+        "discovery /mcp",
+    } <= set(subjects)
     info = [f.message for f in findings if f.level == "info" and f.subject == "callback URL"]
-    assert info == [f"register exactly {proxy.url}/callback as a redirect URI of the client "
-                    f"proxy-{urlsplit(proxy.url).port} at the identity provider"]
+    assert info == [
+        f"register exactly {proxy.url}/callback as a redirect URI of the client "
+        f"proxy-{urlsplit(proxy.url).port} at the identity provider"
+    ]
     assert "answers MCP (server proxy-test-downstream" in subjects["downstream mcp"].message
 
 
@@ -80,13 +91,15 @@ def test_check_catches_a_callback_url_the_provider_does_not_know(checked) -> Non
     proxy, check = checked
     port = urlsplit(proxy.url).port
     # The operator registered another URL at the provider than the one this proxy sends.
-    proxy.provider.register_client(f"proxy-{port}", f"upstream-secret-proxy-{port}",
-                                   ["https://mcp.example.com/callback"])
+    proxy.provider.register_client(
+        f"proxy-{port}", f"upstream-secret-proxy-{port}", ["https://mcp.example.com/callback"]
+    )
     problems = failures(check())
     assert problems["callback URL"] == (
         f"the provider refused our redirect URI {proxy.url}/callback: register exactly this URL for the client "
         f"proxy-{port} at the provider, or, if it is registered already, PUBLIC_URL is wrong (the callback "
-        "derives from it)")
+        "derives from it)"
+    )
 
 
 @pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
@@ -96,7 +109,8 @@ def test_check_catches_an_unreachable_downstream_and_a_wrong_path(checked, mcp_d
     unreachable = failures(check(MCP_SERVER_URL=f"http://127.0.0.1:{down_port}/mcp"))
     assert unreachable["downstream mcp"].startswith(
         f"cannot connect to http://127.0.0.1:{down_port}/mcp (connection refused): start the MCP server, or fix "
-        "MCP_SERVER_URL")
+        "MCP_SERVER_URL"
+    )
     wrong_path = failures(check(MCP_SERVER_URL=f"http://127.0.0.1:{mcp_downstream.port}/api"))
     assert "answered 404: the server runs, but its MCP endpoint has another path" in wrong_path["downstream api"]
 
@@ -105,8 +119,10 @@ def test_check_catches_an_unreachable_downstream_and_a_wrong_path(checked, mcp_d
 def test_check_catches_an_unreachable_provider_and_exits_non_zero(checked) -> None:
     proxy, _check = checked
     port = urlsplit(proxy.url).port
-    env = {**base_env(port, proxy.provider, proxy.app.config["SETTINGS"].database_dsn, f"proxy-{port}"),
-           "OAUTH_AUTHORIZE_URL": f"http://127.0.0.1:{free_port()}"}
+    env = {
+        **base_env(port, proxy.provider, proxy.app.config["SETTINGS"].database_dsn, f"proxy-{port}"),
+        "OAUTH_AUTHORIZE_URL": f"http://127.0.0.1:{free_port()}",
+    }
     app = create_app(env)
     try:
         result = app.test_cli_runner().invoke(args=["check", "--timeout", "3", "--skip-public-url"])
@@ -120,8 +136,14 @@ def test_check_catches_an_unreachable_provider_and_exits_non_zero(checked) -> No
 
 
 def test_the_command_line_tool_lists_every_documented_command() -> None:
-    output = subprocess.run([sys.executable, "-m", "oauthproxy.cli", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OAUTHPROXY_ENV_FILE": "/dev/null"})
+    output = subprocess.run(
+        [sys.executable, "-m", "oauthproxy.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "OAUTHPROXY_ENV_FILE": "/dev/null"},
+    )
     for command in ("gen-key", "check", "db", "clients", "grants", "purge", "rotate-key"):
         assert f"  {command} " in output.stdout, (command, output.stdout, output.stderr)
 
@@ -141,13 +163,16 @@ def test_clients_and_grants_can_be_listed_and_revoked(proxy: RunningProxy) -> No
     assert grants.count(alice_client.client_id) == 2 and "bob" not in grants
 
     # The database is shared with other tests: this client's grants only (user and client filters combine).
-    revoked = runner.invoke(args=["grants", "revoke", "--user", "alice@example.com", "--client",
-                                  alice_client.client_id])
+    revoked = runner.invoke(
+        args=["grants", "revoke", "--user", "alice@example.com", "--client", alice_client.client_id]
+    )
     assert revoked.exit_code == 0 and revoked.output.startswith("revoked 2 grant(s)")
     assert all(alice_client.refresh(pair["refresh_token"]).json()["error"] == "invalid_grant" for pair in alice)
     assert bob_client.refresh(bob["refresh_token"]).status_code == 200
-    assert "revoked_by_operator" in runner.invoke(args=["grants", "list", "--all", "--client",
-                                                        alice_client.client_id]).output
+    assert (
+        "revoked_by_operator"
+        in runner.invoke(args=["grants", "list", "--all", "--client", alice_client.client_id]).output
+    )
 
     nothing = runner.invoke(args=["grants", "revoke", "--client", alice_client.client_id])
     assert nothing.exit_code == 1 and "no live grant matches" in nothing.output
@@ -156,7 +181,6 @@ def test_clients_and_grants_can_be_listed_and_revoked(proxy: RunningProxy) -> No
     deleted = runner.invoke(args=["clients", "delete", bob_client.client_id])
     assert deleted.exit_code == 0 and "revoked 1 grant(s)" in deleted.output
     assert bob_client.refresh(bob["refresh_token"]).status_code in (400, 401)
-    page = proxy.browser("bob").session.get(McpOAuthClient(proxy.url, bob_client.client_id).authorize_url(),
-                                            timeout=10)
+    page = proxy.browser("bob").session.get(McpOAuthClient(proxy.url, bob_client.client_id).authorize_url(), timeout=10)
     assert page.status_code == 400 and "is not registered here" in page.text
     assert runner.invoke(args=["clients", "delete", bob_client.client_id]).exit_code == 1

@@ -114,9 +114,11 @@ def test_readyz_follows_the_schema(make_app) -> None:
 
 
 def test_probes_need_no_token_are_not_rate_limited_and_stay_out_of_the_log(
-        make_app, caplog: pytest.LogCaptureFixture) -> None:
-    app = make_app(REGISTER_RATE_LIMIT="1 per minute", AUTHORIZE_RATE_LIMIT="1 per minute",
-                   TOKEN_RATE_LIMIT="1 per minute")
+    make_app, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(
+        REGISTER_RATE_LIMIT="1 per minute", AUTHORIZE_RATE_LIMIT="1 per minute", TOKEN_RATE_LIMIT="1 per minute"
+    )
     client = app.test_client()
     caplog.set_level(logging.INFO)
     answers = [client.get(path) for path in ["/healthz", "/readyz"] * 15]
@@ -146,28 +148,43 @@ def test_metrics_count_requests_by_route_template_status_and_error(make_app) -> 
     client.get("/mcp/a/b/c")
     client.get("/no/such/page")
     client.post("/register", json={"redirect_uris": "not a list"})
-    created = client.post("/register", json={"redirect_uris": ["http://127.0.0.1:9/cb"],
-                                             "token_endpoint_auth_method": "none"})
+    created = client.post(
+        "/register", json={"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none"}
+    )
     assert created.status_code == 201
     assert sample("oauthproxy_http_requests_total", route="/mcp", method="POST", status="401") == before["mcp_401"] + 1
     # The template, not the path: clients cannot grow the number of series.
-    assert sample("oauthproxy_http_requests_total", route="/mcp/<below:subpath>", method="GET",
-                  status="401") == before["sub_401"] + 1
-    assert sample("oauthproxy_http_requests_total", route="unmatched", method="GET", status="404") == \
-        before["unmatched"] + 1
+    assert (
+        sample("oauthproxy_http_requests_total", route="/mcp/<below:subpath>", method="GET", status="401")
+        == before["sub_401"] + 1
+    )
+    assert (
+        sample("oauthproxy_http_requests_total", route="unmatched", method="GET", status="404")
+        == before["unmatched"] + 1
+    )
     assert sample("oauthproxy_http_errors_total", route="/mcp", error="unauthorized") == before["unauthorized"] + 1
-    assert sample("oauthproxy_http_errors_total", route="/register", error="invalid_redirect_uri") == \
-        before["invalid_redirect"] + 1
+    assert (
+        sample("oauthproxy_http_errors_total", route="/register", error="invalid_redirect_uri")
+        == before["invalid_redirect"] + 1
+    )
     assert sample("oauthproxy_client_registrations_total") == before["registrations"] + 1
-    assert sample("oauthproxy_http_request_duration_seconds_count", route="/mcp", method="POST") == \
-        before["latency"] + 1
-    assert sample("oauthproxy_http_requests_total", route="unmatched", method="other", status="405") == \
-        before["brew"] + 1
+    assert (
+        sample("oauthproxy_http_request_duration_seconds_count", route="/mcp", method="POST") == before["latency"] + 1
+    )
+    assert (
+        sample("oauthproxy_http_requests_total", route="unmatched", method="other", status="405") == before["brew"] + 1
+    )
     page = client.get("/metrics")
     assert page.status_code == 200 and page.content_type.startswith("text/plain")
-    for name in ("oauthproxy_http_requests_total", "oauthproxy_http_request_duration_seconds_bucket",
-                 "oauthproxy_open_streams", "oauthproxy_tokens_issued_total", "oauthproxy_upstream_errors_total",
-                 "oauthproxy_client_registrations_total", "oauthproxy_grants_revoked_total"):
+    for name in (
+        "oauthproxy_http_requests_total",
+        "oauthproxy_http_request_duration_seconds_bucket",
+        "oauthproxy_open_streams",
+        "oauthproxy_tokens_issued_total",
+        "oauthproxy_upstream_errors_total",
+        "oauthproxy_client_registrations_total",
+        "oauthproxy_grants_revoked_total",
+    ):
         assert f"# TYPE {name.removesuffix('_bucket').removesuffix('_total')}" in page.text, name
 
 
@@ -199,8 +216,10 @@ def test_upstream_calls_are_timed_and_their_failures_counted_by_kind() -> None:
 
     provider = Provider()
     metrics.instrument_upstream(provider)
-    before = (sample("oauthproxy_upstream_request_duration_seconds_count", action="refresh"),
-              sample("oauthproxy_upstream_errors_total", action="discovery", kind="transient"))
+    before = (
+        sample("oauthproxy_upstream_request_duration_seconds_count", action="refresh"),
+        sample("oauthproxy_upstream_errors_total", action="discovery", kind="transient"),
+    )
     assert provider._call("refreshing the upstream token", "https://idp/token", lambda: "tokens") == "tokens"
     with pytest.raises(UpstreamError):
         provider._fetch_metadata("https://idp/.well-known/openid-configuration")
@@ -240,8 +259,10 @@ def test_every_answer_carries_a_request_id_and_a_sane_incoming_one_is_kept(make_
     client = make_app().test_client()
     generated = client.get("/healthz").headers["X-Request-Id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
-    assert client.get("/healthz", headers={"X-Request-Id": "nginx-42:abc.DEF"}).headers["X-Request-Id"] == \
-        "nginx-42:abc.DEF"
+    assert (
+        client.get("/healthz", headers={"X-Request-Id": "nginx-42:abc.DEF"}).headers["X-Request-Id"]
+        == "nginx-42:abc.DEF"
+    )
     for forged in ("two words", "x" * 200, "id\u2028evil"):
         kept = client.get("/healthz", headers={"X-Request-Id": forged}).headers["X-Request-Id"]
         assert kept != forged and re.fullmatch(r"[0-9a-f]{32}", kept)
@@ -254,8 +275,11 @@ def test_one_line_per_request_and_never_a_secret(make_app, caplog: pytest.LogCap
     client.set_cookie("oauthproxy-session", secrets_sent[3])
     client.get(f"/callback?code={secrets_sent[0]}&state={secrets_sent[1]}", headers={"X-Request-Id": "req-1"})
     client.post("/mcp?x=1", json={}, headers={"Authorization": f"Bearer {secrets_sent[2]}", "X-Request-Id": "req-2"})
-    client.post("/token", data={"grant_type": "client_credentials", "client_id": "nobody",
-                                "client_secret": secrets_sent[4]}, headers={"X-Request-Id": "req-3"})
+    client.post(
+        "/token",
+        data={"grant_type": "client_credentials", "client_id": "nobody", "client_secret": secrets_sent[4]},
+        headers={"X-Request-Id": "req-3"},
+    )
     lines = {record.request_id: record for record in access_lines(caplog)}
     assert set(lines) == {"req-1", "req-2", "req-3"}
     assert (lines["req-1"].method, lines["req-1"].path, lines["req-1"].status) == ("GET", "/callback", 400)
@@ -273,8 +297,13 @@ def test_json_lines_carry_the_request_fields(make_app, caplog: pytest.LogCapture
     record = next(record for record in access_lines(caplog) if record.request_id == "json-1")
     document = json.loads(JsonFormatter().format(record))
     assert document["level"] == "info" and document["logger"] == ACCESS_LOGGER
-    assert {key: document[key] for key in ("request_id", "method", "path", "status", "client")} == \
-        {"request_id": "json-1", "method": "GET", "path": "/no/such/page", "status": 404, "client": "127.0.0.1"}
+    assert {key: document[key] for key in ("request_id", "method", "path", "status", "client")} == {
+        "request_id": "json-1",
+        "method": "GET",
+        "path": "/no/such/page",
+        "status": 404,
+        "client": "127.0.0.1",
+    }
     assert "user_id" not in document  # nobody was signed in
     assert document["time"].endswith("Z")
 
@@ -282,14 +311,17 @@ def test_json_lines_carry_the_request_fields(make_app, caplog: pytest.LogCapture
 # -- forwarded headers -------------------------------------------------------------------------------------
 
 
-FORWARDED = {"X-Forwarded-For": "198.51.100.1, 203.0.113.9", "X-Forwarded-Proto": "https",
-             "X-Forwarded-Host": "attacker.example"}
+FORWARDED = {
+    "X-Forwarded-For": "198.51.100.1, 203.0.113.9",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Host": "attacker.example",
+}
 
 
-@pytest.mark.parametrize(("hops", "client_address"), [("0", "127.0.0.1"), ("1", "203.0.113.9"),
-                                                      ("2", "198.51.100.1")])
+@pytest.mark.parametrize(("hops", "client_address"), [("0", "127.0.0.1"), ("1", "203.0.113.9"), ("2", "198.51.100.1")])
 def test_forwarded_headers_count_only_as_far_as_the_trusted_hops(
-        make_app, caplog: pytest.LogCaptureFixture, hops: str, client_address: str) -> None:
+    make_app, caplog: pytest.LogCaptureFixture, hops: str, client_address: str
+) -> None:
     client = make_app(TRUSTED_PROXY_HOPS=hops).test_client()
     caplog.set_level(logging.INFO)
     metadata = client.get("/.well-known/oauth-authorization-server", headers={**FORWARDED, "X-Request-Id": "fwd"})
@@ -310,8 +342,12 @@ def test_rate_limits_key_on_the_trusted_client_address(make_app, hops: str) -> N
 
     # A client that makes up X-Forwarded-For gets no fresh allowance when it is not trusted (hops=0); behind one
     # trusted proxy, the address that proxy adds (the last one) is the key.
-    answers = [register("192.0.2.1, 203.0.113.1"), register("192.0.2.2, 203.0.113.1"),
-               register("192.0.2.3, 203.0.113.2"), register("192.0.2.4, 203.0.113.1")]
+    answers = [
+        register("192.0.2.1, 203.0.113.1"),
+        register("192.0.2.2, 203.0.113.1"),
+        register("192.0.2.3, 203.0.113.2"),
+        register("192.0.2.4, 203.0.113.1"),
+    ]
     if hops == "0":
         assert answers == [201, 201, 429, 429]
     else:

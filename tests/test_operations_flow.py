@@ -34,7 +34,8 @@ def snapshot() -> dict[str, float]:
 
 
 def test_a_login_and_its_refreshes_are_counted_and_logged_without_secrets(
-        proxy: RunningProxy, caplog: pytest.LogCaptureFixture) -> None:
+    proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     before = snapshot()
     client = proxy.register_client()
@@ -67,6 +68,12 @@ def test_a_login_and_its_refreshes_are_counted_and_logged_without_secrets(
     assert {record.user_id for record in by_path["/token"] if record.status == 200} == {"alice", "bob"}
     assert all(record.request_id != "-" for record in lines)
     everything = "\n".join(record.getMessage() + json.dumps(record.__dict__, default=str) for record in caplog.records)
-    for secret in (code, tokens["access_token"], tokens["refresh_token"], pair["refresh_token"],
-                   first["access_token"], result["state"]):
+    for secret in (
+        code,
+        tokens["access_token"],
+        tokens["refresh_token"],
+        pair["refresh_token"],
+        first["access_token"],
+        result["state"],
+    ):
         assert secret not in everything

@@ -93,8 +93,11 @@ def test_every_package_the_proxy_imports_is_declared() -> None:
     distributions = importlib.metadata.packages_distributions()
     extras = PYPROJECT["project"]["optional-dependencies"]
     declared = {*pinned(PYPROJECT["project"]["dependencies"]), *pinned(extras["postgres"]), *pinned(extras["redis"])}
-    undeclared = {module: distributions.get(module) for module in modules
-                  if not {canonical(name) for name in distributions.get(module, [module])} & declared}
+    undeclared = {
+        module: distributions.get(module)
+        for module in modules
+        if not {canonical(name) for name in distributions.get(module, [module])} & declared
+    }
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
 
 
@@ -102,8 +105,14 @@ def test_every_package_the_proxy_imports_is_declared() -> None:
 
 
 def uv(*args: str | Path, cwd: Path = ROOT, timeout: float = 300) -> str:
-    done = subprocess.run([str(BIN / "uv"), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "UV_NATIVE_TLS": "1"})
+    done = subprocess.run(
+        [str(BIN / "uv"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "UV_NATIVE_TLS": "1"},
+    )
     assert done.returncode == 0, f"uv {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -149,11 +158,23 @@ def test_the_wheel_carries_templates_static_files_and_migrations(installed_wheel
 
 def test_the_installed_command_says_its_version_and_lists_its_own_commands(installed_wheel: InstalledWheel) -> None:
     env = {"PATH": f"{installed_wheel.bin}:/usr/bin:/bin", "OAUTHPROXY_ENV_FILE": os.devnull}
-    version = subprocess.run([installed_wheel.bin / "oauthproxy", "--version"], cwd=installed_wheel.site,
-                             capture_output=True, text=True, timeout=60, env=env)
+    version = subprocess.run(
+        [installed_wheel.bin / "oauthproxy", "--version"],
+        cwd=installed_wheel.site,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert version.returncode == 0 and version.stdout.strip() == f"oauthproxy {VERSION}", version
-    shown = subprocess.run([installed_wheel.bin / "oauthproxy", "--help"], cwd=installed_wheel.site,
-                           capture_output=True, text=True, timeout=60, env=env)
+    shown = subprocess.run(
+        [installed_wheel.bin / "oauthproxy", "--help"],
+        cwd=installed_wheel.site,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert shown.returncode == 0 and not shown.stderr, shown.stderr  # no settings needed to list the commands
     commands = set(re.findall(r"^  ([a-z-]+)  ", shown.stdout.split("Commands:")[1], re.MULTILINE))
     assert commands == {"check", "clients", "db", "gen-key", "grants", "purge", "rotate-key"}, shown.stdout
@@ -164,16 +185,29 @@ def test_the_installed_command_says_its_version_and_lists_its_own_commands(insta
 def wheel_proxy(installed_wheel: InstalledWheel, oidc_provider: OidcProvider) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"PATH": f"{installed_wheel.bin}:/usr/bin:/bin", "HOME": str(installed_wheel.site),
-           "PORT": str(port), "WEB_CONCURRENCY": "1", "OAUTHPROXY_ENV_FILE": os.devnull,
-           "OAUTH_CLIENT_ID": f"wheel-{port}", "OAUTH_CLIENT_SECRET": "wheel-secret",
-           "OAUTH_AUTHORIZE_URL": oidc_provider.issuer, "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
-           "SCOPES_SUPPORTED": "openid,email,profile", "ENCRYPTION_KEY": TEST_KEY}
+    env = {
+        "PATH": f"{installed_wheel.bin}:/usr/bin:/bin",
+        "HOME": str(installed_wheel.site),
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "1",
+        "OAUTHPROXY_ENV_FILE": os.devnull,
+        "OAUTH_CLIENT_ID": f"wheel-{port}",
+        "OAUTH_CLIENT_SECRET": "wheel-secret",
+        "OAUTH_AUTHORIZE_URL": oidc_provider.issuer,
+        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        "SCOPES_SUPPORTED": "openid,email,profile",
+        "ENCRYPTION_KEY": TEST_KEY,
+    }
     oidc_provider.register_client(env["OAUTH_CLIENT_ID"], env["OAUTH_CLIENT_SECRET"], [f"{url}/callback"])
     log_path = installed_wheel.site / f"gunicorn-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([str(installed_wheel.bin / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-                                   cwd=installed_wheel.site, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(installed_wheel.bin / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=installed_wheel.site,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline and process.poll() is None:
@@ -190,11 +224,17 @@ def wheel_proxy(installed_wheel: InstalledWheel, oidc_provider: OidcProvider) ->
         process.wait(timeout=20)
 
 
-def test_a_wheel_installed_outside_the_checkout_serves_a_whole_login(installed_wheel: InstalledWheel,
-                                                                    wheel_proxy: str) -> None:
-    where = subprocess.run([installed_wheel.bin / "python", "-c", "import oauthproxy; print(oauthproxy.__file__)"],
-                           cwd=installed_wheel.site, capture_output=True, text=True, timeout=60,
-                           env={"PATH": "/usr/bin:/bin"})
+def test_a_wheel_installed_outside_the_checkout_serves_a_whole_login(
+    installed_wheel: InstalledWheel, wheel_proxy: str
+) -> None:
+    where = subprocess.run(
+        [installed_wheel.bin / "python", "-c", "import oauthproxy; print(oauthproxy.__file__)"],
+        cwd=installed_wheel.site,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert Path(where.stdout.strip()).is_relative_to(installed_wheel.venv), where  # not the checkout's package
     login = log_in(wheel_proxy, wheel_proxy + "/mcp")  # the consent page is a template of the package
     assert login.access_token and login.refresh_token
@@ -205,23 +245,39 @@ def test_a_wheel_installed_outside_the_checkout_serves_a_whole_login(installed_w
 
 
 def test_make_run_for_real_installs_only_the_deployment_and_needs_no_node(
-        installed_wheel: InstalledWheel, oidc_provider: OidcProvider, tmp_path: Path) -> None:
+    installed_wheel: InstalledWheel, oidc_provider: OidcProvider, tmp_path: Path
+) -> None:
     """`make run` with a provider configured: the runtime lock only (its venv stamped as installed here, as make
     leaves it), no test extras, and no Node or npm on PATH."""
     venv = installed_wheel.venv
     (venv / ".installed-runtime").touch()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"PATH": str(tmp_path), "HOME": str(tmp_path), "PORT": str(port), "WEB_CONCURRENCY": "1",
-           "OAUTHPROXY_ENV_FILE": os.devnull, "OAUTH_CLIENT_ID": f"make-run-{port}", "OAUTH_CLIENT_SECRET": "s",
-           "OAUTH_AUTHORIZE_URL": oidc_provider.issuer, "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
-           "ENCRYPTION_KEY": TEST_KEY, "DATABASE_DSN": str(tmp_path / "run.db")}
+    env = {
+        "PATH": str(tmp_path),
+        "HOME": str(tmp_path),
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "1",
+        "OAUTHPROXY_ENV_FILE": os.devnull,
+        "OAUTH_CLIENT_ID": f"make-run-{port}",
+        "OAUTH_CLIENT_SECRET": "s",
+        "OAUTH_AUTHORIZE_URL": oidc_provider.issuer,
+        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        "ENCRYPTION_KEY": TEST_KEY,
+        "DATABASE_DSN": str(tmp_path / "run.db"),
+    }
     make = shutil.which("make")
     assert make, "GNU make is needed"
     log_path = tmp_path / "make-run.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([make, "--no-print-directory", f"VENV={venv}", "run"], cwd=ROOT, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [make, "--no-print-directory", f"VENV={venv}", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 40
         answered = False

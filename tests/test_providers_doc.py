@@ -16,13 +16,20 @@ SECTIONS = dict(re.findall(r"^##+ (.+?)\n(.*?)(?=^##+ |\Z)", GUIDE, re.MULTILINE
 
 def env_blocks(section: str) -> list[dict[str, str]]:
     blocks = re.findall(r"```sh\n(.*?)```", SECTIONS[section], re.DOTALL)
-    return [dict(line.split("=", 1) for line in block.splitlines() if line and not line.startswith("#"))
-            for block in blocks]
+    return [
+        dict(line.split("=", 1) for line in block.splitlines() if line and not line.startswith("#")) for block in blocks
+    ]
 
 
 def test_every_provider_has_its_steps_env_lines_and_check_output() -> None:
-    expected = {"Google": "google", "Microsoft Entra ID": "microsoft", "GitHub": "github", "Keycloak": "generic",
-                "Auth0": "generic", "Okta": "generic"}
+    expected = {
+        "Google": "google",
+        "Microsoft Entra ID": "microsoft",
+        "GitHub": "github",
+        "Keycloak": "generic",
+        "Auth0": "generic",
+        "Okta": "generic",
+    }
     settings = _settings_read()
     for section, kind in expected.items():
         text = SECTIONS[section]
@@ -35,8 +42,15 @@ def test_every_provider_has_its_steps_env_lines_and_check_output() -> None:
 
 def test_the_github_enterprise_lines_select_the_github_provider() -> None:
     (env,) = env_blocks("GitHub Enterprise Server")
-    settings = load_settings({**env, "OAUTH_CLIENT_ID": "c", "OAUTH_CLIENT_SECRET": "s", "ENCRYPTION_KEY": TEST_KEY,
-                              "MCP_SERVER_URL": "http://127.0.0.1:9/mcp"})
+    settings = load_settings(
+        {
+            **env,
+            "OAUTH_CLIENT_ID": "c",
+            "OAUTH_CLIENT_SECRET": "s",
+            "ENCRYPTION_KEY": TEST_KEY,
+            "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
+        }
+    )
     provider = build_upstream_provider(settings)
     assert isinstance(provider, GitHubProvider)
     assert provider.load_metadata()["authorization_endpoint"] == "https://github.example.com/login/oauth/authorize"

@@ -100,16 +100,28 @@ def send_raw_body(proxy_url: str, login: Login, headers: dict[str, str], body: b
 
 
 @pytest.fixture(scope="module")
-def proxy_and_login(start_gunicorn: Callable[..., GunicornProxy],
-                    raw_downstream_server: RawDownstream) -> tuple[GunicornProxy, Login]:
+def proxy_and_login(
+    start_gunicorn: Callable[..., GunicornProxy], raw_downstream_server: RawDownstream
+) -> tuple[GunicornProxy, Login]:
     proxy = start_gunicorn(MCP_SERVER_URL=raw_downstream_server.url, MCP_MAX_BODY_BYTES=str(LIMIT))
     return proxy, log_in(proxy.url, proxy.url + "/mcp")
 
 
-@pytest.mark.parametrize("first_chunk", [b"0x2\r\nab\r\n", b"-1\r\nab\r\n", b"2;\x01bad\r\nab\r\n", b"2 ;x=\"\r\nab\r\n",
-                                         b"zz\r\nab\r\n", b"2\r\nabcd\r\n", b"\r\nab\r\n"])
+@pytest.mark.parametrize(
+    "first_chunk",
+    [
+        b"0x2\r\nab\r\n",
+        b"-1\r\nab\r\n",
+        b"2;\x01bad\r\nab\r\n",
+        b'2 ;x="\r\nab\r\n',
+        b"zz\r\nab\r\n",
+        b"2\r\nabcd\r\n",
+        b"\r\nab\r\n",
+    ],
+)
 def test_a_malformed_first_chunk_is_refused_before_the_downstream_is_contacted(
-        proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream, first_chunk: bytes) -> None:
+    proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream, first_chunk: bytes
+) -> None:
     proxy, login = proxy_and_login
     status, _, text = send_raw_body(proxy.url, login, {"Transfer-Encoding": "chunked"}, first_chunk + b"0\r\n\r\n")
     assert status == 400, text
@@ -119,11 +131,13 @@ def test_a_malformed_first_chunk_is_refused_before_the_downstream_is_contacted(
 
 
 def test_a_malformed_later_chunk_aborts_the_downstream_request(
-        proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream) -> None:
+    proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream
+) -> None:
     proxy, login = proxy_and_login
     good = b"x" * 0x10000
-    status, _, text = send_raw_body(proxy.url, login, {"Transfer-Encoding": "chunked"},
-                                    b"10000\r\n" + good + b"\r\n" + b"0x2\r\nab\r\n0\r\n\r\n")
+    status, _, text = send_raw_body(
+        proxy.url, login, {"Transfer-Encoding": "chunked"}, b"10000\r\n" + good + b"\r\n" + b"0x2\r\nab\r\n0\r\n\r\n"
+    )
     assert status == 400, text
     assert json.loads(text)["error"] == "invalid_request"
     received = raw_downstream.received()
@@ -134,18 +148,22 @@ def test_a_malformed_later_chunk_aborts_the_downstream_request(
 
 @pytest.mark.parametrize("size", [LIMIT + 1, 10**12])
 def test_a_declared_length_over_the_limit_gets_413_before_forwarding(
-        proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream, size: int) -> None:
+    proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream, size: int
+) -> None:
     proxy, login = proxy_and_login
     status, headers, text = send_raw_body(proxy.url, login, {"Content-Length": str(size)}, b"{" * 1000)
     assert status == 413, text
     assert headers["Content-Type"] == "application/json"
-    assert json.loads(text) == {"error": "request_too_large", "error_description":
-                                f"the request body is larger than {LIMIT} bytes, this server's limit (MCP_MAX_BODY_BYTES)"}
+    assert json.loads(text) == {
+        "error": "request_too_large",
+        "error_description": f"the request body is larger than {LIMIT} bytes, this server's limit (MCP_MAX_BODY_BYTES)",
+    }
     assert raw_downstream.received() == b""
 
 
 def test_a_chunked_body_that_grows_past_the_limit_is_cut_off(
-        proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream) -> None:
+    proxy_and_login: tuple[GunicornProxy, Login], raw_downstream: RawDownstream
+) -> None:
     proxy, login = proxy_and_login
     block = b"%x\r\n%s\r\n" % (50_000, b"y" * 50_000)
     status, _, text = send_raw_body(proxy.url, login, {"Transfer-Encoding": "chunked"}, block * 6 + b"0\r\n\r\n")
@@ -157,19 +175,24 @@ def test_a_chunked_body_that_grows_past_the_limit_is_cut_off(
 
 
 def test_a_chunked_body_over_the_limit_from_the_start_is_refused_unsent(
-        start_gunicorn: Callable[..., GunicornProxy], raw_downstream: RawDownstream) -> None:
+    start_gunicorn: Callable[..., GunicornProxy], raw_downstream: RawDownstream
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=raw_downstream.url, MCP_MAX_BODY_BYTES="1024")
     login = log_in(proxy.url, proxy.url + "/mcp")
-    status, _, text = send_raw_body(proxy.url, login, {"Transfer-Encoding": "chunked"},
-                                    b"800\r\n" + b"z" * 2048 + b"\r\n0\r\n\r\n")
+    status, _, text = send_raw_body(
+        proxy.url, login, {"Transfer-Encoding": "chunked"}, b"800\r\n" + b"z" * 2048 + b"\r\n0\r\n\r\n"
+    )
     assert status == 413, text
     assert raw_downstream.received() == b""
 
 
-@pytest.mark.parametrize(("value", "problem"), [
-    ("lots", "MCP_MAX_BODY_BYTES must be a number of bytes; got 'lots'"),
-    ("10", "MCP_MAX_BODY_BYTES must be between 1024 and 1099511627776; got 10"),
-])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("lots", "MCP_MAX_BODY_BYTES must be a number of bytes; got 'lots'"),
+        ("10", "MCP_MAX_BODY_BYTES must be between 1024 and 1099511627776; got 10"),
+    ],
+)
 def test_the_limit_setting_is_validated(value: str, problem: str) -> None:
     from oauthproxy.routes import load_proxy_settings
 

@@ -25,13 +25,30 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
 
 #: Ways out of route A (`/mcp/a`, downstream `/mcp-a`) to route B's downstream or elsewhere on the same host.
 ESCAPES = [
-    "/mcp/a/..%2f{target}", "/mcp/a%2f..%2f{target}", "/mcp/a/%2e%2e%2f{target}", "/mcp/a/x/..%2f..%2f{target}",
-    "/mcp/a/x/..%2F..%2F..%2F{target}", "/mcp/a%2f%2e%2e%2f{target}", "/mcp/a/.%2e/{target}",
-    "/mcp/a/%2E%2E%5C{target}", "/mcp/a/..%5c{target}", "/mcp/a/..\\{target}", "/mcp/a/%252e%252e/{target}",
-    "/mcp/a/%252e%252e%252f{target}", "/mcp/a/..;/{target}", "/mcp/a/..;jsessionid=1/{target}",
-    "/mcp/a/..%00/{target}", "/mcp/a/%2e%2e%00/{target}", "/mcp/a/../{target}", "/mcp/a/%2e%2e/{target}",
-    "/%6dcp/a/..%2f{target}", "/mcp/%61/..%2f{target}", "/mcp/a/...%2f{target}", "/mcp/a//..%2f{target}",
-    "/mcp/a/%2e%2e%2f%2e%2e%2f{target}", "/mcp/a%2f..%2f..%2f{target}",
+    "/mcp/a/..%2f{target}",
+    "/mcp/a%2f..%2f{target}",
+    "/mcp/a/%2e%2e%2f{target}",
+    "/mcp/a/x/..%2f..%2f{target}",
+    "/mcp/a/x/..%2F..%2F..%2F{target}",
+    "/mcp/a%2f%2e%2e%2f{target}",
+    "/mcp/a/.%2e/{target}",
+    "/mcp/a/%2E%2E%5C{target}",
+    "/mcp/a/..%5c{target}",
+    "/mcp/a/..\\{target}",
+    "/mcp/a/%252e%252e/{target}",
+    "/mcp/a/%252e%252e%252f{target}",
+    "/mcp/a/..;/{target}",
+    "/mcp/a/..;jsessionid=1/{target}",
+    "/mcp/a/..%00/{target}",
+    "/mcp/a/%2e%2e%00/{target}",
+    "/mcp/a/../{target}",
+    "/mcp/a/%2e%2e/{target}",
+    "/%6dcp/a/..%2f{target}",
+    "/mcp/%61/..%2f{target}",
+    "/mcp/a/...%2f{target}",
+    "/mcp/a//..%2f{target}",
+    "/mcp/a/%2e%2e%2f%2e%2e%2f{target}",
+    "/mcp/a%2f..%2f..%2f{target}",
 ]
 TARGETS = ["mcp-b/secret", "admin"]
 
@@ -77,18 +94,28 @@ def raw_get(url: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
 
 
 def test_nothing_escapes_a_route_through_a_normalising_downstream(
-        start_gunicorn: Callable[..., GunicornProxy], nginx_downstream: Nginx, tmp_path: Path) -> None:
+    start_gunicorn: Callable[..., GunicornProxy], nginx_downstream: Nginx, tmp_path: Path
+) -> None:
     downstream = f"http://127.0.0.1:{nginx_downstream.http_port}"
-    routes = write_routes(tmp_path / "routes.toml", [
-        {"name": "a", "path": "/mcp/a", "url": downstream + "/mcp-a"},
-        {"name": "b", "path": "/mcp/b", "url": downstream + "/mcp-b", "allowed_emails": ["nobody@example.com"]},
-    ])
+    routes = write_routes(
+        tmp_path / "routes.toml",
+        [
+            {"name": "a", "path": "/mcp/a", "url": downstream + "/mcp-a"},
+            {"name": "b", "path": "/mcp/b", "url": downstream + "/mcp-b", "allowed_emails": ["nobody@example.com"]},
+        ],
+    )
     proxy = start_gunicorn(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes)
     login = log_in(proxy.url, proxy.url + "/mcp/a")
 
     # What the route is for still works, in the spellings a client may legitimately use.
-    for path, seen in [("/mcp/a", "/mcp-a"), ("/mcp/a/", "/mcp-a/"), ("/mcp/a/tools/x%20y", "/mcp-a/tools/x y"),
-                       ("/mcp/a/x;v=1", "/mcp-a/x;v=1"), ("/%6dcp/a/x", "/mcp-a/x"), ("/mcp/a/x.y/..z", None)]:
+    for path, seen in [
+        ("/mcp/a", "/mcp-a"),
+        ("/mcp/a/", "/mcp-a/"),
+        ("/mcp/a/tools/x%20y", "/mcp-a/tools/x y"),
+        ("/mcp/a/x;v=1", "/mcp-a/x;v=1"),
+        ("/%6dcp/a/x", "/mcp-a/x"),
+        ("/mcp/a/x.y/..z", None),
+    ]:
         status, body = raw_get(proxy.url, path, login.bearer)
         assert status == 200, (path, body)
         assert body.startswith(f"a: {seen or '/mcp-a/'}") and body.endswith(" user=alice\n"), (path, body)
@@ -104,28 +131,50 @@ def test_nothing_escapes_a_route_through_a_normalising_downstream(
     assert "mcp-b" not in access_log and "admin" not in access_log, access_log
 
 
-@pytest.mark.parametrize("path", [t.format(target=target) for t in ESCAPES for target in TARGETS]
-                         + ["/mcp/ax", "/mcp/a..", "/mcp/a/x//y", "/mcp/a//..%2fx", "/mcp/a/%25%32%65%25%32%65"])
+@pytest.mark.parametrize(
+    "path",
+    [t.format(target=target) for t in ESCAPES for target in TARGETS]
+    + ["/mcp/ax", "/mcp/a..", "/mcp/a/x//y", "/mcp/a//..%2fx", "/mcp/a/%25%32%65%25%32%65"],
+)
 def test_the_path_rule_refuses_every_spelling(path: str) -> None:
     with pytest.raises(PathRefused):
         confined_suffix("/mcp/a", path)
 
 
-@pytest.mark.parametrize(("route", "path", "suffix"), [
-    ("/mcp/a", "/mcp/a", ""), ("/mcp/a", "/mcp/a/", "/"), ("/mcp/a", "/mcp/a/x/y%20z", "/x/y%20z"),
-    ("/mcp/a", "/%6Dcp/a/x", "/x"), ("/mcp/a", "/mcp/a/x;v=1", "/x;v=1"), ("/", "/", ""), ("/", "/x/y", "/x/y"),
-    ("/mcp/a", "/mcp/a/x/", "/x/"),
-])
+@pytest.mark.parametrize(
+    ("route", "path", "suffix"),
+    [
+        ("/mcp/a", "/mcp/a", ""),
+        ("/mcp/a", "/mcp/a/", "/"),
+        ("/mcp/a", "/mcp/a/x/y%20z", "/x/y%20z"),
+        ("/mcp/a", "/%6Dcp/a/x", "/x"),
+        ("/mcp/a", "/mcp/a/x;v=1", "/x;v=1"),
+        ("/", "/", ""),
+        ("/", "/x/y", "/x/y"),
+        ("/mcp/a", "/mcp/a/x/", "/x/"),
+    ],
+)
 def test_the_path_rule_keeps_what_is_below_the_route(route: str, path: str, suffix: str) -> None:
     assert confined_suffix(route, path) == suffix
 
 
-TOKEN_SPELLINGS = ["access_token", "access%5Ftoken", "access%5ftoken", "%61ccess_token", "%61%63%63%65%73%73%5F%74%6F%6B%65%6E",
-                   "ACCESS_TOKEN", "Access_Token", "access%255Ftoken", "access_token%20", "x=1;access_token"]
+TOKEN_SPELLINGS = [
+    "access_token",
+    "access%5Ftoken",
+    "access%5ftoken",
+    "%61ccess_token",
+    "%61%63%63%65%73%73%5F%74%6F%6B%65%6E",
+    "ACCESS_TOKEN",
+    "Access_Token",
+    "access%255Ftoken",
+    "access_token%20",
+    "x=1;access_token",
+]
 
 
 def test_a_token_in_the_query_never_reaches_the_downstream_in_any_spelling(
-        start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> None:
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(proxy.url, proxy.url + "/mcp")
     for spelling in TOKEN_SPELLINGS:
@@ -143,17 +192,31 @@ def test_query_token_removal_compares_decoded_names(spelling: str) -> None:
 
 
 def test_query_token_removal_keeps_everything_else_as_sent() -> None:
-    assert query_without_tokens("q=a+b&token=x&my_access_token=y&access_tokens=z") == \
-        "q=a+b&token=x&my_access_token=y&access_tokens=z"
+    assert (
+        query_without_tokens("q=a+b&token=x&my_access_token=y&access_tokens=z")
+        == "q=a+b&token=x&my_access_token=y&access_tokens=z"
+    )
 
 
 def test_no_answer_sends_the_client_to_the_host_it_named(
-        start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> None:
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(proxy.url, proxy.url + "/mcp")
     count = len(echo_downstream.seen)
-    paths = ["/mcp//x", "/mcp//evil.example/x", "//mcp", "/mcp/x//", "/mcp///", "/.well-known//oauth-authorization-server",
-             "//.well-known/oauth-protected-resource/mcp", "/static//x", "/authorize/", "/token//", "//"]
+    paths = [
+        "/mcp//x",
+        "/mcp//evil.example/x",
+        "//mcp",
+        "/mcp/x//",
+        "/mcp///",
+        "/.well-known//oauth-authorization-server",
+        "//.well-known/oauth-protected-resource/mcp",
+        "/static//x",
+        "/authorize/",
+        "/token//",
+        "//",
+    ]
     for path in paths:
         for headers in ({"Host": "evil.example"}, {**login.bearer, "Host": "evil.example"}):
             host, port = proxy.url.split("//", 1)[1].split(":")
@@ -196,8 +259,32 @@ def downstream_reading(path: str) -> str:
     return "/" + "/".join(resolved)
 
 
-PATH_PARTS = ["a", "x", ".", "..", "...", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%25", "2e", "2f", ";", ";p=1", "%00",
-              "/", "//", "%252e", "%252f", "%25252e", " ", "mcp-b"]
+PATH_PARTS = [
+    "a",
+    "x",
+    ".",
+    "..",
+    "...",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "\\",
+    "%25",
+    "2e",
+    "2f",
+    ";",
+    ";p=1",
+    "%00",
+    "/",
+    "//",
+    "%252e",
+    "%252f",
+    "%25252e",
+    " ",
+    "mcp-b",
+]
 
 
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)

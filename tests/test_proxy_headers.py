@@ -26,8 +26,14 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     write_routes,
 )
 
-AUTH_HEADERS = {"authorization", "x-api-key", "x-forwarded-user", "x-forwarded-email", "x-forwarded-name",
-                "x-forwarded-access-token"}
+AUTH_HEADERS = {
+    "authorization",
+    "x-api-key",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-name",
+    "x-forwarded-access-token",
+}
 
 
 @dataclass
@@ -39,8 +45,11 @@ class Front:
 
 
 @pytest.fixture(params=["werkzeug", "gunicorn"])
-def serve(request: pytest.FixtureRequest, start_proxy: Callable[..., RunningProxy],
-          start_gunicorn: Callable[..., GunicornProxy]) -> Iterator[Callable[..., Front]]:
+def serve(
+    request: pytest.FixtureRequest,
+    start_proxy: Callable[..., RunningProxy],
+    start_gunicorn: Callable[..., GunicornProxy],
+) -> Iterator[Callable[..., Front]]:
     apps: list[Flask] = []
 
     def start(**env: str) -> Front:
@@ -69,36 +78,52 @@ def grant_of(app: Flask, access_token: str) -> Grant:
 def upstream_token_of(app: Flask, access_token: str) -> str:
     grant = grant_of(app, access_token)
     with app.app_context():
-        return components(app).secret_box.decrypt(grant.upstream_access_token,
-                                                    f"grant:{grant.id}:upstream_access_token")
+        return components(app).secret_box.decrypt(
+            grant.upstream_access_token, f"grant:{grant.id}:upstream_access_token"
+        )
 
 
 def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: EchoServer) -> None:
     front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(front.url, front.url + "/mcp")
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search"}}'
-    session = requests.post(front.url + "/mcp", headers=login.bearer, json={"jsonrpc": "2.0", "id": 0, "method": "initialize"},
-                            timeout=10).headers["Mcp-Session-Id"]
+    session = requests.post(
+        front.url + "/mcp", headers=login.bearer, json={"jsonrpc": "2.0", "id": 0, "method": "initialize"}, timeout=10
+    ).headers["Mcp-Session-Id"]
     sent = {
         **login.bearer,
         # spoofing attempts: identity and forwarding headers are the proxy's to set
-        "X-Forwarded-User": "mallory", "X-Forwarded-Email": "mallory@evil.example", "X-Forwarded-Name": "Mallory",
-        "X-Forwarded-Access-Token": "stolen", "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Host": "evil.example",
-        "X-Forwarded-Proto": "https", "Forwarded": "for=203.0.113.9", "X-Real-IP": "203.0.113.9",
+        "X-Forwarded-User": "mallory",
+        "X-Forwarded-Email": "mallory@evil.example",
+        "X-Forwarded-Name": "Mallory",
+        "X-Forwarded-Access-Token": "stolen",
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-Proto": "https",
+        "Forwarded": "for=203.0.113.9",
+        "X-Real-IP": "203.0.113.9",
         "X_Forwarded_User": "mallory-underscore",
         # hop-by-hop, including one named by Connection
-        "Connection": "keep-alive, X-Hop-Custom", "X-Hop-Custom": "hop", "Keep-Alive": "timeout=5", "TE": "trailers",
-        "Upgrade": "websocket", "Proxy-Authorization": "Basic cHJveHk6cHc=",
+        "Connection": "keep-alive, X-Hop-Custom",
+        "X-Hop-Custom": "hop",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Upgrade": "websocket",
+        "Proxy-Authorization": "Basic cHJveHk6cHc=",
         "Origin": front.url,
         # MCP headers pass untouched
-        "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-06-18", "Last-Event-ID": "42",
-        "Mcp-Method": "tools/call", "Mcp-Name": "search", "Mcp-Param-Region": "eu-west",
-        "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+        "Mcp-Session-Id": session,
+        "MCP-Protocol-Version": "2025-06-18",
+        "Last-Event-ID": "42",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "search",
+        "Mcp-Param-Region": "eu-west",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
         "Cookie": "oauthproxy-session=proxy-secret; theme=dark; oauthproxy-consent=also-secret",
         "X-Custom": "kept",
     }
-    response = requests.post(front.url + "/mcp/sub/path?x=1&access_token=leak&y=2", data=body, headers=sent,
-                             timeout=10)
+    response = requests.post(front.url + "/mcp/sub/path?x=1&access_token=leak&y=2", data=body, headers=sent, timeout=10)
     assert response.status_code == 200, response.text
     seen = echo_downstream.last()
 
@@ -116,12 +141,31 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     assert seen.header("X-Forwarded-Host") == front.url.split("//", 1)[1]
     assert seen.header("X-Forwarded-Proto") == "http"
     assert seen.header("Host") == echo_downstream.url.split("//", 1)[1]  # the downstream's own Host
-    for name in ("Forwarded", "X-Real-IP", "X_Forwarded_User", "Origin", "Keep-Alive", "TE", "Upgrade",
-                 "Proxy-Authorization", "X-Hop-Custom", "Transfer-Encoding"):
+    for name in (
+        "Forwarded",
+        "X-Real-IP",
+        "X_Forwarded_User",
+        "Origin",
+        "Keep-Alive",
+        "TE",
+        "Upgrade",
+        "Proxy-Authorization",
+        "X-Hop-Custom",
+        "Transfer-Encoding",
+    ):
         assert seen.header(name) is None, name
     assert seen.header("Connection") in (None, "keep-alive")  # requests' own connection handling, nothing else
-    for name in ("Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID", "Mcp-Method", "Mcp-Name",
-                 "Mcp-Param-Region", "Content-Type", "Accept", "X-Custom"):
+    for name in (
+        "Mcp-Session-Id",
+        "MCP-Protocol-Version",
+        "Last-Event-ID",
+        "Mcp-Method",
+        "Mcp-Name",
+        "Mcp-Param-Region",
+        "Content-Type",
+        "Accept",
+        "X-Custom",
+    ):
         assert seen.header(name) == sent[name], name
     assert seen.header("Cookie") == "theme=dark"  # the proxy's own cookies stay with the proxy
 
@@ -133,9 +177,9 @@ def test_header_rules_on_the_wire(serve: Callable[..., Front], echo_downstream: 
     assert "Keep-Alive" not in response.headers and "X-Hop-Secret" not in response.headers
 
 
-def test_the_upstream_token_sent_downstream_works_at_the_provider(serve: Callable[..., Front],
-                                                                    echo_downstream: EchoServer,
-                                                                    oidc_provider) -> None:
+def test_the_upstream_token_sent_downstream_works_at_the_provider(
+    serve: Callable[..., Front], echo_downstream: EchoServer, oidc_provider
+) -> None:
     front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(front.url, front.url + "/mcp", login_hint="bob")
     assert requests.post(front.url + "/mcp", headers=login.bearer, timeout=10).status_code == 200
@@ -145,7 +189,8 @@ def test_the_upstream_token_sent_downstream_works_at_the_provider(serve: Callabl
 
 
 def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
-        serve: Callable[..., Front], echo_downstream: EchoServer, tmp_path: Path) -> None:
+    serve: Callable[..., Front], echo_downstream: EchoServer, tmp_path: Path
+) -> None:
     key_file = tmp_path / "api-key"
     key_file.write_text("file-api-key-123\n")
     modes = {
@@ -155,18 +200,32 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
         "upstream-identity": {"credential": "upstream_token"},
         "upstream-identity-no-token": {"credential": "upstream_token", "forward_access_token": False},
         "static-bearer": {"credential": "static", "credential_env": "TEST_DOWNSTREAM_TOKEN", "identity_headers": False},
-        "static-key-identity": {"credential": "static", "credential_header": "X-API-Key",
-                                "credential_file": str(key_file)},
-        "static-key-token": {"credential": "static", "credential_header": "X-API-Key", "credential_file": str(key_file),
-                             "forward_access_token": "yes"},
+        "static-key-identity": {
+            "credential": "static",
+            "credential_header": "X-API-Key",
+            "credential_file": str(key_file),
+        },
+        "static-key-token": {
+            "credential": "static",
+            "credential_header": "X-API-Key",
+            "credential_file": str(key_file),
+            "forward_access_token": "yes",
+        },
         "nothing": {"identity_headers": False},
     }
-    routes = write_routes(tmp_path / "routes.toml", [
-        {"name": name, "path": f"/mcp/{name}", "url": f"{echo_downstream.url}/{name}", **options}
-        for name, options in modes.items()])
+    routes = write_routes(
+        tmp_path / "routes.toml",
+        [
+            {"name": name, "path": f"/mcp/{name}", "url": f"{echo_downstream.url}/{name}", **options}
+            for name, options in modes.items()
+        ],
+    )
     front = serve(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes, TEST_DOWNSTREAM_TOKEN="static-token-456")
-    identity = {"x-forwarded-user": "alice", "x-forwarded-email": "alice@example.com",
-                "x-forwarded-name": "Alice Liddell"}
+    identity = {
+        "x-forwarded-user": "alice",
+        "x-forwarded-email": "alice@example.com",
+        "x-forwarded-name": "Alice Liddell",
+    }
     for name in modes:
         login = log_in(front.url, f"{front.url}/mcp/{name}")
         upstream = upstream_token_of(front.app, login.access_token)
@@ -174,8 +233,11 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
             "identity": identity,  # a static key or plain identity route never sees the user's provider token
             "identity-token": {**identity, "x-forwarded-access-token": upstream},
             "upstream": {"authorization": f"Bearer {upstream}"},
-            "upstream-identity": {**identity, "x-forwarded-access-token": upstream,
-                                  "authorization": f"Bearer {upstream}"},
+            "upstream-identity": {
+                **identity,
+                "x-forwarded-access-token": upstream,
+                "authorization": f"Bearer {upstream}",
+            },
             "upstream-identity-no-token": {**identity, "authorization": f"Bearer {upstream}"},
             "static-bearer": {"authorization": "Bearer static-token-456"},
             "static-key-identity": {**identity, "x-api-key": "file-api-key-123"},
@@ -183,8 +245,9 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
             "nothing": {},
         }[name]
         # The client tries to supply the credential headers itself; only the configured ones may arrive.
-        response = requests.post(f"{front.url}/mcp/{name}", headers={**login.bearer, "X-API-Key": "client-key"},
-                                 timeout=10)
+        response = requests.post(
+            f"{front.url}/mcp/{name}", headers={**login.bearer, "X-API-Key": "client-key"}, timeout=10
+        )
         assert response.status_code == 200, (name, response.text)
         seen = echo_downstream.last()
         assert seen.target == f"/{name}"
@@ -195,8 +258,10 @@ def test_each_credential_mode_puts_exactly_the_configured_headers_on_the_wire(
         assert arrived == expected, name
         assert seen.header("X-Forwarded-Proto") == "http"  # forwarding headers are not identity: always there
         # The proxy's own answers never show a static secret.
-        for own in (requests.post(f"{front.url}/mcp/{name}", timeout=10),
-                    requests.get(f"{front.url}/.well-known/oauth-protected-resource/mcp/{name}", timeout=10)):
+        for own in (
+            requests.post(f"{front.url}/mcp/{name}", timeout=10),
+            requests.get(f"{front.url}/.well-known/oauth-protected-resource/mcp/{name}", timeout=10),
+        ):
             assert "static-token-456" not in own.text + str(own.headers)
             assert "file-api-key-123" not in own.text + str(own.headers)
 
@@ -206,8 +271,11 @@ def test_identity_header_values_cannot_inject_headers(serve: Callable[..., Front
     login = log_in(front.url, front.url + "/mcp")
     grant = grant_of(front.app, login.access_token)
     with front.app.app_context():  # as if the provider had returned these (before the token is first cached)
-        db.session.execute(update(Grant).where(Grant.id == grant.id).values(
-            user_name="Mallory\r\nX-Injected: yes", user_email="alice@example.com\nX-Evil: 1"))
+        db.session.execute(
+            update(Grant)
+            .where(Grant.id == grant.id)
+            .values(user_name="Mallory\r\nX-Injected: yes", user_email="alice@example.com\nX-Evil: 1")
+        )
         db.session.commit()
     assert requests.post(front.url + "/mcp", headers=login.bearer, timeout=10).status_code == 200
     seen = echo_downstream.last()
@@ -217,8 +285,9 @@ def test_identity_header_values_cannot_inject_headers(serve: Callable[..., Front
 
     other = log_in(front.url, front.url + "/mcp")
     with front.app.app_context():
-        db.session.execute(update(Grant).where(Grant.id == grant_of(front.app, other.access_token).id)
-                           .values(user_name="Zoë 李"))
+        db.session.execute(
+            update(Grant).where(Grant.id == grant_of(front.app, other.access_token).id).values(user_name="Zoë 李")
+        )
         db.session.commit()
     assert requests.post(front.url + "/mcp", headers=other.bearer, timeout=10).status_code == 200
     # Non-ASCII names go out as UTF-8 bytes (the server here decodes header bytes as Latin-1).
@@ -248,8 +317,10 @@ def test_downstream_answers_are_mapped_safely(serve: Callable[..., Front], echo_
     refused = requests.post(url + "/status/401", headers=login.bearer, timeout=10)
     assert refused.status_code == 401
     assert 'realm="downstream"' not in refused.headers["WWW-Authenticate"]
-    assert f'resource_metadata="{front.url}/.well-known/oauth-protected-resource/mcp"' in \
-        refused.headers["WWW-Authenticate"]
+    assert (
+        f'resource_metadata="{front.url}/.well-known/oauth-protected-resource/mcp"'
+        in refused.headers["WWW-Authenticate"]
+    )
     assert refused.json() == {"error": "downstream says no"}
     forbidden = requests.post(url + "/status/403", headers=login.bearer, timeout=10)
     assert forbidden.status_code == 403 and "WWW-Authenticate" not in forbidden.headers
@@ -279,17 +350,39 @@ def test_downstream_answers_are_mapped_safely(serve: Callable[..., Front], echo_
 
 #: Headers other stacks trust for identity or for the original URL (oauth2-proxy, Apache, Kubernetes' front proxy,
 #: IIS, Azure, Google IAP, AWS ALB, Cloudflare): a client must not be able to set them for the downstream.
-SPOOFED = ["Remote-User", "X-Remote-User", "X-Remote-Group", "X-Remote-Extra-Scopes", "X-Auth-Request-User",
-           "X-Auth-Request-Email", "X-Auth-Request-Groups", "X-Auth-Request-Preferred-Username",
-           "X-Auth-Request-Access-Token", "X-Forwarded-Groups", "X-Forwarded-Preferred-Username", "X-Original-URL",
-           "X-Rewrite-URL", "X-Original-URI", "True-Client-IP", "CF-Connecting-IP", "X-Client-IP",
-           "X-Cluster-Client-IP", "Fastly-Client-IP", "X-MS-Client-Principal-Name", "X-MS-Client-Principal",
-           "X-Goog-Authenticated-User-Email", "X-Amzn-Oidc-Identity", "X-Amzn-Oidc-Data",
-           "Cf-Access-Authenticated-User-Email", "Cf-Access-Jwt-Assertion"]
+SPOOFED = [
+    "Remote-User",
+    "X-Remote-User",
+    "X-Remote-Group",
+    "X-Remote-Extra-Scopes",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
+    "X-Auth-Request-Groups",
+    "X-Auth-Request-Preferred-Username",
+    "X-Auth-Request-Access-Token",
+    "X-Forwarded-Groups",
+    "X-Forwarded-Preferred-Username",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-Original-URI",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "Fastly-Client-IP",
+    "X-MS-Client-Principal-Name",
+    "X-MS-Client-Principal",
+    "X-Goog-Authenticated-User-Email",
+    "X-Amzn-Oidc-Identity",
+    "X-Amzn-Oidc-Data",
+    "Cf-Access-Authenticated-User-Email",
+    "Cf-Access-Jwt-Assertion",
+]
 
 
-def test_identity_headers_other_stacks_trust_are_removed_in_every_spelling(serve: Callable[..., Front],
-                                                                          echo_downstream: EchoServer) -> None:
+def test_identity_headers_other_stacks_trust_are_removed_in_every_spelling(
+    serve: Callable[..., Front], echo_downstream: EchoServer
+) -> None:
     front = serve(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(front.url, front.url + "/mcp")
     host, port = front.url.split("//", 1)[1].split(":")

@@ -41,20 +41,29 @@ class BrowserAuthorization:
         self.result = query_of(final)
 
     async def callback_handler(self) -> AuthorizationCodeResult:
-        return AuthorizationCodeResult(code=self.result["code"], state=self.result.get("state"),
-                                       iss=self.result.get("iss"))
+        return AuthorizationCodeResult(
+            code=self.result["code"], state=self.result.get("state"), iss=self.result.get("iss")
+        )
 
 
-def sdk_auth(proxy: GunicornProxy, resource_url: str) -> tuple[OAuthClientProvider, BrowserAuthorization,
-                                                                 MemoryStorage]:
+def sdk_auth(
+    proxy: GunicornProxy, resource_url: str
+) -> tuple[OAuthClientProvider, BrowserAuthorization, MemoryStorage]:
     browser = BrowserAuthorization(proxy.url)
     storage = MemoryStorage()
     provider = OAuthClientProvider(
         resource_url,
-        OAuthClientMetadata(client_name="SDK test client", redirect_uris=[REDIRECT_URI],
-                            grant_types=["authorization_code", "refresh_token"], response_types=["code"],
-                            token_endpoint_auth_method="none"),
-        storage, redirect_handler=browser.redirect_handler, callback_handler=browser.callback_handler)
+        OAuthClientMetadata(
+            client_name="SDK test client",
+            redirect_uris=[REDIRECT_URI],
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+            token_endpoint_auth_method="none",
+        ),
+        storage,
+        redirect_handler=browser.redirect_handler,
+        callback_handler=browser.callback_handler,
+    )
     return provider, browser, storage
 
 
@@ -65,8 +74,9 @@ def sdk_proxy(start_gunicorn: Callable[..., GunicornProxy], mcp_downstream: McpD
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
-def test_sdk_client_from_nothing_to_a_streamed_tool_call(sdk_proxy: GunicornProxy, mcp_downstream: McpDownstream,
-                                                         mode: str) -> None:
+def test_sdk_client_from_nothing_to_a_streamed_tool_call(
+    sdk_proxy: GunicornProxy, mcp_downstream: McpDownstream, mode: str
+) -> None:
     resource_url = sdk_proxy.url + "/mcp"
     provider, browser, storage = sdk_auth(sdk_proxy, resource_url)
     progress: list[tuple[float, float]] = []
@@ -75,8 +85,10 @@ def test_sdk_client_from_nothing_to_a_streamed_tool_call(sdk_proxy: GunicornProx
         progress.append((time.monotonic(), value))
 
     async def scenario() -> tuple[object, object, float, float]:
-        async with httpx2.AsyncClient(auth=provider, timeout=30) as http, \
-                Client(streamable_http_client(resource_url, http_client=http), mode=mode) as client:
+        async with (
+            httpx2.AsyncClient(auth=provider, timeout=30) as http,
+            Client(streamable_http_client(resource_url, http_client=http), mode=mode) as client,
+        ):
             started = time.monotonic()
             result = await client.call_tool("progress", {"steps": 4, "pause": 0.5}, progress_callback=on_progress)
             finished = time.monotonic()

@@ -35,8 +35,11 @@ def grant_id_of(app: Flask, access_token: str) -> int:
 def expire_upstream_token(app: Flask, grant_id: int, expires_at: datetime | None = None) -> None:
     """As if the provider's access token were about to expire (inside the default 60 s refresh skew)."""
     with app.app_context():
-        db.session.execute(update(Grant).where(Grant.id == grant_id).values(
-            upstream_expires_at=expires_at or utcnow() + timedelta(seconds=10)))
+        db.session.execute(
+            update(Grant)
+            .where(Grant.id == grant_id)
+            .values(upstream_expires_at=expires_at or utcnow() + timedelta(seconds=10))
+        )
         db.session.commit()
 
 
@@ -52,8 +55,8 @@ def upstream_token(app: Flask, grant: Grant) -> str:
 
 
 def test_an_expiring_upstream_token_is_refreshed_before_forwarding(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        provider_failure_reset: OidcProvider) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
@@ -81,8 +84,10 @@ def test_an_expiring_upstream_token_is_refreshed_before_forwarding(
     provider_failure_reset.reset_stats()
     # A new access token of the same grant is not cached yet, so it reads the (again expiring) row.
     second_token = login.client.refresh(login.refresh_token).json()["access_token"]
-    assert requests.post(proxy.url + "/mcp", headers={"Authorization": f"Bearer {second_token}"},
-                         timeout=10).status_code == 200
+    assert (
+        requests.post(proxy.url + "/mcp", headers={"Authorization": f"Bearer {second_token}"}, timeout=10).status_code
+        == 200
+    )
     assert provider_failure_reset.stats()["refresh_requests"] == 1
     third = upstream_token(proxy.app, grant_row(proxy.app, grant_id))
     assert third not in (new_token, upstream_token(proxy.app, before))
@@ -90,13 +95,18 @@ def test_an_expiring_upstream_token_is_refreshed_before_forwarding(
 
 
 def test_concurrent_requests_on_two_instances_refresh_once(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        provider_failure_reset: OidcProvider) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
     first = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     settings = first.app.config["SETTINGS"]
     # A second instance of the same deployment: same public URL, upstream client and database.
-    second = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true", PUBLIC_URL=first.url,
-                         OAUTH_CLIENT_ID=settings.oauth_client_id, OAUTH_CLIENT_SECRET=settings.oauth_client_secret)
+    second = start_proxy(
+        MCP_SERVER_URL=echo_downstream.url + "/mcp",
+        DOWNSTREAM_FORWARD_ACCESS_TOKEN="true",
+        PUBLIC_URL=first.url,
+        OAUTH_CLIENT_ID=settings.oauth_client_id,
+        OAUTH_CLIENT_SECRET=settings.oauth_client_secret,
+    )
     login = log_in(first.url, first.url + "/mcp")
     grant_id = grant_id_of(first.app, login.access_token)
     expire_upstream_token(first.app, grant_id)
@@ -105,9 +115,16 @@ def test_concurrent_requests_on_two_instances_refresh_once(
 
     instances = [first, second] * 4
     with ThreadPoolExecutor(max_workers=len(instances)) as pool:
-        statuses = list(pool.map(lambda proxy: requests.post(
-            f"http://127.0.0.1:{proxy.server.server_port}/mcp", headers=login.bearer, timeout=30).status_code,
-            instances))
+        statuses = list(
+            pool.map(
+                lambda proxy: (
+                    requests.post(
+                        f"http://127.0.0.1:{proxy.server.server_port}/mcp", headers=login.bearer, timeout=30
+                    ).status_code
+                ),
+                instances,
+            )
+        )
 
     assert statuses == [200] * len(instances)
     assert provider_failure_reset.stats()["refresh_requests"] == 1  # a second refresh would burn a rotated token
@@ -115,9 +132,12 @@ def test_concurrent_requests_on_two_instances_refresh_once(
     assert tokens == {upstream_token(first.app, grant_row(first.app, grant_id))}
 
 
-def test_gunicorn_workers_refresh_once(start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer,
-                                       provider_failure_reset: OidcProvider) -> None:
-    proxy = start_gunicorn(workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
+def test_gunicorn_workers_refresh_once(
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
+    proxy = start_gunicorn(
+        workers=2, MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true"
+    )
     app = create_app(proxy.env)
     try:
         login = log_in(proxy.url, proxy.url + "/mcp")
@@ -126,8 +146,11 @@ def test_gunicorn_workers_refresh_once(start_gunicorn: Callable[..., GunicornPro
         provider_failure_reset.reset_stats()
         provider_failure_reset.set_failure("token_delay", delay_ms=1000)
         with ThreadPoolExecutor(max_workers=10) as pool:
-            statuses = list(pool.map(lambda _: requests.post(proxy.url + "/mcp", headers=login.bearer,
-                                                             timeout=30).status_code, range(10)))
+            statuses = list(
+                pool.map(
+                    lambda _: requests.post(proxy.url + "/mcp", headers=login.bearer, timeout=30).status_code, range(10)
+                )
+            )
         assert statuses == [200] * 10
         assert provider_failure_reset.stats()["refresh_requests"] == 1
         assert len({seen.header("X-Forwarded-Access-Token") for seen in echo_downstream.seen}) == 1
@@ -137,8 +160,8 @@ def test_gunicorn_workers_refresh_once(start_gunicorn: Callable[..., GunicornPro
 
 
 def test_an_upstream_invalid_grant_sends_the_client_back_to_sign_in(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        provider_failure_reset: OidcProvider) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
@@ -164,8 +187,8 @@ def test_an_upstream_invalid_grant_sends_the_client_back_to_sign_in(
 
 
 def test_a_transient_upstream_failure_is_a_503_and_the_grant_survives(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        provider_failure_reset: OidcProvider) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, provider_failure_reset: OidcProvider
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_FORWARD_ACCESS_TOKEN="true")
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
@@ -185,14 +208,18 @@ def test_a_transient_upstream_failure_is_a_503_and_the_grant_survives(
 
 
 def test_a_route_that_forwards_no_upstream_token_never_refreshes_it(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, tmp_path: Path,
-        provider_failure_reset: OidcProvider) -> None:
-    routes = write_routes(tmp_path / "routes.toml", [
-        {"path": "/mcp/plain", "url": echo_downstream.url + "/plain", "identity_headers": False}])
+    start_proxy: Callable[..., RunningProxy],
+    echo_downstream: EchoServer,
+    tmp_path: Path,
+    provider_failure_reset: OidcProvider,
+) -> None:
+    routes = write_routes(
+        tmp_path / "routes.toml",
+        [{"path": "/mcp/plain", "url": echo_downstream.url + "/plain", "identity_headers": False}],
+    )
     proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes)
     login = log_in(proxy.url, proxy.url + "/mcp/plain")
     expire_upstream_token(proxy.app, grant_id_of(proxy.app, login.access_token), utcnow() - timedelta(hours=1))
     provider_failure_reset.reset_stats()
     assert requests.post(proxy.url + "/mcp/plain", headers=login.bearer, timeout=10).status_code == 200
     assert provider_failure_reset.stats()["refresh_requests"] == 0
-

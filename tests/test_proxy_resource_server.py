@@ -31,15 +31,19 @@ def challenge(response: requests.Response) -> dict[str, str]:
 
 
 @pytest.fixture
-def two_routes(start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-               tmp_path: Path) -> Callable[..., RunningProxy]:
+def two_routes(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, tmp_path: Path
+) -> Callable[..., RunningProxy]:
     """A proxy fronting /mcp/gmail and /mcp/github (both on the echo downstream), with extra route keys."""
 
     def start(gmail: dict | None = None, github: dict | None = None, **env: str) -> RunningProxy:
-        path = write_routes(tmp_path / "routes.toml", [
-            {"name": "gmail", "path": "/mcp/gmail", "url": echo_downstream.url + "/gmail", **(gmail or {})},
-            {"name": "github", "path": "/mcp/github", "url": echo_downstream.url + "/github", **(github or {})},
-        ])
+        path = write_routes(
+            tmp_path / "routes.toml",
+            [
+                {"name": "gmail", "path": "/mcp/gmail", "url": echo_downstream.url + "/gmail", **(gmail or {})},
+                {"name": "github", "path": "/mcp/github", "url": echo_downstream.url + "/github", **(github or {})},
+            ],
+        )
         return start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=path, **env)
 
     return start
@@ -68,14 +72,17 @@ def test_a_request_without_a_token_gets_a_challenge(proxy: RunningProxy, method:
     response = requests.request(method, proxy.url + "/mcp", json={"jsonrpc": "2.0"}, timeout=5)
     assert response.status_code == 401
     params = challenge(response)
-    assert params == {"scope": "openid email profile",
-                      "resource_metadata": proxy.url + "/.well-known/oauth-protected-resource/mcp"}
+    assert params == {
+        "scope": "openid email profile",
+        "resource_metadata": proxy.url + "/.well-known/oauth-protected-resource/mcp",
+    }
     assert "error" not in params  # RFC 6750 §3.1: no error code when no token was sent
     assert response.headers["Cache-Control"] == "no-store"
 
 
-def test_tokens_are_read_from_the_authorization_header_only(start_proxy: Callable[..., RunningProxy],
-                                                            echo_downstream: EchoServer) -> None:
+def test_tokens_are_read_from_the_authorization_header_only(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(proxy.url, proxy.url + "/mcp")
     in_query = requests.get(proxy.url + "/mcp", params={"access_token": login.access_token}, timeout=5)
@@ -89,18 +96,26 @@ def test_tokens_are_read_from_the_authorization_header_only(start_proxy: Callabl
         assert challenge(response)["error"] == "invalid_token"
         assert challenge(response)["resource_metadata"] == proxy.url + "/.well-known/oauth-protected-resource/mcp"
     assert echo_downstream.seen == []
-    assert requests.post(proxy.url + "/mcp", headers={"Authorization": f"bearer {login.access_token}"},
-                         timeout=5).status_code == 200  # the scheme is case-insensitive (RFC 7235 §2.1)
+    assert (
+        requests.post(
+            proxy.url + "/mcp", headers={"Authorization": f"bearer {login.access_token}"}, timeout=5
+        ).status_code
+        == 200
+    )  # the scheme is case-insensitive (RFC 7235 §2.1)
 
 
-def test_expired_and_revoked_tokens_are_refused(start_proxy: Callable[..., RunningProxy],
-                                                echo_downstream: EchoServer) -> None:
+def test_expired_and_revoked_tokens_are_refused(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", TOKEN_CACHE_TTL="0")
     url = proxy.url + "/mcp"
     expired, revoked = log_in(proxy.url, url), log_in(proxy.url, url)
     with proxy.app.app_context():
-        db.session.execute(update(Token).where(Token.access_token_hash == hash_token(expired.access_token))
-                           .values(access_expires_at=utcnow() - timedelta(seconds=1)))
+        db.session.execute(
+            update(Token)
+            .where(Token.access_token_hash == hash_token(expired.access_token))
+            .values(access_expires_at=utcnow() - timedelta(seconds=1))
+        )
         db.session.commit()
     response = requests.post(url, headers=expired.bearer, timeout=5)
     assert response.status_code == 401
@@ -113,8 +128,9 @@ def test_expired_and_revoked_tokens_are_refused(start_proxy: Callable[..., Runni
     assert response.status_code == 401 and challenge(response)["error_description"] == "the access token was revoked"
 
 
-def test_a_revocation_takes_effect_within_the_cache_lifetime(start_proxy: Callable[..., RunningProxy],
-                                                             echo_downstream: EchoServer) -> None:
+def test_a_revocation_takes_effect_within_the_cache_lifetime(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     """Two instances on one database: the one that revokes forgets at once; the other within TOKEN_CACHE_TTL."""
     env = {"MCP_SERVER_URL": echo_downstream.url + "/mcp", "TOKEN_CACHE_TTL": "2"}
     first = start_proxy(**env)
@@ -124,8 +140,9 @@ def test_a_revocation_takes_effect_within_the_cache_lifetime(start_proxy: Callab
     for base in (first.url, second_url):
         assert requests.post(base + "/mcp", headers=login.bearer, timeout=5).status_code == 200
     revoked_at = time.monotonic()
-    revocation = requests.post(second_url + "/revoke", data={"token": login.access_token,
-                                                             "client_id": login.client.client_id}, timeout=5)
+    revocation = requests.post(
+        second_url + "/revoke", data={"token": login.access_token, "client_id": login.client.client_id}, timeout=5
+    )
     assert revocation.status_code == 200
     # The instance that revoked forgets the grant at once.
     assert requests.post(second_url + "/mcp", headers=login.bearer, timeout=5).status_code == 401
@@ -136,8 +153,9 @@ def test_a_revocation_takes_effect_within_the_cache_lifetime(start_proxy: Callab
     assert requests.post(first.url + "/mcp", headers=login.bearer, timeout=5).status_code == 401
 
 
-def test_two_routes_refuse_each_others_tokens(two_routes: Callable[..., RunningProxy],
-                                              echo_downstream: EchoServer) -> None:
+def test_two_routes_refuse_each_others_tokens(
+    two_routes: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = two_routes()
     gmail = log_in(proxy.url, proxy.url + "/mcp/gmail")
     github = log_in(proxy.url, proxy.url + "/mcp/github")
@@ -165,10 +183,12 @@ def test_a_token_without_the_routes_scope_gets_403_naming_the_scope(two_routes: 
     response = requests.post(url, headers=narrow.bearer, timeout=5)
     assert response.status_code == 403
     assert response.json()["error"] == "insufficient_scope"
-    assert challenge(response) == {"error": "insufficient_scope",
-                                   "error_description": "this resource requires the scope(s): profile",
-                                   "scope": "profile",
-                                   "resource_metadata": proxy.url + "/.well-known/oauth-protected-resource/mcp/gmail"}
+    assert challenge(response) == {
+        "error": "insufficient_scope",
+        "error_description": "this resource requires the scope(s): profile",
+        "scope": "profile",
+        "resource_metadata": proxy.url + "/.well-known/oauth-protected-resource/mcp/gmail",
+    }
     broad = log_in(proxy.url, url, scope="openid email profile")
     assert requests.post(url, headers=broad.bearer, timeout=5).status_code == 200
 
@@ -184,8 +204,9 @@ def test_a_route_can_admit_only_some_users(two_routes: Callable[..., RunningProx
     assert requests.post(url, headers=bob.bearer, timeout=5).status_code == 200
 
 
-def test_a_cached_token_costs_no_database_query(start_proxy: Callable[..., RunningProxy],
-                                                echo_downstream: EchoServer) -> None:
+def test_a_cached_token_costs_no_database_query(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     login = log_in(proxy.url, proxy.url + "/mcp")
     statements: list[str] = []
@@ -207,8 +228,9 @@ def test_a_cached_token_costs_no_database_query(start_proxy: Callable[..., Runni
         event.remove(engine, "before_cursor_execute", count)
 
 
-def test_origin_is_checked_and_browser_clients_get_cors(start_proxy: Callable[..., RunningProxy],
-                                                        echo_downstream: EchoServer) -> None:
+def test_origin_is_checked_and_browser_clients_get_cors(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     inspector = "http://localhost:6274"
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", ALLOWED_ORIGINS=inspector)
     url = proxy.url + "/mcp"
@@ -219,15 +241,22 @@ def test_origin_is_checked_and_browser_clients_get_cors(start_proxy: Callable[..
     assert "Access-Control-Allow-Origin" not in foreign.headers
     assert echo_downstream.seen == []
 
-    preflight = requests.options(url, headers={"Origin": inspector, "Access-Control-Request-Method": "POST",
-                                               "Access-Control-Request-Headers":
-                                                   "authorization, content-type, mcp-protocol-version, "
-                                                   "mcp-session-id, mcp-param-region, x-unlisted"}, timeout=5)
+    preflight = requests.options(
+        url,
+        headers={
+            "Origin": inspector,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, mcp-protocol-version, "
+            "mcp-session-id, mcp-param-region, x-unlisted",
+        },
+        timeout=5,
+    )
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == inspector
     assert "DELETE" in preflight.headers["Access-Control-Allow-Methods"]
     assert preflight.headers["Access-Control-Allow-Headers"] == (
-        "authorization, content-type, mcp-protocol-version, mcp-session-id, mcp-param-region")
+        "authorization, content-type, mcp-protocol-version, mcp-session-id, mcp-param-region"
+    )
     assert echo_downstream.seen == []  # a preflight carries no credentials and is answered here
 
     expected_exposed = {"WWW-Authenticate", "Mcp-Session-Id", "MCP-Protocol-Version"}
@@ -236,7 +265,9 @@ def test_origin_is_checked_and_browser_clients_get_cors(start_proxy: Callable[..
     assert unauthenticated.headers["Access-Control-Allow-Origin"] == inspector
     assert set(unauthenticated.headers["Access-Control-Expose-Headers"].split(", ")) == expected_exposed
 
-    allowed = requests.post(url, headers={**login.bearer, "Origin": inspector}, json={"method": "initialize"}, timeout=5)
+    allowed = requests.post(
+        url, headers={**login.bearer, "Origin": inspector}, json={"method": "initialize"}, timeout=5
+    )
     assert allowed.status_code == 200
     assert allowed.headers["Access-Control-Allow-Origin"] == inspector and allowed.headers["Vary"] == "Origin"
     assert set(allowed.headers["Access-Control-Expose-Headers"].split(", ")) == expected_exposed

@@ -40,10 +40,18 @@ def test_mcp_server_url_with_a_path_is_one_route_at_that_path() -> None:
 
 
 def test_single_route_credential_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = load_settings({**BASE, "MCP_SERVER_URL": "http://localhost:9000/mcp", "DOWNSTREAM_CREDENTIAL": "static",
-                              "DOWNSTREAM_CREDENTIAL_HEADER": "X-API-Key", "DOWNSTREAM_CREDENTIAL_ENV": "MY_KEY",
-                              "MY_KEY": "k-123", "DOWNSTREAM_IDENTITY_HEADERS": "false",
-                              "MCP_REQUIRED_SCOPES": "email repo"})
+    settings = load_settings(
+        {
+            **BASE,
+            "MCP_SERVER_URL": "http://localhost:9000/mcp",
+            "DOWNSTREAM_CREDENTIAL": "static",
+            "DOWNSTREAM_CREDENTIAL_HEADER": "X-API-Key",
+            "DOWNSTREAM_CREDENTIAL_ENV": "MY_KEY",
+            "MY_KEY": "k-123",
+            "DOWNSTREAM_IDENTITY_HEADERS": "false",
+            "MCP_REQUIRED_SCOPES": "email repo",
+        }
+    )
     (route,) = settings.routes
     assert (route.credential.kind, route.credential.header, route.credential.value) == ("static", "X-API-Key", "k-123")
     assert not route.identity_headers and route.required_scopes == ("email", "repo")
@@ -52,14 +60,34 @@ def test_single_route_credential_from_environment(monkeypatch: pytest.MonkeyPatc
 def test_routes_file_declares_several_protected_resources(tmp_path: Path) -> None:
     secret_file = tmp_path / "github-key"
     secret_file.write_text("ghp-secret-value\n")
-    path = write_routes(tmp_path / "routes.toml", [
-        {"name": "gmail", "path": "/mcp/gmail", "url": "http://127.0.0.1:9001/mcp", "credential": "upstream_token",
-         "scopes": ["email"], "allowed_email_domains": ["@Example.com"]},
-        {"path": "/mcp/github/", "url": "http://127.0.0.1:9002/mcp/", "credential": "static",
-         "credential_file": str(secret_file), "identity_headers": False, "allowed_emails": ["Bob@Example.org"]},
-        {"path": "/tools", "url": "http://127.0.0.1:9003/", "credential": "static", "credential_header": "X-API-Key",
-         "credential_env": "TOOLS_KEY"},
-    ])
+    path = write_routes(
+        tmp_path / "routes.toml",
+        [
+            {
+                "name": "gmail",
+                "path": "/mcp/gmail",
+                "url": "http://127.0.0.1:9001/mcp",
+                "credential": "upstream_token",
+                "scopes": ["email"],
+                "allowed_email_domains": ["@Example.com"],
+            },
+            {
+                "path": "/mcp/github/",
+                "url": "http://127.0.0.1:9002/mcp/",
+                "credential": "static",
+                "credential_file": str(secret_file),
+                "identity_headers": False,
+                "allowed_emails": ["Bob@Example.org"],
+            },
+            {
+                "path": "/tools",
+                "url": "http://127.0.0.1:9003/",
+                "credential": "static",
+                "credential_header": "X-API-Key",
+                "credential_env": "TOOLS_KEY",
+            },
+        ],
+    )
     settings = load_settings({**BASE, "MCP_ROUTES_FILE": path, "TOOLS_KEY": "tools-secret"})
     gmail, github, tools = settings.routes
     assert gmail.credential.kind == "upstream_token" and gmail.credential.header == "Authorization"
@@ -70,41 +98,90 @@ def test_routes_file_declares_several_protected_resources(tmp_path: Path) -> Non
     assert github.user_is_allowed("bob@example.org") and not github.user_is_allowed(None)
     assert tools.credential.header == "X-API-Key" and tools.credential.value == "tools-secret"
     assert [route.resource for route in settings.routes] == [
-        "https://mcp.example.com/mcp/gmail", "https://mcp.example.com/mcp/github", "https://mcp.example.com/tools"]
+        "https://mcp.example.com/mcp/gmail",
+        "https://mcp.example.com/mcp/github",
+        "https://mcp.example.com/tools",
+    ]
     assert settings.mcp_resource == gmail.resource  # the default resource when a client sends none
     # A secret is never part of a representation that might be logged.
     assert "ghp-secret-value" not in repr(settings) and "tools-secret" not in repr(settings)
 
 
-@pytest.mark.parametrize(("routes", "env", "expected"), [
-    ([{"path": "/a", "url": "http://x/mcp", "credentail": "none"}], {}, "unknown key(s) credentail"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "magic"}], {}, "credential must be one of"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "static"}], {}, "exactly one of credential_env"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_env": "UNSET_KEY"}], {},
-     "UNSET_KEY (credential_env) is unset or empty"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_file": "/nonexistent/key"}], {},
-     "cannot read credential_file /nonexistent/key"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_env": "K",
-       "credential_header": "Bad Header"}], {"K": "v"}, "credential_header must be an HTTP header name"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_env": "K",
-       "credential_header": "X-Forwarded-User"}], {"K": "v"}, "is set by the proxy itself"),
-    ([{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_env": "K"}], {"K": "a\r\nb"},
-     "contains a line break"),
-    ([{"path": "/mcp", "url": "http://x/1"}, {"path": "/mcp/gmail", "url": "http://x/2"}], {}, "overlap"),
-    ([{"path": "/mcp", "url": "http://x/1"}, {"path": "/mcp", "url": "http://x/2", "name": "other"}], {}, "overlap"),
-    ([{"path": "/a", "url": "http://x/1", "name": "n"}, {"path": "/b", "url": "http://x/2", "name": "n"}], {},
-     "two routes are named 'n'"),
-    ([{"path": "/token", "url": "http://x/1"}], {}, "would shadow an authorization server endpoint"),
-    ([{"path": "/.well-known/x", "url": "http://x/1"}], {}, "would shadow an authorization server endpoint"),
-    ([{"path": "mcp", "url": "http://x/1"}], {}, "path must start with /"),
-    ([{"path": "/a/../b", "url": "http://x/1"}], {}, "without query, fragment, // or dot segments"),
-    ([{"path": "/a", "url": "ftp://x/1"}], {}, "url must be an absolute http(s) URL"),
-    ([{"path": "/a", "url": "http://user:pw@x/1"}], {}, "must not carry a fragment or credentials"),
-    ([{"path": "/a", "url": "http://x/1", "scopes": ["admin"]}], {}, "scopes admin are not in SCOPES_SUPPORTED"),
-    ([{"path": "/a", "url": "http://x/1", "identity_headers": "maybe"}], {}, "identity_headers must be true or false"),
-])
-def test_routes_file_problems_are_reported_clearly(tmp_path: Path, routes: list[dict], env: dict[str, str],
-                                                   expected: str) -> None:
+@pytest.mark.parametrize(
+    ("routes", "env", "expected"),
+    [
+        ([{"path": "/a", "url": "http://x/mcp", "credentail": "none"}], {}, "unknown key(s) credentail"),
+        ([{"path": "/a", "url": "http://x/mcp", "credential": "magic"}], {}, "credential must be one of"),
+        ([{"path": "/a", "url": "http://x/mcp", "credential": "static"}], {}, "exactly one of credential_env"),
+        (
+            [{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_env": "UNSET_KEY"}],
+            {},
+            "UNSET_KEY (credential_env) is unset or empty",
+        ),
+        (
+            [{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_file": "/nonexistent/key"}],
+            {},
+            "cannot read credential_file /nonexistent/key",
+        ),
+        (
+            [
+                {
+                    "path": "/a",
+                    "url": "http://x/mcp",
+                    "credential": "static",
+                    "credential_env": "K",
+                    "credential_header": "Bad Header",
+                }
+            ],
+            {"K": "v"},
+            "credential_header must be an HTTP header name",
+        ),
+        (
+            [
+                {
+                    "path": "/a",
+                    "url": "http://x/mcp",
+                    "credential": "static",
+                    "credential_env": "K",
+                    "credential_header": "X-Forwarded-User",
+                }
+            ],
+            {"K": "v"},
+            "is set by the proxy itself",
+        ),
+        (
+            [{"path": "/a", "url": "http://x/mcp", "credential": "static", "credential_env": "K"}],
+            {"K": "a\r\nb"},
+            "contains a line break",
+        ),
+        ([{"path": "/mcp", "url": "http://x/1"}, {"path": "/mcp/gmail", "url": "http://x/2"}], {}, "overlap"),
+        (
+            [{"path": "/mcp", "url": "http://x/1"}, {"path": "/mcp", "url": "http://x/2", "name": "other"}],
+            {},
+            "overlap",
+        ),
+        (
+            [{"path": "/a", "url": "http://x/1", "name": "n"}, {"path": "/b", "url": "http://x/2", "name": "n"}],
+            {},
+            "two routes are named 'n'",
+        ),
+        ([{"path": "/token", "url": "http://x/1"}], {}, "would shadow an authorization server endpoint"),
+        ([{"path": "/.well-known/x", "url": "http://x/1"}], {}, "would shadow an authorization server endpoint"),
+        ([{"path": "mcp", "url": "http://x/1"}], {}, "path must start with /"),
+        ([{"path": "/a/../b", "url": "http://x/1"}], {}, "without query, fragment, // or dot segments"),
+        ([{"path": "/a", "url": "ftp://x/1"}], {}, "url must be an absolute http(s) URL"),
+        ([{"path": "/a", "url": "http://user:pw@x/1"}], {}, "must not carry a fragment or credentials"),
+        ([{"path": "/a", "url": "http://x/1", "scopes": ["admin"]}], {}, "scopes admin are not in SCOPES_SUPPORTED"),
+        (
+            [{"path": "/a", "url": "http://x/1", "identity_headers": "maybe"}],
+            {},
+            "identity_headers must be true or false",
+        ),
+    ],
+)
+def test_routes_file_problems_are_reported_clearly(
+    tmp_path: Path, routes: list[dict], env: dict[str, str], expected: str
+) -> None:
     problems = problems_for(MCP_ROUTES_FILE=write_routes(tmp_path / "routes.toml", routes), **env)
     assert any(expected in problem for problem in problems), problems
     assert not any("a\r\nb" in problem or "pw@" in problem for problem in problems)  # secrets are never echoed
@@ -131,39 +208,62 @@ def test_missing_mcp_server_url_is_still_required_without_a_routes_file() -> Non
     assert any(p.startswith("MCP_SERVER_URL is required") for p in problems_for())
 
 
-@pytest.mark.parametrize(("name", "value", "expected"), [
-    ("ALLOWED_ORIGINS", "localhost:6274", "ALLOWED_ORIGINS entries must be origins"),
-    ("TOKEN_CACHE_TTL", "600", "TOKEN_CACHE_TTL must be between 0 and 300"),
-    ("DOWNSTREAM_CONNECT_TIMEOUT", "soon", "DOWNSTREAM_CONNECT_TIMEOUT must be a number of seconds"),
-    ("UPSTREAM_REFRESH_SKEW", "-1", "UPSTREAM_REFRESH_SKEW must be between 0 and 3600"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("ALLOWED_ORIGINS", "localhost:6274", "ALLOWED_ORIGINS entries must be origins"),
+        ("TOKEN_CACHE_TTL", "600", "TOKEN_CACHE_TTL must be between 0 and 300"),
+        ("DOWNSTREAM_CONNECT_TIMEOUT", "soon", "DOWNSTREAM_CONNECT_TIMEOUT must be a number of seconds"),
+        ("UPSTREAM_REFRESH_SKEW", "-1", "UPSTREAM_REFRESH_SKEW must be between 0 and 3600"),
+    ],
+)
 def test_proxy_settings_are_validated(name: str, value: str, expected: str) -> None:
     problems = problems_for(MCP_SERVER_URL="http://x/mcp", **{name: value})
     assert any(expected in p for p in problems), problems
 
 
 def test_allowed_origins_are_normalised_and_include_the_public_origin() -> None:
-    settings = load_settings({**BASE, "MCP_SERVER_URL": "http://x/mcp",
-                              "ALLOWED_ORIGINS": "http://LOCALHOST:6274/, https://app.example.net"})
+    settings = load_settings(
+        {**BASE, "MCP_SERVER_URL": "http://x/mcp", "ALLOWED_ORIGINS": "http://LOCALHOST:6274/, https://app.example.net"}
+    )
     proxy = settings.proxy
     assert proxy.origin_is_allowed("http://localhost:6274") and proxy.origin_is_allowed("https://mcp.example.com")
     assert not proxy.origin_is_allowed("https://evil.example") and not proxy.origin_is_allowed("null")
     assert load_settings({**BASE, "MCP_SERVER_URL": "http://x/mcp", "ALLOWED_ORIGINS": "*"}).proxy.origin_is_allowed(
-        "https://anything.example")
+        "https://anything.example"
+    )
 
 
-@pytest.mark.parametrize(("public_path", "downstream", "raw_uri", "expected"), [
-    ("/mcp/gmail", "http://127.0.0.1:9000/mcp", "/mcp/gmail", "http://127.0.0.1:9000/mcp"),
-    ("/mcp/gmail", "http://127.0.0.1:9000/mcp", "/mcp/gmail/", "http://127.0.0.1:9000/mcp/"),
-    ("/mcp/gmail", "http://127.0.0.1:9000/mcp", "/mcp/gmail/a%20b/c?x=1&y=%2F",
-     "http://127.0.0.1:9000/mcp/a%20b/c?x=1&y=%2F"),
-    ("/mcp/gmail", "http://127.0.0.1:9000/mcp?tenant=7", "/mcp/gmail?x=1", "http://127.0.0.1:9000/mcp?tenant=7&x=1"),
-    ("/mcp/gmail", "http://127.0.0.1:9000/mcp", "/mcp/gmail?access_token=t&keep=1", "http://127.0.0.1:9000/mcp?keep=1"),
-    ("/", "http://127.0.0.1:9000/mcp", "/", "http://127.0.0.1:9000/mcp"),
-    ("/", "http://127.0.0.1:9000", "/", "http://127.0.0.1:9000/"),
-])
-def test_public_paths_map_onto_the_downstream_url(public_path: str, downstream: str, raw_uri: str,
-                                                 expected: str) -> None:
+@pytest.mark.parametrize(
+    ("public_path", "downstream", "raw_uri", "expected"),
+    [
+        ("/mcp/gmail", "http://127.0.0.1:9000/mcp", "/mcp/gmail", "http://127.0.0.1:9000/mcp"),
+        ("/mcp/gmail", "http://127.0.0.1:9000/mcp", "/mcp/gmail/", "http://127.0.0.1:9000/mcp/"),
+        (
+            "/mcp/gmail",
+            "http://127.0.0.1:9000/mcp",
+            "/mcp/gmail/a%20b/c?x=1&y=%2F",
+            "http://127.0.0.1:9000/mcp/a%20b/c?x=1&y=%2F",
+        ),
+        (
+            "/mcp/gmail",
+            "http://127.0.0.1:9000/mcp?tenant=7",
+            "/mcp/gmail?x=1",
+            "http://127.0.0.1:9000/mcp?tenant=7&x=1",
+        ),
+        (
+            "/mcp/gmail",
+            "http://127.0.0.1:9000/mcp",
+            "/mcp/gmail?access_token=t&keep=1",
+            "http://127.0.0.1:9000/mcp?keep=1",
+        ),
+        ("/", "http://127.0.0.1:9000/mcp", "/", "http://127.0.0.1:9000/mcp"),
+        ("/", "http://127.0.0.1:9000", "/", "http://127.0.0.1:9000/"),
+    ],
+)
+def test_public_paths_map_onto_the_downstream_url(
+    public_path: str, downstream: str, raw_uri: str, expected: str
+) -> None:
     route = build_route({"path": public_path, "url": downstream}, "test", "https://mcp.example.com", {}, (), [])
     proxy = DownstreamProxy(ProxySettings(), "https://mcp.example.com", frozenset())
     path, _, query = raw_uri.partition("?")

@@ -29,13 +29,16 @@ from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
-def echo_proxy(start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer) -> tuple[GunicornProxy, Login]:
+def echo_proxy(
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer
+) -> tuple[GunicornProxy, Login]:
     proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_READ_TIMEOUT="1")
     return proxy, log_in(proxy.url, proxy.url + "/mcp")
 
 
-def test_events_reach_the_client_as_the_downstream_sends_them(echo_proxy: tuple[GunicornProxy, Login],
-                                                               echo_downstream: EchoServer) -> None:
+def test_events_reach_the_client_as_the_downstream_sends_them(
+    echo_proxy: tuple[GunicornProxy, Login], echo_downstream: EchoServer
+) -> None:
     proxy, login = echo_proxy
     started = time.time()
     # The pauses (1.2 s) are longer than DOWNSTREAM_READ_TIMEOUT (1 s): a quiet open stream is not a timeout.
@@ -62,11 +65,13 @@ def test_events_reach_the_client_as_the_downstream_sends_them(echo_proxy: tuple[
 
 
 @pytest.mark.parametrize("pause", [0.3, 5.0])
-def test_a_client_disconnect_closes_the_downstream_request_at_once(echo_proxy: tuple[GunicornProxy, Login],
-                                                                   echo_downstream: EchoServer, pause: float) -> None:
+def test_a_client_disconnect_closes_the_downstream_request_at_once(
+    echo_proxy: tuple[GunicornProxy, Login], echo_downstream: EchoServer, pause: float
+) -> None:
     proxy, login = echo_proxy
-    response = requests.get(f"{proxy.url}/mcp/sse?events=100&pause={pause}", headers=login.bearer, stream=True,
-                            timeout=10)
+    response = requests.get(
+        f"{proxy.url}/mcp/sse?events=100&pause={pause}", headers=login.bearer, stream=True, timeout=10
+    )
     wanted = 2 if pause < 1 else 1  # with long pauses: leave while the stream is quiet (only the comment came)
     for count, _event in enumerate(sse_events(response), start=1):
         if count == wanted:
@@ -82,15 +87,18 @@ def test_a_client_disconnect_closes_the_downstream_request_at_once(echo_proxy: t
     assert len(echo_downstream.stream_events_sent) < 5
 
 
-def test_closing_a_tool_call_stream_cancels_the_tool(start_gunicorn: Callable[..., GunicornProxy],
-                                                      mcp_downstream: McpDownstream) -> None:
+def test_closing_a_tool_call_stream_cancels_the_tool(
+    start_gunicorn: Callable[..., GunicornProxy], mcp_downstream: McpDownstream
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=mcp_downstream.url)
     login = log_in(proxy.url, proxy.url + "/mcp")
     label = f"cancel-{time.time()}"
 
     async def scenario() -> tuple[float, object]:
-        async with httpx2.AsyncClient(headers=login.bearer, timeout=30) as http, \
-                Client(streamable_http_client(proxy.url + "/mcp", http_client=http)) as client:
+        async with (
+            httpx2.AsyncClient(headers=login.bearer, timeout=30) as http,
+            Client(streamable_http_client(proxy.url + "/mcp", http_client=http)) as client,
+        ):
             with anyio.move_on_after(1.0):  # the client gives up: in 2026-07-28 it closes the POST's stream
                 await client.call_tool("wait", {"seconds": 30, "label": label})
             cancelled_at = time.time()
@@ -113,8 +121,10 @@ def test_an_unreachable_downstream_is_a_502_naming_it(start_gunicorn: Callable[.
         login = log_in(proxy.url, proxy.url + "/mcp")
         response = requests.post(proxy.url + "/mcp", headers=login.bearer, json={}, timeout=10)
     assert response.status_code == 502
-    assert response.json() == {"error": "downstream_unavailable",
-                               "error_description": "could not connect to the downstream MCP server 'mcp'"}
+    assert response.json() == {
+        "error": "downstream_unavailable",
+        "error_description": "could not connect to the downstream MCP server 'mcp'",
+    }
     assert response.headers["X-Downstream"] == "mcp"
     assert str(port) not in response.text  # the internal address is not shown
 
@@ -125,19 +135,23 @@ def test_a_downstream_that_does_not_answer_in_time_is_a_504(echo_proxy: tuple[Gu
     response = requests.post(proxy.url + "/mcp/slow?delay=3", headers=login.bearer, json={}, timeout=10)
     assert response.status_code == 504
     assert 0.9 < time.monotonic() - started < 2.5
-    assert response.json() == {"error": "downstream_timeout",
-                               "error_description": "the downstream MCP server 'mcp' did not answer in time"}
+    assert response.json() == {
+        "error": "downstream_timeout",
+        "error_description": "the downstream MCP server 'mcp' did not answer in time",
+    }
 
 
-def test_one_worker_holds_many_open_streams(start_gunicorn: Callable[..., GunicornProxy],
-                                            echo_downstream: EchoServer) -> None:
+def test_one_worker_holds_many_open_streams(
+    start_gunicorn: Callable[..., GunicornProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_gunicorn(MCP_SERVER_URL=echo_downstream.url + "/mcp", WEB_CONCURRENCY="1")
     login = log_in(proxy.url, proxy.url + "/mcp")
     streams = 100
 
     def one_stream(_: int) -> list[str]:
-        with requests.get(proxy.url + "/mcp/sse?events=2&pause=1.5", headers=login.bearer, stream=True,
-                          timeout=60) as response:
+        with requests.get(
+            proxy.url + "/mcp/sse?events=2&pause=1.5", headers=login.bearer, stream=True, timeout=60
+        ) as response:
             return [text for _, text in sse_events(response)]
 
     started = time.monotonic()

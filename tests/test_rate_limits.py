@@ -16,8 +16,11 @@ from tests.proxy_fixtures import GunicornProxy, start_gunicorn_fixture  # noqa: 
 from tests.test_authorization_flow import assert_token_response
 from tests.test_config import GOOD
 
-REGISTRATION = {"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "none",
-                "client_name": "Rate Limit Test"}
+REGISTRATION = {
+    "redirect_uris": ["http://127.0.0.1:9/cb"],
+    "token_endpoint_auth_method": "none",
+    "client_name": "Rate Limit Test",
+}
 
 
 def register_many(url: str, count: int) -> list[int]:
@@ -49,13 +52,22 @@ def test_rate_limit_headers_only_where_a_limit_applies(proxy: RunningProxy) -> N
     assert int(refreshed.headers["X-RateLimit-Limit"]) == 120 and "X-RateLimit-Remaining" in refreshed.headers
     for path in ("/.well-known/oauth-authorization-server", "/healthz", "/mcp"):
         answer = requests.get(proxy.url + path, timeout=5)
-        assert not any(name.startswith(("X-RateLimit", "Retry-After")) for name in answer.headers), (path, answer.headers)
+        assert not any(name.startswith(("X-RateLimit", "Retry-After")) for name in answer.headers), (
+            path,
+            answer.headers,
+        )
 
 
 def test_retry_after_comes_with_the_429(start_proxy: Callable[..., RunningProxy]) -> None:
     proxy = start_proxy(TOKEN_RATE_LIMIT="2 per minute")
-    answers = [requests.post(proxy.url + "/token", data={"grant_type": "refresh_token", "refresh_token": "x",
-                                                         "client_id": "unknown"}, timeout=5) for _ in range(3)]
+    answers = [
+        requests.post(
+            proxy.url + "/token",
+            data={"grant_type": "refresh_token", "refresh_token": "x", "client_id": "unknown"},
+            timeout=5,
+        )
+        for _ in range(3)
+    ]
     assert [a.status_code for a in answers] == [401, 401, 429]
     assert not any("Retry-After" in a.headers for a in answers[:2])
     assert 0 < int(answers[2].headers["Retry-After"]) <= 61
@@ -83,7 +95,8 @@ def test_a_counters_uri_without_a_file_is_a_configuration_error(uri: str) -> Non
 
 
 def test_a_broken_counters_file_keeps_limiting_in_memory_and_says_so_once(
-        start_proxy: Callable[..., RunningProxy], tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    start_proxy: Callable[..., RunningProxy], tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
     counters = tmp_path / "counters.db"
     counters.write_bytes(b"this is not an SQLite database" * 200)  # every statement fails: "file is not a database"
     proxy = start_proxy(RATE_LIMIT_STORAGE_URI=f"sqlite:///{counters}", REGISTER_RATE_LIMIT="3 per minute")

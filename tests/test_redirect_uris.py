@@ -43,13 +43,17 @@ UNSAFE = {
 
 
 def register(proxy: RunningProxy, *redirect_uris: str) -> requests.Response:
-    return requests.post(proxy.url + "/register", timeout=10, json={
-        "client_name": "Policy Test", "redirect_uris": list(redirect_uris), "token_endpoint_auth_method": "none"})
+    return requests.post(
+        proxy.url + "/register",
+        timeout=10,
+        json={"client_name": "Policy Test", "redirect_uris": list(redirect_uris), "token_endpoint_auth_method": "none"},
+    )
 
 
 @pytest.mark.parametrize("uri", list(UNSAFE.values()), ids=list(UNSAFE))
 def test_registration_and_metadata_documents_refuse_the_same_redirect_uris(
-        dev_proxy: RunningProxy, document_server: DocumentServer, uri: str) -> None:
+    dev_proxy: RunningProxy, document_server: DocumentServer, uri: str
+) -> None:
     before = count(dev_proxy, OAuthClient)
     assert_register_error(register(dev_proxy, "http://127.0.0.1:9/ok", uri), "invalid_redirect_uri")
     assert count(dev_proxy, OAuthClient) == before
@@ -94,12 +98,19 @@ def test_rfc_8252_example_form_registers_and_is_named_on_the_consent_page(proxy:
     assert "the app that handles com.example.app: links" in unescape(page)
 
 
-@pytest.mark.parametrize(("uri", "shown"), [
-    ("com.example." + "a" * 1500 + ".app://oauth2redirect", ("the app that handles com.example.aaa", "aaa.app:// links")),
-    ("https://accounts.google.com." + "x" * 1500 + ".evil.example/cb", ("…xxx", "xxx.evil.example")),
-])
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        (
+            "com.example." + "a" * 1500 + ".app://oauth2redirect",
+            ("the app that handles com.example.aaa", "aaa.app:// links"),
+        ),
+        ("https://accounts.google.com." + "x" * 1500 + ".evil.example/cb", ("…xxx", "xxx.evil.example")),
+    ],
+)
 def test_consent_shows_a_long_scheme_or_host_cut_and_the_whole_uri_in_its_title(
-        proxy: RunningProxy, uri: str, shown: tuple[str, str]) -> None:
+    proxy: RunningProxy, uri: str, shown: tuple[str, str]
+) -> None:
     """A registration cannot fill the consent page with its redirect target."""
     page = consent_page_of_new_client(proxy, uri)
     match = re.search(r'<strong class="redirect-host" title="([^"]*)">([^<]*)</strong>', page)
@@ -111,15 +122,15 @@ def test_consent_shows_a_long_scheme_or_host_cut_and_the_whole_uri_in_its_title(
 
 
 def test_metadata_document_with_a_private_use_scheme_works_by_default(
-        dev_proxy: RunningProxy, document_server: DocumentServer) -> None:
+    dev_proxy: RunningProxy, document_server: DocumentServer
+) -> None:
     client = document_client(dev_proxy, document_server, redirect_uris=[CURSOR])
     page = get(client.authorize_url(redirect_uri=CURSOR))
     assert page.status_code == 200, page.text[:1000]
     assert "the app that handles cursor:// links" in unescape(page.text)
 
 
-def test_private_use_schemes_can_be_turned_off_for_both_paths(
-        start_proxy, document_server: DocumentServer) -> None:
+def test_private_use_schemes_can_be_turned_off_for_both_paths(start_proxy, document_server: DocumentServer) -> None:
     proxy = start_proxy(CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS="true", ALLOW_CUSTOM_REDIRECT_SCHEMES="false")
     assert_register_error(register(proxy, CURSOR), "invalid_redirect_uri")
     client = document_client(proxy, document_server, redirect_uris=[CURSOR])

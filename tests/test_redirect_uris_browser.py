@@ -30,10 +30,14 @@ def page() -> Iterator[Page]:
         browser.close()
 
 
-def test_consent_page_names_the_app_behind_a_private_use_scheme(proxy: RunningProxy, page: Page,
-                                                                artifacts_dir: Path) -> None:
-    response = requests.post(proxy.url + "/register", timeout=10, json={
-        "client_name": "Cursor", "redirect_uris": [CURSOR], "token_endpoint_auth_method": "none"})
+def test_consent_page_names_the_app_behind_a_private_use_scheme(
+    proxy: RunningProxy, page: Page, artifacts_dir: Path
+) -> None:
+    response = requests.post(
+        proxy.url + "/register",
+        timeout=10,
+        json={"client_name": "Cursor", "redirect_uris": [CURSOR], "token_endpoint_auth_method": "none"},
+    )
     assert response.status_code == 201, response.text
     client = McpOAuthClient(proxy.url, response.json()["client_id"], redirect_uri=CURSOR)
 

@@ -33,10 +33,14 @@ def logged_in(proxy: RunningProxy) -> tuple[McpOAuthClient, dict]:
 def live_pairs(app: Flask, refresh_token: str) -> int:
     """Token rows of the grant that can still be refreshed (not rotated, not revoked)."""
     with app.app_context():
-        grant_id = db.session.scalar(select(Token.grant_id).where(
-            Token.refresh_token_hash == hash_token(refresh_token)))
-        return db.session.scalar(select(func.count()).select_from(Token).where(
-            Token.grant_id == grant_id, Token.rotated_at.is_(None), Token.revoked_at.is_(None)))
+        grant_id = db.session.scalar(
+            select(Token.grant_id).where(Token.refresh_token_hash == hash_token(refresh_token))
+        )
+        return db.session.scalar(
+            select(func.count())
+            .select_from(Token)
+            .where(Token.grant_id == grant_id, Token.rotated_at.is_(None), Token.revoked_at.is_(None))
+        )
 
 
 def revoked_reason(app: Flask, refresh_token: str) -> str | None:
@@ -60,7 +64,8 @@ def test_replays_within_the_grace_window_get_one_pair_between_them(start_proxy: 
 
 
 def test_a_twenty_way_race_across_two_instances_mints_at_most_two_pairs(
-        start_proxy: Callable[..., RunningProxy]) -> None:
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
     first = start_proxy()
     second = another_instance(start_proxy, first)
     client, tokens = logged_in(first)
@@ -102,8 +107,9 @@ def skewed_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     return skew
 
 
-def test_a_skewed_instance_honours_an_honest_retry(start_proxy: Callable[..., RunningProxy],
-                                                   skewed_clock: Callable[[float], None]) -> None:
+def test_a_skewed_instance_honours_an_honest_retry(
+    start_proxy: Callable[..., RunningProxy], skewed_clock: Callable[[float], None]
+) -> None:
     first = start_proxy()
     ahead = another_instance(start_proxy, first)
     client, tokens = logged_in(first)
@@ -114,8 +120,9 @@ def test_a_skewed_instance_honours_an_honest_retry(start_proxy: Callable[..., Ru
     assert revoked_reason(first.app, tokens["refresh_token"]) is None
 
 
-def test_a_skewed_instance_refuses_a_late_replay(start_proxy: Callable[..., RunningProxy],
-                                                 skewed_clock: Callable[[float], None]) -> None:
+def test_a_skewed_instance_refuses_a_late_replay(
+    start_proxy: Callable[..., RunningProxy], skewed_clock: Callable[[float], None]
+) -> None:
     first = start_proxy(REFRESH_GRACE_SECONDS="2")
     behind = another_instance(start_proxy, first, REFRESH_GRACE_SECONDS="2")
     client, tokens = logged_in(first)
@@ -127,10 +134,9 @@ def test_a_skewed_instance_refuses_a_late_replay(start_proxy: Callable[..., Runn
     assert revoked_reason(first.app, tokens["refresh_token"]) == "refresh_token_reuse"
 
 
-
 def test_a_purge_on_a_skewed_instance_keeps_a_token_inside_its_grace_window(
-        start_proxy: Callable[..., RunningProxy], skewed_clock: Callable[[float], None],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    start_proxy: Callable[..., RunningProxy], skewed_clock: Callable[[float], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from oauthproxy import database, models
 
     first = start_proxy()

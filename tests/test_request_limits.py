@@ -28,9 +28,13 @@ def client_count(proxy: RunningProxy) -> int:
 
 
 def registration(**changes: object) -> dict[str, object]:
-    body: dict[str, object] = {"client_name": f"Limits {secrets.token_hex(6)}", "token_endpoint_auth_method": "none",
-                               "redirect_uris": ["http://127.0.0.1:33418/callback"],
-                               "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"]}
+    body: dict[str, object] = {
+        "client_name": f"Limits {secrets.token_hex(6)}",
+        "token_endpoint_auth_method": "none",
+        "redirect_uris": ["http://127.0.0.1:33418/callback"],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+    }
     body.update(changes)
     return body
 
@@ -49,8 +53,9 @@ def assert_too_large(response: requests.Response) -> None:
 def test_oversized_registration_is_413_and_not_stored(proxy: RunningProxy) -> None:
     before = client_count(proxy)
     body = json.dumps(registration(client_name="x" * (4 * 1024 * 1024)))
-    response = requests.post(proxy.url + "/register", data=body, headers={"Content-Type": "application/json"},
-                             timeout=30)
+    response = requests.post(
+        proxy.url + "/register", data=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert_too_large(response)
     assert client_count(proxy) == before
 
@@ -64,8 +69,9 @@ def test_registration_padded_with_unknown_fields_over_the_cap_is_413(proxy: Runn
 
 @pytest.mark.parametrize("path", ["/token", "/revoke", "/authorize/consent"])
 def test_oversized_form_is_413(proxy: RunningProxy, path: str) -> None:
-    response = requests.post(proxy.url + path, data={"grant_type": "refresh_token", "x": "y" * (MAX_BODY_BYTES + 1)},
-                             timeout=30)
+    response = requests.post(
+        proxy.url + path, data={"grant_type": "refresh_token", "x": "y" * (MAX_BODY_BYTES + 1)}, timeout=30
+    )
     assert_too_large(response)
 
 
@@ -94,8 +100,10 @@ def chunked_post(proxy: GunicornProxy, path: str, content_type: str, total: int)
     """
     host, port = proxy.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-                     "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+        )
         chunk = b"a" * 8192
         answer = b""
         try:
@@ -159,8 +167,9 @@ def test_oversized_request_line_and_headers_are_refused(start_gunicorn: Callable
 
 OVER_THE_CAPS = {
     "client_name": {"client_name": "n" * (metadata_limits.MAX_CLIENT_NAME_LENGTH + 1)},
-    "redirect_uri_count": {"redirect_uris": [f"http://127.0.0.1:{9000 + n}/cb"
-                                             for n in range(metadata_limits.MAX_REDIRECT_URIS + 1)]},
+    "redirect_uri_count": {
+        "redirect_uris": [f"http://127.0.0.1:{9000 + n}/cb" for n in range(metadata_limits.MAX_REDIRECT_URIS + 1)]
+    },
     "redirect_uri_length": {"redirect_uris": ["https://client.example/" + "p" * metadata_limits.MAX_URI_LENGTH]},
     "client_uri": {"client_uri": "https://client.example/" + "p" * metadata_limits.MAX_URI_LENGTH},
     "logo_uri": {"logo_uri": "https://client.example/" + "p" * metadata_limits.MAX_URI_LENGTH},
@@ -186,17 +195,29 @@ def test_registration_field_over_its_cap_is_invalid_client_metadata(proxy: Runni
 
 # What real clients send (captured from their registrations); each must fit comfortably.
 REAL_REGISTRATIONS = {
-    "vscode": {"client_name": "Visual Studio Code", "token_endpoint_auth_method": "none",
-               "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
-               "response_types": ["code"],
-               "redirect_uris": ["http://127.0.0.1:33418", "https://vscode.dev/redirect"]},
-    "claude-code": {"client_name": "Claude Code (oauthproxy)", "token_endpoint_auth_method": "none",
-                    "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
-                    "redirect_uris": ["http://localhost:53127/callback"]},
-    "inspector": {"client_name": "MCP Inspector", "client_uri": "https://github.com/modelcontextprotocol/inspector",
-                  "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"],
-                  "response_types": ["code"], "scope": "openid email profile",
-                  "redirect_uris": ["http://localhost:6274/oauth/callback/debug", "http://localhost:6274/oauth/callback"]},
+    "vscode": {
+        "client_name": "Visual Studio Code",
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
+        "response_types": ["code"],
+        "redirect_uris": ["http://127.0.0.1:33418", "https://vscode.dev/redirect"],
+    },
+    "claude-code": {
+        "client_name": "Claude Code (oauthproxy)",
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "redirect_uris": ["http://localhost:53127/callback"],
+    },
+    "inspector": {
+        "client_name": "MCP Inspector",
+        "client_uri": "https://github.com/modelcontextprotocol/inspector",
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "scope": "openid email profile",
+        "redirect_uris": ["http://localhost:6274/oauth/callback/debug", "http://localhost:6274/oauth/callback"],
+    },
 }
 
 
@@ -209,14 +230,20 @@ def test_real_client_registrations_fit_the_caps(body: dict) -> None:
 def test_metadata_document_field_over_its_cap_is_refused() -> None:
     """The same caps hold for client metadata documents."""
     client_id = "https://client.example/oauth/client.json"
-    document = {"client_id": client_id, "client_name": "n" * (metadata_limits.MAX_CLIENT_NAME_LENGTH + 1),
-                "redirect_uris": ["http://127.0.0.1:33418/callback"], "token_endpoint_auth_method": "none"}
+    document = {
+        "client_id": client_id,
+        "client_name": "n" * (metadata_limits.MAX_CLIENT_NAME_LENGTH + 1),
+        "redirect_uris": ["http://127.0.0.1:33418/callback"],
+        "token_endpoint_auth_method": "none",
+    }
     with pytest.raises(ClientMetadataError) as refused:
         validate_metadata_document(client_id, document)
     assert refused.value.error == "invalid_client_metadata"
     assert "client_name is longer than 200 characters" in refused.value.description
     document["client_name"] = "Example"
-    document["redirect_uris"] = [f"http://127.0.0.1:{9000 + n}/cb" for n in range(metadata_limits.MAX_REDIRECT_URIS + 1)]
+    document["redirect_uris"] = [
+        f"http://127.0.0.1:{9000 + n}/cb" for n in range(metadata_limits.MAX_REDIRECT_URIS + 1)
+    ]
     with pytest.raises(ClientMetadataError) as refused:
         validate_metadata_document(client_id, document)
     assert "redirect_uris lists 21 entries; at most 20 are accepted" in refused.value.description

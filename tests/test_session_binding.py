@@ -74,8 +74,10 @@ def wait_until_ready(url: str) -> None:
 
 
 def test_a_session_replayed_by_another_user_is_refused_on_every_instance(
-        start_gunicorn: Callable[..., GunicornProxy], mcp_downstream: McpDownstream,
-        inspect_app: Callable[[dict[str, str]], Flask]) -> None:
+    start_gunicorn: Callable[..., GunicornProxy],
+    mcp_downstream: McpDownstream,
+    inspect_app: Callable[[dict[str, str]], Flask],
+) -> None:
     first = start_gunicorn(workers=2, MCP_SERVER_URL=mcp_downstream.url)
     # A second instance on the same database and PUBLIC_URL, as behind a load balancer: its own caches are empty.
     second = start_gunicorn(MCP_SERVER_URL=mcp_downstream.url, PUBLIC_URL=first.url)
@@ -92,28 +94,44 @@ def test_a_session_replayed_by_another_user_is_refused_on_every_instance(
             assert opened["x-forwarded-user"] == "alice"
             assert session_row(app, "mcp", session).user_id == "alice"
 
-            replay = {**bob.bearer, **MCP_HEADERS, "Mcp-Session-Id": session,
-                      "MCP-Protocol-Version": opened["mcp-protocol-version"]}
+            replay = {
+                **bob.bearer,
+                **MCP_HEADERS,
+                "Mcp-Session-Id": session,
+                "MCP-Protocol-Version": opened["mcp-protocol-version"],
+            }
             for base in (first.url, second_url):
                 for attempt in range(3):  # whichever worker answers; the first one may have the session cached
-                    refused = await anyio.to_thread.run_sync(lambda base=base, attempt=attempt: requests.post(
-                        base + "/mcp", headers=replay, json=tool_call("wait", {"seconds": 0, "label": f"bob-{attempt}"}),
-                        timeout=10))
+                    refused = await anyio.to_thread.run_sync(
+                        lambda base=base, attempt=attempt: requests.post(
+                            base + "/mcp",
+                            headers=replay,
+                            json=tool_call("wait", {"seconds": 0, "label": f"bob-{attempt}"}),
+                            timeout=10,
+                        )
+                    )
                     assert refused.status_code == 404, refused.text
                     assert refused.json() == SESSION_NOT_FOUND
-                stream = await anyio.to_thread.run_sync(lambda base=base: requests.get(
-                    base + "/mcp", headers=replay, timeout=10))
+                stream = await anyio.to_thread.run_sync(
+                    lambda base=base: requests.get(base + "/mcp", headers=replay, timeout=10)
+                )
                 assert stream.status_code == 404
-                ended = await anyio.to_thread.run_sync(lambda base=base: requests.delete(
-                    base + "/mcp", headers=replay, timeout=10))
+                ended = await anyio.to_thread.run_sync(
+                    lambda base=base: requests.delete(base + "/mcp", headers=replay, timeout=10)
+                )
                 assert ended.status_code == 404  # bob cannot end alice's session either
 
             # The rightful user goes on, here and on the other instance (which reads the binding from the database).
             again = await alice.whoami(client)
             assert again["mcp-session-id"] == session and again["x-forwarded-user"] == "alice"
-            elsewhere = await anyio.to_thread.run_sync(lambda: requests.post(
-                second_url + "/mcp", json=tool_call("whoami", {}, 9),
-                headers={**replay, "Authorization": f"Bearer {alice.storage.tokens.access_token}"}, timeout=10))
+            elsewhere = await anyio.to_thread.run_sync(
+                lambda: requests.post(
+                    second_url + "/mcp",
+                    json=tool_call("whoami", {}, 9),
+                    headers={**replay, "Authorization": f"Bearer {alice.storage.tokens.access_token}"},
+                    timeout=10,
+                )
+            )
             assert elsewhere.status_code == 200, elsewhere.text
             assert "alice@example.com" in elsewhere.text
             return session
@@ -125,8 +143,9 @@ def test_a_session_replayed_by_another_user_is_refused_on_every_instance(
     assert "Traceback" not in first.logs() + second.logs()
 
 
-def test_sessions_end_on_delete_and_on_a_downstream_404(start_proxy: Callable[..., RunningProxy],
-                                                        echo_downstream: EchoServer) -> None:
+def test_sessions_end_on_delete_and_on_a_downstream_404(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     alice = log_in(proxy.url, proxy.url + "/mcp")
     url = proxy.url + "/mcp"
@@ -156,24 +175,32 @@ def test_sessions_end_on_delete_and_on_a_downstream_404(start_proxy: Callable[..
 def test_idle_sessions_are_purged(start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer) -> None:
     first = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", MCP_SESSION_IDLE_TIMEOUT="600")
     alice = log_in(first.url, first.url + "/mcp")
-    session = requests.post(first.url + "/mcp", headers=alice.bearer, json=INITIALIZE,
-                            timeout=10).headers["Mcp-Session-Id"]
+    session = requests.post(first.url + "/mcp", headers=alice.bearer, json=INITIALIZE, timeout=10).headers[
+        "Mcp-Session-Id"
+    ]
     with first.app.app_context():
-        db.session.execute(update(McpSession).where(McpSession.key_hash == session_key("mcp", session))
-                           .values(last_seen_at=utcnow() - timedelta(seconds=601)))
+        db.session.execute(
+            update(McpSession)
+            .where(McpSession.key_hash == session_key("mcp", session))
+            .values(last_seen_at=utcnow() - timedelta(seconds=601))
+        )
         db.session.commit()
         assert purge_expired().mcp_sessions >= 1
-        assert db.session.scalar(select(McpSession).where(
-            McpSession.key_hash == session_key("mcp", session))) is None
+        assert db.session.scalar(select(McpSession).where(McpSession.key_hash == session_key("mcp", session))) is None
     second = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", PUBLIC_URL=first.url)
     second_url = second.server.server_address
-    refused = requests.post(f"http://{second_url[0]}:{second_url[1]}/mcp",
-                            headers={**alice.bearer, "Mcp-Session-Id": session}, json={}, timeout=10)
+    refused = requests.post(
+        f"http://{second_url[0]}:{second_url[1]}/mcp",
+        headers={**alice.bearer, "Mcp-Session-Id": session},
+        json={},
+        timeout=10,
+    )
     assert refused.status_code == 404
 
 
-def test_a_known_session_costs_no_database_query(start_proxy: Callable[..., RunningProxy],
-                                                 echo_downstream: EchoServer) -> None:
+def test_a_known_session_costs_no_database_query(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp")
     alice = log_in(proxy.url, proxy.url + "/mcp")
     url = proxy.url + "/mcp"
@@ -188,18 +215,22 @@ def test_a_known_session_costs_no_database_query(start_proxy: Callable[..., Runn
     event.listen(engine, "before_cursor_execute", count)
     try:
         for _ in range(5):
-            assert requests.post(url, headers={**alice.bearer, "Mcp-Session-Id": session}, json={},
-                                 timeout=10).status_code == 200
+            assert (
+                requests.post(url, headers={**alice.bearer, "Mcp-Session-Id": session}, json={}, timeout=10).status_code
+                == 200
+            )
             assert requests.post(url, headers=alice.bearer, json={}, timeout=10).status_code == 200
         assert statements == []
     finally:
         event.remove(engine, "before_cursor_execute", count)
 
 
-def test_a_session_store_failure_is_a_json_503_not_a_500(start_proxy: Callable[..., RunningProxy],
-                                                        echo_downstream: EchoServer, tmp_path: Path) -> None:
-    proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp",
-                        DATABASE_DSN=f"sqlite:///{tmp_path / 'own.sqlite3'}")
+def test_a_session_store_failure_is_a_json_503_not_a_500(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, tmp_path: Path
+) -> None:
+    proxy = start_proxy(
+        MCP_SERVER_URL=echo_downstream.url + "/mcp", DATABASE_DSN=f"sqlite:///{tmp_path / 'own.sqlite3'}"
+    )
     alice = log_in(proxy.url, proxy.url + "/mcp")
     url = proxy.url + "/mcp"
     with proxy.app.app_context():

@@ -60,8 +60,11 @@ def module_echo() -> Iterator[EchoServer]:
 @pytest.fixture(scope="module")
 def timed_proxy(start_gunicorn: Callable[..., GunicornProxy], module_echo: EchoServer) -> GunicornProxy:
     """One proxy for the deadline tests, with deadlines of 2 s so that they run quickly."""
-    return start_gunicorn(MCP_SERVER_URL=module_echo.url + "/mcp", REQUEST_HEAD_TIMEOUT=str(HEAD_TIMEOUT),
-                          REQUEST_BODY_TIMEOUT=str(BODY_TIMEOUT))
+    return start_gunicorn(
+        MCP_SERVER_URL=module_echo.url + "/mcp",
+        REQUEST_HEAD_TIMEOUT=str(HEAD_TIMEOUT),
+        REQUEST_BODY_TIMEOUT=str(BODY_TIMEOUT),
+    )
 
 
 def test_a_head_that_never_ends_is_cut_off_with_408(timed_proxy: GunicornProxy) -> None:
@@ -102,14 +105,15 @@ def test_a_silent_new_connection_is_closed(timed_proxy: GunicornProxy) -> None:
 
 
 @pytest.mark.parametrize("path", ["/register", "/mcp"])
-def test_a_body_that_never_arrives_is_cut_off(timed_proxy: GunicornProxy, module_echo: EchoServer,
-                                              path: str) -> None:
+def test_a_body_that_never_arrives_is_cut_off(timed_proxy: GunicornProxy, module_echo: EchoServer, path: str) -> None:
     headers = ""
     if path == "/mcp":
         headers = f"Authorization: Bearer {log_in(timed_proxy.url, timed_proxy.url + '/mcp').access_token}\r\n"
     with socket.create_connection(address(timed_proxy)) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
-                     "Content-Length: 1000\r\n\r\n{\"client_name\": ".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+            'Content-Length: 1000\r\n\r\n{"client_name": '.encode()
+        )
         answer, took = read_until_closed(sock, BODY_TIMEOUT + SLACK)
     assert took >= BODY_TIMEOUT - 0.5, took
     if answer:  # whoever answers says it is the client's fault
@@ -123,12 +127,19 @@ def test_a_body_that_never_arrives_is_cut_off(timed_proxy: GunicornProxy, module
 
 def test_a_body_sent_slowly_but_steadily_is_served(timed_proxy: GunicornProxy) -> None:
     """The body limit is on each pause, not the total: pauses just under it, for twice as long, are fine."""
-    body = json.dumps({"client_name": "Slow but steady", "redirect_uris": ["http://127.0.0.1:33418/callback"],
-                       "token_endpoint_auth_method": "none"}).encode()
+    body = json.dumps(
+        {
+            "client_name": "Slow but steady",
+            "redirect_uris": ["http://127.0.0.1:33418/callback"],
+            "token_endpoint_auth_method": "none",
+        }
+    ).encode()
     pieces = [body[:20], body[20:40], body[40:]]
     with socket.create_connection(address(timed_proxy)) as sock:
-        sock.sendall(b"POST /register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(
+            b"POST /register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
         for piece in pieces:
             time.sleep(BODY_TIMEOUT * 0.6)
             sock.sendall(piece)
@@ -173,8 +184,9 @@ def half_sent() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
-def test_half_sent_requests_do_not_stop_the_worker(start_gunicorn: Callable[..., GunicornProxy],
-                                                  half_sent: list[socket.socket]) -> None:
+def test_half_sent_requests_do_not_stop_the_worker(
+    start_gunicorn: Callable[..., GunicornProxy], half_sent: list[socket.socket]
+) -> None:
     # A head timeout far longer than the test: only the cap on waiting connections can keep the worker answering.
     proxy = start_gunicorn(WORKER_CONNECTIONS=str(WORKER_CONNECTIONS), REQUEST_HEAD_TIMEOUT="60")
     for _ in range(HALF_SENT):
@@ -187,9 +199,15 @@ def test_half_sent_requests_do_not_stop_the_worker(start_gunicorn: Callable[...,
     assert health.status_code == 200
     metadata = requests.get(proxy.url + "/.well-known/oauth-authorization-server", timeout=5)
     assert metadata.status_code == 200
-    registered = requests.post(proxy.url + "/register", timeout=5, json={
-        "client_name": "Real client", "redirect_uris": ["http://127.0.0.1:33418/callback"],
-        "token_endpoint_auth_method": "none"})
+    registered = requests.post(
+        proxy.url + "/register",
+        timeout=5,
+        json={
+            "client_name": "Real client",
+            "redirect_uris": ["http://127.0.0.1:33418/callback"],
+            "token_endpoint_auth_method": "none",
+        },
+    )
     assert registered.status_code == 201, registered.text
     took = time.monotonic() - started
     assert took < 5, took

@@ -49,8 +49,8 @@ def assert_reauthorize(response: requests.Response) -> None:
 
 
 def test_a_moved_access_token_ciphertext_is_a_401_and_ends_the_grant(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        caplog: pytest.LogCaptureFixture) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", **FORWARDING)
     login, grant_id, other_id = two_logins(proxy)
     swap_ciphertext(proxy, grant_id, "upstream_access_token", other_id)
@@ -67,7 +67,8 @@ def test_a_moved_access_token_ciphertext_is_a_401_and_ends_the_grant(
 
 
 def test_a_moved_refresh_token_ciphertext_at_upstream_refresh_is_a_401(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", **FORWARDING)
     login, grant_id, other_id = two_logins(proxy)
     swap_ciphertext(proxy, grant_id, "upstream_refresh_token", other_id)
@@ -78,15 +79,16 @@ def test_a_moved_refresh_token_ciphertext_at_upstream_refresh_is_a_401(
 
 
 def test_a_missing_encryption_key_is_a_503_and_keeps_the_grant(
-        start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer,
-        caplog: pytest.LogCaptureFixture) -> None:
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", **FORWARDING)
     login = log_in(proxy.url, proxy.url + "/mcp")
     grant_id = grant_id_of(proxy.app, login.access_token)
     # Another instance on the same database that was given only a new key (a rolling key change gone wrong).
     new_key = base64.b64encode(os.urandom(32)).decode()
-    keyless = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", ENCRYPTION_KEY=new_key,
-                          PUBLIC_URL=proxy.url, **FORWARDING)  # the same public URL: one service, two instances
+    keyless = start_proxy(
+        MCP_SERVER_URL=echo_downstream.url + "/mcp", ENCRYPTION_KEY=new_key, PUBLIC_URL=proxy.url, **FORWARDING
+    )  # the same public URL: one service, two instances
     keyless_url = f"http://127.0.0.1:{keyless.server.server_port}"
     with caplog.at_level(logging.INFO):
         response = requests.post(keyless_url + "/mcp", headers=login.bearer, json={}, timeout=10)
@@ -123,8 +125,12 @@ def test_rotate_key_names_every_row_it_cannot_decrypt(start_proxy: Callable[...,
         assert proxy.app.test_cli_runner().invoke(args=["grants", "revoke", str(grant_id)]).exit_code == 0
     assert rotating.app.test_cli_runner().invoke(args=["rotate-key"]).exit_code == 0
     with rotating.app.app_context():
-        assert components(rotating.app).secret_box.needs_rotation(
-            db.session.scalar(select(Grant.upstream_access_token).where(Grant.id == other_id))) is False
+        assert (
+            components(rotating.app).secret_box.needs_rotation(
+                db.session.scalar(select(Grant.upstream_access_token).where(Grant.id == other_id))
+            )
+            is False
+        )
         assert db.session.scalar(select(Grant.revoked_at).where(Grant.id == grant_id)) <= utcnow()
     # and back under the suite's key, as the other rotation test leaves it
     back = start_proxy(ENCRYPTION_KEY=f"{TEST_KEY},{new_key}")

@@ -1024,8 +1024,12 @@ def test_microsoft_multi_tenant_id_token(monkeypatch: pytest.MonkeyPatch, signin
     assert identity == UpstreamIdentity(id="ms-sub", email=None, name="A")  # Graph's userinfo proves nothing
 
     without_proof = signed_id_token(
-        signing_key, iss=f"https://login.microsoftonline.com/{TENANT}/v2.0", tid=TENANT, sub="ms-sub",
-        email="ceo@victim.com", name="A",
+        signing_key,
+        iss=f"https://login.microsoftonline.com/{TENANT}/v2.0",
+        tid=TENANT,
+        sub="ms-sub",
+        email="ceo@victim.com",
+        name="A",
     )
     identity = provider._identity({"access_token": "at", "id_token": without_proof}, {"nonce": "n-1"})
     assert identity == UpstreamIdentity(id="ms-sub", email=None, name="A")  # nOAuth

@@ -14,19 +14,22 @@ from tests.proxy_fixtures import EchoServer, echo_downstream_fixture, log_in  # 
 DOMAINS = frozenset({"example.test"})
 
 
-@pytest.mark.parametrize(("email", "allowed"), [
-    ("mallory@example.test", True),
-    ("Mallory@Example.TEST", True),  # domains compare case-insensitively
-    (" mallory@example.test ", True),
-    ("mallory@evil.example@example.test", False),  # two @: no address, whatever follows the last one
-    ("mallory@example.test@evil.example", False),
-    ("@example.test", False),
-    ("example.test", False),
-    ("mallory@sub.example.test", False),  # a domain is matched exactly, not its subdomains
-    ("mallory@example.test.evil.example", False),
-    ("", False),
-    (None, False),
-])
+@pytest.mark.parametrize(
+    ("email", "allowed"),
+    [
+        ("mallory@example.test", True),
+        ("Mallory@Example.TEST", True),  # domains compare case-insensitively
+        (" mallory@example.test ", True),
+        ("mallory@evil.example@example.test", False),  # two @: no address, whatever follows the last one
+        ("mallory@example.test@evil.example", False),
+        ("@example.test", False),
+        ("example.test", False),
+        ("mallory@sub.example.test", False),  # a domain is matched exactly, not its subdomains
+        ("mallory@example.test.evil.example", False),
+        ("", False),
+        (None, False),
+    ],
+)
 def test_domain_allowlist_needs_exactly_one_at(email: str | None, allowed: bool) -> None:
     assert email_is_allowed(email, frozenset(), DOMAINS) is allowed
 
@@ -37,8 +40,9 @@ def test_address_allowlist_compares_case_insensitively() -> None:
 
 
 @pytest.mark.parametrize("login_hint", ["dave", "erin"])  # email_verified false, and absent
-def test_unverified_email_is_neither_allowed_nor_forwarded(start_proxy: Callable[..., RunningProxy],
-                                                           echo_downstream: EchoServer, login_hint: str) -> None:
+def test_unverified_email_is_neither_allowed_nor_forwarded(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, login_hint: str
+) -> None:
     guarded = start_proxy(ALLOWED_EMAIL_DOMAINS="example.com")
     client = guarded.register_client()
     with pytest.raises(AssertionError, match="403"):

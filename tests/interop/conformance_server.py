@@ -46,7 +46,7 @@ class MemoryEventStore(EventStore):
         if position is None:
             return None
         stream_id = self._events[position][1]
-        for event_id, stream, message in self._events[position + 1:]:
+        for event_id, stream, message in self._events[position + 1 :]:
             if stream == stream_id and message is not None:
                 await send_callback(EventMessage(message, event_id))
         return stream_id
@@ -86,7 +86,9 @@ async def test_sampling(prompt: str, ctx: Context) -> str:
     """Ask the client's LLM (sampling/createMessage): a server-to-client request on the call's own stream."""
     result = await ctx.session.create_message(
         messages=[SamplingMessage(role="user", content=TextContent(type="text", text=prompt))],
-        max_tokens=100, related_request_id=ctx.request_id)
+        max_tokens=100,
+        related_request_id=ctx.request_id,
+    )
     text = getattr(result.content, "text", None) or "No response"
     return f"LLM response: {text}"
 
@@ -99,47 +101,79 @@ async def _elicit(ctx: Context, message: str, schema: dict[str, Any]) -> str:
 @server.tool()
 async def test_elicitation(message: str, ctx: Context) -> str:
     """Ask the user for a username and an email (elicitation/create)."""
-    return await _elicit(ctx, message, {
-        "type": "object",
-        "properties": {"username": {"type": "string", "description": "User's response"},
-                       "email": {"type": "string", "description": "User's email address"}},
-        "required": ["username", "email"],
-    })
+    return await _elicit(
+        ctx,
+        message,
+        {
+            "type": "object",
+            "properties": {
+                "username": {"type": "string", "description": "User's response"},
+                "email": {"type": "string", "description": "User's email address"},
+            },
+            "required": ["username", "email"],
+        },
+    )
 
 
 @server.tool()
 async def test_elicitation_sep1034_defaults(ctx: Context) -> str:
     """Elicitation whose schema carries a default for every primitive type (SEP-1034)."""
-    return await _elicit(ctx, "Please review and update the form fields with defaults", {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "default": "John Doe"},
-            "age": {"type": "integer", "default": 30},
-            "score": {"type": "number", "default": 95.5},
-            "status": {"type": "string", "enum": ["active", "inactive", "pending"], "default": "active"},
-            "verified": {"type": "boolean", "default": True},
+    return await _elicit(
+        ctx,
+        "Please review and update the form fields with defaults",
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "default": "John Doe"},
+                "age": {"type": "integer", "default": 30},
+                "score": {"type": "number", "default": 95.5},
+                "status": {"type": "string", "enum": ["active", "inactive", "pending"], "default": "active"},
+                "verified": {"type": "boolean", "default": True},
+            },
         },
-    })
+    )
 
 
 @server.tool()
 async def test_elicitation_sep1330_enums(ctx: Context) -> str:
     """Elicitation with the five enum shapes of SEP-1330."""
-    return await _elicit(ctx, "Please select options from the enum fields", {
-        "type": "object",
-        "properties": {
-            "untitledSingle": {"type": "string", "enum": ["option1", "option2", "option3"]},
-            "titledSingle": {"type": "string", "oneOf": [
-                {"const": "value1", "title": "First Option"}, {"const": "value2", "title": "Second Option"},
-                {"const": "value3", "title": "Third Option"}]},
-            "legacyEnum": {"type": "string", "enum": ["opt1", "opt2", "opt3"],
-                           "enumNames": ["Option One", "Option Two", "Option Three"]},
-            "untitledMulti": {"type": "array", "items": {"type": "string", "enum": ["option1", "option2", "option3"]}},
-            "titledMulti": {"type": "array", "items": {"anyOf": [
-                {"const": "value1", "title": "First Choice"}, {"const": "value2", "title": "Second Choice"},
-                {"const": "value3", "title": "Third Choice"}]}},
+    return await _elicit(
+        ctx,
+        "Please select options from the enum fields",
+        {
+            "type": "object",
+            "properties": {
+                "untitledSingle": {"type": "string", "enum": ["option1", "option2", "option3"]},
+                "titledSingle": {
+                    "type": "string",
+                    "oneOf": [
+                        {"const": "value1", "title": "First Option"},
+                        {"const": "value2", "title": "Second Option"},
+                        {"const": "value3", "title": "Third Option"},
+                    ],
+                },
+                "legacyEnum": {
+                    "type": "string",
+                    "enum": ["opt1", "opt2", "opt3"],
+                    "enumNames": ["Option One", "Option Two", "Option Three"],
+                },
+                "untitledMulti": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": ["option1", "option2", "option3"]},
+                },
+                "titledMulti": {
+                    "type": "array",
+                    "items": {
+                        "anyOf": [
+                            {"const": "value1", "title": "First Choice"},
+                            {"const": "value2", "title": "Second Choice"},
+                            {"const": "value3", "title": "Third Choice"},
+                        ]
+                    },
+                },
+            },
         },
-    })
+    )
 
 
 @server.tool()
@@ -155,8 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     arguments = parser.parse_args()
-    app = server.streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1", event_store=MemoryEventStore(),
-                                     retry_interval=200)
+    app = server.streamable_http_app(
+        streamable_http_path="/mcp", host="127.0.0.1", event_store=MemoryEventStore(), retry_interval=200
+    )
     config = uvicorn.Config(app, host="127.0.0.1", port=arguments.port, log_level="warning", lifespan="on")
     uvicorn_server = uvicorn.Server(config)
     original_startup = uvicorn_server.startup

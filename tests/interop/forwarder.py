@@ -16,8 +16,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 #: RFC 9110 §7.6.1 connection-specific fields, never forwarded; Host and Authorization are set here.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-                        "te", "trailer", "transfer-encoding", "upgrade", "host", "authorization", "content-length"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "authorization",
+        "content-length",
+    }
+)
 
 
 @dataclass
@@ -80,8 +94,9 @@ class _ForwardHandler(BaseHTTPRequestHandler):
         # Each request gets its own connection: SSE answers hold theirs open for as long as they stream.
         upstream = http.client.HTTPConnection(self.server.target_host, self.server.target_port, timeout=120)
         try:
-            upstream.request(self.command, self.path, body=body if body or self.command == "POST" else None,
-                             headers=headers)
+            upstream.request(
+                self.command, self.path, body=body if body or self.command == "POST" else None, headers=headers
+            )
             response = upstream.getresponse()
             self.server.forwarded.append(Forwarded(self.command, self.path, response.status))
             self.send_response_only(response.status, response.reason)
