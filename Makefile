@@ -51,6 +51,7 @@ demo-deps: $(STAMP) tests/provider/node_modules/.package-lock.json
 ##   arguments, e.g. make test PYTEST_ARGS='-x tests/test_config.py'
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	scripts/ensure-services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -61,9 +62,10 @@ test-container: install
 	scripts/ensure-services
 	$(BIN)/python -m pytest -q -m container $(PYTEST_ARGS) tests/test_container.py tests/test_compose.py
 
-## lint: ruff over the whole tree
+## lint: ruff's checks and its formatter's check over the whole tree (`ruff format .` fixes the latter)
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## lock: re-resolve requirements.lock (everything) and requirements.txt (a deployment: core, postgres, redis)
 ##   from pyproject.toml's pins, with hashes, for every platform; run it after changing a pin
