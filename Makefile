@@ -52,6 +52,7 @@ demo-deps: $(STAMP) tests/provider/node_modules/.package-lock.json
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	scripts/ensure-services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -62,10 +63,11 @@ test-container: install
 	scripts/ensure-services
 	$(BIN)/python -m pytest -q -m container $(PYTEST_ARGS) tests/test_container.py tests/test_compose.py
 
-## lint: ruff's checks and its formatter's check over the whole tree (`ruff format .` fixes the latter)
+## lint: ruff's checks, its formatter's check (`ruff format .` fixes what it finds) and mypy over oauthproxy/
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 ## lock: re-resolve requirements.lock (everything) and requirements.txt (a deployment: core, postgres, redis)
 ##   from pyproject.toml's pins, with hashes, for every platform; run it after changing a pin

@@ -23,7 +23,7 @@ from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.errors import InvalidTargetError, safe_description
 from oauthproxy.logs import set_request_user
-from oauthproxy.models import AuthorizationCode, Grant, Token, db, utcnow
+from oauthproxy.models import AuthorizationCode, Grant, Token, db, rows_affected, utcnow
 from oauthproxy.resource_server import forget_grant
 from oauthproxy.urls import canonical_resource
 
@@ -144,11 +144,13 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
 
     def authenticate_user(self, authorization_code: AuthorizationCode) -> Grant:
         # Redeem atomically: of two concurrent redemptions exactly one updates the row.
-        claimed = db.session.execute(
-            update(AuthorizationCode)
-            .where(AuthorizationCode.code_hash == authorization_code.code_hash, AuthorizationCode.used_at.is_(None))
-            .values(used_at=utcnow())
-        ).rowcount
+        claimed = rows_affected(
+            db.session.execute(
+                update(AuthorizationCode)
+                .where(AuthorizationCode.code_hash == authorization_code.code_hash, AuthorizationCode.used_at.is_(None))
+                .values(used_at=utcnow())
+            )
+        )
         if claimed != 1:
             db.session.rollback()
             # A redemption that lost the race is a second use all the same (OAuth 2.1 §4.1.3): end what the
@@ -222,16 +224,18 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         Runs after every check of the request, just before the new pair is issued, so a refused request
         (another client, a wrong scope or resource) uses nothing up."""
         live = (Token.id == refresh_token.id, Token.revoked_at.is_(None))
-        rotated = db.session.execute(
-            update(Token).where(*live, Token.rotated_at.is_(None)).values(rotated_at=database_now())
-        ).rowcount
+        rotated = rows_affected(
+            db.session.execute(update(Token).where(*live, Token.rotated_at.is_(None)).values(rotated_at=database_now()))
+        )
         if rotated != 1:
             grace = self.server.settings.refresh_grace_seconds
-            retried = db.session.execute(
-                update(Token)
-                .where(*live, Token.grace_used_at.is_(None), Token.rotated_at >= database_now(-grace))
-                .values(grace_used_at=database_now())
-            ).rowcount
+            retried = rows_affected(
+                db.session.execute(
+                    update(Token)
+                    .where(*live, Token.grace_used_at.is_(None), Token.rotated_at >= database_now(-grace))
+                    .values(grace_used_at=database_now())
+                )
+            )
             if retried != 1:
                 db.session.rollback()
                 log.info("refresh token of grant %s presented again after its grace retry", refresh_token.grant_id)

@@ -10,7 +10,7 @@ from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 from flask_migrate import cli as migrate_cli
 
-from oauthproxy.components import components
+from oauthproxy.components import components, current_application
 from oauthproxy.crypto import generate_key
 
 
@@ -94,7 +94,7 @@ def check(timeout: float, skip_public_url: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-connection notes are not findings
     click.echo(f"oauthproxy check ({current_app.config['SETTINGS'].public_url})")
     failures = 0
-    for finding in SelfCheck(current_app._get_current_object(), timeout, not skip_public_url).run():
+    for finding in SelfCheck(current_application(), timeout, not skip_public_url).run():
         failures += finding.level == "fail"
         click.echo(finding.render())
     if failures:
@@ -148,14 +148,14 @@ def clients_delete(client_id: str) -> None:
     from sqlalchemy import delete, select
 
     from oauthproxy.authorization_server import revoke_grant
-    from oauthproxy.models import Grant, OAuthClient, db
+    from oauthproxy.models import Grant, OAuthClient, db, rows_affected
 
     grant_ids = db.session.scalars(
         select(Grant.id).where(Grant.client_id == client_id, Grant.revoked_at.is_(None))
     ).all()
     for grant_id in grant_ids:
         revoke_grant(grant_id, "revoked_by_operator")
-    deleted = db.session.execute(delete(OAuthClient).where(OAuthClient.client_id == client_id)).rowcount
+    deleted = rows_affected(db.session.execute(delete(OAuthClient).where(OAuthClient.client_id == client_id)))
     db.session.commit()
     if not deleted and not grant_ids:
         raise click.ClickException(f"no client {client_id!r}; see `oauthproxy clients list`")

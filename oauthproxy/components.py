@@ -53,3 +53,8 @@ def attach_components(app: Flask, settings: Settings) -> Components:
 def components(app: Flask | None = None) -> Components:
     """The services of `app`, or of the current application."""
     return (app or current_app).extensions[_KEY]
+
+
+def current_application() -> Flask:
+    """The application behind `current_app`'s proxy, for code that keeps it beyond the request or passes it on."""
+    return current_app._get_current_object()  # type: ignore[attr-defined]  # werkzeug's LocalProxy is untyped here

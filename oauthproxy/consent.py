@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from flask import Request, Response, current_app, session
+from flask import Request, current_app, session
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from werkzeug.wrappers import Response
 
 from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from flask import Flask, Response, request
 from sqlalchemy import event
@@ -16,6 +16,9 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, InternalError, Op
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from oauthproxy.errors import json_error
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,10 @@ class CooperativeCursor(sqlite3.Cursor):
 
     connection: CooperativeConnection
 
-    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:
         return _retry_while_busy(lambda: sqlite3.Cursor.execute(self, sql, parameters), self.connection.lock_wait)
 
-    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+    def executemany(self, sql: str, parameters: Any, /) -> Self:
         rows = list(parameters)  # an iterator could not be replayed
         return _retry_while_busy(lambda: sqlite3.Cursor.executemany(self, sql, rows), self.connection.lock_wait)
 
@@ -103,7 +106,7 @@ def _sqlite_connection_class(bound: float) -> type[CooperativeConnection]:
 # -- PostgreSQL: a client-side bound too -----------------------------------------------------------
 
 
-def _bounded_psycopg_class(bound: float) -> type:
+def _bounded_psycopg_class(bound: float) -> type[psycopg.Connection]:
     """A psycopg connection whose every wait for the server ends after `bound` seconds.
 
     statement_timeout is enforced by the server: a server that is frozen (SIGSTOP, a hung host whose kernel still

@@ -6,6 +6,7 @@ import base64
 
 from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge, TooManyRequests
+from werkzeug.wrappers import Response as BaseResponse
 
 from oauthproxy import consent
 from oauthproxy.components import components
@@ -88,7 +89,7 @@ def register() -> Response:
 
 
 @blueprint.route("/authorize", methods=["GET"])
-def authorize() -> Response:
+def authorize() -> BaseResponse:
     repeated = [key for key in SINGLE_VALUED if len(request.args.getlist(key)) > 1]
     validated = validate_authorization_request(request.args.to_dict(flat=True), repeated)
     if consent.has_consented(request, validated.client.client_id, validated.resource, validated.scope):
@@ -125,7 +126,7 @@ def render_consent(validated) -> Response:
 
 
 @blueprint.route("/authorize/consent", methods=["POST"])
-def submit_consent() -> Response:
+def submit_consent() -> BaseResponse:
     if not consent.csrf_is_valid(request.form.get("csrf_token")):
         raise AuthorizationPageError(
             400,
@@ -151,7 +152,7 @@ def submit_consent() -> Response:
 
 
 @blueprint.route("/callback")
-def callback() -> Response:
+def callback() -> BaseResponse:
     return complete_upstream_login(request.args.to_dict(flat=True))
 
 
@@ -228,7 +229,7 @@ def authorization_page_error(error: AuthorizationPageError) -> Response:
 
 
 @blueprint.app_errorhandler(AuthorizationRedirectError)
-def authorization_redirect_error(error: AuthorizationRedirectError) -> Response:
+def authorization_redirect_error(error: AuthorizationRedirectError) -> BaseResponse:
     return redirect(error_redirect_url(error.redirect_uri, error.error, error.description, error.state))
 
 

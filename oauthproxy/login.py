@@ -11,8 +11,9 @@ from datetime import timedelta
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import OAuth2Error
-from flask import Response, current_app, redirect, session
+from flask import current_app, redirect, session
 from sqlalchemy import delete
+from werkzeug.wrappers import Response as BaseResponse
 
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
@@ -22,7 +23,7 @@ from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
-from oauthproxy.models import Grant, PendingAuthorization, db
+from oauthproxy.models import Grant, PendingAuthorization, db, rows_affected
 from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
 from oauthproxy.urls import canonical_resource
 
@@ -172,7 +173,7 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
     )
 
 
-def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
+def begin_upstream_login(validated: ValidatedAuthorization) -> BaseResponse:
     """After consent: create the single-use upstream `state`, store it server-side, and send the user upstream."""
     upstream: UpstreamProvider = components().login_provider
     settings = _settings()
@@ -216,16 +217,18 @@ def _claim_pending(state: str) -> PendingAuthorization | None:
     row = db.session.get(PendingAuthorization, state_hash)
     if row is None:
         return None
-    claimed = db.session.execute(
-        delete(PendingAuthorization).where(
-            PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > database_now()
+    claimed = rows_affected(
+        db.session.execute(
+            delete(PendingAuthorization).where(
+                PendingAuthorization.state_hash == state_hash, PendingAuthorization.expires_at > database_now()
+            )
         )
-    ).rowcount
+    )
     db.session.commit()
     return row if claimed == 1 else None
 
 
-def complete_upstream_login(args: dict[str, str]) -> Response:
+def complete_upstream_login(args: dict[str, str]) -> BaseResponse:
     """The provider sent the user back: check state, exchange the code, store the grant, answer the client."""
     settings = _settings()
     state = args.get("state")
@@ -283,8 +286,8 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
             validated.state,
         ) from None
 
-    identity = storable_identity(identity)
-    if identity is None:
+    storable = storable_identity(identity)
+    if storable is None:
         raise AuthorizationRedirectError(
             validated.redirect_uri,
             "server_error",
@@ -293,6 +296,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
             "characters)",
             validated.state,
         )
+    identity = storable
     set_request_user(identity.id)
     if not settings.user_is_allowed(identity.email):
         log.info("user %s is not in the allowlist", identity.id)

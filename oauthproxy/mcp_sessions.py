@@ -12,7 +12,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from oauthproxy.crypto import hash_token
-from oauthproxy.models import McpSession, db, utcnow
+from oauthproxy.models import McpSession, db, rows_affected, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,13 @@ class SessionBindings:
         if entry[0] != user_id:
             return False
         if now - entry[1] > self.touch_interval:
-            touched = db.session.execute(
-                update(McpSession)
-                .where(McpSession.key_hash == session_key(route_name, session_id))
-                .values(last_seen_at=utcnow())
-            ).rowcount
+            touched = rows_affected(
+                db.session.execute(
+                    update(McpSession)
+                    .where(McpSession.key_hash == session_key(route_name, session_id))
+                    .values(last_seen_at=utcnow())
+                )
+            )
             db.session.commit()
             if not touched:  # ended on another instance (DELETE, a downstream 404) or purged
                 self._drop(key)

@@ -187,9 +187,3 @@ def exposition() -> tuple[bytes, str]:
     from prometheus_client import REGISTRY
 
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-def mark_worker_dead(pid: int) -> None:
-    """gunicorn `child_exit` hook: drop a dead worker's live gauges (open streams) from the totals."""
-    if multiprocess_directory():
-        prometheus_multiprocess.mark_process_dead(pid)

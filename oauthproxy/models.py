@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import ForeignKey, Index, MetaData, String, Text
+from sqlalchemy import CursorResult, ForeignKey, Index, MetaData, Result, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -23,6 +24,16 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+# Flask-SQLAlchemy builds db.Model at run time from Base; type checkers see Base, which has every attribute we use.
+if TYPE_CHECKING:
+    Model = Base
+else:
+    Model = db.Model
+
+
+def rows_affected(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE touched: conditional UPDATEs decide races (a code, a rotation) by it."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def utcnow() -> datetime:
@@ -30,7 +41,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class OAuthClient(db.Model):
+class OAuthClient(Model):
     """A client registered through RFC 7591 dynamic registration."""
 
     __tablename__ = "oauth_clients"
@@ -48,7 +59,7 @@ class OAuthClient(db.Model):
         return json.loads(self.client_metadata_json)
 
 
-class Grant(db.Model):
+class Grant(Model):
     """One user's authorization of one client: the family every code and token of that login descends from."""
 
     __tablename__ = "grants"
@@ -73,7 +84,7 @@ class Grant(db.Model):
     upstream_refresh_claimed_until: Mapped[datetime | None] = mapped_column()
 
 
-class AuthorizationCode(db.Model):
+class AuthorizationCode(Model):
     """A single-use code bound to client, redirect URI, PKCE challenge, resource and scope (OAuth 2.1 §4.1.3)."""
 
     __tablename__ = "authorization_codes"
@@ -97,7 +108,7 @@ class AuthorizationCode(db.Model):
         return self.scope
 
 
-class Token(db.Model):
+class Token(Model):
     """An access token and its refresh token, stored as hashes; rotation marks the old row `rotated_at`."""
 
     __tablename__ = "tokens"
@@ -136,7 +147,7 @@ class Token(db.Model):
         return self.revoked_at is not None
 
 
-class PendingAuthorization(db.Model):
+class PendingAuthorization(Model):
     """An approved authorization request waiting for the upstream login; keyed by the upstream `state`."""
 
     __tablename__ = "pending_authorizations"
@@ -155,7 +166,7 @@ class PendingAuthorization(db.Model):
         return json.loads(self.request_json)
 
 
-class McpSession(db.Model):
+class McpSession(Model):
     """An MCP session a downstream opened through a route, and the user it belongs to (MCP RS-5: sessions are bound
     to their user). Keyed by a hash of the route's name and the `Mcp-Session-Id`: the id itself is never stored."""
 

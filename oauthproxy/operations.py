@@ -6,9 +6,9 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy import text
@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from oauthproxy import metrics
-from oauthproxy.components import components
+from oauthproxy.components import components, current_application
 from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
 from oauthproxy.logs import ROUTE_KEY, RequestLogger
@@ -57,7 +57,7 @@ def readyz() -> Response:
     except ProbeTimeout:
         log.warning("readiness: the database did not answer within %s s", READY_BOUND_SECONDS)
         return _answer(503, status="unavailable", database="unreachable")
-    heads, known = _schema_revisions(current_app._get_current_object())
+    heads, known = _schema_revisions(current_application())
     if current == heads:
         state = "ok"
     elif current and not current & known:
@@ -177,7 +177,7 @@ def _observe_response(response: Response) -> Response:
     elif status == 201 and request.endpoint == "authorization.register":
         metrics.REGISTRATIONS.inc()
     if response.is_streamed and response.mimetype == "text/event-stream":
-        response.response = metrics.StreamCounter(response.response, route)
+        response.response = metrics.StreamCounter(cast(Iterable[bytes], response.response), route)
     return response
 
 
@@ -207,4 +207,4 @@ def init_operations(app: Flask, settings: Settings) -> None:
             x_port=0,
             x_prefix=0,
         )
-    app.wsgi_app = wsgi_app
+    app.wsgi_app = wsgi_app  # type: ignore[method-assign]  # Flask's documented way to add WSGI middleware

@@ -141,7 +141,8 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     )
     for endpoint, limit in limits:
         # Flask-Limiter 4 checks inside the wrapper it returns, so the view must be replaced by it.
-        app.view_functions[endpoint] = limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
+        limited_view = limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
+        app.view_functions[endpoint] = limited_view  # type: ignore[assignment]  # typed as possibly async; ours is not
     limited = frozenset(endpoint for endpoint, _ in limits)
     # Every other request (each proxied MCP request among them) has no limit: spare it the limiter's bookkeeping,
     # ~20 µs of CPU per request (docs/benchmarks.md).

@@ -13,9 +13,10 @@ from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.routing import PathConverter
+from werkzeug.wrappers import Response as BaseResponse
 
 from oauthproxy.clock import database_now
-from oauthproxy.components import components
+from oauthproxy.components import components, current_application
 from oauthproxy.config import Settings
 from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
@@ -179,7 +180,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
         if row.upstream_access_token and route.forwards_upstream_token:
             try:
                 upstream_token = open_grant_secret(
-                    current_app._get_current_object(), row.grant_id, "upstream_access_token", row.upstream_access_token
+                    current_application(), row.grant_id, "upstream_access_token", row.upstream_access_token
                 )
             except UnreadableGrant as error:
                 revoke_unreadable_grant(row.grant_id)
@@ -318,7 +319,7 @@ def protected_resource_metadata(route_name: str) -> Response:
     return response
 
 
-def mcp_endpoint(route_name: str, subpath: str = "") -> Response:
+def mcp_endpoint(route_name: str, subpath: str = "") -> BaseResponse:
     """Every method on a route's path and below: check Origin and token, then stream the request through."""
     route: Route = components().routes[route_name]
     settings = _settings()
@@ -334,7 +335,7 @@ def mcp_endpoint(route_name: str, subpath: str = "") -> Response:
     return response
 
 
-def _authorize_and_forward(route: Route, settings: Settings) -> Response:
+def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
     header = request.headers.get("Authorization", "")
     if not header:
         return unauthorized(route, token_sent=False)
@@ -375,12 +376,12 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
     if route.forwards_upstream_token and validated.upstream.needs_refresh(settings.proxy.upstream_refresh_skew):
         try:
             upstream = refresh_upstream_access(
-                current_app._get_current_object(), validated.grant_id, settings.proxy.upstream_refresh_skew
+                current_application(), validated.grant_id, settings.proxy.upstream_refresh_skew
             )
         except LoginRequired as error:
             if isinstance(error, UnreadableGrant):
                 revoke_unreadable_grant(validated.grant_id)
-            forget_grant(current_app._get_current_object(), validated.grant_id)
+            forget_grant(current_application(), validated.grant_id)
             return unauthorized(route, str(error) + "; sign in again")
         except UpstreamUnavailable as error:
             return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -555,7 +555,7 @@ class SelfCheck:
             "all consistent with PUBLIC_URL",
         )
 
-    def _json(self, subject: str, url: str, what: str) -> Iterator[Finding]:
+    def _json(self, subject: str, url: str, what: str) -> Generator[Finding, None, dict[str, Any] | None]:
         """Generator helper: yields a failure, or returns the JSON object at `url` (via `yield from`)."""
         try:
             response = self.http.get(

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, or_, select, update
 
 from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
@@ -22,7 +22,7 @@ from oauthproxy.upstream import HTTP_TIMEOUT, UpstreamError, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
-GRANTS = Grant.__table__
+GRANTS = cast(Table, Grant.__table__)
 
 
 class LoginRequired(Exception):
