@@ -145,7 +145,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         app.view_functions[endpoint] = limited_view  # type: ignore[assignment]  # typed as possibly async; ours is not
     limited = frozenset(endpoint for endpoint, _ in limits)
     # Every other request (each proxied MCP request among them) has no limit: spare it the limiter's bookkeeping,
-    # ~20 µs of CPU per request (docs/benchmarks.md).
+    # its bookkeeping on every request (bench/analysis.md, "What changed in the product", item 5).
     limiter.request_filter(lambda: request.endpoint not in limited)
 
     @app.after_request
