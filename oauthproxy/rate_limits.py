@@ -144,8 +144,8 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         limited_view = limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
         app.view_functions[endpoint] = limited_view  # type: ignore[assignment]  # typed as possibly async; ours is not
     limited = frozenset(endpoint for endpoint, _ in limits)
-    # Every other request (each proxied MCP request among them) has no limit: spare it the limiter's bookkeeping,
-    # its bookkeeping on every request (bench/analysis.md, "What changed in the product", item 5).
+    # Every other request (each proxied MCP request among them) has no limit: spare it the limiter's bookkeeping
+    # (measured in bench/analysis.md, "What changed in the product", item 5).
     limiter.request_filter(lambda: request.endpoint not in limited)
 
     @app.after_request
