@@ -7,7 +7,8 @@ Targets of the same run, measured alternately so that their ratios hold on a noi
   same worker count and no auth (the limit of this stack);
 - proxy: the same through oauthproxy under its own gunicorn.conf.py, with a real access token from a real login.
 Then: idle event streams held by one worker, the delay each event gains, the token check, a streamed tools/call
-against a real MCP server, and py-spy profiles of the floor and proxy workers under load. The figures go to
+against a real MCP server, the same server under wrk (tools/call answered as an event stream, and session set-up),
+and py-spy profiles of the floor and proxy workers under load. The figures go to
 docs/benchmarks.md (regenerated on every run). Benchmarks never fail on a number: they print tables.
 """
 
@@ -44,6 +45,7 @@ from bench.servers import (
     rss_kib,
     start_fast_downstream,
     start_floor,
+    start_mcp_server,
     start_proxy,
     start_reference_proxy,
     start_sse_downstream,
@@ -53,9 +55,14 @@ from oauthproxy.components import components
 from tests.provider_fixture import OidcProvider, launch_oidc_provider
 from tests.proxy_fixtures import launch_mcp_downstream
 
-SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp")
+SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload")
 LUA_SCRIPT = BENCH / "jsonrpc_post.lua"
+HANDSHAKE_SCRIPT = BENCH / "mcp_handshake.lua"
 JSON_RPC_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
+#: What the mcpload section posts: a tools/call that the real MCP server answers with an event stream.
+TOOLS_CALL_BODY = (
+    '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}'
+)
 #: Events at the start and end of each ticking stream that the steady-state delay leaves out.
 STEADY_EDGE_EVENTS = 3
 
@@ -66,13 +73,15 @@ class Options:
     seconds: int = 5
     connections: tuple[int, ...] = (1, 20)
     workers: int = 1
-    stream_counts: tuple[int, ...] = (100, 1000, 5000)
+    stream_counts: tuple[int, ...] = (100, 1000, 10000)
     hold_seconds: float = 5.0
     delay_streams: int = 20
     delay_events: int = 100
     delay_rounds: int = 4
     delay_interval: float = 0.05
     mcp_calls: int = 50
+    #: Processes of the real MCP server and of the proxy in front of it in the mcpload section (the issue's setup).
+    mcp_workers: int = 2
     profile_seconds: int = 10
     sections: tuple[str, ...] = SECTIONS
     database_dsn: str = ""
@@ -97,12 +106,20 @@ class Target:
     url: str
     service: Service
     token: str = ""
+    #: The server behind `service` when its CPU is measured too (the real MCP server behind the proxy).
+    downstream: Service | None = None
 
 
-def run_wrk(url: str, connections: int, seconds: int, token: str) -> dict[str, Any]:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA_SCRIPT), url]
+def run_wrk(
+    url: str, connections: int, seconds: int, token: str, script: Path = LUA_SCRIPT, body: str = ""
+) -> dict[str, Any]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
     completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + 60, env={**os.environ, "BENCH_TOKEN": token}
+        command,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        env={**os.environ, "BENCH_TOKEN": token, "BENCH_BODY": body},
     )
     line = next((line for line in completed.stdout.splitlines() if line.startswith("BENCH_JSON ")), None)
     if line is None:
@@ -112,11 +129,17 @@ def run_wrk(url: str, connections: int, seconds: int, token: str) -> dict[str, A
     return result
 
 
-def measure_wrk(target: Target, connections: int, seconds: int) -> dict[str, Any]:
+def measure_wrk(
+    target: Target, connections: int, seconds: int, script: Path = LUA_SCRIPT, body: str = ""
+) -> dict[str, Any]:
     pids = target.service.pids()
-    cpu_before = cpu_seconds(pids)
-    result = run_wrk(target.url, connections, seconds, target.token)
-    result["cpu_us_per_request"] = (cpu_seconds(pids) - cpu_before) * 1e6 / max(result["requests"], 1)
+    downstream_pids = target.downstream.pids() if target.downstream else []
+    cpu_before, downstream_before = cpu_seconds(pids), cpu_seconds(downstream_pids)
+    result = run_wrk(target.url, connections, seconds, target.token, script, body)
+    served = max(result["requests"], 1)
+    result["cpu_us_per_request"] = (cpu_seconds(pids) - cpu_before) * 1e6 / served
+    if target.downstream:
+        result["downstream_cpu_us_per_request"] = (cpu_seconds(downstream_pids) - downstream_before) * 1e6 / served
     return result
 
 
@@ -131,8 +154,8 @@ def check_target(target: Target) -> None:
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median over rounds of each figure (robust to one disturbed round)."""
-    keys = ("rps", "p50_us", "p90_us", "p99_us", "mean_us", "cpu_us_per_request")
-    summary = {key: statistics.median(run[key] for run in runs) for key in keys}
+    keys = ("rps", "p50_us", "p90_us", "p99_us", "mean_us", "cpu_us_per_request", "downstream_cpu_us_per_request")
+    summary = {key: statistics.median(run[key] for run in runs) for key in keys if key in runs[0]}
     summary["requests"] = sum(run["requests"] for run in runs)
     summary["errors"] = sum(sum(run["errors"].values()) for run in runs)
     summary["rounds"] = [{key: run[key] for key in ("rps", "p50_us", "p99_us")} for run in runs]
@@ -374,10 +397,12 @@ class Bench:
             )
         )
         rss = held.samples["rss_kib"]
+        time.sleep(2)  # the worker closes its side of each ended stream, and gevent frees the greenlets
         return {
             **asdict(held),
             "baseline_rss_kib": baseline,
             "rss_kib": rss,
+            "rss_after_close_kib": rss_kib(worker),
             "bytes_per_stream": (rss - baseline) * 1024 / count,
             "open_cpu_us_per_stream": (held.samples["cpu"] - cpu_before) * 1e6 / count,
         }
@@ -471,6 +496,52 @@ class Bench:
             for name, values in found.items()
         }
 
+    def mcpload(self) -> None:
+        """wrk against the real MCP server, directly and through the proxy (both with `mcp_workers` processes):
+        tools/call answered as an event stream (stateless server), and session set-up (initialize, then
+        notifications/initialized with the session id; a one-process stateful server, whose sessions are in its
+        memory). CPU is measured for the proxy and for the server behind it."""
+        options = self.options
+        workers = options.mcp_workers
+        self.log(f"mcpload: starting the real MCP server ({workers} worker(s)) and a proxy in front of it")
+        stateless = self.keep(start_mcp_server(self.run_dir, "stateless", workers))
+        stateful = self.keep(start_mcp_server(self.run_dir, "stateful", 1))
+        proxy = self.proxy(stateless.url + "/mcp", workers)
+        session_proxy = self.proxy(stateful.url + "/mcp", workers)
+        scenarios = {
+            "tools/call": (
+                LUA_SCRIPT,
+                TOOLS_CALL_BODY,
+                [
+                    Target("direct", stateless.url + "/mcp", stateless),
+                    Target("proxy", proxy.url + "/mcp", proxy.service, proxy.token, stateless),
+                ],
+            ),
+            "session set-up": (
+                HANDSHAKE_SCRIPT,
+                "",
+                [
+                    Target("direct", stateful.url + "/mcp", stateful),
+                    Target("proxy", session_proxy.url + "/mcp", session_proxy.service, session_proxy.token, stateful),
+                ],
+            ),
+        }
+        for script, body, targets in scenarios.values():
+            for target in targets:
+                run_wrk(target.url, 20, 2, target.token, script, body)  # warm-up
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_number in range(1, options.rounds + 1):
+            for connections in options.connections:
+                for scenario, (script, body, targets) in scenarios.items():
+                    for target in targets:
+                        self.log(
+                            f"mcpload round {round_number}/{options.rounds}: {scenario}, {target.name}, "
+                            f"{connections} connection(s)"
+                        )
+                        result = measure_wrk(target, connections, options.seconds, script, body)
+                        runs.setdefault(f"{scenario}|{target.name}|{connections}", []).append(result)
+        self.results["mcpload"] = {key: summarise_runs(found) for key, found in runs.items()}
+
     # -- everything -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -480,7 +551,7 @@ class Bench:
         }
         started = time.monotonic()
         with self.stack:
-            for section in ("throughput", "token", "streams", "delay", "mcp"):
+            for section in ("throughput", "token", "streams", "delay", "mcp", "mcpload"):
                 if section in self.options.sections:
                     getattr(self, "token_check" if section == "token" else section)()
         self.results.pop("token_for_checks", None)
@@ -581,7 +652,7 @@ def _installed(name: str) -> bool:
 
 
 def raise_open_files_limit() -> None:
-    """5,000 streams need ~5,000 descriptors here, twice that in the proxy worker, as many in the downstream."""
+    """10,000 streams need ~10,000 descriptors here, twice that in the proxy worker, as many in the downstream."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -601,10 +672,16 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--workers", type=int, default=1, help="gunicorn workers of the floor and the proxy in the wrk runs (default 1)"
     )
-    parser.add_argument("--streams", default="100,1000,5000", help="idle stream counts (default 100,1000,5000)")
+    parser.add_argument("--streams", default="100,1000,10000", help="idle stream counts (default 100,1000,10000)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds the idle streams are held (default 5)")
     parser.add_argument(
         "--mcp-calls", type=int, default=50, help="streamed tools/call per round (4 rounds) and path (default 50)"
+    )
+    parser.add_argument(
+        "--mcp-workers",
+        type=int,
+        default=2,
+        help="processes of the real MCP server and of the proxy in front of it in mcpload (default 2)",
     )
     parser.add_argument("--quick", action="store_true", help="one short round of everything (a smoke run)")
     parser.add_argument("--database-dsn", default="", help="the proxy's database (default: SQLite in the run dir)")
@@ -632,6 +709,7 @@ def parse_args(argv: list[str] | None) -> Options:
         stream_counts=tuple(int(n) for n in arguments.streams.split(",")),
         hold_seconds=arguments.hold,
         mcp_calls=arguments.mcp_calls,
+        mcp_workers=arguments.mcp_workers,
         sections=sections,
         database_dsn=arguments.database_dsn,
         output=arguments.output,

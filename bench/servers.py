@@ -248,6 +248,16 @@ def start_floor(log_dir: Path, downstream_url: str, workers: int) -> Service:
     return service
 
 
+def start_mcp_server(log_dir: Path, app: str, workers: int) -> Service:
+    """bench/mcp_server.py (`app`: stateless or stateful) on 127.0.0.1 with `workers` uvicorn processes."""
+    port = free_port()
+    log_path = log_dir / f"mcp-server-{app}-{port}.log"
+    command = [sys.executable, "-m", "bench.mcp_server", str(port), "--app", app, "--workers", str(workers)]
+    service = Service(f"mcp server ({app})", f"http://127.0.0.1:{port}", _popen(command, log_path), log_path)
+    _wait_until(lambda: f"READY {port}" in service.logs() and len(service.workers()) >= workers, service)
+    return service
+
+
 @dataclass
 class ProxyInstance:
     service: Service
