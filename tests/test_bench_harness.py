@@ -82,7 +82,8 @@ def test_the_report_names_each_target() -> None:
                 "released_ok": 4999,
                 "baseline_rss_kib": 90_000,
                 "rss_kib": 220_000,
-                "bytes_per_stream": 26_000.0,
+                "rss_after_close_kib": 100_000,
+                "bytes_per_stream": 19_000.0,
                 "open_seconds": 5.0,
                 "open_cpu_us_per_stream": 900,
             }
@@ -103,6 +104,18 @@ def test_the_report_names_each_target() -> None:
             }
             for name, p50, p99 in (("direct", 0.1, 0.5), ("proxy", 0.3, 1.5))
         },
+        "mcp": {
+            "direct": {"calls": 50, "call_p50_ms": 2.0, "call_p99_ms": 4, "first_p50_ms": 1.5, "first_p99_ms": 3},
+            "proxy": {"calls": 50, "call_p50_ms": 3.0, "call_p99_ms": 6, "first_p50_ms": 2.7, "first_p99_ms": 5},
+        },
+        "mcpload": {
+            "tools/call|direct|1": wrk(1_000, 800, 2_000),
+            "tools/call|proxy|1": {**wrk(750, 1_200, 3_000), "cpu_us_per_request": 650.0},
+            "tools/call|direct|20": wrk(1_150, 15_000, 40_000),
+            "tools/call|proxy|20": {**wrk(1_000, 18_000, 50_000), "cpu_us_per_request": 680.0},
+            "session set-up|direct|20": wrk(2_000, 8_000, 20_000),
+            "session set-up|proxy|20": {**wrk(900, 20_000, 60_000), "cpu_us_per_request": 900.0},
+        },
         "token": {
             "database": "sqlite",
             "hit_us": 2.0,
@@ -116,10 +129,19 @@ def test_the_report_names_each_target() -> None:
     found = {name: met for name, _, _, met in report.targets(results)}
     assert found["throughput vs floor, 1 connection(s)"] is True  # 93 %
     assert found["throughput vs floor, 20 connection(s)"] is False  # 81 %
-    assert found["5,000 idle SSE streams on one worker: memory each"] is True
+    assert found["5,000 idle SSE streams on one worker: memory each"] is True  # 19 KB < 20 KB
+    assert found["5,000 idle SSE streams on one worker: RSS after they close, over idle RSS"] is False  # 11 %
+    assert found["first event of a streamed tools/call: latency added, p50"] is False  # 1.2 ms
+    assert found["proxy CPU per tools/call answered as an event stream (20 connections)"] is True  # 0.68 ms
+    assert found["tools/call throughput through the proxy vs the MCP server direct, 1 connection(s)"] is True  # 75 %
+    assert found["tools/call throughput through the proxy vs the MCP server direct, 20 connection(s)"] is False  # 87 %
     assert found["5,000 idle SSE streams on one worker: none dropped"] is False  # one stream lost its last event
     assert found["database queries per proxied request, cached token"] is True
     assert found["SSE event delay added by the proxy, p99 (steady; all events: 1.00 ms)"] is True
     text = report.render(results)
     assert "## Targets" in text and "## Throughput and latency" in text and "## Event delay" in text
     assert "| proxy | 1,400 |" in text
+    assert "## The real MCP server under load" in text and "| tools/call | proxy | 20 | 1,000 | 87% |" in text
+    assert (
+        found["proxy CPU per session set-up request (initialize, notifications/initialized) vs per tools/call"] is False
+    )  # 900 vs 680 µs
