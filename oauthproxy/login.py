@@ -1,4 +1,4 @@
-"""The interactive authorization flow: validate the request, hand the user to the upstream provider, finish at the callback."""
+"""The interactive authorization flow: validate the request, hand the user to the identity provider, finish at the callback."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db
-from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
+from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity, ProviderTokens
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,16 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
     )
 
 
-def begin_upstream_login(validated: ValidatedAuthorization) -> Response:
-    """After consent: create the single-use upstream `state`, store it server-side, and send the user upstream."""
-    upstream: UpstreamProvider = components().login_provider
+def begin_provider_login(validated: ValidatedAuthorization) -> Response:
+    """After consent: create the single-use `state` for the provider, store it server-side, and send the user there."""
+    provider: OAuthProvider = components().login_provider
     settings = _settings()
     try:
         # Both may run discovery, so both are inside the try: an unreachable provider must reach the
         # client as an OAuth error, or it waits for a redirect that never comes.
-        scopes = upstream.upstream_scopes(validated.scope.split())
-        url, upstream_secrets = upstream.create_authorization_url(settings.callback_url, scopes)
-    except UpstreamError as error:
+        scopes = provider.scopes_for(validated.scope.split())
+        url, upstream_secrets = provider.create_authorization_url(settings.callback_url, scopes)
+    except ProviderError as error:
         log.warning("cannot start upstream login: %s", error.description)
         return redirect(
             error_redirect_url(
@@ -225,7 +225,7 @@ def _claim_pending(state: str) -> PendingAuthorization | None:
     return row if claimed == 1 else None
 
 
-def complete_upstream_login(args: dict[str, str]) -> Response:
+def complete_provider_login(args: dict[str, str]) -> Response:
     """The provider sent the user back: check state, exchange the code, store the grant, answer the client."""
     settings = _settings()
     state = args.get("state")
@@ -247,13 +247,13 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
             "This sign-in was started in another browser. Start again from your MCP client in this browser.",
         )
     validated = validate_authorization_request(pending.request_params)
-    upstream: UpstreamProvider = components().login_provider
+    provider: OAuthProvider = components().login_provider
 
-    upstream_error = upstream.error_from_callback(args)
-    if upstream_error is not None:
-        log.info("upstream login ended with %s", upstream_error.kind)
-        error = "access_denied" if upstream_error.kind == "access_denied" else "server_error"
-        raise AuthorizationRedirectError(validated.redirect_uri, error, upstream_error.description, validated.state)
+    provider_error = provider.error_from_callback(args)
+    if provider_error is not None:
+        log.info("upstream login ended with %s", provider_error.kind)
+        error = "access_denied" if provider_error.kind == "access_denied" else "server_error"
+        raise AuthorizationRedirectError(validated.redirect_uri, error, provider_error.description, validated.state)
     code = args.get("code")
     if not code:
         raise AuthorizationRedirectError(
@@ -273,8 +273,8 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
         ) from None
     scopes = upstream_secrets.pop("scopes", [])
     try:
-        tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)
-    except UpstreamError as error:
+        tokens, signed_in = provider.exchange_code(code, settings.callback_url, upstream_secrets)
+    except ProviderError as error:
         log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
         raise AuthorizationRedirectError(
             validated.redirect_uri,
@@ -283,7 +283,7 @@ def complete_upstream_login(args: dict[str, str]) -> Response:
             validated.state,
         ) from None
 
-    identity = storable_identity(identity)
+    identity = storable_identity(signed_in)
     if identity is None:
         raise AuthorizationRedirectError(
             validated.redirect_uri,
@@ -323,7 +323,7 @@ def _has_control_characters(text: str) -> bool:
     return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
-def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
+def storable_identity(identity: ProviderIdentity) -> ProviderIdentity | None:
     """The identity as it can be stored and forwarded on both databases, or None when the subject cannot be.
 
     The display name is cleaned (control characters dropped, cut to 255 characters): it only labels the user.
@@ -349,7 +349,7 @@ def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
 
 
 def store_grant(
-    validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens, upstream_scopes: list[str]
+    validated: ValidatedAuthorization, identity: ProviderIdentity, tokens: ProviderTokens, upstream_scopes: list[str]
 ) -> Grant:
     """A new grant for this login, with the upstream tokens sealed to its row; the caller commits."""
     box = components().secret_box
