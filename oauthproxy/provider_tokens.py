@@ -28,11 +28,11 @@ GRANTS = Grant.__table__
 
 
 class LoginRequired(Exception):
-    """The grant can no longer reach the provider (revoked, or the upstream refresh token is dead): sign in again."""
+    """The grant can no longer reach the provider (revoked, or the provider's refresh token is dead): sign in again."""
 
 
 class UnreadableGrant(LoginRequired):
-    """The grant's sealed upstream secret can never be opened (tampered, or moved from another row)."""
+    """The grant's sealed provider token can never be opened (tampered, or moved from another row)."""
 
 
 class ProviderUnavailable(Exception):
@@ -131,7 +131,7 @@ def _release(grant_id: int, claim: str, **values: Any) -> bool:
 
 
 def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> str:
-    """A grant's sealed upstream secret in clear; logs which grant when it cannot be opened (never the value).
+    """A grant's sealed provider token in clear; logs which grant when it cannot be opened (never the value).
 
     Raises `ProviderUnavailable` when the key that sealed it is not configured here: an operator's fix (a key
     dropped from ENCRYPTION_KEY, or an instance not yet given a new key during a rolling change); the grant is
@@ -188,7 +188,7 @@ def _settled(app: Flask, row: dict | None, skew: int) -> None:
 
 
 def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAccess:
-    """Return a usable upstream access token for the grant, refreshing it first when it expires within `skew`.
+    """Return a usable provider access token for the grant, refreshing it first when it expires within `skew`.
 
     Providers rotate refresh tokens: two concurrent refreshes with one refresh token would burn the grant. So
     an in-process lock per grant serialises this worker's requests, and a lease in the grant's row (taken and
@@ -209,7 +209,7 @@ def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAcc
             return done.access
         dead_reason = done.dead_reason
     # End the grant so the client's refresh fails too and it goes back to a full sign-in, instead of looping on
-    # tokens whose upstream side is dead.
+    # tokens whose provider side is dead.
     from oauthproxy.authorization_server import revoke_grant
 
     revoke_grant(grant_id, dead_reason or "upstream_invalid_grant")
