@@ -53,9 +53,9 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
     from oauthproxy.operations import init_operations
+    from oauthproxy.providers import build_login_provider
     from oauthproxy.rate_limits import init_rate_limits
     from oauthproxy.resource_server import init_resource_server
-    from oauthproxy.upstream import build_upstream_provider
 
     # Werkzeug answers `//` in a path (merge_slashes) and a missing trailing slash (strict_slashes) with a 308 to a URL
     # built from the request's Host: an open redirect to any host a client names. Every URL we send comes from
@@ -94,11 +94,11 @@ def configure_app(app: Flask, settings: Settings) -> None:
         private_use_redirect_schemes=settings.private_use_redirect_schemes,
         ca_bundle=settings.ca_bundle,
     )
-    upstream = build_upstream_provider(settings)
-    upstream.init_app(app)
-    services.login_provider = upstream
+    login_provider = build_login_provider(settings)
+    login_provider.init_app(app)
+    services.login_provider = login_provider
     if not settings.scopes_supported:
-        app.config["OAUTH_SCOPES_SUPPORTED"] = upstream.default_scopes
+        app.config["OAUTH_SCOPES_SUPPORTED"] = login_provider.default_scopes
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
     init_resource_server(app, settings)

@@ -14,11 +14,11 @@ if TYPE_CHECKING:
     from oauthproxy.config import Settings
     from oauthproxy.crypto import SecretBox
     from oauthproxy.mcp_sessions import SessionBindings
+    from oauthproxy.provider_tokens import KeyedLocks
+    from oauthproxy.providers import OAuthProvider
     from oauthproxy.proxy import DownstreamProxy
     from oauthproxy.resource_server import TokenCache
     from oauthproxy.routes import Route
-    from oauthproxy.upstream import UpstreamProvider
-    from oauthproxy.upstream_tokens import KeyedLocks
 
 _KEY = "oauthproxy"
 
@@ -30,7 +30,7 @@ class Components:
     settings: Settings
     secret_box: SecretBox
     client_metadata_fetcher: ClientMetadataFetcher
-    login_provider: UpstreamProvider
+    login_provider: OAuthProvider
     authorization_server: AuthorizationServer
     routes: dict[str, Route]
     token_cache: TokenCache

@@ -16,8 +16,8 @@ from oauthproxy.login import (
     SINGLE_VALUED,
     AuthorizationPageError,
     AuthorizationRedirectError,
-    begin_upstream_login,
-    complete_upstream_login,
+    begin_provider_login,
+    complete_provider_login,
     error_redirect_url,
     validate_authorization_request,
 )
@@ -93,7 +93,7 @@ def authorize() -> BaseResponse:
     repeated = [key for key in SINGLE_VALUED if len(request.args.getlist(key)) > 1]
     validated = validate_authorization_request(request.args.to_dict(flat=True), repeated)
     if consent.has_consented(request, validated.client.client_id, validated.resource, validated.scope):
-        return begin_upstream_login(validated)
+        return begin_provider_login(validated)
     return render_consent(validated)
 
 
@@ -146,14 +146,14 @@ def submit_consent() -> BaseResponse:
         return redirect(
             error_redirect_url(validated.redirect_uri, "access_denied", "the user denied the request", validated.state)
         )
-    response = begin_upstream_login(validated)
+    response = begin_provider_login(validated)
     consent.remember_consent(request, response, validated.client.client_id, validated.resource, validated.scope)
     return response
 
 
 @blueprint.route("/callback")
 def callback() -> BaseResponse:
-    return complete_upstream_login(request.args.to_dict(flat=True))
+    return complete_provider_login(request.args.to_dict(flat=True))
 
 
 @blueprint.route("/token", methods=["POST", "OPTIONS"])

@@ -1,4 +1,4 @@
-"""The interactive authorization flow: validate the request, hand the user to the upstream provider, finish at the callback."""
+"""The interactive authorization flow: validate the request, hand the user to the identity provider, finish at the callback."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, rows_affected
-from oauthproxy.upstream import UpstreamError, UpstreamIdentity, UpstreamProvider, UpstreamTokens
+from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity, ProviderTokens
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -173,16 +173,16 @@ def validate_authorization_request(params: dict[str, str], repeated: list[str] |
     )
 
 
-def begin_upstream_login(validated: ValidatedAuthorization) -> BaseResponse:
-    """After consent: create the single-use upstream `state`, store it server-side, and send the user upstream."""
-    upstream: UpstreamProvider = components().login_provider
+def begin_provider_login(validated: ValidatedAuthorization) -> BaseResponse:
+    """After consent: create the single-use `state` for the provider, store it server-side, and send the user there."""
+    provider: OAuthProvider = components().login_provider
     settings = _settings()
     try:
         # Both may run discovery, so both are inside the try: an unreachable provider must reach the
         # client as an OAuth error, or it waits for a redirect that never comes.
-        scopes = upstream.upstream_scopes(validated.scope.split())
-        url, upstream_secrets = upstream.create_authorization_url(settings.callback_url, scopes)
-    except UpstreamError as error:
+        scopes = provider.scopes_for(validated.scope.split())
+        url, upstream_secrets = provider.create_authorization_url(settings.callback_url, scopes)
+    except ProviderError as error:
         log.warning("cannot start upstream login: %s", error.description)
         return redirect(
             error_redirect_url(
@@ -228,7 +228,7 @@ def _claim_pending(state: str) -> PendingAuthorization | None:
     return row if claimed == 1 else None
 
 
-def complete_upstream_login(args: dict[str, str]) -> BaseResponse:
+def complete_provider_login(args: dict[str, str]) -> BaseResponse:
     """The provider sent the user back: check state, exchange the code, store the grant, answer the client."""
     settings = _settings()
     state = args.get("state")
@@ -250,13 +250,13 @@ def complete_upstream_login(args: dict[str, str]) -> BaseResponse:
             "This sign-in was started in another browser. Start again from your MCP client in this browser.",
         )
     validated = validate_authorization_request(pending.request_params)
-    upstream: UpstreamProvider = components().login_provider
+    provider: OAuthProvider = components().login_provider
 
-    upstream_error = upstream.error_from_callback(args)
-    if upstream_error is not None:
-        log.info("upstream login ended with %s", upstream_error.kind)
-        error = "access_denied" if upstream_error.kind == "access_denied" else "server_error"
-        raise AuthorizationRedirectError(validated.redirect_uri, error, upstream_error.description, validated.state)
+    provider_error = provider.error_from_callback(args)
+    if provider_error is not None:
+        log.info("upstream login ended with %s", provider_error.kind)
+        error = "access_denied" if provider_error.kind == "access_denied" else "server_error"
+        raise AuthorizationRedirectError(validated.redirect_uri, error, provider_error.description, validated.state)
     code = args.get("code")
     if not code:
         raise AuthorizationRedirectError(
@@ -276,8 +276,8 @@ def complete_upstream_login(args: dict[str, str]) -> BaseResponse:
         ) from None
     scopes = upstream_secrets.pop("scopes", [])
     try:
-        tokens, identity = upstream.exchange_code(code, settings.callback_url, upstream_secrets)
-    except UpstreamError as error:
+        tokens, signed_in = provider.exchange_code(code, settings.callback_url, upstream_secrets)
+    except ProviderError as error:
         log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
         raise AuthorizationRedirectError(
             validated.redirect_uri,
@@ -286,8 +286,8 @@ def complete_upstream_login(args: dict[str, str]) -> BaseResponse:
             validated.state,
         ) from None
 
-    storable = storable_identity(identity)
-    if storable is None:
+    identity = storable_identity(signed_in)
+    if identity is None:
         raise AuthorizationRedirectError(
             validated.redirect_uri,
             "server_error",
@@ -296,7 +296,6 @@ def complete_upstream_login(args: dict[str, str]) -> BaseResponse:
             "characters)",
             validated.state,
         )
-    identity = storable
     set_request_user(identity.id)
     if not settings.user_is_allowed(identity.email):
         log.info("user %s is not in the allowlist", identity.id)
@@ -327,7 +326,7 @@ def _has_control_characters(text: str) -> bool:
     return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
-def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
+def storable_identity(identity: ProviderIdentity) -> ProviderIdentity | None:
     """The identity as it can be stored and forwarded on both databases, or None when the subject cannot be.
 
     The display name is cleaned (control characters dropped, cut to 255 characters): it only labels the user.
@@ -353,7 +352,7 @@ def storable_identity(identity: UpstreamIdentity) -> UpstreamIdentity | None:
 
 
 def store_grant(
-    validated: ValidatedAuthorization, identity: UpstreamIdentity, tokens: UpstreamTokens, upstream_scopes: list[str]
+    validated: ValidatedAuthorization, identity: ProviderIdentity, tokens: ProviderTokens, upstream_scopes: list[str]
 ) -> Grant:
     """A new grant for this login, with the upstream tokens sealed to its row; the caller commits."""
     box = components().secret_box

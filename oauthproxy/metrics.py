@@ -82,13 +82,13 @@ GRANTS_REVOKED = Counter(
     "oauthproxy_grants_revoked_total", "Grants (whole token families) revoked, by reason.", ["reason"]
 )
 REGISTRATIONS = Counter("oauthproxy_client_registrations_total", "Dynamic client registrations answered with 201.")
-UPSTREAM_LATENCY = Histogram(
+PROVIDER_LATENCY = Histogram(
     "oauthproxy_upstream_request_duration_seconds",
     "Requests to the identity provider, by action.",
     ["action"],
     buckets=LATENCY_BUCKETS,
 )
-UPSTREAM_ERRORS = Counter(
+PROVIDER_ERRORS = Counter(
     "oauthproxy_upstream_errors_total",
     "Failed requests to the identity provider, by action and kind (transient, invalid_grant, misconfigured, ...).",
     ["action", "kind"],
@@ -99,8 +99,8 @@ def error_label(error: object) -> str:
     return error if isinstance(error, str) and error in KNOWN_ERRORS else "other"
 
 
-def upstream_action(description: str) -> str:
-    """A short, fixed label for the provider call described in upstream.py's words."""
+def provider_action(description: str) -> str:
+    """A short, fixed label for the provider call described in the providers package's words."""
     description = description.lower()
     if "refresh" in description:
         return "refresh"
@@ -113,35 +113,35 @@ def upstream_action(description: str) -> str:
     return "other"
 
 
-def instrument_upstream(upstream: Any) -> None:
-    """Time every request `upstream` sends to the provider, and count its failures by kind.
+def instrument_provider(provider: Any) -> None:
+    """Time every request `provider` sends to the identity provider, and count its failures by kind.
 
     Wraps the provider object's two choke points (`_call` for token and profile requests, `_fetch_metadata`
-    for discovery) on this instance only, so upstream.py stays free of metrics code.
+    for discovery) on this instance only, so the providers package stays free of metrics code.
     """
-    from oauthproxy.upstream import UpstreamError
+    from oauthproxy.providers import ProviderError
 
-    original_call = upstream._call
-    original_fetch = upstream._fetch_metadata
+    original_call = provider._call
+    original_fetch = provider._fetch_metadata
 
     def timed(action: str, func: Callable[[], T]) -> T:
         started = time.perf_counter()
         try:
             return func()
-        except UpstreamError as error:
-            UPSTREAM_ERRORS.labels(action, error.kind).inc()
+        except ProviderError as error:
+            PROVIDER_ERRORS.labels(action, error.kind).inc()
             raise
         finally:
-            UPSTREAM_LATENCY.labels(action).observe(time.perf_counter() - started)
+            PROVIDER_LATENCY.labels(action).observe(time.perf_counter() - started)
 
     def call(description: str, url: str, func: Callable[[], T]) -> T:
-        return timed(upstream_action(description), lambda: original_call(description, url, func))
+        return timed(provider_action(description), lambda: original_call(description, url, func))
 
     def fetch_metadata(url: str) -> Any:
         return timed("discovery", lambda: original_fetch(url))
 
-    upstream._call = call
-    upstream._fetch_metadata = fetch_metadata
+    provider._call = call
+    provider._fetch_metadata = fetch_metadata
 
 
 class StreamCounter:

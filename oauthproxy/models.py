@@ -79,7 +79,7 @@ class Grant(Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
     revoked_reason: Mapped[str | None] = mapped_column(String(64))
-    # A lease on refreshing the upstream token (upstream_tokens.py): who holds it, and until when.
+    # A lease on refreshing the upstream token (provider_tokens.py): who holds it, and until when.
     upstream_refresh_claim: Mapped[str | None] = mapped_column(String(32))
     upstream_refresh_claimed_until: Mapped[datetime | None] = mapped_column()
 

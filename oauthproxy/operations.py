@@ -194,7 +194,7 @@ def init_operations(app: Flask, settings: Settings) -> None:
     app.register_blueprint(blueprint)
     app.before_request(_note_route)
     app.after_request(_observe_response)
-    metrics.instrument_upstream(components(app).login_provider)
+    metrics.instrument_provider(components(app).login_provider)
     wsgi_app: Any = RequestLogger(app.wsgi_app, _record_request)
     if settings.trusted_proxy_hops:
         # Outermost, so the request log, the rate limits and the downstream's X-Forwarded-For all see the client

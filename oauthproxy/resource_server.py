@@ -25,18 +25,18 @@ from oauthproxy.errors import json_error
 from oauthproxy.logs import set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
-from oauthproxy.proxy import DownstreamError, DownstreamProxy
-from oauthproxy.routes import Route
-from oauthproxy.upstream_tokens import (
+from oauthproxy.provider_tokens import (
     KeyedLocks,
     LoginRequired,
+    ProviderAccess,
+    ProviderUnavailable,
     UnreadableGrant,
-    UpstreamAccess,
-    UpstreamUnavailable,
     open_grant_secret,
-    refresh_upstream_access,
+    refresh_provider_access,
     revoke_unreadable_grant,
 )
+from oauthproxy.proxy import DownstreamError, DownstreamProxy
+from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ValidatedToken:
     resource: str  # canonical form (RFC 8707)
     expires_at: float  # epoch seconds
     caller: Caller
-    upstream: UpstreamAccess
+    upstream: ProviderAccess
 
 
 class TokenCache:
@@ -194,7 +194,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             resource=canonical_resource(row.resource),
             expires_at=time.time() + (row.access_expires_at - row.database_now).total_seconds(),
             caller=Caller(row.user_id, row.user_email, row.user_name, upstream_token),
-            upstream=UpstreamAccess(upstream_token, row.upstream_expires_at),
+            upstream=ProviderAccess(upstream_token, row.upstream_expires_at),
         )
         if validated.expires_at > time.time():
             cache.put(key, validated)
@@ -346,7 +346,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
         key, validated = load_token(match.group(1), route)
     except TokenRejected as rejected:
         return unauthorized(route, rejected.description)
-    except UpstreamUnavailable as error:  # the grant's secrets need a key this instance lacks
+    except ProviderUnavailable as error:  # the grant's secrets need a key this instance lacks
         return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
     set_request_user(validated.caller.user_id)  # the access log names who made the request
 
@@ -375,7 +375,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
 
     if route.forwards_upstream_token and validated.upstream.needs_refresh(settings.proxy.upstream_refresh_skew):
         try:
-            upstream = refresh_upstream_access(
+            upstream = refresh_provider_access(
                 current_application(), validated.grant_id, settings.proxy.upstream_refresh_skew
             )
         except LoginRequired as error:
@@ -383,7 +383,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
                 revoke_unreadable_grant(validated.grant_id)
             forget_grant(current_application(), validated.grant_id)
             return unauthorized(route, str(error) + "; sign in again")
-        except UpstreamUnavailable as error:
+        except ProviderUnavailable as error:
             return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
         validated = replace(
             validated, upstream=upstream, caller=replace(validated.caller, upstream_access_token=upstream.access_token)

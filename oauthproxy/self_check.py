@@ -192,12 +192,12 @@ class SelfCheck:
     # -- the identity provider ----------------------------------------------------------------------
 
     def provider(self) -> Iterator[Finding]:
-        from oauthproxy.upstream import UpstreamError
+        from oauthproxy.providers import ProviderError
 
-        upstream = components(self.app).login_provider
+        provider = components(self.app).login_provider
         try:
-            metadata = upstream.load_metadata()
-        except UpstreamError as error:
+            metadata = provider.load_metadata()
+        except ProviderError as error:
             advice = (
                 "the provider could not be reached from here; check the network, proxies and OAUTH_AUTHORIZE_URL"
                 if error.kind == "transient"
@@ -205,25 +205,25 @@ class SelfCheck:
             )
             yield Finding("fail", "identity provider", f"{error.description} ({advice})")
             return
-        source = upstream.metadata_url or "the configured endpoints (OAUTH_TOKEN_URL)"
+        source = provider.metadata_url or "the configured endpoints (OAUTH_TOKEN_URL)"
         yield Finding(
             "ok",
             "identity provider",
-            f"{upstream.name} metadata from {source}; authorize at {metadata.get('authorization_endpoint')}",
+            f"{provider.name} metadata from {source}; authorize at {metadata.get('authorization_endpoint')}",
         )
 
     def callback_accepted(self) -> Iterator[Finding]:
         """Start an authorization request as a browser would and read the provider's answer: most providers
         check `redirect_uri` (and the client id and scopes) before they show their sign-in page."""
-        from oauthproxy.upstream import UpstreamError
+        from oauthproxy.providers import ProviderError
 
-        upstream = components(self.app).login_provider
+        provider = components(self.app).login_provider
         callback = self.settings.callback_url
         try:
-            url, _secrets = upstream.create_authorization_url(
-                callback, upstream.upstream_scopes(list(self.app.config["OAUTH_SCOPES_SUPPORTED"]))
+            url, _secrets = provider.create_authorization_url(
+                callback, provider.scopes_for(list(self.app.config["OAUTH_SCOPES_SUPPORTED"]))
             )
-        except UpstreamError as error:
+        except ProviderError as error:
             yield Finding("fail", "callback URL", f"cannot build an authorization request: {error.description}")
             return
         provider_origin = _origin(url)

@@ -145,7 +145,7 @@ def test_provider_hanging_at_the_code_exchange_is_temporarily_unavailable(
     proxy: RunningProxy, provider_failure_reset
 ) -> None:
     # The provider answers the token request after 3 s; the proxy's provider timeout is cut to 1 s for the test
-    # (10 s in production, HTTP_TIMEOUT).
+    # (10 s by default, PROVIDER_HTTP_TIMEOUT).
     components(proxy.app).login_provider._client.client_kwargs["default_timeout"] = 1.0
     client = proxy.register_client()
     browser = proxy.browser()

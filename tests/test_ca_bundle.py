@@ -21,7 +21,7 @@ from oauthproxy import create_app
 from oauthproxy.client_metadata import ClientMetadataError
 from oauthproxy.components import components
 from oauthproxy.config import ConfigError
-from oauthproxy.upstream import UpstreamError
+from oauthproxy.providers import ProviderError
 from tests.conftest import TEST_KEY, RunningProxy, free_port
 from tests.deployment_fixtures import self_signed_certificate
 from tests.proxy_fixtures import McpDownstream, log_in, mcp_downstream_fixture  # noqa: F401 (fixture)
@@ -182,7 +182,7 @@ def test_the_provider_and_client_metadata_documents_are_trusted_through_ca_bundl
     assert document["client_name"] == "Private PKI client"
 
     untrusted = create_app(app_env(private_site))
-    with pytest.raises(UpstreamError) as refused:
+    with pytest.raises(ProviderError) as refused:
         components(untrusted).login_provider.load_metadata()
     assert (
         "CERTIFICATE_VERIFY_FAILED" in refused.value.description

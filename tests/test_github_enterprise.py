@@ -14,7 +14,7 @@ from oauthproxy.components import components
 from oauthproxy.config import load_settings
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
-from oauthproxy.upstream import GitHubProvider, build_upstream_provider
+from oauthproxy.providers import GitHubProvider, build_login_provider
 from tests.conftest import TEST_KEY, RunningProxy
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import log_in
@@ -28,8 +28,8 @@ def test_a_login_through_github_enterprise_server_reads_the_user_from_its_api(
         OAUTH_TOKEN_URL=f"{oidc_provider.issuer}/token",
         GITHUB_API_URL=oidc_provider.issuer,
     )
-    upstream = components(proxy.app).login_provider
-    assert isinstance(upstream, GitHubProvider) and upstream.api_base_url == oidc_provider.issuer + "/"
+    provider = components(proxy.app).login_provider
+    assert isinstance(provider, GitHubProvider) and provider.api_base_url == oidc_provider.issuer + "/"
     login = log_in(proxy.url, proxy.url + "/mcp", login_hint="bob")  # bob's email is private: /user/emails
     with proxy.app.app_context():
         grant = db.session.scalars(
@@ -51,7 +51,7 @@ def test_a_github_enterprise_host_alone_gets_githubs_paths() -> None:
             "GITHUB_API_URL": "https://GitHub.example.com/api/v3/",
         }
     )
-    provider = build_upstream_provider(settings)
+    provider = build_login_provider(settings)
     assert isinstance(provider, GitHubProvider)
     assert provider.load_metadata() == {
         "authorization_endpoint": "https://github.example.com/login/oauth/authorize",

@@ -21,7 +21,7 @@ from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.database import upgrade_database
 from oauthproxy.logs import ACCESS_LOGGER, JsonFormatter
 from oauthproxy.models import db
-from oauthproxy.upstream import UpstreamError
+from oauthproxy.providers import ProviderError
 from tests.conftest import TEST_KEY
 
 ENV = {
@@ -206,27 +206,27 @@ def test_metrics_can_require_a_token(make_app) -> None:
     assert client.get("/healthz").status_code == 200  # the probes stay open
 
 
-def test_upstream_calls_are_timed_and_their_failures_counted_by_kind() -> None:
+def test_provider_calls_are_timed_and_their_failures_counted_by_kind() -> None:
     class Provider:
         def _call(self, description, url, func):
             return func()
 
         def _fetch_metadata(self, url):
-            raise UpstreamError("transient", "could not reach the identity provider")
+            raise ProviderError("transient", "could not reach the identity provider")
 
     provider = Provider()
-    metrics.instrument_upstream(provider)
+    metrics.instrument_provider(provider)
     before = (
         sample("oauthproxy_upstream_request_duration_seconds_count", action="refresh"),
         sample("oauthproxy_upstream_errors_total", action="discovery", kind="transient"),
     )
     assert provider._call("refreshing the upstream token", "https://idp/token", lambda: "tokens") == "tokens"
-    with pytest.raises(UpstreamError):
+    with pytest.raises(ProviderError):
         provider._fetch_metadata("https://idp/.well-known/openid-configuration")
     assert sample("oauthproxy_upstream_request_duration_seconds_count", action="refresh") == before[0] + 1
     assert sample("oauthproxy_upstream_errors_total", action="discovery", kind="transient") == before[1] + 1
-    assert metrics.upstream_action("exchanging the authorization code") == "code_exchange"
-    assert metrics.upstream_action("fetching the user's profile") == "userinfo"
+    assert metrics.provider_action("exchanging the authorization code") == "code_exchange"
+    assert metrics.provider_action("fetching the user's profile") == "userinfo"
 
 
 def test_an_event_stream_counts_as_open_until_closed() -> None:

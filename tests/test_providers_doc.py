@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from oauthproxy.config import load_settings
-from oauthproxy.upstream import GitHubProvider, build_upstream_provider, detect_provider
+from oauthproxy.providers import GitHubProvider, build_login_provider, detect_provider
 from tests.conftest import TEST_KEY
 from tests.test_newcomer_traps import _settings_read
 
@@ -51,7 +51,7 @@ def test_the_github_enterprise_lines_select_the_github_provider() -> None:
             "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
         }
     )
-    provider = build_upstream_provider(settings)
+    provider = build_login_provider(settings)
     assert isinstance(provider, GitHubProvider)
     assert provider.load_metadata()["authorization_endpoint"] == "https://github.example.com/login/oauth/authorize"
     assert "https://github.example.com/login/oauth/authorize" in SECTIONS["GitHub Enterprise Server"]

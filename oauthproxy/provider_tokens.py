@@ -1,4 +1,5 @@
-"""The user's upstream access token for a grant, refreshed before use, one refresh at a time per grant everywhere."""
+"""The login provider's tokens stored with each grant: the access token refreshed before use, one refresh at a time
+per grant everywhere."""
 
 from __future__ import annotations
 
@@ -18,22 +19,23 @@ from sqlalchemy import Table, or_, select, update
 from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import Grant, db, utcnow
-from oauthproxy.upstream import HTTP_TIMEOUT, UpstreamError, UpstreamProvider
+from oauthproxy.providers import OAuthProvider, ProviderError
 
-log = logging.getLogger(__name__)
+# The logger name operators know from before this module was renamed: log lines keep naming it.
+log = logging.getLogger("oauthproxy.upstream_tokens")
 
 GRANTS = cast(Table, Grant.__table__)
 
 
 class LoginRequired(Exception):
-    """The grant can no longer reach the provider (revoked, or the upstream refresh token is dead): sign in again."""
+    """The grant can no longer reach the provider (revoked, or the provider's refresh token is dead): sign in again."""
 
 
 class UnreadableGrant(LoginRequired):
-    """The grant's sealed upstream secret can never be opened (tampered, or moved from another row)."""
+    """The grant's sealed provider token can never be opened (tampered, or moved from another row)."""
 
 
-class UpstreamUnavailable(Exception):
+class ProviderUnavailable(Exception):
     """The provider could not refresh the token right now; the grant is kept and the client should retry."""
 
     def __init__(self, description: str, retry_after: int = 10):
@@ -42,7 +44,7 @@ class UpstreamUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class UpstreamAccess:
+class ProviderAccess:
     access_token: str | None
     expires_at: datetime | None  # naive UTC; None when the provider gave no lifetime
 
@@ -83,11 +85,17 @@ class KeyedLocks:
                     self._locks[key] = (lock, users - 1)
 
 
-#: A refresh lease outlives any provider call (its HTTP timeout), so it lapses only when its holder died.
-LEASE_SECONDS = 3 * HTTP_TIMEOUT
-#: How long a request waits for someone else's refresh before answering 503: one provider call and some.
-WAIT_SECONDS = HTTP_TIMEOUT + 5
 _POLL_SECONDS = 0.1
+
+
+def _lease_seconds(provider: OAuthProvider) -> float:
+    """A refresh lease outlives any provider call (its HTTP timeout), so it lapses only when its holder died."""
+    return 3 * provider.timeout
+
+
+def _wait_seconds(provider: OAuthProvider) -> float:
+    """How long a request waits for someone else's refresh before answering 503: one provider call and some."""
+    return provider.timeout + 5
 
 
 def _read_grant(grant_id: int) -> dict | None:
@@ -96,7 +104,7 @@ def _read_grant(grant_id: int) -> dict | None:
         return dict(row) if row is not None else None
 
 
-def _claim(grant_id: int, claim: str) -> bool:
+def _claim(grant_id: int, claim: str, lease_seconds: float) -> bool:
     """Take the grant's refresh lease if nobody holds a live one: one short write, atomic on both databases."""
     now = utcnow()
     with db.engine.begin() as connection:
@@ -106,7 +114,7 @@ def _claim(grant_id: int, claim: str) -> bool:
                 GRANTS.c.id == grant_id,
                 or_(GRANTS.c.upstream_refresh_claimed_until.is_(None), GRANTS.c.upstream_refresh_claimed_until <= now),
             )
-            .values(upstream_refresh_claim=claim, upstream_refresh_claimed_until=now + timedelta(seconds=LEASE_SECONDS))
+            .values(upstream_refresh_claim=claim, upstream_refresh_claimed_until=now + timedelta(seconds=lease_seconds))
         )
         return taken.rowcount == 1
 
@@ -123,9 +131,9 @@ def _release(grant_id: int, claim: str, **values: Any) -> bool:
 
 
 def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> str:
-    """A grant's sealed upstream secret in clear; logs which grant when it cannot be opened (never the value).
+    """A grant's sealed provider token in clear; logs which grant when it cannot be opened (never the value).
 
-    Raises `UpstreamUnavailable` when the key that sealed it is not configured here: an operator's fix (a key
+    Raises `ProviderUnavailable` when the key that sealed it is not configured here: an operator's fix (a key
     dropped from ENCRYPTION_KEY, or an instance not yet given a new key during a rolling change); the grant is
     kept because another instance, or this one once fixed, can read it. Raises `UnreadableGrant` when no key
     can ever open it (tampered, or a ciphertext moved from another row): the caller revokes the grant so the
@@ -135,7 +143,7 @@ def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> st
         return components(app).secret_box.decrypt(sealed, f"grant:{grant_id}:{column}")
     except UnknownKeyError as error:
         log.error("grant %s: cannot decrypt its %s: %s", grant_id, column, error)
-        raise UpstreamUnavailable(
+        raise ProviderUnavailable(
             "the server cannot read this sign-in's stored credentials right now (an "
             "encryption key is missing); retry later",
             retry_after=60,
@@ -153,16 +161,16 @@ def revoke_unreadable_grant(grant_id: int) -> None:
     db.session.commit()
 
 
-def _access_from_row(app: Flask, row: dict) -> UpstreamAccess:
+def _access_from_row(app: Flask, row: dict) -> ProviderAccess:
     sealed = row["upstream_access_token"]
     token = open_grant_secret(app, row["id"], "upstream_access_token", sealed) if sealed else None
-    return UpstreamAccess(token, row["upstream_expires_at"])
+    return ProviderAccess(token, row["upstream_expires_at"])
 
 
 class _Done(Exception):
     """The row needs no refresh (or cannot have one); carries the answer."""
 
-    def __init__(self, access: UpstreamAccess | None = None, dead_reason: str | None = None):
+    def __init__(self, access: ProviderAccess | None = None, dead_reason: str | None = None):
         self.access, self.dead_reason = access, dead_reason
 
 
@@ -179,20 +187,20 @@ def _settled(app: Flask, row: dict | None, skew: int) -> None:
         raise _Done(dead_reason="upstream_token_expired")
 
 
-def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAccess:
-    """Return a usable upstream access token for the grant, refreshing it first when it expires within `skew`.
+def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAccess:
+    """Return a usable provider access token for the grant, refreshing it first when it expires within `skew`.
 
     Providers rotate refresh tokens: two concurrent refreshes with one refresh token would burn the grant. So
     an in-process lock per grant serialises this worker's requests, and a lease in the grant's row (taken and
     given back in short transactions) serialises workers and instances; whoever comes second waits for the
     lease to end and finds the work already done. No database lock or connection is held during the provider
     call: on SQLite a lock would stop every writer of every worker for as long as the provider takes.
-    Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant) or `UpstreamUnavailable`.
+    Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant) or `ProviderUnavailable`.
     """
     locks: KeyedLocks = components(app).refresh_locks
-    busy = UpstreamUnavailable("another refresh of this sign-in is still running; retry shortly", retry_after=5)
+    busy = ProviderUnavailable("another refresh of this sign-in is still running; retry shortly", retry_after=5)
     try:
-        with locks.hold(grant_id, timeout=WAIT_SECONDS):
+        with locks.hold(grant_id, timeout=_wait_seconds(components(app).login_provider)):
             return _refresh_under_lease(app, grant_id, skew, busy)
     except TimeoutError:
         raise busy from None
@@ -201,7 +209,7 @@ def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAcc
             return done.access
         dead_reason = done.dead_reason
     # End the grant so the client's refresh fails too and it goes back to a full sign-in, instead of looping on
-    # tokens whose upstream side is dead.
+    # tokens whose provider side is dead.
     from oauthproxy.authorization_server import revoke_grant
 
     revoke_grant(grant_id, dead_reason or "upstream_invalid_grant")
@@ -209,14 +217,14 @@ def refresh_upstream_access(app: Flask, grant_id: int, skew: int) -> UpstreamAcc
     raise LoginRequired("the sign-in at the identity provider has expired")
 
 
-def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUnavailable) -> UpstreamAccess:
-    upstream: UpstreamProvider = components(app).login_provider
+def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: ProviderUnavailable) -> ProviderAccess:
+    provider: OAuthProvider = components(app).login_provider
     box = components(app).secret_box
     claim = secrets.token_hex(16)
-    deadline = time.monotonic() + WAIT_SECONDS
+    deadline = time.monotonic() + _wait_seconds(provider)
     while True:
         _settled(app, _read_grant(grant_id), skew)
-        if _claim(grant_id, claim):
+        if _claim(grant_id, claim, _lease_seconds(provider)):
             break
         if time.monotonic() >= deadline:
             raise busy
@@ -227,15 +235,13 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUna
         assert row is not None  # _settled raised otherwise
         refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", row["upstream_refresh_token"])
         try:
-            tokens = upstream.refresh_upstream_token(
-                refresh_token, upstream.upstream_scopes((row["scope"] or "").split())
-            )
-        except UpstreamError as error:
+            tokens = provider.refresh(refresh_token, provider.scopes_for((row["scope"] or "").split()))
+        except ProviderError as error:
             if error.kind in ("invalid_grant", "access_denied"):
                 log.info("upstream refresh for grant %s refused (%s): %s", grant_id, error.kind, error.description)
                 raise _Done(dead_reason="upstream_invalid_grant") from None
             log.warning("upstream refresh for grant %s failed (%s): %s", grant_id, error.kind, error.description)
-            raise UpstreamUnavailable(
+            raise ProviderUnavailable(
                 "the identity provider could not refresh the sign-in; retry shortly",
                 retry_after=10 if error.kind == "transient" else 60,
             ) from None
@@ -254,4 +260,4 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: UpstreamUna
         )
     else:
         log.info("refreshed the upstream token of grant %s", grant_id)
-    return UpstreamAccess(tokens.access_token, tokens.expires_at)
+    return ProviderAccess(tokens.access_token, tokens.expires_at)
