@@ -131,6 +131,52 @@ class Settings:
         return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """gunicorn's and its worker's settings (gunicorn.conf.py, oauthproxy/worker.py), read in gunicorn's master."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: WEB_CONCURRENCY: worker processes; default one per core.
+    workers: int = 1
+    worker_connections: int = 10_000
+    #: GUNICORN_TIMEOUT: with gevent only the worker heartbeat; it does not limit a request.
+    heartbeat_timeout: int = 60
+    graceful_timeout: int = 30
+    keepalive: int = 75
+    access_log: str | None = None
+    log_level: str = "info"
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
+    #: None: half of WORKER_CONNECTIONS.
+    max_waiting_connections: int | None = None
+
+
+def load_server_settings(env: Mapping[str, str] | None = None) -> ServerSettings:
+    """Build `ServerSettings` from the environment; raise `ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    settings = ServerSettings(
+        host=read_text(env, "HOST", "127.0.0.1"),
+        port=read_int(env, "PORT", 8080, problems, minimum=1, maximum=65535),
+        workers=read_int(env, "WEB_CONCURRENCY", os.cpu_count() or 1, problems, minimum=1, maximum=1024),
+        worker_connections=read_int(env, "WORKER_CONNECTIONS", 10_000, problems, minimum=1, maximum=1_000_000),
+        heartbeat_timeout=read_int(env, "GUNICORN_TIMEOUT", 60, problems, minimum=0, maximum=DAY, unit="seconds"),
+        graceful_timeout=read_int(env, "GRACEFUL_TIMEOUT", 30, problems, minimum=0, maximum=DAY, unit="seconds"),
+        keepalive=read_int(env, "KEEPALIVE", 75, problems, minimum=0, maximum=DAY, unit="seconds"),
+        access_log=read_text(env, "ACCESS_LOG") or None,
+        # Not refused when unknown: gunicorn logs at info then, and platforms set LOG_LEVEL=warn for their own use.
+        log_level=read_text(env, "LOG_LEVEL", "info").lower(),
+        request_head_timeout=read_seconds(env, "REQUEST_HEAD_TIMEOUT", 10.0, problems, minimum=0.1, maximum=DAY),
+        request_body_timeout=read_seconds(env, "REQUEST_BODY_TIMEOUT", 30.0, problems, minimum=0.1, maximum=DAY),
+        max_waiting_connections=read_int(env, "MAX_WAITING_CONNECTIONS", 0, problems, minimum=1, maximum=1_000_000)
+        or None,
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
 HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from oauthproxy.config import ConfigError, load_settings, normalise_database_dsn
+from oauthproxy.config import ConfigError, load_server_settings, load_settings, normalise_database_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -224,3 +224,62 @@ def test_custom_redirect_schemes_take_the_boolean_spellings_or_a_list() -> None:
     assert load_settings({**GOOD, "ALLOW_CUSTOM_REDIRECT_SCHEMES": "off"}).private_use_redirect_schemes == frozenset()
     settings = load_settings({**GOOD, "ALLOW_CUSTOM_REDIRECT_SCHEMES": "cursor, vscode"})
     assert settings.private_use_redirect_schemes == frozenset({"cursor", "vscode"})
+
+
+def test_server_settings_default_to_what_gunicorn_conf_used() -> None:
+    server = load_server_settings({})
+    assert (server.host, server.port, server.workers) == ("127.0.0.1", 8080, os.cpu_count() or 1)
+    assert (server.worker_connections, server.heartbeat_timeout, server.graceful_timeout, server.keepalive) == (
+        10_000,
+        60,
+        30,
+        75,
+    )
+    assert (server.access_log, server.log_level) == (None, "info")
+    assert (server.request_head_timeout, server.request_body_timeout, server.max_waiting_connections) == (10, 30, None)
+    assert load_server_settings({"LOG_LEVEL": "WARNING", "MAX_WAITING_CONNECTIONS": "10"}).log_level == "warning"
+
+
+def test_server_settings_report_every_problem_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_server_settings(
+            {
+                "PORT": "http",
+                "WEB_CONCURRENCY": "0",
+                "WORKER_CONNECTIONS": "many",
+                "KEEPALIVE": "-1",
+                "REQUEST_HEAD_TIMEOUT": "0",
+                "REQUEST_BODY_TIMEOUT": "slow",
+                "MAX_WAITING_CONNECTIONS": "0",
+            }
+        )
+    assert caught.value.problems == [
+        "PORT must be a whole number; got 'http'",
+        "WEB_CONCURRENCY must be between 1 and 1024; got 0",
+        "WORKER_CONNECTIONS must be a whole number; got 'many'",
+        "KEEPALIVE must be between 0 and 86400; got -1",
+        "REQUEST_HEAD_TIMEOUT must be between 0.1 and 86400; got 0",
+        "REQUEST_BODY_TIMEOUT must be a number of seconds; got 'slow'",
+        "MAX_WAITING_CONNECTIONS must be between 1 and 1000000; got 0",
+    ]
+
+
+def test_gunicorn_refuses_bad_server_settings_in_plain_words(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "OAUTHPROXY_ENV_FILE": str(tmp_path / "none.env"),
+        "WORKER_CONNECTIONS": "many",
+        "GRACEFUL_TIMEOUT": "soon",
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "WORKER_CONNECTIONS must be a whole number; got 'many'" in result.stderr
+    assert "GRACEFUL_TIMEOUT must be a number of seconds; got 'soon'" in result.stderr
+    assert "Traceback" not in result.stderr
