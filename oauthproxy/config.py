@@ -1,4 +1,4 @@
-"""Configuration: reads the environment (and `.env`), validates every setting, reports all problems at once."""
+"""Settings: every one read from the environment (with `.env`) and checked, all problems at once (`ConfigError`)."""
 
 from __future__ import annotations
 

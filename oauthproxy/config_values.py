@@ -1,8 +1,7 @@
-"""Setting values: one parser per kind (boolean, whole number, seconds, choice, list, URL), shared by every setting.
+"""Setting values: one parser per kind (boolean, whole number, seconds, choice, list, URL), for every setting."""
 
-Each parser appends a problem that says what is expected instead of raising, and returns a usable value, so
-`config.load_settings` can report every problem at once (`ConfigError`).
-"""
+# Each parser appends a problem saying what is expected instead of raising, and returns a usable value, so
+# `config.load_settings` reports every problem at once.
 
 from __future__ import annotations
 
