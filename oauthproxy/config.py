@@ -371,6 +371,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         )
 
     scopes_supported = read_list(env, "SCOPES_SUPPORTED", problems)
+    upstream_scopes = read_list(env, "UPSTREAM_SCOPES", problems)
+    allowed_emails = frozenset(e.lower() for e in read_list(env, "ALLOWED_EMAILS", problems))
+    allowed_domains = frozenset(d.lower().lstrip("@") for d in read_list(env, "ALLOWED_EMAIL_DOMAINS", problems))
     routes = load_routes(env, public_url, scopes_supported, problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
     ca_bundle = _ca_bundle(read_text(env, "CA_BUNDLE"), problems)
@@ -395,7 +398,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         oauth_userinfo_url=userinfo_url,
         mcp_server_url=mcp_server_url,
         scopes_supported=scopes_supported,
-        upstream_scopes=read_list(env, "UPSTREAM_SCOPES", problems),
+        upstream_scopes=upstream_scopes,
         encryption_keys=encryption_keys,
         database_dsn=normalise_database_dsn(dsn),
         database_timeout=database_timeout,
@@ -410,10 +413,8 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         consent_ttl=consent_ttl,
         consent_page_ttl=consent_page_ttl,
         provider_http_timeout=provider_http_timeout,
-        allowed_emails=frozenset(e.lower() for e in read_list(env, "ALLOWED_EMAILS", problems)),
-        allowed_email_domains=frozenset(
-            d.lower().lstrip("@") for d in read_list(env, "ALLOWED_EMAIL_DOMAINS", problems)
-        ),
+        allowed_emails=allowed_emails,
+        allowed_email_domains=allowed_domains,
         allow_private_client_metadata_urls=allow_private_cimd,
         client_metadata_fetch_timeout=metadata_timeout,
         client_metadata_max_bytes=metadata_max_bytes,
