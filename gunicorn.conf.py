@@ -15,20 +15,30 @@ if _hard == resource.RLIM_INFINITY or _soft < _hard:
     except (ValueError, OSError):
         pass
 
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
+from oauthproxy.config import ConfigError, load_server_settings  # noqa: E402 (after the descriptor limit)
+
+try:
+    _server = load_server_settings()
+except ConfigError as _error:
+    from oauthproxy.cli import report_config_error
+
+    report_config_error(_error)
+    sys.exit(2)  # SETTINGS_PROBLEM, as for the application's settings below
+
+bind = f"{_server.host}:{_server.port}"
 # One gevent worker serves thousands of connections cooperatively; add workers for CPU, not for concurrency.
 # gevent's worker plus read deadlines and a cap on connections still waiting for a request (oauthproxy/worker.py):
 # REQUEST_HEAD_TIMEOUT (10 s), REQUEST_BODY_TIMEOUT (30 s between reads), MAX_WAITING_CONNECTIONS (half of
 # WORKER_CONNECTIONS), so half-sent requests cannot hold the worker.
 worker_class = "oauthproxy.worker.BoundedGeventWorker"
-workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+workers = _server.workers
 # Idle SSE streams (legacy GET streams can stay open for hours) each hold a connection slot.
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS") or 10_000)
+worker_connections = _server.worker_connections
 # With gevent, `timeout` is only the worker heartbeat (the event loop must run); it does not limit a request.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or 30)
+timeout = _server.heartbeat_timeout
+graceful_timeout = _server.graceful_timeout
 # Longer than typical load balancer idle timeouts (60 s), so the balancer closes first, never mid-request.
-keepalive = int(os.environ.get("KEEPALIVE") or 75)
+keepalive = _server.keepalive
 # Request heads (issue 9): request lines up to gunicorn's maximum, 8190 bytes (an /authorize URL with a URL client
 # id, redirect_uri, resource and state can pass the 4094-byte default); at most 100 header fields of 8190 bytes.
 # Over a limit gunicorn answers 400 and closes. Bodies are capped per endpoint in the app (endpoints.MAX_BODY_BYTES).
@@ -37,9 +47,9 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 # gunicorn 27 opens a control socket under ~/.gunicorn by default; containers and tests need none.
 control_socket_disable = True
-accesslog = os.environ.get("ACCESS_LOG") or None
+accesslog = _server.access_log
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _server.log_level
 
 # /metrics adds up every worker's numbers through files in one folder. prometheus_client picks that mode when it is
 # first imported, so the folder is named here, before any worker imports the app: one fresh folder per master.

@@ -92,6 +92,13 @@ def configure_app(app: Flask, settings: Settings) -> None:
     services.client_metadata_fetcher = ClientMetadataFetcher(
         allow_private_networks=settings.allow_private_client_metadata_urls,
         private_use_redirect_schemes=settings.private_use_redirect_schemes,
+        timeout=settings.client_metadata_fetch_timeout,
+        max_bytes=settings.client_metadata_max_bytes,
+        max_entries=settings.client_metadata_cache_size,
+        default_ttl=settings.client_metadata_cache_ttl,
+        min_ttl=settings.client_metadata_min_cache_ttl,
+        max_ttl=settings.client_metadata_max_cache_ttl,
+        failure_ttl=settings.client_metadata_failure_ttl,
         ca_bundle=settings.ca_bundle,
     )
     login_provider = build_login_provider(settings)

@@ -33,8 +33,6 @@ from oauthproxy.metadata_limits import metadata_size_problem
 from oauthproxy.urls import MalformedURL, is_loopback_host, redirect_uri_problem, split_url
 
 MAX_CLIENT_ID_LENGTH = 2048
-MIN_TTL = 60  # seconds: even `max-age=0` is cached this long, so one client cannot make us refetch per request
-FAILURE_TTL = 30  # seconds: fetch failures are remembered this long, to stop hammering a broken or hostile host
 USER_AGENT = "oauthproxy-client-metadata-fetcher"
 
 log = logging.getLogger(__name__)
@@ -305,7 +303,8 @@ class ClientMetadataFetcher:
         max_entries: int = 1024,
         default_ttl: int = 300,
         max_ttl: int = 24 * 3600,
-        failure_ttl: int = FAILURE_TTL,
+        min_ttl: int = 60,
+        failure_ttl: int = 30,
         resolver: Resolver = socket.getaddrinfo,
         clock: Callable[[], float] = time.monotonic,
         ca_bundle: str | None = None,
@@ -317,6 +316,9 @@ class ClientMetadataFetcher:
         self.max_entries = max_entries
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
+        # Even `max-age=0` is cached min_ttl seconds, so one client cannot make us refetch on every request; a failure
+        # to fetch is remembered failure_ttl seconds, to stop hammering a broken or hostile host.
+        self.min_ttl = min_ttl
         self.failure_ttl = failure_ttl
         self._resolver = resolver
         self._clock = clock
@@ -371,10 +373,10 @@ class ClientMetadataFetcher:
                 self._cache.popitem(last=False)
 
     def _ttl_from_headers(self, headers: Mapping[str, str]) -> int | None:
-        """Seconds to cache for: None for no-store/no-cache, else max-age (or Expires) clamped to [60, max_ttl].
+        """Seconds to cache for: None for no-store/no-cache, else max-age (or Expires) clamped to [min_ttl, max_ttl].
 
         `no-cache` means "revalidate before every use"; without conditional requests that is the same as not
-        caching. Anything shorter than 60 s is raised to 60 s so a client cannot make us refetch on every request.
+        caching. Anything shorter than min_ttl is raised to it so a client cannot make us refetch on every request.
         """
         directives: dict[str, str] = {}
         for part in headers.get("Cache-Control", "").split(","):
@@ -399,7 +401,7 @@ class ClientMetadataFetcher:
             ttl = int((expires - date).total_seconds()) if expires is not None else 0
         if ttl is None:
             ttl = self.default_ttl
-        return max(MIN_TTL, min(ttl, self.max_ttl))
+        return max(self.min_ttl, min(ttl, self.max_ttl))
 
     # Fetching
 

@@ -1,4 +1,4 @@
-"""Configuration: reads the environment (and `.env`), validates every setting, reports all problems at once."""
+"""Settings: every one read from the environment (with `.env`) and checked, all problems at once (`ConfigError`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,22 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.config_values import (
+    DAY,
+    absolute_url,
+    boolean_word,
+    origin_url,
+    read_bool,
+    read_choice,
+    read_int,
+    read_list,
+    read_seconds,
+    read_text,
+    read_url,
+)
 from oauthproxy.routes import ProxySettings, Route, load_proxy_settings, load_routes
 from oauthproxy.urls import is_loopback_host, private_use_scheme_problem
 
@@ -43,13 +56,30 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     access_token_ttl: int = 3600
-    refresh_token_ttl: int = 30 * 24 * 3600
+    refresh_token_ttl: int = 30 * DAY
     authorization_code_ttl: int = 300
     refresh_grace_seconds: int = 10
-    unused_client_ttl: int = 30 * 24 * 3600
+    #: A registered client with no grant, unused this long, is deleted by the purge.
+    unused_client_ttl: int = 30 * DAY
+    #: How long a login may stay at the provider before its callback is refused.
+    pending_login_ttl: int = 600
+    #: How long the consent cookie remembers an approval.
+    consent_ttl: int = 365 * DAY
+    #: How long the consent page's signed authorization request stays valid.
+    consent_page_ttl: int = 600
+    #: Each call to the provider (discovery, token, user info, keys) waits at most this long.
+    provider_http_timeout: float = 10.0
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
     allow_private_client_metadata_urls: bool = False
+    #: Client ID Metadata Documents: fetch bounds and how long documents (and failures to get one) are cached.
+    client_metadata_fetch_timeout: float = 5.0
+    client_metadata_max_bytes: int = 5 * 1024
+    client_metadata_cache_size: int = 1024
+    client_metadata_cache_ttl: int = 300
+    client_metadata_min_cache_ttl: int = 60
+    client_metadata_max_cache_ttl: int = DAY
+    client_metadata_failure_ttl: int = 30
     #: Private-use redirect schemes (cursor://) allowed: None for any (the default), else only these.
     private_use_redirect_schemes: frozenset[str] | None = None
     register_rate_limit: str = "20 per minute"
@@ -100,6 +130,52 @@ class Settings:
 
     def user_is_allowed(self, email: str | None) -> bool:
         return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """gunicorn's and its worker's settings (gunicorn.conf.py, oauthproxy/worker.py), read in gunicorn's master."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: WEB_CONCURRENCY: worker processes; default one per core.
+    workers: int = 1
+    worker_connections: int = 10_000
+    #: GUNICORN_TIMEOUT: with gevent only the worker heartbeat; it does not limit a request.
+    heartbeat_timeout: int = 60
+    graceful_timeout: int = 30
+    keepalive: int = 75
+    access_log: str | None = None
+    log_level: str = "info"
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
+    #: None: half of WORKER_CONNECTIONS.
+    max_waiting_connections: int | None = None
+
+
+def load_server_settings(env: Mapping[str, str] | None = None) -> ServerSettings:
+    """Build `ServerSettings` from the environment; raise `ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    settings = ServerSettings(
+        host=read_text(env, "HOST", "127.0.0.1"),
+        port=read_int(env, "PORT", 8080, problems, minimum=1, maximum=65535),
+        workers=read_int(env, "WEB_CONCURRENCY", os.cpu_count() or 1, problems, minimum=1, maximum=1024),
+        worker_connections=read_int(env, "WORKER_CONNECTIONS", 10_000, problems, minimum=1, maximum=1_000_000),
+        heartbeat_timeout=read_int(env, "GUNICORN_TIMEOUT", 60, problems, minimum=0, maximum=DAY, unit="seconds"),
+        graceful_timeout=read_int(env, "GRACEFUL_TIMEOUT", 30, problems, minimum=0, maximum=DAY, unit="seconds"),
+        keepalive=read_int(env, "KEEPALIVE", 75, problems, minimum=0, maximum=DAY, unit="seconds"),
+        access_log=read_text(env, "ACCESS_LOG") or None,
+        # Not refused when unknown: gunicorn logs at info then, and platforms set LOG_LEVEL=warn for their own use.
+        log_level=read_text(env, "LOG_LEVEL", "info").lower(),
+        request_head_timeout=read_seconds(env, "REQUEST_HEAD_TIMEOUT", 10.0, problems, minimum=0.1, maximum=DAY),
+        request_body_timeout=read_seconds(env, "REQUEST_BODY_TIMEOUT", 30.0, problems, minimum=0.1, maximum=DAY),
+        max_waiting_connections=read_int(env, "MAX_WAITING_CONNECTIONS", 0, problems, minimum=1, maximum=1_000_000)
+        or None,
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
 
 
 HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
@@ -167,60 +243,13 @@ def normalise_database_dsn(dsn: str) -> str:
     return dsn
 
 
-def _origin_url(name: str, value: str, problems: list[str]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f"{name} must be an absolute http(s) URL such as https://mcp.example.com; got {value!r}")
-        return value
-    if parts.query or parts.fragment:
-        problems.append(f"{name} must not have a query or fragment; got {value!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        problems.append(f"{name} must use https unless it is a loopback address (OAuth 2.1 §1.5); got {value!r}")
-    return urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
-
-
-def _absolute_url(name: str, value: str, problems: list[str]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f"{name} must be an absolute http(s) URL; got {value!r}")
-    return value
-
-
-def _int(
-    env: Mapping[str, str], name: str, default: int, problems: list[str], minimum: int = 0, maximum: int | None = None
-) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        problems.append(f"{name} must be a whole number; got {raw!r}")
-        return default
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        problems.append(f"{name} must be {bound}; got {value}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, problems: list[str]) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    problems.append(f"{name} must be true or false; got {raw!r}")
-    return False
-
-
 def _private_use_schemes(env: Mapping[str, str], problems: list[str]) -> frozenset[str] | None:
     """ALLOW_CUSTOM_REDIRECT_SCHEMES: true (the default: any private-use scheme), false (none), or a list."""
-    raw = env.get("ALLOW_CUSTOM_REDIRECT_SCHEMES", "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
-        return None
-    if raw in ("0", "false", "no", "off"):
-        return frozenset()
-    schemes = frozenset(s.rstrip(":/") for s in _list(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES"))
+    raw = read_text(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES")
+    allowed = boolean_word(raw) if raw else True
+    if allowed is not None:
+        return None if allowed else frozenset()
+    schemes = frozenset(s.rstrip(":/") for s in read_list(env, "ALLOW_CUSTOM_REDIRECT_SCHEMES", problems))
     for scheme in sorted(schemes):
         problem = private_use_scheme_problem(scheme)
         if problem:
@@ -231,17 +260,13 @@ def _private_use_schemes(env: Mapping[str, str], problems: list[str]) -> frozens
     return frozenset(s.lower() for s in schemes)
 
 
-def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in env.get(name, "").replace(" ", ",").split(",") if item.strip())
-
-
 def load_settings(env: Mapping[str, str] | None = None, instance_path: str | None = None) -> Settings:
     """Build `Settings` from the environment; raise `ConfigError` listing every problem."""
     env = os.environ if env is None else env
     problems: list[str] = []
 
     def required(name: str, hint: str) -> str:
-        value = env.get(name, "").strip()
+        value = read_text(env, name)
         if not value:
             problems.append(f"{name} is required: {hint}")
         return value
@@ -252,17 +277,17 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         "OAUTH_AUTHORIZE_URL", "the provider's base URL (e.g. https://accounts.google.com) or its authorize URL"
     )
     if authorize_url:
-        authorize_url = _absolute_url("OAUTH_AUTHORIZE_URL", authorize_url, problems)
-    if env.get("MCP_ROUTES_FILE", "").strip():
-        mcp_server_url = env.get("MCP_SERVER_URL", "").strip()  # load_routes refuses both at once
+        authorize_url = absolute_url("OAUTH_AUTHORIZE_URL", authorize_url, problems)
+    if read_text(env, "MCP_ROUTES_FILE"):
+        mcp_server_url = read_text(env, "MCP_SERVER_URL")  # load_routes refuses both at once
     else:
         mcp_server_url = required("MCP_SERVER_URL", "the downstream MCP server's URL, e.g. http://localhost:9000/mcp")
     if mcp_server_url:
-        mcp_server_url = _absolute_url("MCP_SERVER_URL", mcp_server_url, problems)
+        mcp_server_url = absolute_url("MCP_SERVER_URL", mcp_server_url, problems)
 
-    port = _int(env, "PORT", 8080, problems, 1, 65535)
-    host = env.get("HOST", "").strip() or "127.0.0.1"
-    public_url = env.get("PUBLIC_URL", "").strip()
+    port = read_int(env, "PORT", 8080, problems, minimum=1, maximum=65535)
+    host = read_text(env, "HOST", "127.0.0.1")
+    public_url = read_text(env, "PUBLIC_URL")
     if not public_url:
         if is_loopback_host(host):
             public_url = f"http://{'127.0.0.1' if host == '127.0.0.1' else 'localhost'}:{port}"
@@ -271,7 +296,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
                 "PUBLIC_URL is required when HOST is not a loopback address: the external https URL clients use, e.g. https://mcp.example.com"
             )
     if public_url:
-        public_url = _origin_url("PUBLIC_URL", public_url, problems)
+        public_url = origin_url("PUBLIC_URL", public_url, problems)
 
     encryption_keys: tuple[bytes, ...] = ()
     raw_key = required("ENCRYPTION_KEY", "base64 of 32 random bytes; generate one with `oauthproxy gen-key`")
@@ -281,7 +306,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         except ValueError as error:
             problems.append(str(error))
 
-    dsn = env.get("DATABASE_DSN", "").strip() or env.get("DATABASE_URL", "").strip()
+    dsn = read_text(env, "DATABASE_DSN") or read_text(env, "DATABASE_URL")
     if not dsn:
         folder = Path(instance_path or "instance")
         dsn = f"sqlite:///{(folder / 'oauthproxy.sqlite3').resolve()}"
@@ -292,32 +317,52 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
             f"DATABASE_DSN must be a sqlite:/// URL, a path to an SQLite file or a postgresql:// URL; got a value starting {dsn.split(':', 1)[0]!r}"
         )
 
-    for name in ("OAUTH_TOKEN_URL", "OAUTH_USERINFO_URL"):
-        if env.get(name, "").strip():
-            _absolute_url(name, env[name].strip(), problems)
+    token_url = read_url(env, "OAUTH_TOKEN_URL", problems)
+    userinfo_url = read_url(env, "OAUTH_USERINFO_URL", problems)
 
-    database_timeout = _int(env, "DATABASE_TIMEOUT", 5, problems, 2, 60)
-    access_ttl = _int(env, "ACCESS_TOKEN_TTL", 3600, problems, 60, 30 * 24 * 3600)
-    refresh_ttl = _int(env, "REFRESH_TOKEN_TTL", 30 * 24 * 3600, problems, 3600, 365 * 24 * 3600)
-    grace = _int(env, "REFRESH_GRACE_SECONDS", 10, problems, 0, 60)
+    database_timeout = read_int(env, "DATABASE_TIMEOUT", 5, problems, minimum=2, maximum=60)
+    access_ttl = read_int(env, "ACCESS_TOKEN_TTL", 3600, problems, minimum=60, maximum=30 * DAY)
+    refresh_ttl = read_int(env, "REFRESH_TOKEN_TTL", 30 * DAY, problems, minimum=3600, maximum=365 * DAY)
+    grace = read_int(env, "REFRESH_GRACE_SECONDS", 10, problems, minimum=0, maximum=60)
+    # RFC 6749 §4.1.2: a code lives a few minutes, "a maximum authorization code lifetime of 10 minutes is RECOMMENDED".
+    code_ttl = read_int(env, "AUTHORIZATION_CODE_TTL", 300, problems, minimum=30, maximum=600)
+    unused_client_ttl = read_int(env, "UNUSED_CLIENT_TTL", 30 * DAY, problems, minimum=3600, maximum=365 * DAY)
+    pending_login_ttl = read_int(env, "PENDING_LOGIN_TTL", 600, problems, minimum=60, maximum=3600)
+    # Browsers keep a cookie at most 400 days (RFC 6265bis §5.5), whatever Max-Age asks for.
+    consent_ttl = read_int(env, "CONSENT_TTL", 365 * DAY, problems, minimum=60, maximum=400 * DAY)
+    consent_page_ttl = read_int(env, "CONSENT_PAGE_TTL", 600, problems, minimum=60, maximum=3600)
+    provider_http_timeout = read_seconds(env, "PROVIDER_HTTP_TIMEOUT", 10.0, problems, minimum=1, maximum=120)
 
-    secret_key_raw = env.get("SECRET_KEY", "").strip()
+    secret_key_raw = read_text(env, "SECRET_KEY")
     if secret_key_raw and len(secret_key_raw) < 32:
         problems.append(f"SECRET_KEY must be at least 32 characters; got {len(secret_key_raw)}")
 
-    allow_private_cimd = _bool(env, "CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS", problems)
-    trusted_proxy_hops = _int(env, "TRUSTED_PROXY_HOPS", 0, problems, 0, 10)
-    log_format = env.get("LOG_FORMAT", "").strip().lower() or "text"
-    if log_format not in ("text", "json"):
-        problems.append(f"LOG_FORMAT must be text or json; got {log_format!r}")
-    metrics_token = env.get("METRICS_TOKEN", "").strip()
+    allow_private_cimd = read_bool(env, "CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS", False, problems)
+    metadata_timeout = read_seconds(env, "CLIENT_METADATA_FETCH_TIMEOUT", 5.0, problems, minimum=0.5, maximum=30)
+    metadata_max_bytes = read_int(
+        env, "CLIENT_METADATA_MAX_BYTES", 5 * 1024, problems, minimum=1024, maximum=1024 * 1024, unit="bytes"
+    )
+    metadata_cache_size = read_int(env, "CLIENT_METADATA_CACHE_SIZE", 1024, problems, minimum=1, maximum=1_000_000)
+    metadata_cache_ttl = read_int(env, "CLIENT_METADATA_CACHE_TTL", 300, problems, minimum=1, maximum=7 * DAY)
+    metadata_min_ttl = read_int(env, "CLIENT_METADATA_MIN_CACHE_TTL", 60, problems, minimum=1, maximum=DAY)
+    metadata_max_ttl = read_int(env, "CLIENT_METADATA_MAX_CACHE_TTL", DAY, problems, minimum=60, maximum=7 * DAY)
+    if metadata_min_ttl > metadata_max_ttl:
+        problems.append(
+            f"CLIENT_METADATA_MIN_CACHE_TTL ({metadata_min_ttl}) must not exceed "
+            f"CLIENT_METADATA_MAX_CACHE_TTL ({metadata_max_ttl})"
+        )
+    metadata_failure_ttl = read_int(env, "CLIENT_METADATA_FAILURE_TTL", 30, problems, minimum=1, maximum=3600)
+
+    trusted_proxy_hops = read_int(env, "TRUSTED_PROXY_HOPS", 0, problems, minimum=0, maximum=10)
+    log_format = read_choice(env, "LOG_FORMAT", "text", ("text", "json"), problems)
+    metrics_token = read_text(env, "METRICS_TOKEN")
     if metrics_token and len(metrics_token) < 16:
         problems.append(
             f"METRICS_TOKEN must be at least 16 characters (e.g. `oauthproxy gen-key`); got {len(metrics_token)}"
         )
     private_use_schemes = _private_use_schemes(env, problems)
 
-    rate_limit_storage = env.get("RATE_LIMIT_STORAGE_URI", "").strip() or "memory://"
+    rate_limit_storage = read_text(env, "RATE_LIMIT_STORAGE_URI", "memory://")
     if rate_limit_storage.startswith("sqlite:") and (
         not rate_limit_storage.startswith("sqlite:///") or rate_limit_storage.endswith("/")
     ):
@@ -326,12 +371,16 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
             f"sqlite:///relative/path; got {rate_limit_storage!r}"
         )
 
-    routes = load_routes(env, public_url, _list(env, "SCOPES_SUPPORTED"), problems) if public_url else ()
+    scopes_supported = read_list(env, "SCOPES_SUPPORTED", problems)
+    upstream_scopes = read_list(env, "UPSTREAM_SCOPES", problems)
+    allowed_emails = frozenset(e.lower() for e in read_list(env, "ALLOWED_EMAILS", problems))
+    allowed_domains = frozenset(d.lower().lstrip("@") for d in read_list(env, "ALLOWED_EMAIL_DOMAINS", problems))
+    routes = load_routes(env, public_url, scopes_supported, problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
-    ca_bundle = _ca_bundle(env.get("CA_BUNDLE", "").strip(), problems)
-    github_api_url = env.get("GITHUB_API_URL", "").strip() or None
+    ca_bundle = _ca_bundle(read_text(env, "CA_BUNDLE"), problems)
+    github_api_url = read_text(env, "GITHUB_API_URL") or None
     if github_api_url:
-        github_api_url = _origin_url("GITHUB_API_URL", github_api_url, problems)
+        github_api_url = origin_url("GITHUB_API_URL", github_api_url, problems)
 
     if problems:
         raise ConfigError(problems)
@@ -346,11 +395,11 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         oauth_client_id=client_id,
         oauth_client_secret=client_secret,
         oauth_authorize_url=authorize_url,
-        oauth_token_url=env.get("OAUTH_TOKEN_URL", "").strip() or None,
-        oauth_userinfo_url=env.get("OAUTH_USERINFO_URL", "").strip() or None,
+        oauth_token_url=token_url,
+        oauth_userinfo_url=userinfo_url,
         mcp_server_url=mcp_server_url,
-        scopes_supported=_list(env, "SCOPES_SUPPORTED"),
-        upstream_scopes=_list(env, "UPSTREAM_SCOPES"),
+        scopes_supported=scopes_supported,
+        upstream_scopes=upstream_scopes,
         encryption_keys=encryption_keys,
         database_dsn=normalise_database_dsn(dsn),
         database_timeout=database_timeout,
@@ -358,14 +407,27 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         port=port,
         access_token_ttl=access_ttl,
         refresh_token_ttl=refresh_ttl,
+        authorization_code_ttl=code_ttl,
         refresh_grace_seconds=grace,
-        allowed_emails=frozenset(e.lower() for e in _list(env, "ALLOWED_EMAILS")),
-        allowed_email_domains=frozenset(d.lower().lstrip("@") for d in _list(env, "ALLOWED_EMAIL_DOMAINS")),
+        unused_client_ttl=unused_client_ttl,
+        pending_login_ttl=pending_login_ttl,
+        consent_ttl=consent_ttl,
+        consent_page_ttl=consent_page_ttl,
+        provider_http_timeout=provider_http_timeout,
+        allowed_emails=allowed_emails,
+        allowed_email_domains=allowed_domains,
         allow_private_client_metadata_urls=allow_private_cimd,
+        client_metadata_fetch_timeout=metadata_timeout,
+        client_metadata_max_bytes=metadata_max_bytes,
+        client_metadata_cache_size=metadata_cache_size,
+        client_metadata_cache_ttl=metadata_cache_ttl,
+        client_metadata_min_cache_ttl=metadata_min_ttl,
+        client_metadata_max_cache_ttl=metadata_max_ttl,
+        client_metadata_failure_ttl=metadata_failure_ttl,
         private_use_redirect_schemes=private_use_schemes,
-        register_rate_limit=env.get("REGISTER_RATE_LIMIT", "").strip() or "20 per minute",
-        authorize_rate_limit=env.get("AUTHORIZE_RATE_LIMIT", "").strip() or "60 per minute",
-        token_rate_limit=env.get("TOKEN_RATE_LIMIT", "").strip() or "120 per minute",
+        register_rate_limit=read_text(env, "REGISTER_RATE_LIMIT", "20 per minute"),
+        authorize_rate_limit=read_text(env, "AUTHORIZE_RATE_LIMIT", "60 per minute"),
+        token_rate_limit=read_text(env, "TOKEN_RATE_LIMIT", "120 per minute"),
         rate_limit_storage_uri=rate_limit_storage,
         secret_key=secret_key,
         trusted_proxy_hops=trusted_proxy_hops,

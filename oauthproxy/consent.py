@@ -12,8 +12,6 @@ from werkzeug.wrappers import Response
 from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
 
-CONSENT_MAX_AGE = 365 * 24 * 3600
-REQUEST_MAX_AGE = 600
 MAX_REMEMBERED_CLIENTS = 50
 #: v2: approvals per client and resource. A cookie of the old per-client form no longer verifies, so those
 #: approvals are asked again once rather than read as covering every resource.
@@ -51,7 +49,7 @@ def approved_scopes(request: Request) -> dict[str, list[str]]:
     if not raw:
         return {}
     try:
-        value = _serializer(CONSENT_SALT).loads(raw, max_age=CONSENT_MAX_AGE)
+        value = _serializer(CONSENT_SALT).loads(raw, max_age=current_app.config["SETTINGS"].consent_ttl)
     except BadSignature:
         return {}
     if not isinstance(value, dict):
@@ -80,7 +78,7 @@ def remember_consent(request: Request, response: Response, client_id: str, resou
     response.set_cookie(
         consent_cookie_name(settings),
         _serializer(CONSENT_SALT).dumps(kept),
-        max_age=CONSENT_MAX_AGE,
+        max_age=settings.consent_ttl,
         path="/",
         secure=settings.secure_cookies,
         httponly=True,
@@ -104,9 +102,11 @@ def sign_authorization_request(params: dict[str, str]) -> str:
 
 
 def load_authorization_request(token: str) -> dict[str, str] | None:
-    """The request the consent page was shown for, if its signature holds and it is under 10 minutes old."""
+    """The request the consent page was shown for, if its signature holds and it is younger than CONSENT_PAGE_TTL."""
     try:
-        params = _serializer("authorization-request").loads(token, max_age=REQUEST_MAX_AGE)
+        params = _serializer("authorization-request").loads(
+            token, max_age=current_app.config["SETTINGS"].consent_page_ttl
+        )
     except BadSignature:
         return None
     return params if isinstance(params, dict) else None

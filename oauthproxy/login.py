@@ -7,7 +7,6 @@ import logging
 import secrets
 import unicodedata
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import OAuth2Error
@@ -29,7 +28,6 @@ from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
 
-PENDING_LOGIN_TTL = timedelta(minutes=10)
 #: The client's error for a failed code exchange: a provider refused, hung or answering 5xx is worth a retry
 #: (RFC 6749 §4.1.2.1 `temporarily_unavailable`, as when login cannot start); the rest is not.
 EXCHANGE_ERRORS = {"access_denied": "access_denied", "transient": "temporarily_unavailable"}
@@ -204,7 +202,7 @@ def begin_provider_login(validated: ValidatedAuthorization) -> BaseResponse:
             upstream_secrets=components().secret_box.encrypt(
                 json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"
             ),
-            expires_at=database_now(int(PENDING_LOGIN_TTL.total_seconds())),
+            expires_at=database_now(settings.pending_login_ttl),
         )
     )
     db.session.commit()

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.config_values import DAY, boolean_value, read_int, read_list, read_seconds, read_text, string_list
 from oauthproxy.urls import normalise_origin
 
 CredentialKind = Literal["none", "upstream_token", "static"]
@@ -153,24 +154,6 @@ class ProxySettings:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
 
 
-def _strings(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [item for item in re.split(r"[,\s]+", value) if item]
-    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
-        problems.append(f"{where} must be a list of non-empty strings")
-        return ()
-    return tuple(item.strip() for item in value)
-
-
-def _bool(value: Any, where: str, problems: list[str]) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    problems.append(f"{where} must be true or false; got {value!r}")
-    return True
-
-
 def _has_control_characters(value: str) -> bool:
     return any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
 
@@ -188,7 +171,7 @@ def _read_secret(entry: Mapping[str, Any], where: str, env: Mapping[str, str], p
         if not isinstance(env_name, str):
             problems.append(f"{where}: credential_env must be the name of an environment variable")
             return ""
-        secret = env.get(env_name, "").strip()
+        secret = read_text(env, env_name)
         if not secret:
             problems.append(f"{where}: the environment variable {env_name} (credential_env) is unset or empty")
             return ""
@@ -283,17 +266,17 @@ def build_route(
     if not isinstance(name, str) or not ROUTE_NAME.match(name):
         problems.append(f"{where}: name must be letters, digits, '.', '_' or '-'; got {name!r}")
         name = "mcp"
-    scopes = _strings(entry.get("scopes", []), f"{where}: scopes", problems)
+    scopes = string_list(entry.get("scopes", []), f"{where}: scopes", problems)
     if scopes_supported:
         missing = [scope for scope in scopes if scope not in scopes_supported]
         if missing:
             problems.append(
                 f"{where}: scopes {', '.join(missing)} are not in SCOPES_SUPPORTED, so no token could ever carry them"
             )
-    identity_headers = _bool(entry.get("identity_headers", True), f"{where}: identity_headers", problems)
+    identity_headers = boolean_value(entry.get("identity_headers", True), f"{where}: identity_headers", True, problems)
     credential = _credential(entry, where, env, problems)
-    emails = _strings(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
-    domains = _strings(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
+    emails = string_list(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
+    domains = string_list(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
     return Route(
         name=name,
         path=path,
@@ -303,9 +286,10 @@ def build_route(
         allowed_emails=frozenset(email.lower() for email in emails),
         allowed_email_domains=frozenset(domain.lower().lstrip("@") for domain in domains),
         identity_headers=identity_headers,
-        forward_access_token=_bool(
+        forward_access_token=boolean_value(
             entry.get("forward_access_token", identity_headers and credential.kind == "upstream_token"),
             f"{where}: forward_access_token",
+            False,
             problems,
         ),
         credential=credential,
@@ -316,8 +300,8 @@ def load_routes(
     env: Mapping[str, str], public_url: str, scopes_supported: tuple[str, ...], problems: list[str]
 ) -> tuple[Route, ...]:
     """Routes from the TOML file named by `MCP_ROUTES_FILE`, or one route from `MCP_SERVER_URL`."""
-    routes_file = env.get("MCP_ROUTES_FILE", "").strip()
-    server_url = env.get("MCP_SERVER_URL", "").strip()
+    routes_file = read_text(env, "MCP_ROUTES_FILE")
+    server_url = read_text(env, "MCP_SERVER_URL")
     if routes_file and server_url:
         problems.append("set MCP_SERVER_URL (one downstream) or MCP_ROUTES_FILE (several), not both")
         return ()
@@ -326,8 +310,8 @@ def load_routes(
             return ()  # config.py reports the missing MCP_SERVER_URL
         entry: dict[str, Any] = {"path": urlsplit(server_url).path or "/", "url": server_url}
         for key, variable in SINGLE_ROUTE_ENV.items():
-            if env.get(variable, "").strip():
-                entry[key] = env[variable].strip()
+            if read_text(env, variable):
+                entry[key] = read_text(env, variable)
         return (build_route(entry, "MCP_SERVER_URL", public_url, env, scopes_supported, problems),)
 
     try:
@@ -371,34 +355,9 @@ def load_routes(
     return routes
 
 
-def _number(
-    env: Mapping[str, str],
-    name: str,
-    default: float,
-    minimum: float,
-    maximum: float,
-    problems: list[str],
-    unit: str = "seconds",
-) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        problems.append(f"{name} must be a number of {unit}; got {raw!r}")
-        return default
-    if not minimum <= value <= maximum:
-        problems.append(f"{name} must be between {minimum:.15g} and {maximum:.15g}; got {raw}")
-        return default
-    return value
-
-
 def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[str]) -> ProxySettings:
     origins = {normalise_origin(public_url)} if public_url else set()
-    for origin in re.split(r"[,\s]+", env.get("ALLOWED_ORIGINS", "")):
-        if not origin:
-            continue
+    for origin in read_list(env, "ALLOWED_ORIGINS", problems):
         if origin != "*" and not re.match(r"^https?://[^/?#]+$", origin.rstrip("/")):
             problems.append(
                 f"ALLOWED_ORIGINS entries must be origins such as https://app.example.com, or *; got {origin!r}"
@@ -407,14 +366,24 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
         origins.add(origin if origin == "*" else normalise_origin(origin))
     return ProxySettings(
         allowed_origins=frozenset(origins),
-        token_cache_ttl=int(_number(env, "TOKEN_CACHE_TTL", 30, 0, 300, problems)),
-        token_cache_size=int(_number(env, "TOKEN_CACHE_SIZE", 10_000, 1, 10_000_000, problems)),
-        upstream_refresh_skew=int(_number(env, "UPSTREAM_REFRESH_SKEW", 60, 0, 3600, problems)),
-        downstream_connect_timeout=_number(env, "DOWNSTREAM_CONNECT_TIMEOUT", 5, 0.1, 120, problems),
-        downstream_read_timeout=_number(env, "DOWNSTREAM_READ_TIMEOUT", 300, 0.1, 86_400, problems),
-        downstream_stream_idle_timeout=_number(env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, 0, 7 * 86_400, problems),
-        downstream_pool_idle_timeout=_number(env, "DOWNSTREAM_POOL_IDLE_TIMEOUT", 4, 0.1, 3600, problems),
-        downstream_pool_size=int(_number(env, "DOWNSTREAM_POOL_SIZE", 256, 1, 100_000, problems)),
-        max_body_bytes=int(_number(env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 2**40, problems, "bytes")),
-        session_idle_timeout=_number(env, "MCP_SESSION_IDLE_TIMEOUT", 86_400, 60, 30 * 86_400, problems),
+        token_cache_ttl=read_int(env, "TOKEN_CACHE_TTL", 30, problems, minimum=0, maximum=300, unit="seconds"),
+        token_cache_size=read_int(env, "TOKEN_CACHE_SIZE", 10_000, problems, minimum=1, maximum=10_000_000),
+        upstream_refresh_skew=read_int(
+            env, "UPSTREAM_REFRESH_SKEW", 60, problems, minimum=0, maximum=3600, unit="seconds"
+        ),
+        downstream_connect_timeout=read_seconds(
+            env, "DOWNSTREAM_CONNECT_TIMEOUT", 5, problems, minimum=0.1, maximum=120
+        ),
+        downstream_read_timeout=read_seconds(env, "DOWNSTREAM_READ_TIMEOUT", 300, problems, minimum=0.1, maximum=DAY),
+        downstream_stream_idle_timeout=read_seconds(
+            env, "DOWNSTREAM_STREAM_IDLE_TIMEOUT", 0, problems, minimum=0, maximum=7 * DAY
+        ),
+        downstream_pool_idle_timeout=read_seconds(
+            env, "DOWNSTREAM_POOL_IDLE_TIMEOUT", 4, problems, minimum=0.1, maximum=3600
+        ),
+        downstream_pool_size=read_int(env, "DOWNSTREAM_POOL_SIZE", 256, problems, minimum=1, maximum=100_000),
+        max_body_bytes=read_int(
+            env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, problems, minimum=1024, maximum=2**40, unit="bytes"
+        ),
+        session_idle_timeout=read_seconds(env, "MCP_SESSION_IDLE_TIMEOUT", DAY, problems, minimum=60, maximum=30 * DAY),
     )

@@ -3,7 +3,6 @@ and a quick quit that never leaves a stray SystemExit behind."""
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
@@ -13,12 +12,15 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from oauthproxy.config import load_server_settings
+
+_SERVER = load_server_settings()  # gunicorn.conf.py has already reported any problem with these, and exited
 # A request head (request line and headers) must arrive within this many seconds of a new connection or of its
 # first byte on a kept-alive one; nginx's client_header_timeout plays the same part. Real clients send it at once.
-REQUEST_HEAD_TIMEOUT = float(os.environ.get("REQUEST_HEAD_TIMEOUT") or 10)
+REQUEST_HEAD_TIMEOUT = _SERVER.request_head_timeout
 # A request body may pause at most this long between two reads (nginx's client_body_timeout). MCP bodies are
 # JSON-RPC messages sent whole, and the authorization server's are small forms; none pauses for seconds.
-REQUEST_BODY_TIMEOUT = float(os.environ.get("REQUEST_BODY_TIMEOUT") or 30)
+REQUEST_BODY_TIMEOUT = _SERVER.request_body_timeout
 
 _HEAD_TIMED_OUT_BODY = (
     b'{"error": "invalid_request", "error_description": "the request head did not arrive within '
@@ -133,7 +135,7 @@ class BoundedGeventWorker(GeventWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_waiting = int(os.environ.get("MAX_WAITING_CONNECTIONS") or max(1, self.worker_connections // 2))
+        self.max_waiting = _SERVER.max_waiting_connections or max(1, self.worker_connections // 2)
         self.waiting: OrderedDict[ClientConnection, None] = OrderedDict()
         self.run_ended = False
 

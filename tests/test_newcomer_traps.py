@@ -219,9 +219,7 @@ def _settings_read() -> set[str]:
     for path in (ROOT / "oauthproxy").glob("*.py"):
         text = path.read_text()
         names |= set(re.findall(r'env\.get\("([A-Z][A-Z0-9_]+)"', text))
-        names |= set(
-            re.findall(r'(?:_int|_bool|_list|required|_float|_seconds)\(\s*(?:env,\s*)?"([A-Z][A-Z0-9_]+)"', text)
-        )
+        names |= set(re.findall(r'(?:read_[a-z]+|required)\(\s*(?:env,\s*)?"([A-Z][A-Z0-9_]+)"', text))
         names |= set(re.findall(r'os\.environ\.get\("([A-Z][A-Z0-9_]+)"', text))
     names |= set(re.findall(r'os\.environ\.get\("([A-Z][A-Z0-9_]+)"', (ROOT / "gunicorn.conf.py").read_text()))
     return names - {"AUTHLIB_INSECURE_TRANSPORT"}  # set by the proxy itself, not an operator's setting
