@@ -15,7 +15,13 @@ if _hard == resource.RLIM_INFINITY or _soft < _hard:
     except (ValueError, OSError):
         pass
 
+from dotenv import load_dotenv  # noqa: E402
+
 from oauthproxy.config import ConfigError, load_server_settings  # noqa: E402 (after the descriptor limit)
+
+# The same file the app reads (create_app), read here too: HOST, PORT, WEB_CONCURRENCY... set in it must decide where
+# gunicorn listens, or the app advertises a port nobody listens on. The environment wins over the file, as there.
+load_dotenv(os.environ.get("OAUTHPROXY_ENV_FILE", ".env"))
 
 try:
     _server = load_server_settings()

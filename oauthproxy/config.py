@@ -99,7 +99,6 @@ class Settings:
     ca_bundle: str | None = None
     #: GITHUB_API_URL: GitHub's REST API (https://api.github.com; GitHub Enterprise Server: https://HOST/api/v3).
     github_api_url: str | None = None
-    provider_http_timeout: float = 10.0
 
     @property
     def issuer(self) -> str:

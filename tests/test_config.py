@@ -283,3 +283,20 @@ def test_gunicorn_refuses_bad_server_settings_in_plain_words(tmp_path: Path) -> 
     assert "WORKER_CONNECTIONS must be a whole number; got 'many'" in result.stderr
     assert "GRACEFUL_TIMEOUT must be a number of seconds; got 'soon'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_gunicorn_reads_its_settings_from_the_env_file_as_the_app_does(tmp_path: Path) -> None:
+    # Before: only create_app read .env, so a PORT set there was advertised by the app but not listened on.
+    env_file = tmp_path / "proxy.env"
+    env_file.write_text("WORKER_CONNECTIONS=many\n")
+    env = {"PATH": os.environ["PATH"], "OAUTHPROXY_ENV_FILE": str(env_file)}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "WORKER_CONNECTIONS must be a whole number; got 'many'" in result.stderr
