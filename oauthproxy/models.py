@@ -49,7 +49,7 @@ class OAuthClient(Model):
     client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     client_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     client_metadata_json: Mapped[str] = mapped_column(Text)
-    # Identical re-registrations from one address reuse the row instead of piling up (see registration.py).
+    # Identical re-registrations from one address reuse the row instead of piling up (clients.registration_fingerprint).
     metadata_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
