@@ -264,14 +264,9 @@ def test_server_settings_report_every_problem_at_once() -> None:
     ]
 
 
-def test_gunicorn_refuses_bad_server_settings_in_plain_words(tmp_path: Path) -> None:
-    env = {
-        "PATH": os.environ["PATH"],
-        "OAUTHPROXY_ENV_FILE": str(tmp_path / "none.env"),
-        "WORKER_CONNECTIONS": "many",
-        "GRACEFUL_TIMEOUT": "soon",
-    }
-    result = subprocess.run(
+def run_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`gunicorn -c gunicorn.conf.py wsgi:app` as deployed, for settings it refuses before serving anything."""
+    return subprocess.run(
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT,
         env=env,
@@ -279,6 +274,16 @@ def test_gunicorn_refuses_bad_server_settings_in_plain_words(tmp_path: Path) -> 
         text=True,
         timeout=60,
     )
+
+
+def test_gunicorn_refuses_bad_server_settings_in_plain_words(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "OAUTHPROXY_ENV_FILE": str(tmp_path / "none.env"),
+        "WORKER_CONNECTIONS": "many",
+        "GRACEFUL_TIMEOUT": "soon",
+    }
+    result = run_gunicorn(env)
     assert result.returncode == 2, result.stderr
     assert "WORKER_CONNECTIONS must be a whole number; got 'many'" in result.stderr
     assert "GRACEFUL_TIMEOUT must be a number of seconds; got 'soon'" in result.stderr
@@ -290,13 +295,6 @@ def test_gunicorn_reads_its_settings_from_the_env_file_as_the_app_does(tmp_path:
     env_file = tmp_path / "proxy.env"
     env_file.write_text("WORKER_CONNECTIONS=many\n")
     env = {"PATH": os.environ["PATH"], "OAUTHPROXY_ENV_FILE": str(env_file)}
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_gunicorn(env)
     assert result.returncode == 2, result.stderr
     assert "WORKER_CONNECTIONS must be a whole number; got 'many'" in result.stderr
