@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oauthproxy.proxy import PathRefused, confined_suffix, query_without_tokens
+from oauthproxy.proxy.forwarding import PathRefused, confined_suffix, query_without_tokens
 from tests.deployment_fixtures import Nginx, start_nginx
 from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     EchoServer,
