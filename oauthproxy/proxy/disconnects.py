@@ -88,8 +88,9 @@ class ClientWatch:
         raw = getattr(sock, "_sock", None)  # gevent's socket wraps a plain, non-blocking `_socket.socket`
         if self._gevent and isinstance(raw, _socket.socket):
             # A bare I/O watcher whose callback runs in gevent's hub, rather than a greenlet per request: spawning
-            # one (gevent records each greenlet's spawning stack) and killing it cost ~0.13 ms of CPU per proxied
-            # request, and a parked greenlet's saved stack is memory held by every open stream (docs/benchmarks.md).
+            # one (gevent records each greenlet's spawning stack) and killing it was a large share of the CPU of a
+            # proxied request, and a parked greenlet's saved stack is memory held by every open stream
+            # (bench/analysis.md).
             from gevent import get_hub
 
             self._raw = raw

@@ -96,7 +96,7 @@ def request_body(environ: dict[str, Any], stream: IO[bytes], limit: int, on_end:
             raise body_too_large(limit)  # before a byte goes downstream
         if size <= SMALL_BODY:
             # Also spares requests' check whether a body is a readable stream, a runtime Protocol check
-            # that cost ~0.1 ms.
+            # that is slow for what it does (bench/analysis.md).
             return _read_whole(stream, size) if size else None
         return _SizedBody(stream, size, on_end)
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
@@ -106,8 +106,8 @@ def request_body(environ: dict[str, Any], stream: IO[bytes], limit: int, on_end:
 
 @functools.lru_cache(maxsize=1024)
 def _prepared_url(url: str) -> str:
-    """requests' normalisation of a URL (IDNA host, percent-encoding), once per distinct URL: ~40 µs that an MCP
-    client, posting to the same URL over and over, would otherwise pay on every request."""
+    """requests' normalisation of a URL (IDNA host, percent-encoding), once per distinct URL: work that an MCP
+    client, posting to the same URL over and over, would otherwise pay on every request (bench/analysis.md)."""
     prepared = requests.PreparedRequest()
     prepared.prepare_url(url, None)
     return prepared.url  # type: ignore[return-value]  # set by prepare_url

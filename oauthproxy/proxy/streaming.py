@@ -88,8 +88,8 @@ class DownstreamProxy:
 
         Waiting for the downstream's headers runs deepest into requests, urllib3 and http.client. Every greenlet keeps
         the memory its deepest moment touched (its Python 3.11 frame stack, its C stack), and the request's greenlet
-        goes on to hold the stream: on a greenlet that ends with the exchange, ~4 KB less per idle stream. It costs
-        ~50 µs (a fresh frame stack), hence not for POST, whose answers end with their call (docs/benchmarks.md).
+        goes on to hold the stream: on a greenlet that ends with the exchange, an idle stream holds less. A fresh
+        frame stack costs CPU, hence not for POST, whose answers end with their call (bench/analysis.md).
         """
         from greenlet import getcurrent, greenlet
 
@@ -116,8 +116,8 @@ class DownstreamProxy:
             route, downstream.raw, opening, watch, listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET"
         )
         response = ProxiedResponse(body, status=downstream.status_code, headers=headers, direct_passthrough=True)
-        # Noted while the headers were copied, not looked up afterwards: a lookup in Werkzeug's (or requests')
-        # headers costs 3-7 µs a request.
+        # Noted while the headers were copied, not looked up afterwards in Werkzeug's (or requests') headers: a lookup
+        # costs CPU on every request (bench/analysis.md).
         response.mcp_session_id = session_id
         if not content_type:
             del response.headers["Content-Type"]  # werkzeug adds text/html by default

@@ -81,10 +81,11 @@ class _SmallBufferResponse(http.client.HTTPResponse):
 
 
 class _Tuned:
-    """What our connections to the downstream do differently from urllib3's (measured in docs/benchmarks.md).
+    """What our connections to the downstream do differently from urllib3's (the figures: bench/analysis.md,
+    "Figures formerly in code comments").
 
     - The check before reusing a pooled connection: urllib3 polls with `select.poll` and a zero timeout. Under gevent
-      that is the patched poll, which still arms a timer and makes a trip through the hub: ~40 µs of CPU per
+      that is the patched poll, which still arms a timer and makes a trip through the hub, CPU paid on every
       request. The unpatched poll answers the same question (anything to read, or closed?) in one system call that
       never blocks.
     - A small request body leaves in the same write as the request head; urllib3 writes them separately: one more
@@ -128,7 +129,7 @@ class _Tuned:
         if gevent_hub_running():
             # Give way once per request, while the downstream works on it. On a busy worker in front of a fast
             # downstream every socket is ready whenever a greenlet looks, so it never waits: it would serve its
-            # connection request after request while the others starve (p99 at 20 connections 150 ms → 25 ms).
+            # connection request after request while the others starve (their p99: bench/analysis.md).
             _gevent_sleep(0)
 
     def send(self, data: Any) -> None:
