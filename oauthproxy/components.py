@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from oauthproxy.config import Settings
     from oauthproxy.crypto import SecretBox
     from oauthproxy.mcp_sessions import SessionBindings
-    from oauthproxy.proxy.streaming import DownstreamProxy
+    from oauthproxy.proxy import DownstreamProxy
     from oauthproxy.resource_server import TokenCache
     from oauthproxy.routes import Route
     from oauthproxy.upstream import UpstreamProvider

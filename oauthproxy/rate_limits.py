@@ -144,7 +144,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         app.view_functions[endpoint] = limiter.limit(limit, exempt_when=is_preflight)(app.view_functions[endpoint])
     limited = frozenset(endpoint for endpoint, _ in limits)
     # Every other request (each proxied MCP request among them) has no limit: spare it the limiter's bookkeeping,
-    # CPU it would pay on every request (bench/analysis.md).
+    # ~20 µs of CPU per request (docs/benchmarks.md).
     limiter.request_filter(lambda: request.endpoint not in limited)
 
     @app.after_request
