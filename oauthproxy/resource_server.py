@@ -24,8 +24,7 @@ from oauthproxy.errors import json_error
 from oauthproxy.logs import set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
-from oauthproxy.proxy.streaming import DownstreamProxy
-from oauthproxy.proxy.transport import DownstreamError
+from oauthproxy.proxy import DownstreamError, DownstreamProxy
 from oauthproxy.routes import Route
 from oauthproxy.upstream_tokens import (
     KeyedLocks,
@@ -417,7 +416,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> Response:
 
 class BelowRoute(PathConverter):
     """Whatever follows a route's path and `/`, empty segments too (Werkzeug's `path` refuses a leading `/`): so that
-    `/mcp//x` reaches the route and gets its 400 for an empty segment (proxy/forwarding.py, confined_suffix), not a bare 404."""
+    `/mcp//x` reaches the route and gets its 400 for an empty segment (forwarding.confined_suffix), not a 404."""
 
     regex = ".+?"
     part_isolating = False  # else Werkzeug infers it from the regex, which names no `/`

@@ -1,5 +1,4 @@
-"""Noticing that the MCP client went away while its request is served (a long tool call, an idle SSE stream), and
-ending the downstream request at once: in MCP 2026-07-28, closing the stream is how a client cancels."""
+"""Noticing an MCP client that leaves mid-request (slow tool, idle SSE stream), and ending its downstream request."""
 
 from __future__ import annotations
 

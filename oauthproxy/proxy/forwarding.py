@@ -1,5 +1,4 @@
-"""What reaches the downstream and what comes back: which headers pass either way, the identity headers the proxy
-sets, path confinement below a route's prefix, query tokens stripped, and the downstream URL built from the request."""
+"""Forwarding rules: the headers passed or set either way, path confinement, query tokens, the downstream URL."""
 
 from __future__ import annotations
 
@@ -169,7 +168,8 @@ def downstream_url(route: Route, environ: dict[str, Any]) -> str:
 
 class HeaderRules:
     """The headers of a forwarded exchange: the client's, less what is never forwarded, plus the proxy's own
-    (X-Forwarded-*, the route's downstream credentials); the downstream's, less hop-by-hop ones, Location made public."""
+    (X-Forwarded-*, the route's downstream credentials); the downstream's, less hop-by-hop ones, with Location made
+    public."""
 
     def __init__(self, public_url: str, proxy_cookie_names: frozenset[str]):
         parts = urlsplit(public_url)

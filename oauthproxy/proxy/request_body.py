@@ -1,5 +1,4 @@
-"""The request that leaves for the downstream: the client's body read whole, streamed block by block, or refused past
-MCP_MAX_BODY_BYTES, and the framing it is sent with."""
+"""The request that leaves for the downstream: the client's body (whole, streamed or refused) and its framing."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Connections to downstream MCP servers: the tuned urllib3 pool (keepalive, idle limit, reuse check), the timeouts,
-one retry on a pooled connection the downstream was closing, and the 502/504 answers when the downstream fails."""
+"""Connections to downstream MCP servers: the tuned urllib3 pool, timeouts, one retry, and the 502/504 answers."""
 
 from __future__ import annotations
 
