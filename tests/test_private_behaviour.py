@@ -21,7 +21,7 @@ import requests
 import urllib3
 import werkzeug.serving
 from authlib.integrations.flask_client import OAuth
-from flask import Flask
+from flask import Flask, current_app
 from gunicorn.http import unreader
 from gunicorn.workers import base, base_async, ggevent
 from werkzeug.test import EnvironBuilder
@@ -259,11 +259,12 @@ def test_a_bounded_postgres_wait_ends_with_wait_timeout() -> None:
         connection.close()
 
 
-# -- Authlib: oauthproxy/upstream.py --------------------------------------------------------------------------------
+# -- Authlib and Flask: oauthproxy/providers/base.py (upstream.py before the providers split), components.py ----------
 
 
-# upstream.UpstreamProvider.init_app: Authlib's Flask OAuth caches each created client in `_clients` by name, and a
-# second register() under the same name takes effect only once the cached client is dropped from it.
+# The provider's init_app (providers/base.py; upstream.UpstreamProvider.init_app before): Authlib's Flask OAuth
+# caches each created client in `_clients` by name, and a second register() under the same name takes effect only
+# once the cached client is dropped from it.
 def test_authlib_caches_clients_by_name_in_clients() -> None:
     oauth = OAuth(Flask(__name__))
     endpoints = {"authorize_url": "https://idp.example/a", "access_token_url": "https://idp.example/t"}
@@ -274,3 +275,11 @@ def test_authlib_caches_clients_by_name_in_clients() -> None:
     oauth._clients.pop("provider", None)
     oauth.register("provider", client_id="second", client_secret="s", **endpoints)
     assert oauth.create_client("provider").client_id == "second"
+
+
+# components.current_application (and its callers: cli.py, operations.py, resource_server.py): the application
+# object behind Flask's current_app proxy comes from werkzeug LocalProxy's `_get_current_object()`.
+def test_current_app_gives_its_application_through_get_current_object() -> None:
+    app = Flask(__name__)
+    with app.app_context():
+        assert current_app._get_current_object() is app
