@@ -168,6 +168,9 @@ TOKEN_SPELLINGS = [
     "Access_Token",
     "access%255Ftoken",
     "access_token%20",
+    "access_token%00",
+    "access_token%00x",
+    "%09access_token%7F",
     "x=1;access_token",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
@@ -131,9 +132,16 @@ def confined_suffix(route_path: str, raw_path: str) -> str:
     return "/" + "/".join(below)
 
 
+#: Around a parameter name, what some server's reading ignores: whitespace and control characters.
+_IGNORED_AROUND_NAME = re.compile(r"^[\s\x00-\x1f\x7f]+|[\s\x00-\x1f\x7f]+$")
+
+
 def _is_token_parameter(name: str) -> bool:
     decoded = _fully_decoded(name, unquote_plus)
-    return decoded is None or decoded.strip().lower() == "access_token"
+    if decoded is None:
+        return True
+    # A server that reads names as C strings stops at the first NUL: `access_token%00x` is access_token there.
+    return _IGNORED_AROUND_NAME.sub("", decoded.split("\x00", 1)[0]).lower() == "access_token"
 
 
 def query_without_tokens(query: str) -> str:
