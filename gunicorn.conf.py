@@ -200,7 +200,7 @@ def _graceful_exit(worker) -> None:
         for server in servers:
             server.close()  # stop accepting; the kernel refuses new connections once every process has closed it
         gevent.sleep(max(worker.cfg.graceful_timeout - STREAM_END_MARGIN, 0))
-        from oauthproxy.proxy import end_open_streams
+        from oauthproxy.proxy.streaming import end_open_streams
 
         ended = end_open_streams()
         if ended:

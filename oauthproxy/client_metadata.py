@@ -11,23 +11,19 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+import requests.utils
+from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool, Timeout
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
-from urllib3.util.connection import create_connection
 
 from oauthproxy.metadata_limits import metadata_size_problem
 from oauthproxy.urls import MalformedURL, is_loopback_host, redirect_uri_problem, split_url
@@ -144,62 +140,35 @@ def _address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> 
     return None
 
 
-class _PinnedConnectionMixin:
-    """Opens the TCP connection to addresses vetted beforehand instead of resolving the URL's host again.
+def _pinned_pool(
+    scheme: str, address: str, port: int, host: str, timeout: float, ca_bundle: str | None
+) -> HTTPConnectionPool:
+    """A connection pool whose connections go to `address`, one vetted beforehand, for the URL host `host`.
 
-    Only the socket's destination changes: urllib3 still takes the Host header, the TLS SNI name and the
-    certificate hostname check from the URL's host, so TLS verification is against the name, not the IP.
-    Because the name is never looked up a second time, a DNS answer that changes between the SSRF check
-    and the connection (DNS rebinding) cannot redirect the request.
+    Only the socket's destination is the address: the TLS SNI name and the certificate check are the host's
+    (`server_hostname`, `assert_hostname`), so TLS is verified against the name, not the IP; the caller sends the
+    host's Host header. Because the name is never looked up a second time, a DNS answer that changes between the
+    SSRF check and the connection (DNS rebinding) cannot redirect the request. Built per fetch and address, so the
+    pinned address of one fetch can never serve another.
     """
-
-    pinned_addresses: tuple[str, ...] = ()
-    host: str
-    port: int
-    timeout: Any
-    source_address: Any
-    socket_options: Any
-
-    def _new_conn(self) -> socket.socket:
-        error: Exception = NewConnectionError(self, f"No vetted address to connect to for {self.host}")  # type: ignore[arg-type]
-        for address in self.pinned_addresses:
-            try:
-                return create_connection(
-                    (address, self.port),  # an IP literal: getaddrinfo returns it without any DNS query
-                    self.timeout,
-                    source_address=self.source_address,
-                    socket_options=self.socket_options,
-                )
-            except TimeoutError as exc:
-                error = ConnectTimeoutError(
-                    self, f"Connection to {self.host} ({address}) timed out. (connect timeout={self.timeout})"
-                )
-                error.__cause__ = exc
-            except OSError as exc:
-                error = NewConnectionError(self, f"Failed to connect to {self.host} ({address}): {exc}")  # type: ignore[arg-type]
-                error.__cause__ = exc
-        raise error
+    options: dict[str, Any] = {"timeout": Timeout(connect=timeout, read=timeout), "maxsize": 1, "retries": False}
+    if scheme != "https":
+        return HTTPConnectionPool(address, port, **options)
+    return HTTPSConnectionPool(
+        address,
+        port,
+        server_hostname=host,
+        assert_hostname=host,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH,  # CA_BUNDLE, else what requests trusts (certifi)
+        **options,
+    )
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """A transport adapter whose connections go only to `addresses` (see `_PinnedConnectionMixin`).
-
-    It is built per fetch, so the pinned addresses of one fetch can never serve another.
-    """
-
-    def __init__(self, addresses: Iterable[str]) -> None:
-        self._addresses = tuple(addresses)
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-        attrs = {"pinned_addresses": self._addresses}
-        http_conn = type("_PinnedHTTPConnection", (_PinnedConnectionMixin, HTTPConnection), attrs)
-        https_conn = type("_PinnedHTTPSConnection", (_PinnedConnectionMixin, HTTPSConnection), attrs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": type("_PinnedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("_PinnedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-        }
+def _host_header(scheme: str, host: str, port: int) -> str:
+    """The Host header an HTTP client sends for the URL (RFC 9112 §3.2): the port only when it is not the default."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
 
 @dataclass(frozen=True)
@@ -218,10 +187,8 @@ def _parse_http_date(value: str) -> datetime | None:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The underlying reason for a requests/urllib3 error, without the retry and pool wrappers."""
+    """The underlying reason for a urllib3 error, without its wrappers."""
     cause: BaseException = exc
-    if exc.args and isinstance(exc.args[0], MaxRetryError) and exc.args[0].reason is not None:
-        cause = exc.args[0].reason
     if isinstance(cause, NewConnectionError) and isinstance(cause.__cause__, OSError):
         cause = cause.__cause__
     elif isinstance(cause, Urllib3SSLError) and cause.args and isinstance(cause.args[0], BaseException):
@@ -346,11 +313,11 @@ class ClientMetadataFetcher:
             # refetched next time, so its author sees a fix at once.
             self._cache_put(client_id, _CacheEntry(self._clock() + self.failure_ttl, error=exc))
             raise
-        validate_metadata_document(client_id, document, self.private_use_redirect_schemes)
+        valid = validate_metadata_document(client_id, document, self.private_use_redirect_schemes)
         ttl = self._ttl_from_headers(headers)
         if ttl is not None:
-            self._cache_put(client_id, _CacheEntry(self._clock() + ttl, document=copy.deepcopy(document)))
-        return document
+            self._cache_put(client_id, _CacheEntry(self._clock() + ttl, document=copy.deepcopy(valid)))
+        return valid
 
     # Cache
 
@@ -457,59 +424,81 @@ class ClientMetadataFetcher:
     def _download(self, client_id: str) -> tuple[bytes, Mapping[str, str]]:
         addresses = self._vetted_addresses(client_id)
         where = f"the client metadata document at {client_id}"
-        session = requests.Session()
-        session.trust_env = False  # no proxy variables, no .netrc: the request goes only where we vetted
-        session.verify = self._ca_bundle or True
-        adapter = _PinnedAdapter(addresses)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
         deadline = time.monotonic() + 2 * self.timeout  # bounds a server that drips bytes under the read timeout
+        pool: HTTPConnectionPool | None = None
+        response: BaseHTTPResponse | None = None
         try:
-            with session.get(
-                client_id,
-                headers={"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
-                allow_redirects=False,
-                stream=True,
-                timeout=(self.timeout, self.timeout),
-            ) as response:
-                if response.is_redirect or 300 <= response.status_code < 400:
-                    location = response.headers.get("Location", "")[:200]
-                    raise ClientMetadataError(
-                        "invalid_client",
-                        f"Cannot use {where}: the server answered with a redirect (HTTP {response.status_code}"
-                        f" to {location!r}); the document must be served at the client_id URL itself, redirects"
-                        " are not followed.",
-                    )
-                if response.status_code != 200:
-                    raise ClientMetadataError(
-                        "invalid_client",
-                        f"Cannot fetch {where}: the server answered HTTP {response.status_code}, expected 200 with"
-                        " the JSON document.",
-                    )
-                return self._read_body(response, where, deadline), CaseInsensitiveDict(response.headers)
+            pool, response = self._get(client_id, addresses)
+            if 300 <= response.status < 400:
+                location = response.headers.get("Location", "")[:200]
+                raise ClientMetadataError(
+                    "invalid_client",
+                    f"Cannot use {where}: the server answered with a redirect (HTTP {response.status}"
+                    f" to {location!r}); the document must be served at the client_id URL itself, redirects"
+                    " are not followed.",
+                )
+            if response.status != 200:
+                raise ClientMetadataError(
+                    "invalid_client",
+                    f"Cannot fetch {where}: the server answered HTTP {response.status}, expected 200 with"
+                    " the JSON document.",
+                )
+            return self._read_body(response, where, deadline), response.headers
         except ClientMetadataError:
             raise
-        except (requests.Timeout, Urllib3Timeout, TimeoutError) as exc:
+        # Before the timeouts: urllib3's NewConnectionError (connection refused) is also a ConnectTimeoutError.
+        except (NewConnectionError, ProtocolError) as exc:
+            raise ClientMetadataError(
+                "invalid_client",
+                f"Cannot fetch {where}: could not connect to {urlsplit(client_id).hostname} ({_root_cause(exc)}).",
+            ) from exc
+        except (Urllib3Timeout, TimeoutError) as exc:
             raise ClientMetadataError(
                 "invalid_client", f"Cannot fetch {where}: the server did not answer within {self.timeout:g} s."
             ) from exc
-        except requests.exceptions.SSLError as exc:
+        except Urllib3SSLError as exc:
             raise ClientMetadataError(
                 "invalid_client",
                 f"Cannot fetch {where}: the TLS connection failed or the certificate is not valid for host"
                 f" {urlsplit(client_id).hostname} ({_root_cause(exc)}).",
             ) from exc
-        except requests.exceptions.ConnectionError as exc:
-            raise ClientMetadataError(
-                "invalid_client",
-                f"Cannot fetch {where}: could not connect to {urlsplit(client_id).hostname} ({_root_cause(exc)}).",
-            ) from exc
-        except (requests.RequestException, Urllib3Error, OSError) as exc:
+        except (Urllib3Error, OSError) as exc:
             raise ClientMetadataError("invalid_client", f"Cannot fetch {where}: {_root_cause(exc)}.") from exc
         finally:
-            session.close()
+            if response is not None:
+                response.close()
+            if pool is not None:
+                pool.close()
 
-    def _read_body(self, response: requests.Response, where: str, deadline: float) -> bytes:
+    def _get(self, client_id: str, addresses: list[str]) -> tuple[HTTPConnectionPool, BaseHTTPResponse]:
+        """GET `client_id` from the first of `addresses` that accepts a connection; no proxy variables, no .netrc, no
+        redirects, no retries: the request goes only where we vetted."""
+        parts = urlsplit(client_id)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        headers = {
+            "Host": _host_header(parts.scheme, host, port),
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        error: Exception = ClientMetadataError("invalid_client", f"Cannot fetch {client_id}: no address to connect to.")
+        for address in addresses:
+            pool = _pinned_pool(parts.scheme, address, port, host, self.timeout, self._ca_bundle)
+            try:
+                return pool, pool.urlopen(
+                    "GET", target, headers=headers, retries=False, redirect=False, preload_content=False
+                )
+            except (NewConnectionError, ConnectTimeoutError) as exc:  # nothing was sent: the next address may answer
+                pool.close()
+                error = exc
+            except BaseException:
+                pool.close()
+                raise
+        raise error
+
+    def _read_body(self, response: BaseHTTPResponse, where: str, deadline: float) -> bytes:
         """The body, read in small pieces so that the size cap and the deadline apply while it streams in."""
 
         def too_large() -> ClientMetadataError:
@@ -523,7 +512,7 @@ class ClientMetadataFetcher:
         body = bytearray()
         while True:
             # read1 returns after one socket read, so a server dripping bytes cannot hold us past the deadline.
-            chunk = response.raw.read1(4096, decode_content=True)
+            chunk = response.read1(4096, decode_content=True)
             if not chunk:
                 return bytes(body)
             body += chunk

@@ -21,7 +21,7 @@ from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
 from oauthproxy.logs import ROUTE_KEY, RequestLogger
 from oauthproxy.models import db
-from oauthproxy.proxy import _gevent_hub_running
+from oauthproxy.proxy.transport import gevent_hub_running
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ProbeTimeout(Exception):
 
 @contextmanager
 def _bounded(seconds: float) -> Iterator[None]:
-    if not _gevent_hub_running():
+    if not gevent_hub_running():
         yield
         return
     import gevent

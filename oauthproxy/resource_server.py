@@ -417,7 +417,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
 
 class BelowRoute(PathConverter):
     """Whatever follows a route's path and `/`, empty segments too (Werkzeug's `path` refuses a leading `/`): so that
-    `/mcp//x` reaches the route and gets its 400 for an empty segment (proxy.confined_suffix), not a bare 404."""
+    `/mcp//x` reaches the route and gets its 400 for an empty segment (forwarding.confined_suffix), not a 404."""
 
     regex = ".+?"
     part_isolating = False  # else Werkzeug infers it from the regex, which names no `/`

@@ -20,13 +20,13 @@ def test_percentiles_are_observed_values() -> None:
 
 def test_samples_are_charged_to_the_innermost_known_component() -> None:
     collapsed = (
-        "run (gunicorn/workers/ggevent.py:1);forward (oauthproxy/proxy.py:2);send (socket.py:3) 3\n"
+        "run (gunicorn/workers/ggevent.py:1);forward (oauthproxy/proxy/streaming.py:2);send (socket.py:3) 3\n"
         "run (gunicorn/workers/ggevent.py:1);urlopen (urllib3/connectionpool.py:4) 1\n"
     )
     parsed = profile.parse_collapsed(collapsed)
     assert parsed.samples == 4
-    assert dict(parsed.by_component) == {"oauthproxy/proxy": 3, "requests + urllib3": 1}
-    assert dict(parsed.ours_inclusive) == {"forward (oauthproxy/proxy.py)": 3}
+    assert dict(parsed.by_component) == {"oauthproxy/proxy/streaming": 3, "requests + urllib3": 1}
+    assert dict(parsed.ours_inclusive) == {"forward (oauthproxy/proxy/streaming.py)": 3}
 
 
 def test_the_report_names_each_target() -> None:

@@ -88,7 +88,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_every_package_the_proxy_imports_is_declared() -> None:
-    sources = [*sorted((ROOT / "oauthproxy").glob("*.py")), ROOT / "wsgi.py", ROOT / "gunicorn.conf.py"]
+    sources = [*sorted((ROOT / "oauthproxy").rglob("*.py")), ROOT / "wsgi.py", ROOT / "gunicorn.conf.py"]
     modules = set().union(*map(_imports, sources)) - set(sys.stdlib_module_names) - {"oauthproxy", "__future__"}
     distributions = importlib.metadata.packages_distributions()
     extras = PYPROJECT["project"]["optional-dependencies"]

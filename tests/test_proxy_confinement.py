@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oauthproxy.proxy import PathRefused, confined_suffix, query_without_tokens
+from oauthproxy.proxy.forwarding import PathRefused, confined_suffix, query_without_tokens
 from tests.deployment_fixtures import Nginx, start_nginx
 from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
     EchoServer,
@@ -168,6 +168,9 @@ TOKEN_SPELLINGS = [
     "Access_Token",
     "access%255Ftoken",
     "access_token%20",
+    "access_token%00",
+    "access_token%00x",
+    "%09access_token%7F",
     "x=1;access_token",
 ]
 

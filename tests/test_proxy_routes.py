@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from oauthproxy.config import ConfigError, load_settings
-from oauthproxy.proxy import DownstreamError, DownstreamProxy
+from oauthproxy.proxy.streaming import DownstreamProxy
+from oauthproxy.proxy.transport import DownstreamError
 from oauthproxy.routes import ProxySettings, build_route
 from tests.conftest import TEST_KEY
 from tests.proxy_fixtures import write_routes
