@@ -20,8 +20,10 @@ import pytest
 import requests
 
 from oauthproxy import create_app
-from tests.conftest import POSTGRES_DSN, TEST_KEY, free_port
+from tests.conftest import POSTGRES_DSN
 from tests.provider_fixture import OidcProvider
+from tests.support.ports import free_port
+from tests.support.settings import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

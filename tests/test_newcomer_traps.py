@@ -18,7 +18,9 @@ import pytest
 import requests
 
 from oauthproxy.config import ConfigError, load_settings
-from tests.conftest import POSTGRES_DSN, TEST_KEY, ensure_database, free_port
+from tests.conftest import POSTGRES_DSN, ensure_database
+from tests.support.ports import free_port
+from tests.support.settings import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -118,6 +120,7 @@ def test_the_tests_create_their_postgresql_database_when_it_is_missing() -> None
         (f"postgresql://postgres@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
         (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
     ],
+    ids=["refused", "absent-database"],  # the port is picked anew by each process: xdist workers must agree on ids
 )
 def test_a_database_problem_at_start_up_is_one_line(dsn: str, reason: str) -> None:
     done = gunicorn(settings_env(PORT=str(free_port()), DATABASE_DSN=dsn))
@@ -261,6 +264,7 @@ def test_every_setting_and_make_target_is_documented() -> None:
         (f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
         (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
     ],
+    ids=["refused", "absent-database"],  # the port is picked anew by each process: xdist workers must agree on ids
 )
 def test_db_upgrade_with_a_database_problem_says_it_in_one_line(command: list[str], dsn: str, reason: str) -> None:
     """`oauthproxy db upgrade`, and the Procfile's release step (`flask --app wsgi db upgrade`), as gunicorn's start."""

@@ -22,9 +22,10 @@ import pytest
 import requests
 from packaging.requirements import Requirement
 
-from tests.conftest import TEST_KEY, free_port
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import log_in
+from tests.support.ports import free_port
+from tests.support.settings import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

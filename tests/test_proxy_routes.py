@@ -9,8 +9,8 @@ import pytest
 from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.proxy import DownstreamError, DownstreamProxy
 from oauthproxy.routes import ProxySettings, build_route
-from tests.conftest import TEST_KEY
 from tests.proxy_fixtures import write_routes
+from tests.support.settings import TEST_KEY
 
 BASE = {
     "OAUTH_CLIENT_ID": "client",

@@ -20,15 +20,7 @@ from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, session_key
 from oauthproxy.models import McpSession, db, utcnow
 from tests.conftest import RunningProxy
 from tests.interop_fixtures import SdkClient
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    McpDownstream,
-    echo_downstream_fixture,
-    log_in,
-    mcp_downstream_fixture,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, McpDownstream, log_in
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
 MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}

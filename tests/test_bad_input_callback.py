@@ -1,0 +1,83 @@
+"""Bad input at /callback: every malformed or hostile request gets the specific OAuth error or a 4xx page.
+
+Never a 500, never a partial write, never a redirect to an unvalidated URI, never a secret in a log line
+(issue 2, "Bad input"; MCP authorization checklist AS-4 … AS-13, P-3 … P-5). Shared assertions: tests.bad_input_fixtures.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from urllib.parse import urlencode
+
+import pytest
+from sqlalchemy import update
+
+from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
+from tests.bad_input_fixtures import (
+    assert_page,
+    callback_url,
+    consent_form,
+    count,
+    get,
+    new_client,
+)
+from tests.conftest import RunningProxy
+from tests.flows import query_of
+
+# --- /callback -------------------------------------------------------------------------------------------------------
+
+
+def test_callback_without_state_is_a_page(proxy: RunningProxy) -> None:
+    before = count(proxy, Grant)
+    assert_page(get(proxy.url + "/callback?code=whatever"))
+    assert_page(get(proxy.url + "/callback"))
+    assert count(proxy, Grant) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"code": "x", "state": "unknown"}, {"error": "access_denied", "state": "unknown"}, {"code": "x", "state": ""}],
+)
+def test_callback_with_unknown_state_is_a_page(proxy: RunningProxy, query: dict[str, str]) -> None:
+    before = count(proxy, Grant)
+    assert_page(get(proxy.url + "/callback?" + urlencode(query)))
+    assert count(proxy, Grant) == before
+
+
+def test_callback_state_is_single_use(proxy: RunningProxy) -> None:
+    client = new_client(proxy)
+    browser = proxy.browser()
+    url = callback_url(proxy, client, browser)
+    first = get(url, browser.session)
+    assert first.status_code == 302 and first.headers["Location"].startswith(client.redirect_uri)
+    assert "code" in query_of(first.headers["Location"])
+    before = count(proxy, Grant)
+    assert_page(get(url, browser.session))
+    assert count(proxy, Grant) == before
+
+
+def test_callback_in_another_browser_is_a_page(proxy: RunningProxy) -> None:
+    client = new_client(proxy)
+    url = callback_url(proxy, client, proxy.browser())
+    other = proxy.browser()
+    consent_form(proxy, new_client(proxy), other)  # a browser with a session of its own
+    before = count(proxy, Grant)
+    assert_page(get(url, other.session), text="another browser")
+    assert_page(get(url))  # no cookies at all
+    assert count(proxy, Grant) == before
+
+
+def test_callback_for_expired_pending_login_is_a_page(proxy: RunningProxy) -> None:
+    client = new_client(proxy)
+    browser = proxy.browser()
+    url = callback_url(proxy, client, browser)
+    with proxy.app.app_context():
+        db.session.execute(
+            update(PendingAuthorization)
+            .where(PendingAuthorization.client_id == client.client_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        db.session.commit()
+    before = count(proxy, Grant)
+    assert_page(get(url, browser.session), text="expired")
+    assert count(proxy, Grant) == before
