@@ -28,7 +28,14 @@ import requests
 from tests.flows import Browser, McpOAuthClient
 from tests.provider_fixture import OidcProvider
 from tests.support.ports import free_port
-from tests.support.processes import ROOT, ModuleServer, launch_module_server, stop_process, stop_processes
+from tests.support.processes import (
+    ROOT,
+    ModuleServer,
+    launch_module_server,
+    stop_process,
+    stop_processes,
+    wait_until_answers,
+)
 from tests.support.servers import serving
 from tests.support.settings import base_env
 
@@ -264,17 +271,8 @@ def start_gunicorn_fixture(
             )
         proxy = GunicornProxy(env["PUBLIC_URL"], process, log_path, env)
         started.append(proxy)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{proxy.logs()}")
-            try:
-                if requests.get(proxy.url + "/.well-known/oauth-authorization-server", timeout=2).status_code == 200:
-                    return proxy
-            except requests.RequestException:  # refused while booting, or a slow first answer
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not answer within 30 s:\n{proxy.logs()}")
+        wait_until_answers(proxy.url + "/.well-known/oauth-authorization-server", process, logs=proxy.logs)
+        return proxy
 
     yield start
     stop_processes([proxy.process for proxy in started], signal.SIGINT, grace=10)

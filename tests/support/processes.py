@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import requests
 
 from tests.support.ports import free_port
 
@@ -81,3 +83,29 @@ def launch_module_server(module: str, log_dir: Path, *extra: str, kind: type[Ser
         if "address already in use" not in server.logs():
             break
     raise RuntimeError(f"{module} did not start:\n{server.logs()}")
+
+
+def wait_until_answers(
+    url: str,
+    process: subprocess.Popen[Any] | None = None,
+    timeout: float = 30,
+    status: int | None = 200,
+    logs: Callable[[], str] = str,
+    request_timeout: float = 2,
+) -> requests.Response:
+    """GET `url` every 0.1 s until it answers `status` (any status when None) and return that answer.
+
+    Fails when `process` (the server) exits first, or after `timeout` seconds, with `logs()` in the message.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode} before {url} answered:\n{logs()}")
+        try:
+            response = requests.get(url, timeout=request_timeout)
+            if status is None or response.status_code == status:
+                return response
+        except requests.RequestException:  # refused while booting, or a slow first answer
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer {status or ''} within {timeout:.0f} s:\n{logs()}")
