@@ -1,5 +1,9 @@
 """Fixtures and assertions for the bad-input tests (tests/test_bad_input_*.py) and the redirect-URI tests.
 
+Bad input, one test per case: every malformed or hostile request gets the specific OAuth error or a 4xx page. Never a
+500, never a partial write, never a redirect to an unvalidated URI, never a secret in a log line (issue 2, "Bad
+input"; MCP authorization checklist AS-4 … AS-13, P-3 … P-5).
+
 A pytest plugin, loaded for every test module by `pytest_plugins` in tests/conftest.py (`document_server`,
 `dev_proxy`); test modules import the helpers they use.
 """

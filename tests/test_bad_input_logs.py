@@ -1,8 +1,4 @@
-"""Bad input at every endpoint, as logged: every malformed or hostile request gets the specific OAuth error or a 4xx page.
-
-Never a 500, never a partial write, never a redirect to an unvalidated URI, never a secret in a log line
-(issue 2, "Bad input"; MCP authorization checklist AS-4 … AS-13, P-3 … P-5). Shared assertions: tests.bad_input_fixtures.
-"""
+"""No secret of a whole flow (tokens, codes, verifiers, client and upstream secrets) in any log line, even at DEBUG."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Bad input at /revoke: every malformed or hostile request gets the specific OAuth error or a 4xx page.
-
-Never a 500, never a partial write, never a redirect to an unvalidated URI, never a secret in a log line
-(issue 2, "Bad input"; MCP authorization checklist AS-4 … AS-13, P-3 … P-5). Shared assertions: tests.bad_input_fixtures.
-"""
+"""Bad input at /revoke: missing, unknown or another client's tokens are refused or ignored, never revoked."""
 
 from __future__ import annotations
 

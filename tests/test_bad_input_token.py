@@ -1,8 +1,4 @@
-"""Bad input at /token: every malformed or hostile request gets the specific OAuth error or a 4xx page.
-
-Never a 500, never a partial write, never a redirect to an unvalidated URI, never a secret in a log line
-(issue 2, "Bad input"; MCP authorization checklist AS-4 … AS-13, P-3 … P-5). Shared assertions: tests.bad_input_fixtures.
-"""
+"""Bad input at /token: PKCE, codes, refresh tokens and client authentication each fail with their RFC 6749 error."""
 
 from __future__ import annotations
 
