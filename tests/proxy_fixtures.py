@@ -271,7 +271,10 @@ def start_gunicorn_fixture(
             )
         proxy = GunicornProxy(env["PUBLIC_URL"], process, log_path, env)
         started.append(proxy)
-        wait_until_answers(proxy.url + "/.well-known/oauth-authorization-server", process, logs=proxy.logs)
+        # RuntimeError, not a failed assertion: a test may expect gunicorn to refuse to start.
+        wait_until_answers(
+            proxy.url + "/.well-known/oauth-authorization-server", process, logs=proxy.logs, failure=RuntimeError
+        )
         return proxy
 
     yield start

@@ -92,15 +92,17 @@ def wait_until_answers(
     status: int | None = 200,
     logs: Callable[[], str] = str,
     request_timeout: float = 2,
+    failure: type[Exception] = AssertionError,
 ) -> requests.Response:
     """GET `url` every 0.1 s until it answers `status` (any status when None) and return that answer.
 
-    Fails when `process` (the server) exits first, or after `timeout` seconds, with `logs()` in the message.
+    Raises `failure` when `process` (the server) exits first, or after `timeout` seconds, with `logs()` in the
+    message.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode} before {url} answered:\n{logs()}")
+            raise failure(f"exited with {process.returncode} before {url} answered:\n{logs()}")
         try:
             response = requests.get(url, timeout=request_timeout)
             if status is None or response.status_code == status:
@@ -108,4 +110,4 @@ def wait_until_answers(
         except requests.RequestException:  # refused while booting, or a slow first answer
             pass
         time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer {status or ''} within {timeout:.0f} s:\n{logs()}")
+    raise failure(f"{url} did not answer {status or ''} within {timeout:.0f} s:\n{logs()}")
