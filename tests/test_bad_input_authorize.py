@@ -13,6 +13,7 @@ from oauthproxy.models import AuthorizationCode, db
 from tests.bad_input_fixtures import (
     HTTPS_PUBLIC_URL,
     assert_error_redirect,
+    assert_garbage_never_causes_a_server_error,
     assert_page,
     get,
     https_consent_page,
@@ -259,3 +260,8 @@ def test_authorize_with_unsupported_scope_redirects_invalid_scope(proxy: Running
     client = new_client(proxy)
     response = get(client.authorize_url(scope=scope))
     assert_error_redirect(response, proxy, client, "invalid_scope")
+
+
+@pytest.mark.parametrize("path", ["/authorize"])  # the garbage sweep of tests.bad_input_fixtures, at this endpoint
+def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
+    assert_garbage_never_causes_a_server_error(sweep_proxy, path)

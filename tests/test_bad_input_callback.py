@@ -10,6 +10,7 @@ from sqlalchemy import update
 
 from oauthproxy.models import Grant, PendingAuthorization, db, utcnow
 from tests.bad_input_fixtures import (
+    assert_garbage_never_causes_a_server_error,
     assert_page,
     callback_url,
     consent_form,
@@ -77,3 +78,8 @@ def test_callback_for_expired_pending_login_is_a_page(proxy: RunningProxy) -> No
     before = count(proxy, Grant)
     assert_page(get(url, browser.session), text="expired")
     assert count(proxy, Grant) == before
+
+
+@pytest.mark.parametrize("path", ["/callback"])  # the garbage sweep of tests.bad_input_fixtures, at this endpoint
+def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
+    assert_garbage_never_causes_a_server_error(sweep_proxy, path)

@@ -15,6 +15,7 @@ from oauthproxy.models import PendingAuthorization
 from tests.bad_input_fixtures import (
     HTTPS_PUBLIC_URL,
     assert_error_redirect,
+    assert_garbage_never_causes_a_server_error,
     assert_page,
     consent_form,
     cookie_attributes,
@@ -174,3 +175,10 @@ def test_forged_cookie_does_not_skip_consent(proxy: RunningProxy, cookie: str) -
     browser.session.cookies.set(cookie, value, domain="127.0.0.1", path="/")
     page = get(client.authorize_url(), browser.session)
     assert page.status_code == 200 and 'action="/authorize/consent"' in page.text, page.text[:500]
+
+
+@pytest.mark.parametrize(
+    "path", ["/authorize/consent"]
+)  # the garbage sweep of tests.bad_input_fixtures, at this endpoint
+def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
+    assert_garbage_never_causes_a_server_error(sweep_proxy, path)

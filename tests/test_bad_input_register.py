@@ -9,6 +9,7 @@ import requests
 
 from oauthproxy.models import OAuthClient
 from tests.bad_input_fixtures import (
+    assert_garbage_never_causes_a_server_error,
     assert_register_error,
     count,
 )
@@ -255,3 +256,8 @@ def test_successful_registration_is_201_with_issued_at(proxy: RunningProxy, auth
         assert body["token_endpoint_auth_method"] == (auth_method or "client_secret_basic")
         assert len(body["client_secret"]) >= 32
         assert body.get("client_secret_expires_at", 0) == 0
+
+
+@pytest.mark.parametrize("path", ["/register"])  # the garbage sweep of tests.bad_input_fixtures, at this endpoint
+def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
+    assert_garbage_never_causes_a_server_error(sweep_proxy, path)

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from tests.bad_input_fixtures import (
+    assert_garbage_never_causes_a_server_error,
     assert_token_error,
     new_client,
     tokens_for,
@@ -50,3 +51,8 @@ def test_revoking_another_clients_token_does_not_revoke_it(proxy: RunningProxy, 
         assert row.revoked_at is None
         assert db.session.get(Grant, row.grant_id).revoked_at is None
     assert owner.refresh(tokens["refresh_token"]).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/revoke"])  # the garbage sweep of tests.bad_input_fixtures, at this endpoint
+def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
+    assert_garbage_never_causes_a_server_error(sweep_proxy, path)

@@ -13,6 +13,7 @@ from sqlalchemy import update
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import AuthorizationCode, Token, db, utcnow
 from tests.bad_input_fixtures import (
+    assert_garbage_never_causes_a_server_error,
     assert_token_error,
     count,
     login_code,
@@ -293,3 +294,8 @@ def test_token_parameters_in_the_query_string_are_not_used(proxy: RunningProxy) 
     response = requests.post(proxy.url + "/token?" + query, timeout=15)
     assert 400 <= response.status_code < 500, response.text
     assert "access_token" not in response.text
+
+
+@pytest.mark.parametrize("path", ["/token"])  # the garbage sweep of tests.bad_input_fixtures, at this endpoint
+def test_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
+    assert_garbage_never_causes_a_server_error(sweep_proxy, path)
