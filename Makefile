@@ -47,14 +47,17 @@ run: $(RUNTIME_STAMP)
 
 demo-deps: $(STAMP) tests/provider/node_modules/.package-lock.json
 
-## test: lint, then the whole suite (SQLite and PostgreSQL, the real OpenID provider); PYTEST_ARGS adds pytest
-##   arguments, e.g. make test PYTEST_ARGS='-x tests/test_config.py'
+## test: lint, then the whole suite (SQLite and PostgreSQL, the real OpenID provider) on PYTEST_WORKERS processes
+##   (default 4, a test file per process; 0 runs it in one); PYTEST_ARGS adds pytest arguments, e.g.
+##   make test PYTEST_ARGS='-x tests/test_config.py'
+# Four processes on two cores: the suite mostly waits (providers, gunicorn, deadlines), so it overlaps well.
+PYTEST_WORKERS ?= 4
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	scripts/ensure-services
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## test-container: the image built from the Dockerfile and run with podman, and compose.yaml's stack (minutes;
 ##   installs podman, runc and debootstrap from Debian when missing; the base image is cached, see README)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import base_env, free_port
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import Login, log_in
+from tests.support.ports import free_port
+from tests.support.settings import base_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,20 +19,21 @@ from oauthproxy import create_app
 from oauthproxy.database import upgrade_database
 from oauthproxy.models import db
 from tests.flows import Browser, McpOAuthClient
+from tests.support.ports import free_port
+from tests.support.settings import base_env
 
-pytest_plugins = ["tests.provider_fixture"]
+# The fixture modules, for every test module: tests name the fixtures they use as arguments, never import them.
+pytest_plugins = [
+    "tests.provider_fixture",
+    "tests.proxy_fixtures",
+    "tests.interop_fixtures",
+    "tests.bad_input_fixtures",
+]
 
 if TYPE_CHECKING:
     from tests.provider_fixture import OidcProvider
 
 POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-TEST_KEY = base64.b64encode(b"k" * 32).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ensure_database(dsn: str) -> None:
@@ -95,21 +94,6 @@ class RunningProxy:
 
     def browser(self, login_hint: str = "alice") -> Browser:
         return Browser(self.url, login_hint=login_hint)
-
-
-def base_env(port: int, provider: OidcProvider, database_dsn: str, client_id: str) -> dict[str, str]:
-    return {
-        "PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "PORT": str(port),
-        "OAUTH_CLIENT_ID": client_id,
-        "OAUTH_CLIENT_SECRET": "upstream-secret-" + client_id,
-        "OAUTH_AUTHORIZE_URL": provider.issuer,
-        "SCOPES_SUPPORTED": "openid,email,profile",
-        "MCP_SERVER_URL": "http://127.0.0.1:9/mcp",
-        "DATABASE_DSN": database_dsn,
-        "ENCRYPTION_KEY": TEST_KEY,
-        "REGISTER_RATE_LIMIT": "1000 per minute",
-    }
 
 
 @pytest.fixture(scope="session")

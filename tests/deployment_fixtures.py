@@ -25,8 +25,9 @@ from cryptography.x509.oid import NameOID
 from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.shared.auth import OAuthClientMetadata
 
-from tests.conftest import free_port
 from tests.flows import Browser, MemoryStorage, query_of
+from tests.support.ports import free_port
+from tests.support.processes import stop_process, wait_until_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -190,13 +191,7 @@ class Instance:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process, signal.SIGINT, grace=10)
 
 
 def spawn_instance(log_dir: Path, env: dict[str, str], command: list[str] | None = None) -> Instance:
@@ -215,17 +210,8 @@ def spawn_instance(log_dir: Path, env: dict[str, str], command: list[str] | None
 
 
 def wait_ready(instance: Instance, timeout: float = 40.0) -> Instance:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if instance.process.poll() is not None:
-            raise AssertionError(f"the instance exited with {instance.process.returncode}:\n{instance.logs()}")
-        try:
-            if requests.get(instance.url + "/readyz", timeout=5).status_code == 200:
-                return instance
-        except requests.RequestException:  # refused, or accepted while the workers still boot
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the instance was not ready within {timeout} s:\n{instance.logs()}")
+    wait_until_answers(instance.url + "/readyz", instance.process, timeout, logs=instance.logs, request_timeout=5)
+    return instance
 
 
 # -- the MCP SDK client ------------------------------------------------------------------------------------

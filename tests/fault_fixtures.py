@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 _LOCK_HOLDER = """
 import select, sqlite3, sys

@@ -1,11 +1,12 @@
 """Fixtures and helpers for the interoperability tests: independent MCP clients against the proxy, end to end.
 
-Test modules import what they use, fixtures by their `*_fixture` function (registered under the name without the
-suffix, as in `tests.proxy_fixtures`).
+A pytest plugin, loaded for every test module by `pytest_plugins` in tests/conftest.py (fixtures registered under
+the name without `_fixture`, as in `tests.proxy_fixtures`); test modules import the helpers they use.
 
-Database: the interop tests exercise clients, not storage backends (the core and proxy suites run on both), so
-`database_dsn` is overridden here to one value, PostgreSQL, the setting of a multi-worker deployment. That keeps
-them from running twice; set `TEST_INTEROP_DATABASE=sqlite` to run them on SQLite instead.
+Database: the interop tests exercise clients, not storage backends (the core and proxy suites run on both), so each
+interop module runs on one database, `INTEROP_DATABASE`: PostgreSQL, the setting of a multi-worker deployment
+(`pytestmark = ON_INTEROP_DATABASE`). That keeps them from running twice; set `TEST_INTEROP_DATABASE=sqlite` to run
+them on SQLite instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,9 +42,10 @@ from mcp.shared.auth import OAuthClientMetadata
 from oauthproxy.config import normalise_database_dsn
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import utcnow
-from tests.conftest import free_port
 from tests.flows import Browser, MemoryStorage, query_of
 from tests.proxy_fixtures import GunicornProxy
+from tests.support.processes import ModuleServer, launch_module_server
+from tests.support.servers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 INTEROP_DIR = ROOT / "tests" / "interop"
@@ -62,11 +63,8 @@ StartGunicorn = Callable[..., GunicornProxy]
 # -- database -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(name="database_dsn", scope="session")
-def interop_database_dsn_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if os.environ.get("TEST_INTEROP_DATABASE", "postgresql") == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('interop-db') / 'oauthproxy.sqlite3'}"
-    return request.getfixturevalue("postgres_database")
+INTEROP_DATABASE = os.environ.get("TEST_INTEROP_DATABASE", "postgresql")
+ON_INTEROP_DATABASE = pytest.mark.parametrize("database_dsn", [INTEROP_DATABASE], indirect=True)
 
 
 class ProxyDatabase:
@@ -312,69 +310,17 @@ class _RedirectHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(name="redirect_listener")
 def redirect_listener_fixture() -> Iterator[RedirectListener]:
-    server = RedirectListener()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(RedirectListener()) as server:
+        yield server
 
 
 # -- subprocesses ---------------------------------------------------------------------------------
 
 
-@dataclass
-class PythonServer:
-    """A Python server module run as a subprocess on a free loopback port (it prints `READY <port>`)."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-
-
-def launch_python_server(module: str, log_dir: Path, *extra: str) -> PythonServer:
-    for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = free_port()
-        log_path = log_dir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", module, str(port), *extra],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        server = PythonServer(port, process, log_path)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and process.poll() is None:
-            if f"READY {port}" in server.logs():
-                return server
-            time.sleep(0.05)
-        server.stop()
-        if "address already in use" not in server.logs():
-            break
-    raise RuntimeError(f"{module} did not start:\n{server.logs()}")
-
-
 @pytest.fixture(name="conformance_downstream", scope="session")
-def conformance_downstream_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PythonServer]:
+def conformance_downstream_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleServer]:
     """An MCP server with the tools the conformance suite's server scenarios call."""
-    server = launch_python_server("tests.interop.conformance_server", tmp_path_factory.mktemp("conformance-server"))
+    server = launch_module_server("tests.interop.conformance_server", tmp_path_factory.mktemp("conformance-server"))
     yield server
     server.stop()
 

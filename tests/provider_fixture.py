@@ -23,7 +23,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,9 @@ from urllib.parse import urljoin
 
 import pytest
 import requests
+
+from tests.support.ports import free_port
+from tests.support.processes import stop_process, stop_processes
 
 PROVIDER_DIR = Path(__file__).resolve().parent / "provider"
 PROVIDER_SCRIPT = PROVIDER_DIR / "provider.mjs"
@@ -145,13 +147,7 @@ class OidcProvider:
 
     def stop(self) -> None:
         self.session.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
 
     def _json(self, method: str, path: str, *, expected: int = 200, **kwargs: Any) -> Any:
         response = self.session.request(method, self.url(path), timeout=10, **kwargs)
@@ -187,12 +183,6 @@ def follow_redirects_until(session: requests.Session, url: str, stop_prefix: str
     raise AssertionError(f"no redirect to {stop_prefix} after {max_hops} hops (last: {url})")
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _startup_failure(message: str, log_path: Path) -> OidcProviderError:
     try:
         output = log_path.read_text(errors="replace").strip()
@@ -221,7 +211,7 @@ def launch_oidc_provider(log_path: Path, access_token_ttl: int = 3600, id_token_
 
     last_error: OidcProviderError | None = None
     for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = _free_loopback_port()
+        port = free_port()
         env = {
             **os.environ,
             "PORT": str(port),
@@ -301,7 +291,8 @@ def start_oidc_provider(
         yield start
     finally:
         for provider in started:
-            provider.stop()
+            provider.session.close()
+        stop_processes(provider.process for provider in started)
 
 
 @pytest.fixture(scope="session")

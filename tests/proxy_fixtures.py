@@ -1,7 +1,7 @@
 """Fixtures for the MCP endpoint tests: downstream servers (a raw echo and a real MCP server), gunicorn, logins.
 
-Test modules import the fixtures they use (`from tests.proxy_fixtures import echo_downstream_fixture`); each is
-registered under the name without `_fixture`, so test arguments do not shadow the imported function.
+A pytest plugin, loaded for every test module by `pytest_plugins` in tests/conftest.py; each fixture is registered
+under the name without `_fixture` (`echo_downstream`, `mcp_downstream`, `start_gunicorn`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,11 +25,20 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from tests.conftest import base_env, free_port
 from tests.flows import Browser, McpOAuthClient
 from tests.provider_fixture import OidcProvider
+from tests.support.ports import free_port
+from tests.support.processes import (
+    ROOT,
+    ModuleServer,
+    launch_module_server,
+    stop_process,
+    stop_processes,
+    wait_until_answers,
+)
+from tests.support.servers import serving
+from tests.support.settings import base_env
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
@@ -189,61 +197,22 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(name="echo_downstream")
 def echo_downstream_fixture() -> Iterator[EchoServer]:
-    server = EchoServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(EchoServer()) as server:
+        yield server
 
 
 # -- a real MCP server from the SDK, in a subprocess -----------------------------------------------
 
 
-@dataclass
-class McpDownstream:
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+class McpDownstream(ModuleServer):
+    """tests/mcp_downstream.py: a real MCP server from the SDK, which also lists the events it saw."""
 
     def events(self) -> list[dict]:
         return requests.get(f"http://127.0.0.1:{self.port}/test/events", timeout=5).json()
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-
 
 def launch_mcp_downstream(log_dir: Path, *extra: str) -> McpDownstream:
-    for _attempt in range(3):
-        port = free_port()
-        log_path = log_dir / f"mcp-downstream-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "tests.mcp_downstream", str(port), *extra],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        server = McpDownstream(port, process, log_path)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and process.poll() is None:
-            if f"READY {port}" in log_path.read_text(errors="replace"):
-                return server
-            time.sleep(0.05)
-        server.stop()
-        if "address already in use" not in log_path.read_text(errors="replace"):
-            break
-    raise RuntimeError(f"the MCP downstream did not start:\n{log_path.read_text(errors='replace')}")
+    return launch_module_server("tests.mcp_downstream", log_dir, *extra, kind=McpDownstream)
 
 
 @pytest.fixture(name="mcp_downstream", scope="session")
@@ -267,13 +236,7 @@ class GunicornProxy:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # quick shutdown: open streams need not drain
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process, signal.SIGINT, grace=10)  # SIGINT: quick shutdown, open streams need not drain
 
 
 @pytest.fixture(name="start_gunicorn", scope="session")
@@ -308,21 +271,14 @@ def start_gunicorn_fixture(
             )
         proxy = GunicornProxy(env["PUBLIC_URL"], process, log_path, env)
         started.append(proxy)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{proxy.logs()}")
-            try:
-                if requests.get(proxy.url + "/.well-known/oauth-authorization-server", timeout=2).status_code == 200:
-                    return proxy
-            except requests.RequestException:  # refused while booting, or a slow first answer
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not answer within 30 s:\n{proxy.logs()}")
+        # RuntimeError, not a failed assertion: a test may expect gunicorn to refuse to start.
+        wait_until_answers(
+            proxy.url + "/.well-known/oauth-authorization-server", process, logs=proxy.logs, failure=RuntimeError
+        )
+        return proxy
 
     yield start
-    for proxy in started:
-        proxy.stop()
+    stop_processes([proxy.process for proxy in started], signal.SIGINT, grace=10)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

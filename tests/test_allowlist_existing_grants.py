@@ -9,7 +9,7 @@ from pathlib import Path
 import requests
 
 from tests.conftest import RunningProxy
-from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in, write_routes  # noqa: F401
+from tests.proxy_fixtures import EchoServer, Login, log_in, write_routes
 from tests.test_proxy_headers import grant_of
 
 

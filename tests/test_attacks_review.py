@@ -13,9 +13,9 @@ import requests
 from oauthproxy.allowlists import email_is_allowed
 from tests.conftest import RunningProxy
 from tests.flows import query_of
+from tests.support.databases import SQLITE_ONLY
 
 #: Refusals that store nothing run on one database.
-SQLITE_ONLY = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
 
 
 @pytest.fixture

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -250,37 +248,12 @@ def test_refresh_grace_window_then_family_revocation(start_proxy) -> None:
     assert after.status_code == 400
 
 
-class MetadataDocumentServer(ThreadingHTTPServer):
-    document: dict = {}
-
-
-class MetadataDocumentHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps(self.server.document).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def metadata_document_server():
-    server = MetadataDocumentServer(("127.0.0.1", 0), MetadataDocumentHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-
-
-def test_client_identified_by_metadata_document_full_lifecycle(start_proxy, metadata_document_server) -> None:
+def test_client_identified_by_metadata_document_full_lifecycle(start_proxy, document_server) -> None:
     # Loopback http documents are a development setting; production requires https and public addresses.
     proxy = start_proxy(CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS="true")
-    client_id = f"http://127.0.0.1:{metadata_document_server.server_port}/oauth/client.json"
+    client_id = f"http://127.0.0.1:{document_server.server_port}/oauth/client.json"
     redirect_uri = "http://127.0.0.1:9/cimd-callback"
-    metadata_document_server.document = {
+    document_server.document = {
         "client_id": client_id,
         "client_name": "Document Client",
         "redirect_uris": [redirect_uri],

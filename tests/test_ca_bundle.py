@@ -22,9 +22,12 @@ from oauthproxy.client_metadata import ClientMetadataError
 from oauthproxy.components import components
 from oauthproxy.config import ConfigError
 from oauthproxy.providers import ProviderError
-from tests.conftest import TEST_KEY, RunningProxy, free_port
+from tests.conftest import RunningProxy
 from tests.deployment_fixtures import self_signed_certificate
-from tests.proxy_fixtures import McpDownstream, log_in, mcp_downstream_fixture  # noqa: F401 (fixture)
+from tests.proxy_fixtures import McpDownstream, log_in
+from tests.support.ports import free_port
+from tests.support.servers import serving
+from tests.support.settings import TEST_KEY
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -91,10 +94,8 @@ def private_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def private_site(private_ca: tuple[Path, Path]) -> Iterator[PrivateTlsSite]:
-    site = PrivateTlsSite(*private_ca)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    yield site
-    site.shutdown()
+    with serving(PrivateTlsSite(*private_ca)) as site:
+        yield site
 
 
 class TlsForwarder:

@@ -29,6 +29,7 @@ from oauthproxy.client_metadata import (
     _address_problem,
     is_metadata_document_client_id,
 )
+from tests.support.servers import serving
 
 # --- a small document server on 127.0.0.1 ---------------------------------------------------------------------------
 
@@ -101,12 +102,8 @@ class DocumentServer(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def _server() -> Iterator[DocumentServer]:
-    server = DocumentServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(DocumentServer()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -777,11 +774,8 @@ def tls_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, cert_path
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield server, cert_path
 
 
 @pytest.mark.parametrize("tls_server", ["localhost"], indirect=True)

@@ -27,7 +27,6 @@ import redis
 import requests
 import yaml
 
-from tests.conftest import TEST_KEY, free_port
 from tests.container_fixtures import (
     IMAGE,
     LIMITS,
@@ -42,6 +41,8 @@ from tests.deployment_fixtures import self_signed_certificate
 from tests.flows import Browser, McpOAuthClient
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import McpDownstream, launch_mcp_downstream
+from tests.support.ports import free_port
+from tests.support.settings import TEST_KEY
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,8 @@ from oauthproxy import create_app
 from oauthproxy.components import components
 from oauthproxy.consent import load_authorization_request, sign_authorization_request
 from oauthproxy.models import AuthorizationCode, PendingAuthorization, db, utcnow
-from tests.conftest import TEST_KEY, RunningProxy
+from tests.conftest import RunningProxy
+from tests.support.settings import TEST_KEY
 
 ENV = {
     "OAUTH_CLIENT_ID": "id",

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import TEST_KEY, free_port
 from tests.container_fixtures import IMAGE, LIMITS, build_image, inspect, podman, remove_container, streamed_tool_call
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import McpDownstream, launch_mcp_downstream, log_in
+from tests.support.ports import free_port
+from tests.support.settings import TEST_KEY
 
 pytestmark = pytest.mark.container
 

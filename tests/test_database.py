@@ -18,7 +18,8 @@ from oauthproxy import create_app
 from oauthproxy.components import components
 from oauthproxy.database import purge_expired, rotate_encryption_key, schema_is_current
 from oauthproxy.models import AuthorizationCode, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
-from tests.conftest import POSTGRES_DSN, TEST_KEY, RunningProxy, base_env
+from tests.conftest import POSTGRES_DSN, RunningProxy
+from tests.support.settings import TEST_KEY, base_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,9 +20,10 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import TEST_KEY, free_port
 from tests.deployment_fixtures import ROOT, sdk_oauth
 from tests.provider_fixture import OidcProvider
+from tests.support.ports import free_port
+from tests.support.settings import TEST_KEY
 
 RUN = ROOT / "scripts" / "run"
 

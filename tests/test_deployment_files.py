@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -20,8 +19,11 @@ import pytest
 import requests
 
 from oauthproxy import create_app
-from tests.conftest import POSTGRES_DSN, TEST_KEY, free_port
+from tests.conftest import POSTGRES_DSN
 from tests.provider_fixture import OidcProvider
+from tests.support.ports import free_port
+from tests.support.processes import wait_until_answers
+from tests.support.settings import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -225,15 +227,8 @@ def test_the_procfile_runs_as_a_platform_runs_it(
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 30
-        ready = None
-        while time.monotonic() < deadline and web.poll() is None:
-            try:
-                ready = requests.get(public_url + "/readyz", timeout=5)
-                break
-            except requests.RequestException:
-                time.sleep(0.1)
-        assert ready is not None and ready.status_code == 200, log_path.read_text()
+        ready = wait_until_answers(public_url + "/readyz", web, status=None, logs=log_path.read_text, request_timeout=5)
+        assert ready.status_code == 200, log_path.read_text()
         metadata = requests.get(public_url + "/.well-known/oauth-authorization-server", timeout=5).json()
         assert metadata["issuer"] == public_url
         assert "Running upgrade" not in log_path.read_text()  # the release phase migrated already

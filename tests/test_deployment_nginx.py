@@ -33,11 +33,13 @@ from oauthproxy.config import normalise_database_dsn
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db, utcnow
 from oauthproxy.self_check import SelfCheck
-from tests.conftest import POSTGRES_DSN, base_env, free_port
+from tests.conftest import POSTGRES_DSN
 from tests.deployment_fixtures import ROOT, Instance, Nginx, sdk_oauth, spawn_instance, start_nginx, wait_ready
 from tests.flows import Browser, McpOAuthClient
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import McpDownstream, launch_mcp_downstream
+from tests.support.ports import free_port
+from tests.support.settings import base_env
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 REGISTER_LIMIT = 6

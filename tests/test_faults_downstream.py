@@ -13,9 +13,10 @@ import requests
 
 from tests.conftest import RunningProxy
 from tests.fault_fixtures import ScriptedDownstream
-from tests.proxy_fixtures import GunicornProxy, launch_mcp_downstream, log_in, start_gunicorn_fixture  # noqa: F401
+from tests.proxy_fixtures import GunicornProxy, launch_mcp_downstream, log_in
+from tests.support.databases import SQLITE_ONLY
 
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)  # no database in these paths
+pytestmark = SQLITE_ONLY  # no database in these paths
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 TOOLS_LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}

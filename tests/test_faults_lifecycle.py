@@ -8,18 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import pytest
 import requests
 
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    echo_downstream_fixture,
-    log_in,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in
+from tests.support.databases import SQLITE_ONLY
 
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+pytestmark = SQLITE_ONLY
 
 
 def test_sigterm_stops_accepting_at_once_finishes_requests_and_ends_streams(

@@ -18,14 +18,7 @@ import requests
 from oauthproxy.models import db
 from tests.conftest import RunningProxy
 from tests.fault_fixtures import PostgresCluster, fill_disk, small_filesystem, start_postgres_cluster
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    Login,
-    echo_downstream_fixture,
-    log_in,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, Login, log_in
 from tests.test_faults_sqlite import REGISTRATION, assert_unavailable
 
 pytestmark = pytest.mark.parametrize("database_dsn", ["postgresql"], indirect=True)

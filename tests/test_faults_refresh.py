@@ -12,7 +12,7 @@ from sqlalchemy import update
 from oauthproxy.models import Grant, db, utcnow
 from tests.conftest import RunningProxy
 from tests.provider_fixture import OidcProvider
-from tests.proxy_fixtures import EchoServer, echo_downstream_fixture, log_in  # noqa: F401 (fixtures)
+from tests.proxy_fixtures import EchoServer, log_in
 from tests.test_proxy_refresh import expire_upstream_token, grant_id_of, grant_row
 
 

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import pytest
 import requests
 
 from oauthproxy.models import db
@@ -25,17 +24,11 @@ from tests.fault_fixtures import (
 )
 from tests.flows import hidden_inputs, query_of
 from tests.provider_fixture import OidcProvider
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    echo_downstream_fixture,
-    log_in,
-    sse_events,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in, sse_events
+from tests.support.databases import SQLITE_ONLY
 from tests.test_proxy_refresh import expire_upstream_token, grant_id_of
 
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+pytestmark = SQLITE_ONLY
 
 REGISTRATION = {
     "client_name": "fault test",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +22,7 @@ from oauthproxy.metadata_limits import metadata_size_problem
 from tests.conftest import RunningProxy
 from tests.flows import pkce_pair
 from tests.fuzzing import FUZZ, UNLIMITED, client_metadata, json_values, tracebacks
+from tests.support.servers import serving
 from tests.test_client_metadata import DocumentServer, serve
 
 _paths = itertools.count()
@@ -30,11 +30,8 @@ _paths = itertools.count()
 
 @pytest.fixture(scope="module")
 def documents() -> Iterator[DocumentServer]:
-    server = DocumentServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(DocumentServer()) as server:
+        yield server
 
 
 @pytest.fixture

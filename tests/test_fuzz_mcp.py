@@ -18,13 +18,7 @@ from hypothesis import assume, event, example, given
 from hypothesis import strategies as st
 
 from tests.fuzzing import FUZZ, inside, normalised_path
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    log_in,
-    start_gunicorn_fixture,
-    write_routes,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in, write_routes
 
 # Route A is the token's; route B shares the downstream host, so an escape from A would be visible there.
 ROUTE_A, ROUTE_B = "/mcp/a", "/mcp/b"

@@ -15,9 +15,10 @@ from oauthproxy.config import load_settings
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from oauthproxy.providers import GitHubProvider, build_login_provider
-from tests.conftest import TEST_KEY, RunningProxy
+from tests.conftest import RunningProxy
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import log_in
+from tests.support.settings import TEST_KEY
 
 
 def test_a_login_through_github_enterprise_server_reads_the_user_from_its_api(

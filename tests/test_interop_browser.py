@@ -19,19 +19,10 @@ from playwright.sync_api import Browser as ChromiumBrowser
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.flows import McpOAuthClient, with_query
-from tests.interop_fixtures import (  # noqa: F401 (fixtures)
-    RedirectListener,
-    StartGunicorn,
-    interop_database_dsn_fixture,
-    redirect_listener_fixture,
-    which_chromium,
-)
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    GunicornProxy,
-    McpDownstream,
-    mcp_downstream_fixture,
-    start_gunicorn_fixture,
-)
+from tests.interop_fixtures import ON_INTEROP_DATABASE, RedirectListener, StartGunicorn, which_chromium
+from tests.proxy_fixtures import GunicornProxy, McpDownstream
+
+pytestmark = ON_INTEROP_DATABASE
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",

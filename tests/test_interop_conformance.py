@@ -22,29 +22,18 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import free_port
 from tests.flows import Browser, McpOAuthClient
 from tests.interop.forwarder import TokenForwarder
-from tests.interop_fixtures import (  # noqa: F401 (fixtures)
-    CONFORMANCE_CLI,
-    INTEROP_DIR,
-    PythonServer,
-    StartGunicorn,
-    conformance_downstream_fixture,
-    interop_database_dsn_fixture,
-    interop_node_fixture,
-    node_env,
-    walk,
-)
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    GunicornProxy,
-    log_in,
-    start_gunicorn_fixture,
-)
+from tests.interop_fixtures import CONFORMANCE_CLI, INTEROP_DIR, ON_INTEROP_DATABASE, StartGunicorn, node_env, walk
+from tests.proxy_fixtures import GunicornProxy, log_in
+from tests.support.ports import free_port
+from tests.support.processes import ModuleServer
+
+pytestmark = ON_INTEROP_DATABASE
 
 
 @pytest.fixture(scope="module")
-def conformance_proxy(start_gunicorn: StartGunicorn, conformance_downstream: PythonServer) -> Iterator[GunicornProxy]:
+def conformance_proxy(start_gunicorn: StartGunicorn, conformance_downstream: ModuleServer) -> Iterator[GunicornProxy]:
     proxy = start_gunicorn(workers=2, MCP_SERVER_URL=conformance_downstream.url, ACCESS_LOG="-")
     yield proxy
     proxy.stop()

@@ -21,24 +21,19 @@ import pytest
 import requests
 
 from tests.flows import query_of
-from tests.interop_fixtures import (  # noqa: F401 (fixtures)
+from tests.interop_fixtures import (
+    ON_INTEROP_DATABASE,
     AuthorizationFailed,
     ProxyDatabase,
     SdkClient,
     StartGunicorn,
     find_cause,
-    interop_database_dsn_fixture,
-    proxy_database_fixture,
     reload_gunicorn,
 )
 from tests.provider_fixture import OidcProvider
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    GunicornProxy,
-    McpDownstream,
-    mcp_downstream_fixture,
-    start_gunicorn_fixture,
-    write_routes,
-)
+from tests.proxy_fixtures import GunicornProxy, McpDownstream, write_routes
+
+pytestmark = ON_INTEROP_DATABASE
 
 #: Seconds a validated token is answered from a worker's memory: the documented bound on a revocation's delay.
 TOKEN_CACHE_TTL = 2

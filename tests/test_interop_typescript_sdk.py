@@ -15,18 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.flows import Browser, query_of
-from tests.interop_fixtures import (  # noqa: F401 (fixtures)
-    StartGunicorn,
-    interop_database_dsn_fixture,
-    interop_node_fixture,
-    run_ts_client,
-)
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    GunicornProxy,
-    McpDownstream,
-    mcp_downstream_fixture,
-    start_gunicorn_fixture,
-)
+from tests.interop_fixtures import ON_INTEROP_DATABASE, StartGunicorn, run_ts_client
+from tests.proxy_fixtures import GunicornProxy, McpDownstream
+
+pytestmark = ON_INTEROP_DATABASE
 
 REDIRECT_URI = "http://127.0.0.1:9/ts-callback"  # never contacted: the browser stops at this prefix
 

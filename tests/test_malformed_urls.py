@@ -9,8 +9,9 @@ import requests
 
 from tests.conftest import RunningProxy
 from tests.flows import Browser, McpOAuthClient, query_of
+from tests.support.databases import SQLITE_ONLY
 
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)  # nothing here is stored
+pytestmark = SQLITE_ONLY  # nothing here is stored
 
 MALFORMED = ["http://[::1", "http://[::1/mcp", "https://127.0.0.1:99999/mcp", "http://h:x/", "http://[zz]/"]
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -18,7 +17,10 @@ import pytest
 import requests
 
 from oauthproxy.config import ConfigError, load_settings
-from tests.conftest import POSTGRES_DSN, TEST_KEY, ensure_database, free_port
+from tests.conftest import POSTGRES_DSN, ensure_database
+from tests.support.ports import free_port
+from tests.support.processes import wait_until_answers
+from tests.support.settings import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -51,17 +53,6 @@ def gunicorn(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedPr
     )
 
 
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer (exit status {process.poll()})")
-
-
 def test_flask_run_as_the_readme_says_serves_where_discovery_points(tmp_path: Path) -> None:
     assert "flask --app wsgi run" in README
     port = free_port()
@@ -75,7 +66,7 @@ def test_flask_run_as_the_readme_says_serves_where_discovery_points(tmp_path: Pa
         text=True,
     )
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", process)
+        wait_until_answers(f"http://127.0.0.1:{port}/healthz", process, status=None)
         metadata = requests.get(f"http://127.0.0.1:{port}/.well-known/oauth-authorization-server", timeout=10).json()
         assert metadata["issuer"] == f"http://127.0.0.1:{port}"  # the address Flask listens on
     finally:
@@ -118,6 +109,7 @@ def test_the_tests_create_their_postgresql_database_when_it_is_missing() -> None
         (f"postgresql://postgres@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
         (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
     ],
+    ids=["refused", "absent-database"],  # the port is picked anew by each process: xdist workers must agree on ids
 )
 def test_a_database_problem_at_start_up_is_one_line(dsn: str, reason: str) -> None:
     done = gunicorn(settings_env(PORT=str(free_port()), DATABASE_DSN=dsn))
@@ -150,7 +142,7 @@ def test_ctrl_c_stops_gunicorn_without_a_traceback_per_worker(tmp_path: Path) ->
     )
     connections = []
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", process)
+        wait_until_answers(f"http://127.0.0.1:{port}/healthz", process, status=None)
         # Kept-alive connections to both workers, as a browser and an MCP client leave them.
         for _ in range(4):
             connection = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -195,7 +187,7 @@ def test_a_plain_path_database_serves_the_proxy(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", process)
+        wait_until_answers(f"http://127.0.0.1:{port}/healthz", process, status=None)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
     finally:
         process.send_signal(signal.SIGINT)
@@ -259,6 +251,7 @@ def test_every_setting_and_make_target_is_documented() -> None:
         (f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/oauthproxy", "Connection refused"),
         (POSTGRES_DSN.rsplit("/", 1)[0] + "/oauthproxy_absent_db", 'database "oauthproxy_absent_db" does not exist'),
     ],
+    ids=["refused", "absent-database"],  # the port is picked anew by each process: xdist workers must agree on ids
 )
 def test_db_upgrade_with_a_database_problem_says_it_in_one_line(command: list[str], dsn: str, reason: str) -> None:
     """`oauthproxy db upgrade`, and the Procfile's release step (`flask --app wsgi db upgrade`), as gunicorn's start."""

@@ -13,9 +13,12 @@ from flask import Flask
 from oauthproxy import create_app
 from oauthproxy.models import db
 from oauthproxy.self_check import Finding, run_check
-from tests.conftest import RunningProxy, base_env, free_port
+from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
-from tests.proxy_fixtures import McpDownstream, mcp_downstream_fixture  # noqa: F401 (fixture)
+from tests.proxy_fixtures import McpDownstream
+from tests.support.databases import SQLITE_ONLY
+from tests.support.ports import free_port
+from tests.support.settings import base_env
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -49,7 +52,7 @@ def failures(findings: list[Finding]) -> dict[str, str]:
     return {finding.subject: finding.message for finding in findings if finding.level == "fail"}
 
 
-@pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_check_passes_a_working_setup_and_prints_the_callback_to_register(checked) -> None:
     proxy, check = checked
     findings = check()
@@ -71,7 +74,7 @@ def test_check_passes_a_working_setup_and_prints_the_callback_to_register(checke
     assert "answers MCP (server proxy-test-downstream" in subjects["downstream mcp"].message
 
 
-@pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_check_catches_a_wrong_public_url(checked) -> None:
     proxy, check = checked
     port = urlsplit(proxy.url).port
@@ -86,7 +89,7 @@ def test_check_catches_a_wrong_public_url(checked) -> None:
     assert "PUBLIC_URL must be the address clients use" in nowhere["discovery /mcp"]
 
 
-@pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_check_catches_a_callback_url_the_provider_does_not_know(checked) -> None:
     proxy, check = checked
     port = urlsplit(proxy.url).port
@@ -102,7 +105,7 @@ def test_check_catches_a_callback_url_the_provider_does_not_know(checked) -> Non
     )
 
 
-@pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_check_catches_an_unreachable_downstream_and_a_wrong_path(checked, mcp_downstream: McpDownstream) -> None:
     _proxy, check = checked
     down_port = free_port()
@@ -115,7 +118,7 @@ def test_check_catches_an_unreachable_downstream_and_a_wrong_path(checked, mcp_d
     assert "answered 404: the server runs, but its MCP endpoint has another path" in wrong_path["downstream api"]
 
 
-@pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_check_catches_an_unreachable_provider_and_exits_non_zero(checked) -> None:
     proxy, _check = checked
     port = urlsplit(proxy.url).port

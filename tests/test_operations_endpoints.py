@@ -22,7 +22,7 @@ from oauthproxy.database import upgrade_database
 from oauthproxy.logs import ACCESS_LOGGER, JsonFormatter
 from oauthproxy.models import db
 from oauthproxy.providers import ProviderError
-from tests.conftest import TEST_KEY
+from tests.support.settings import TEST_KEY
 
 ENV = {
     "OAUTH_CLIENT_ID": "ops-client",

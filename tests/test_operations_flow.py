@@ -10,8 +10,9 @@ from prometheus_client import REGISTRY
 
 from oauthproxy.logs import ACCESS_LOGGER
 from tests.conftest import RunningProxy
+from tests.support.databases import SQLITE_ONLY
 
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+pytestmark = SQLITE_ONLY
 
 
 def sample(name: str, **labels: str) -> float:

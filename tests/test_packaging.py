@@ -22,9 +22,11 @@ import pytest
 import requests
 from packaging.requirements import Requirement
 
-from tests.conftest import TEST_KEY, free_port
 from tests.provider_fixture import OidcProvider
 from tests.proxy_fixtures import log_in
+from tests.support.ports import free_port
+from tests.support.processes import wait_until_answers
+from tests.support.settings import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -209,15 +211,7 @@ def wheel_proxy(installed_wheel: InstalledWheel, oidc_provider: OidcProvider) ->
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
-        else:
-            raise AssertionError(f"the installed proxy did not get ready:\n{log_path.read_text()}")
+        wait_until_answers(url + "/readyz", process, 40, logs=log_path.read_text)
         yield url
     finally:
         process.send_signal(signal.SIGINT)

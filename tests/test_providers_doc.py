@@ -7,7 +7,7 @@ from pathlib import Path
 
 from oauthproxy.config import load_settings
 from oauthproxy.providers import GitHubProvider, build_login_provider, detect_provider
-from tests.conftest import TEST_KEY
+from tests.support.settings import TEST_KEY
 from tests.test_newcomer_traps import _settings_read
 
 GUIDE = (Path(__file__).resolve().parent.parent / "docs" / "providers.md").read_text()

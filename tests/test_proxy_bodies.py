@@ -12,12 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    GunicornProxy,
-    Login,
-    log_in,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import GunicornProxy, Login, log_in
 
 LIMIT = 200_000
 

@@ -14,14 +14,7 @@ from hypothesis import strategies as st
 
 from oauthproxy.proxy.forwarding import PathRefused, confined_suffix, query_without_tokens
 from tests.deployment_fixtures import Nginx, start_nginx
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    echo_downstream_fixture,
-    log_in,
-    start_gunicorn_fixture,
-    write_routes,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in, write_routes
 
 #: Ways out of route A (`/mcp/a`, downstream `/mcp-a`) to route B's downstream or elsewhere on the same host.
 ESCAPES = [

@@ -17,14 +17,7 @@ from oauthproxy.components import components
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db
 from tests.conftest import RunningProxy
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    echo_downstream_fixture,
-    log_in,
-    start_gunicorn_fixture,
-    write_routes,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in, write_routes
 
 AUTH_HEADERS = {
     "authorization",

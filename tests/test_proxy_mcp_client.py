@@ -16,12 +16,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientMetadata
 
 from tests.flows import Browser, MemoryStorage, query_of
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    GunicornProxy,
-    McpDownstream,
-    mcp_downstream_fixture,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import GunicornProxy, McpDownstream
 
 REDIRECT_URI = "http://127.0.0.1:9/sdk-callback"  # never contacted: the browser stops at this prefix
 

@@ -17,14 +17,7 @@ from oauthproxy.crypto import hash_token
 from oauthproxy.models import Grant, Token, db, utcnow
 from tests.conftest import RunningProxy
 from tests.provider_fixture import OidcProvider
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    echo_downstream_fixture,
-    log_in,
-    start_gunicorn_fixture,
-    write_routes,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in, write_routes
 
 
 def grant_id_of(app: Flask, access_token: str) -> int:

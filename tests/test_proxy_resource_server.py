@@ -15,13 +15,7 @@ from sqlalchemy import event, update
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Token, db, utcnow
 from tests.conftest import RunningProxy
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    Login,
-    echo_downstream_fixture,
-    log_in,
-    write_routes,
-)
+from tests.proxy_fixtures import EchoServer, log_in, write_routes
 
 
 def challenge(response: requests.Response) -> dict[str, str]:

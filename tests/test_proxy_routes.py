@@ -10,8 +10,8 @@ from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.proxy.streaming import DownstreamProxy
 from oauthproxy.proxy.transport import DownstreamError
 from oauthproxy.routes import ProxySettings, build_route
-from tests.conftest import TEST_KEY
 from tests.proxy_fixtures import write_routes
+from tests.support.settings import TEST_KEY
 
 BASE = {
     "OAUTH_CLIENT_ID": "client",

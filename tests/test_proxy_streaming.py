@@ -15,17 +15,7 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    Login,
-    McpDownstream,
-    echo_downstream_fixture,
-    log_in,
-    mcp_downstream_fixture,
-    sse_events,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, Login, McpDownstream, log_in, sse_events
 
 
 @pytest.fixture

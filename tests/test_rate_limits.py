@@ -12,7 +12,7 @@ import requests
 from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.rate_limits import SqliteCounterStorage
 from tests.conftest import RunningProxy
-from tests.proxy_fixtures import GunicornProxy, start_gunicorn_fixture  # noqa: F401 (fixture)
+from tests.proxy_fixtures import GunicornProxy
 from tests.test_authorization_flow import assert_token_response
 from tests.test_config import GOOD
 

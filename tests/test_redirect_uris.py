@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - pytest fixtures imported from test_bad_input are parameters of the tests below
 """One redirect-URI policy for dynamic registration and client metadata documents, through the running proxy."""
 
 from __future__ import annotations
@@ -11,21 +10,14 @@ import requests
 
 from oauthproxy.models import OAuthClient
 from oauthproxy.urls import SHOWN_TARGET_LENGTH
+from tests.bad_input_fixtures import assert_page, assert_register_error, count, document_client, get
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
-from tests.test_bad_input import (  # noqa: F401 (fixtures)
-    DocumentServer,
-    assert_page,
-    assert_register_error,
-    count,
-    dev_proxy,
-    document_client,
-    document_server,
-    get,
-)
+from tests.support.databases import SQLITE_ONLY
+from tests.support.servers import JsonDocumentServer
 
 # Input checks that store nothing run on one database (the refusals are checked not to add a row).
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)
+pytestmark = SQLITE_ONLY
 
 CURSOR = "cursor://anysphere.cursor-retrieval/oauth/user-mcp/callback"
 
@@ -52,7 +44,7 @@ def register(proxy: RunningProxy, *redirect_uris: str) -> requests.Response:
 
 @pytest.mark.parametrize("uri", list(UNSAFE.values()), ids=list(UNSAFE))
 def test_registration_and_metadata_documents_refuse_the_same_redirect_uris(
-    dev_proxy: RunningProxy, document_server: DocumentServer, uri: str
+    dev_proxy: RunningProxy, document_server: JsonDocumentServer, uri: str
 ) -> None:
     before = count(dev_proxy, OAuthClient)
     assert_register_error(register(dev_proxy, "http://127.0.0.1:9/ok", uri), "invalid_redirect_uri")
@@ -67,7 +59,7 @@ def test_registration_and_metadata_documents_refuse_the_same_redirect_uris(
         assert "lists redirect URI" in text, text[:2000]  # the page names the document's fault
 
 
-def test_consent_never_shows_a_userinfo_host(dev_proxy: RunningProxy, document_server: DocumentServer) -> None:
+def test_consent_never_shows_a_userinfo_host(dev_proxy: RunningProxy, document_server: JsonDocumentServer) -> None:
     """The attack in the report: the consent page said "Sends you back to accounts.google.com@evil.example"."""
     uri = UNSAFE["userinfo"]
     client = document_client(dev_proxy, document_server, redirect_uris=[uri])
@@ -122,7 +114,7 @@ def test_consent_shows_a_long_scheme_or_host_cut_and_the_whole_uri_in_its_title(
 
 
 def test_metadata_document_with_a_private_use_scheme_works_by_default(
-    dev_proxy: RunningProxy, document_server: DocumentServer
+    dev_proxy: RunningProxy, document_server: JsonDocumentServer
 ) -> None:
     client = document_client(dev_proxy, document_server, redirect_uris=[CURSOR])
     page = get(client.authorize_url(redirect_uri=CURSOR))
@@ -130,7 +122,7 @@ def test_metadata_document_with_a_private_use_scheme_works_by_default(
     assert "the app that handles cursor:// links" in unescape(page.text)
 
 
-def test_private_use_schemes_can_be_turned_off_for_both_paths(start_proxy, document_server: DocumentServer) -> None:
+def test_private_use_schemes_can_be_turned_off_for_both_paths(start_proxy, document_server: JsonDocumentServer) -> None:
     proxy = start_proxy(CLIENT_METADATA_ALLOW_PRIVATE_NETWORKS="true", ALLOW_CUSTOM_REDIRECT_SCHEMES="false")
     assert_register_error(register(proxy, CURSOR), "invalid_redirect_uri")
     client = document_client(proxy, document_server, redirect_uris=[CURSOR])

@@ -12,9 +12,10 @@ from playwright.sync_api import Page, expect, sync_playwright
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
 from tests.interop_fixtures import which_chromium
+from tests.support.databases import SQLITE_ONLY
 from tests.test_interop_browser import CHROMIUM_FLAGS
 
-pytestmark = pytest.mark.parametrize("database_dsn", ["sqlite"], indirect=True)  # a page, no storage checks
+pytestmark = SQLITE_ONLY  # a page, no storage checks
 
 CURSOR = "cursor://anysphere.cursor-retrieval/oauth/user-mcp/callback"
 

@@ -19,7 +19,8 @@ from oauthproxy.endpoints import MAX_BODY_BYTES
 from oauthproxy.models import OAuthClient, db
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient, hidden_inputs
-from tests.proxy_fixtures import GunicornProxy, start_gunicorn_fixture  # noqa: F401 (fixtures)
+from tests.proxy_fixtures import GunicornProxy
+from tests.support.wire import content_length
 
 
 def client_count(proxy: RunningProxy) -> int:
@@ -113,7 +114,9 @@ def chunked_post(proxy: GunicornProxy, path: str, content_type: str, total: int)
                 sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
             else:
                 sock.sendall(b"0\r\n\r\n")
-            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < content_length(answer):
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < content_length(
+                answer, missing=1 << 30
+            ):
                 data = sock.recv(65536)
                 if not data:
                     break
@@ -123,14 +126,6 @@ def chunked_post(proxy: GunicornProxy, path: str, content_type: str, total: int)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head, "no answer before the connection closed"
     return int(head.split()[1]), body
-
-
-def content_length(answer: bytes) -> int:
-    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 1 << 30
 
 
 def test_chunked_registration_over_the_cap_is_413_under_gunicorn(start_gunicorn: Callable[..., GunicornProxy]) -> None:

@@ -3,7 +3,6 @@ the transport's 404 before the downstream sees anything, on every worker and ins
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,15 +19,8 @@ from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, session_key
 from oauthproxy.models import McpSession, db, utcnow
 from tests.conftest import RunningProxy
 from tests.interop_fixtures import SdkClient
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    McpDownstream,
-    echo_downstream_fixture,
-    log_in,
-    mcp_downstream_fixture,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, McpDownstream, log_in
+from tests.support.processes import wait_until_answers
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
 MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
@@ -61,18 +53,6 @@ def inspect_app() -> Iterator[Callable[[dict[str, str]], Flask]]:
             db.engine.dispose()
 
 
-def wait_until_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} was not ready within 30 s")
-
-
 def test_a_session_replayed_by_another_user_is_refused_on_every_instance(
     start_gunicorn: Callable[..., GunicornProxy],
     mcp_downstream: McpDownstream,
@@ -82,7 +62,7 @@ def test_a_session_replayed_by_another_user_is_refused_on_every_instance(
     # A second instance on the same database and PUBLIC_URL, as behind a load balancer: its own caches are empty.
     second = start_gunicorn(MCP_SERVER_URL=mcp_downstream.url, PUBLIC_URL=first.url)
     second_url = f"http://127.0.0.1:{second.env['PORT']}"
-    wait_until_ready(second_url)
+    wait_until_answers(second_url + "/readyz")
     app = inspect_app(first.env)
     alice = SdkClient(first.url, first.url + "/mcp", login_hint="alice")
     bob = log_in(first.url, first.url + "/mcp", login_hint="bob")

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import requests
 
-from tests.proxy_fixtures import (  # noqa: F401 (fixtures)
-    EchoServer,
-    GunicornProxy,
-    log_in,
-    start_gunicorn_fixture,
-)
+from tests.proxy_fixtures import EchoServer, GunicornProxy, log_in
+from tests.support.servers import serving
+from tests.support.wire import content_length
 
 HEAD_TIMEOUT = 2
 BODY_TIMEOUT = 2
@@ -50,11 +46,8 @@ def assert_no_traceback(proxy: GunicornProxy) -> None:
 
 @pytest.fixture(scope="module")
 def module_echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(EchoServer()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +153,6 @@ def test_an_idle_kept_alive_connection_outlives_the_head_timeout(timed_proxy: Gu
             assert answer.startswith(b"HTTP/1.1 200 "), answer
             time.sleep(HEAD_TIMEOUT + 1)
     assert_no_traceback(timed_proxy)
-
-
-def content_length(answer: bytes) -> int:
-    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
 
 
 # -- capacity: half-sent requests on one worker ------------------------------------------------------------------------

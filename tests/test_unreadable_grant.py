@@ -14,8 +14,9 @@ from sqlalchemy import select, update
 
 from oauthproxy.components import components
 from oauthproxy.models import Grant, db, utcnow
-from tests.conftest import TEST_KEY, RunningProxy
-from tests.proxy_fixtures import EchoServer, Login, echo_downstream_fixture, log_in  # noqa: F401 (fixture)
+from tests.conftest import RunningProxy
+from tests.proxy_fixtures import EchoServer, Login, log_in
+from tests.support.settings import TEST_KEY
 from tests.test_proxy_refresh import expire_upstream_token, grant_id_of
 
 # The route that forwards the user's provider token is the one that decrypts it on every request.

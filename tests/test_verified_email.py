@@ -9,7 +9,7 @@ import requests
 
 from oauthproxy.allowlists import email_is_allowed
 from tests.conftest import RunningProxy
-from tests.proxy_fixtures import EchoServer, echo_downstream_fixture, log_in  # noqa: F401 (fixtures)
+from tests.proxy_fixtures import EchoServer, log_in
 
 DOMAINS = frozenset({"example.test"})
 
