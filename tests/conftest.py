@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from oauthproxy import create_app
 from oauthproxy.database import upgrade_database
 from oauthproxy.models import db
 from tests.flows import Browser, McpOAuthClient
-from tests.support.ports import free_port
 from tests.support.settings import base_env
 
 # The fixture modules, for every test module: tests name the fixtures they use as arguments, never import them.
@@ -115,7 +115,10 @@ def start_proxy(
 
     def start(provider: OidcProvider | None = None, **overrides: str) -> RunningProxy:
         provider = provider or oidc_provider
-        port = free_port()
+        # Listening before the app is built (PUBLIC_URL needs the port): with pytest-xdist, another process could
+        # take a port that was only found free, between free_port() and the bind.
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
         client_id = f"proxy-{port}"
         env = {**base_env(port, provider, database_dsn, client_id), **overrides}
         provider.register_client(client_id, env["OAUTH_CLIENT_SECRET"], [f"{env['PUBLIC_URL']}/callback"])
@@ -123,7 +126,8 @@ def start_proxy(
         if env["DATABASE_DSN"] not in migrated_databases:
             upgrade_database(app)
             migrated_databases.add(env["DATABASE_DSN"])
-        server = make_server("127.0.0.1", port, app, threaded=True)
+        server = make_server("127.0.0.1", port, app, threaded=True, fd=listener.fileno())
+        listener.close()  # the server holds its own duplicate of the socket
         threading.Thread(target=server.serve_forever, daemon=True).start()
         proxy = RunningProxy(app, env["PUBLIC_URL"], server, provider)
         running.append(proxy)
