@@ -32,7 +32,8 @@ end
 
 function response(status, response_headers, body)
   local session = response_headers["mcp-session-id"] or response_headers["Mcp-Session-Id"]
-  if session then
+  -- Only an initialize's answer (200) opens a session; the 202 to notifications/initialized carries the same id.
+  if session and status == 200 then
     table.insert(sessions, session)
   end
 end
