@@ -13,6 +13,7 @@ import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from oauthproxy.config import load_server_settings
+from oauthproxy.heap import trimmer
 
 _SERVER = load_server_settings()  # gunicorn.conf.py has already reported any problem with these, and exited
 # A request head (request line and headers) must arrive within this many seconds of a new connection or of its
@@ -138,6 +139,7 @@ class BoundedGeventWorker(GeventWorker):
         self.max_waiting = _SERVER.max_waiting_connections or max(1, self.worker_connections // 2)
         self.waiting: OrderedDict[ClientConnection, None] = OrderedDict()
         self.run_ended = False
+        self.connections = 0  # client connections open (streams among them), for the heap trimmer
 
     def run(self) -> None:
         try:
@@ -167,10 +169,14 @@ class BoundedGeventWorker(GeventWorker):
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         connection = ClientConnection(client, self.cfg.keepalive)
         self._wait(connection)
+        self.connections += 1
+        trimmer.opened(self.connections)
         try:
             super().handle(listener, connection, addr)
         finally:
             self.waiting.pop(connection, None)
+            self.connections -= 1
+            trimmer.closed(self.connections)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> None:
         self.waiting.pop(sock, None)
