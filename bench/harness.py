@@ -499,8 +499,8 @@ class Bench:
     def mcpload(self) -> None:
         """wrk against the real MCP server, directly and through the proxy (both with `mcp_workers` processes):
         tools/call answered as an event stream (stateless server), and session set-up (initialize, then
-        notifications/initialized with the session id; a one-process stateful server, whose sessions are in its
-        memory). CPU is measured for the proxy and for the server behind it."""
+        notifications/initialized with the session id, then DELETE; a one-process stateful server, whose sessions
+        are in its memory). CPU is measured for the proxy and for the server behind it."""
         options = self.options
         workers = options.mcp_workers
         self.log(f"mcpload: starting the real MCP server ({workers} worker(s)) and a proxy in front of it")

@@ -530,8 +530,9 @@ def _mcp_load(results: dict[str, Any]) -> list[str]:
         f"wrk against the MCP SDK's server under uvicorn ({workers} processes; `bench/mcp_server.py`), directly and "
         f"through the proxy ({workers} gunicorn workers, real access token). *tools/call*: the `echo` tool on a "
         "stateless server, answered as an event stream. *session set-up*: `initialize`, then "
-        "`notifications/initialized` with the session id it gave (`bench/mcp_handshake.lua`), on a one-process "
-        "stateful server; the proxy records each session (its binding to the token's user). CPU columns are "
+        "`notifications/initialized` with the session id it gave, then `DELETE` to close it "
+        "(`bench/mcp_handshake.lua`), on a one-process stateful server; the proxy records each session (its "
+        "binding to the token's user) and forgets it at the DELETE. CPU columns are "
         "user+system time per request of the proxy's processes and of the MCP server's.",
         "",
     ]
