@@ -128,6 +128,7 @@ def start_proxy(
             migrated_databases.add(env["DATABASE_DSN"])
         server = make_server("127.0.0.1", port, app, threaded=True, fd=listener.fileno())
         listener.close()  # the server holds its own duplicate of the socket
+        server.server_name, server.server_port = "127.0.0.1", port  # set by HTTPServer.server_bind, skipped with fd
         threading.Thread(target=server.serve_forever, daemon=True).start()
         proxy = RunningProxy(app, env["PUBLIC_URL"], server, provider)
         running.append(proxy)
