@@ -87,7 +87,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     db.init_app(app)
     init_database_faults(app, settings.database_timeout)
     Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
-    services = attach_components(app, settings)
+    services = attach_components(app)
     services.secret_box = SecretBox(settings.encryption_keys)
     services.client_metadata_fetcher = ClientMetadataFetcher(
         allow_private_networks=settings.allow_private_client_metadata_urls,

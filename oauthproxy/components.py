@@ -11,7 +11,6 @@ if TYPE_CHECKING:
 
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
-    from oauthproxy.config import Settings
     from oauthproxy.crypto import SecretBox
     from oauthproxy.mcp_sessions import SessionBindings
     from oauthproxy.provider_tokens import KeyedLocks
@@ -25,9 +24,9 @@ _KEY = "oauthproxy"
 
 class Components:
     """What `configure_app` builds, in the order it builds them; an attribute read before it is set is a bug in the
-    factory's order, and raises AttributeError rather than returning None."""
+    factory's order, and raises AttributeError rather than returning None. The settings stay where Flask keeps
+    configuration, `app.config["SETTINGS"]`."""
 
-    settings: Settings
     secret_box: SecretBox
     client_metadata_fetcher: ClientMetadataFetcher
     login_provider: OAuthProvider
@@ -42,10 +41,9 @@ class Components:
     schema_revisions: tuple[set[str], set[str]] | None = None
 
 
-def attach_components(app: Flask, settings: Settings) -> Components:
+def attach_components(app: Flask) -> Components:
     """Create the empty registry for `app`; configure_app fills it as it builds each service."""
     components = Components()
-    components.settings = settings
     app.extensions[_KEY] = components
     return components
 
