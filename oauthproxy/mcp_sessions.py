@@ -119,7 +119,6 @@ class SessionBindings:
         except IntegrityError:
             # Already recorded: the same id answered twice, or a downstream that gives one id to several users.
             # The first owner keeps it; anyone else is refused when they use it.
-            db.session.rollback()
             owner = db.session.scalar(select(McpSession.user_id).where(McpSession.key_hash == key_hash))
             db.session.rollback()
             if owner is not None and owner != user_id:

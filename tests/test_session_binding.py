@@ -14,6 +14,7 @@ from flask import Flask
 from sqlalchemy import event, select, text, update
 
 from oauthproxy import create_app
+from oauthproxy.components import components
 from oauthproxy.database import purge_expired
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, session_key
 from oauthproxy.models import McpSession, db, utcnow
@@ -225,3 +226,26 @@ def test_a_session_store_failure_is_a_json_503_not_a_500(
     assert len(echo_downstream.seen) == count + 1  # the initialize went through; the unknown id did not
     # Requests without a session id never touch the store.
     assert requests.post(url, headers=alice.bearer, json={}, timeout=10).status_code == 200
+
+
+def test_a_session_id_handed_out_twice_stays_with_its_first_owner(
+    start_proxy: Callable[..., RunningProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A downstream that gives one id to two users (or answers the same id twice): the second record is refused by
+    # the primary key, the first owner keeps the session, and the other user is refused when they use it.
+    proxy = start_proxy()
+    with proxy.app.app_context():
+        bindings = components(proxy.app).mcp_sessions
+        bindings.record("default", "shared-id", "alice")
+        bindings.record("default", "shared-id", "alice")  # the same answer twice: nothing to report
+        assert "already bound" not in caplog.text
+        bindings.record("default", "shared-id", "bob")
+        assert "already bound to another user" in caplog.text
+        assert bindings.allows("default", "shared-id", "alice")
+        assert not bindings.allows("default", "shared-id", "bob")
+        assert (
+            db.session.scalar(
+                select(McpSession.user_id).where(McpSession.key_hash == session_key("default", "shared-id"))
+            )
+            == "alice"
+        )
