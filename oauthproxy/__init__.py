@@ -53,7 +53,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
     from oauthproxy.operations import init_operations
-    from oauthproxy.providers import build_login_provider
+    from oauthproxy.providers import build_connection_provider, build_login_provider
     from oauthproxy.rate_limits import init_rate_limits
     from oauthproxy.resource_server import init_resource_server
 
@@ -104,6 +104,15 @@ def configure_app(app: Flask, settings: Settings) -> None:
     login_provider = build_login_provider(settings)
     login_provider.init_app(app)
     services.login_provider = login_provider
+    # One provider per route with `oauth = {...}`; `oauth = "discover"` routes find theirs on first use.
+    services.connection_providers = {}
+    for route in settings.routes:
+        if route.oauth is not None and not route.oauth.discover:
+            provider = build_connection_provider(
+                route.name, route.oauth, ca_bundle=settings.ca_bundle, timeout=settings.provider_http_timeout
+            )
+            provider.init_app(app)
+            services.connection_providers[route.name] = provider
     if not settings.scopes_supported:
         app.config["OAUTH_SCOPES_SUPPORTED"] = login_provider.default_scopes
     AuthorizationServer(app, settings)

@@ -30,6 +30,8 @@ class Components:
     secret_box: SecretBox
     client_metadata_fetcher: ClientMetadataFetcher
     login_provider: OAuthProvider
+    #: The downstream authorization servers of routes with credential `oauth`, by route name.
+    connection_providers: dict[str, OAuthProvider]
     authorization_server: AuthorizationServer
     routes: dict[str, Route]
     token_cache: TokenCache

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import CursorResult, ForeignKey, Index, MetaData, Result, String, Text
+from sqlalchemy import CursorResult, ForeignKey, Index, MetaData, Result, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -160,6 +160,8 @@ class PendingAuthorization(Model):
     request_json: Mapped[str] = mapped_column(Text)
     upstream_secrets: Mapped[str] = mapped_column(Text)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+    #: What the login is for: "authorize" (an MCP client's authorization) or "account" (the account page's sign-in).
+    purpose: Mapped[str] = mapped_column(String(16), default="authorize", server_default="authorize")
 
     @property
     def request_params(self) -> dict:
@@ -178,3 +180,72 @@ class McpSession(Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Refreshed at most every few minutes by each worker that serves the session; idle ones are purged.
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class DownstreamConnection(Model):
+    """One user's credential for one route's downstream (route credential `oauth` or `user_api_key`).
+
+    The secrets are sealed (crypto.SecretBox) with the row id in their associated data: `connection:{id}:access_token`
+    and `connection:{id}:refresh_token`. For `user_api_key` the key is the access token and nothing expires."""
+
+    __tablename__ = "downstream_connections"
+    __table_args__ = (UniqueConstraint("user_id", "route"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    route: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "oauth" | "user_api_key"
+    access_token: Mapped[str | None] = mapped_column(Text)
+    refresh_token: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column()
+    scope: Mapped[str] = mapped_column(Text, default="")
+    #: Who issued the tokens (the downstream's authorization server, by issuer or authorize URL): the account page.
+    provider: Mapped[str] = mapped_column(String(2048), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The downstream refused this credential (401) or its provider answered invalid_grant: the next authorization
+    #: through the route asks again (and says why).
+    refused_at: Mapped[datetime | None] = mapped_column()
+    #: A lease on refreshing the tokens, as on grants (provider_tokens.py): who holds it, and until when.
+    refresh_claim: Mapped[str | None] = mapped_column(String(32))
+    refresh_claimed_until: Mapped[datetime | None] = mapped_column()
+
+
+class PendingConnection(Model):
+    """A login that waits for the user to connect a route's downstream before the MCP client gets its code.
+
+    Nothing of the login is stored as a grant until the connection is made: the sealed `login` holds the
+    identity, the login provider's tokens and the client's authorization request, and the grant and its code are
+    written together when the connect step completes (or never, when it is abandoned)."""
+
+    __tablename__ = "pending_connections"
+
+    #: Hash of the connect step's single-use value: the `state` sent to the downstream's provider, or the
+    #: API-key form's token.
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_binding_hash: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(255))
+    client_id: Mapped[str] = mapped_column(String(2048))
+    #: Sealed as `pending-connection:{state_hash}:login`: request params, identity, provider tokens and scopes.
+    login: Mapped[str] = mapped_column(Text)
+    #: Sealed as `pending-connection:{state_hash}:secrets`: the PKCE verifier and nonce of the connect hop.
+    secrets: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class DownstreamRegistration(Model):
+    """What a discovered downstream authorization server knows the proxy as (route `oauth = "discover"`): the
+    client id of a dynamic registration (RFC 7591), kept so that every worker and restart reuses it."""
+
+    __tablename__ = "downstream_registrations"
+
+    #: sha256 of route name and issuer: one registration per route and authorization server.
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    route: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(2048))
+    client_id: Mapped[str] = mapped_column(String(2048))
+    #: Sealed as `downstream-registration:{key_hash}:client_secret`; None for a public client.
+    client_secret: Mapped[str | None] = mapped_column(Text)
+    metadata_json: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,8 +13,10 @@ from oauthproxy.allowlists import email_is_allowed
 from oauthproxy.config_values import DAY, boolean_value, read_int, read_list, read_seconds, read_text, string_list
 from oauthproxy.urls import normalise_origin
 
-CredentialKind = Literal["none", "upstream_token", "static"]
-CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("none", "upstream_token", "static")
+CredentialKind = Literal["none", "upstream_token", "static", "oauth", "user_api_key"]
+CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("none", "upstream_token", "static", "oauth", "user_api_key")
+#: Credentials each user brings for themselves: a connection to the downstream's own authorization server, or a key.
+PER_USER_CREDENTIALS: frozenset[CredentialKind] = frozenset({"oauth", "user_api_key"})
 
 #: Paths the authorization server owns; a route there would shadow it.
 RESERVED_PATHS = (
@@ -23,6 +25,8 @@ RESERVED_PATHS = (
     "/register",
     "/revoke",
     "/callback",
+    "/connect",
+    "/account",
     "/.well-known",
     "/static",
     "/healthz",
@@ -69,6 +73,26 @@ ROUTE_KEYS = frozenset(
         "credential_scheme",
         "credential_env",
         "credential_file",
+        "oauth",
+        "api_key_help_url",
+        "api_key_verify",
+    }
+)
+#: Keys of a route's `[routes.oauth]` table: the downstream's own authorization server, configured like the login
+#: provider (OAUTH_AUTHORIZE_URL and friends).
+OAUTH_KEYS = frozenset(
+    {
+        "authorize_url",
+        "token_url",
+        "userinfo_url",
+        "revocation_url",
+        "client_id",
+        "client_secret_env",
+        "client_secret_file",
+        "scopes",
+        "authorize_params",
+        "display_name",
+        "github_api_url",
     }
 )
 
@@ -82,17 +106,64 @@ SINGLE_ROUTE_ENV = {
     "credential_scheme": "DOWNSTREAM_CREDENTIAL_SCHEME",
     "credential_env": "DOWNSTREAM_CREDENTIAL_ENV",
     "credential_file": "DOWNSTREAM_CREDENTIAL_FILE",
+    "oauth": "DOWNSTREAM_OAUTH",  # only "discover": a configured provider needs the routes file's table
+    "api_key_help_url": "DOWNSTREAM_API_KEY_HELP_URL",
+    "api_key_verify": "DOWNSTREAM_API_KEY_VERIFY",
 }
 
 
 @dataclass(frozen=True)
 class DownstreamCredential:
-    """What the downstream receives besides identity headers: nothing, the user's upstream token, or a fixed secret."""
+    """What the downstream receives besides identity headers: nothing, the user's upstream token, a fixed secret,
+    or the user's own credential for it (a connection's access token, or their API key)."""
 
     kind: CredentialKind = "none"
     header: str = "Authorization"
     # The whole header value (scheme included). Never logged, never shown to clients: kept out of repr.
     value: str = field(default="", repr=False)
+    #: For per-user credentials: the word before the user's token or key (`Bearer`), or empty for the bare value.
+    scheme: str = ""
+
+    @property
+    def per_user(self) -> bool:
+        return self.kind in PER_USER_CREDENTIALS
+
+    def header_value(self, secret: str) -> str:
+        """A per-user secret as the route sends it."""
+        return f"{self.scheme} {secret}" if self.scheme else secret
+
+
+@dataclass(frozen=True)
+class RouteOAuth:
+    """The downstream's own authorization server (route credential `oauth`).
+
+    Either configured like the login provider (an authorize URL that names a known provider or an issuer to
+    discover, or explicit endpoints with `token_url`), or `discover`: the downstream does MCP authorization itself
+    and the proxy finds its authorization server as any MCP client would (401 -> RFC 9728 -> RFC 8414)."""
+
+    discover: bool = False
+    authorize_url: str = ""
+    token_url: str | None = None
+    userinfo_url: str | None = None
+    revocation_url: str | None = None
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    scopes: tuple[str, ...] = ()
+    #: Extra parameters for the authorization request (`audience`, `prompt`, ...), in the order configured.
+    authorize_params: tuple[tuple[str, str], ...] = ()
+    #: What the connect page calls the server's sign-in ("This MCP server needs you to sign in to X").
+    display_name: str | None = None
+    github_api_url: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteApiKey:
+    """How a route asks each user for their own API key (route credential `user_api_key`)."""
+
+    #: Where the user finds or creates their key; shown as a link on the key page.
+    help_url: str | None = None
+    #: Try the key with an MCP `initialize` before accepting it.
+    verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +182,8 @@ class Route:
     #: for the user. Default: on where `credential = "upstream_token"` with identity headers, off everywhere else.
     forward_access_token: bool = False
     credential: DownstreamCredential = field(default_factory=DownstreamCredential)
+    oauth: RouteOAuth | None = None
+    api_key: RouteApiKey | None = None
 
     @property
     def metadata_path(self) -> str:
@@ -158,37 +231,115 @@ def _has_control_characters(value: str) -> bool:
     return any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
 
 
-def _read_secret(entry: Mapping[str, Any], where: str, env: Mapping[str, str], problems: list[str]) -> str:
-    """A static credential from an environment variable or a file. Error messages name the source, never the value."""
-    env_name, file_name = entry.get("credential_env"), entry.get("credential_file")
+def _read_secret(
+    entry: Mapping[str, Any],
+    where: str,
+    env: Mapping[str, str],
+    problems: list[str],
+    prefix: str = "credential",
+    what: str = "a static credential",
+    required: bool = True,
+) -> str:
+    """A secret from an environment variable (`{prefix}_env`) or a file (`{prefix}_file`). Error messages name the
+    source, never the value."""
+    env_key, file_key = f"{prefix}_env", f"{prefix}_file"
+    env_name, file_name = entry.get(env_key), entry.get(file_key)
+    if not env_name and not file_name and not required:
+        return ""
     if bool(env_name) == bool(file_name):
         problems.append(
-            f"{where}: a static credential needs exactly one of credential_env (the name of an "
-            "environment variable holding the secret) or credential_file (a file holding it)"
+            f"{where}: {what} needs exactly one of {env_key} (the name of an "
+            f"environment variable holding the secret) or {file_key} (a file holding it)"
         )
         return ""
     if env_name:
         if not isinstance(env_name, str):
-            problems.append(f"{where}: credential_env must be the name of an environment variable")
+            problems.append(f"{where}: {env_key} must be the name of an environment variable")
             return ""
         secret = read_text(env, env_name)
         if not secret:
-            problems.append(f"{where}: the environment variable {env_name} (credential_env) is unset or empty")
+            problems.append(f"{where}: the environment variable {env_name} ({env_key}) is unset or empty")
             return ""
     else:
         try:
             with open(str(file_name), encoding="utf-8") as handle:
                 secret = handle.read().strip()
         except OSError as error:
-            problems.append(f"{where}: cannot read credential_file {file_name}: {error.strerror}")
+            problems.append(f"{where}: cannot read {file_key} {file_name}: {error.strerror}")
             return ""
         if not secret:
-            problems.append(f"{where}: credential_file {file_name} is empty")
+            problems.append(f"{where}: {file_key} {file_name} is empty")
             return ""
     if _has_control_characters(secret):
-        problems.append(f"{where}: the static credential contains a line break or control character")
+        problems.append(f"{where}: {what} contains a line break or control character")
         return ""
     return secret
+
+
+def _optional_url(value: Any, where: str, problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{where} must be an absolute http(s) URL; got {value!r}")
+        return None
+    return value.strip()
+
+
+def _route_oauth(value: Any, where: str, env: Mapping[str, str], problems: list[str]) -> RouteOAuth | None:
+    """The `oauth` key of a route: `"discover"`, or a table configuring the downstream's authorization server."""
+    if isinstance(value, str) and value.strip().lower() == "discover":
+        return RouteOAuth(discover=True)
+    if not isinstance(value, dict):
+        problems.append(
+            f'{where}: oauth must be "discover" (the downstream does MCP authorization itself) or a table '
+            "[routes.oauth] with authorize_url, client_id and client_secret_env or client_secret_file"
+        )
+        return None
+    where = f"{where} oauth"
+    unknown = sorted(set(value) - OAUTH_KEYS)
+    if unknown:
+        problems.append(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(OAUTH_KEYS))}"
+        )
+    authorize_url = _optional_url(value.get("authorize_url"), f"{where}: authorize_url", problems)
+    if authorize_url is None and "authorize_url" not in value:
+        problems.append(
+            f"{where}: authorize_url is required: the provider's authorize URL, or its issuer URL for discovery"
+        )
+    client_id = value.get("client_id")
+    if not isinstance(client_id, str) or not client_id.strip() or _has_control_characters(client_id):
+        problems.append(f"{where}: client_id is required: the client id registered at that provider for this proxy")
+        client_id = ""
+    params = value.get("authorize_params", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and not _has_control_characters(k + v) for k, v in params.items()
+    ):
+        problems.append(f'{where}: authorize_params must be a table of text values, e.g. {{ audience = "api" }}')
+        params = {}
+    reserved = sorted(
+        set(params) & {"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method"}
+    )
+    if reserved:
+        problems.append(f"{where}: authorize_params must not set {', '.join(reserved)}: the proxy sets them")
+    display_name = value.get("display_name")
+    if display_name is not None and (not isinstance(display_name, str) or not display_name.strip()):
+        problems.append(f"{where}: display_name must be text")
+        display_name = None
+    return RouteOAuth(
+        authorize_url=authorize_url or "",
+        token_url=_optional_url(value.get("token_url"), f"{where}: token_url", problems),
+        userinfo_url=_optional_url(value.get("userinfo_url"), f"{where}: userinfo_url", problems),
+        revocation_url=_optional_url(value.get("revocation_url"), f"{where}: revocation_url", problems),
+        client_id=client_id.strip(),
+        client_secret=_read_secret(
+            value, where, env, problems, prefix="client_secret", what="the client secret", required=False
+        ),
+        scopes=string_list(value.get("scopes", []), f"{where}: scopes", problems),
+        authorize_params=tuple((k, v) for k, v in params.items() if k not in reserved),
+        display_name=display_name.strip() if display_name else None,
+        github_api_url=_optional_url(value.get("github_api_url"), f"{where}: github_api_url", problems),
+    )
 
 
 def _credential(
@@ -204,6 +355,9 @@ def _credential(
         return DownstreamCredential()
     if kind == "none":
         return DownstreamCredential()
+    if kind == "oauth":
+        # RFC 6750 §2.1: the token the downstream's own authorization server issued, as any client would send it.
+        return DownstreamCredential("oauth", "Authorization", scheme="Bearer")
     if kind == "upstream_token":
         # RFC 6750 §2.1: the user's upstream access token, as the downstream would send it to the provider's APIs.
         return DownstreamCredential("upstream_token", "Authorization")
@@ -215,6 +369,13 @@ def _credential(
     if not isinstance(scheme, str) or (scheme and not HEADER_NAME.match(scheme)):
         problems.append(f"{where}: credential_scheme must be a word such as Bearer, or empty; got {scheme!r}")
         return DownstreamCredential()
+    if kind == "user_api_key":
+        if entry.get("credential_env") or entry.get("credential_file"):
+            problems.append(
+                f"{where}: a user_api_key route takes each user's own key; credential_env and credential_file are "
+                'for credential = "static"'
+            )
+        return DownstreamCredential("user_api_key", header, scheme=scheme)
     secret = _read_secret(entry, where, env, problems)
     return DownstreamCredential("static", header, f"{scheme} {secret}" if scheme else secret)
 
@@ -275,6 +436,23 @@ def build_route(
             )
     identity_headers = boolean_value(entry.get("identity_headers", True), f"{where}: identity_headers", True, problems)
     credential = _credential(entry, where, env, problems)
+    oauth = _route_oauth(entry["oauth"], where, env, problems) if "oauth" in entry else None
+    if credential.kind == "oauth" and oauth is None and "oauth" not in entry:
+        problems.append(
+            f'{where}: credential = "oauth" needs oauth = "discover" or an [routes.oauth] table naming the '
+            "downstream's authorization server"
+        )
+    if credential.kind != "oauth" and "oauth" in entry:
+        problems.append(f'{where}: oauth is set but credential is {credential.kind!r}; set credential = "oauth"')
+        oauth = None
+    api_key = None
+    if credential.kind == "user_api_key":
+        api_key = RouteApiKey(
+            help_url=_optional_url(entry.get("api_key_help_url"), f"{where}: api_key_help_url", problems),
+            verify=boolean_value(entry.get("api_key_verify", False), f"{where}: api_key_verify", False, problems),
+        )
+    elif "api_key_help_url" in entry or "api_key_verify" in entry:
+        problems.append(f'{where}: api_key_help_url and api_key_verify are for credential = "user_api_key"')
     emails = string_list(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
     domains = string_list(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
     return Route(
@@ -293,6 +471,8 @@ def build_route(
             problems,
         ),
         credential=credential,
+        oauth=oauth,
+        api_key=api_key,
     )
 
 

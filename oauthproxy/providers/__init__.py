@@ -18,7 +18,8 @@ stable subject id, a *verified* email, a display name).  Not to be confused with
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import urlsplit
 
 from oauthproxy.providers.base import OAuthProvider, ProviderSettings, ProviderTokens
@@ -30,6 +31,9 @@ from oauthproxy.providers.identity import ProviderIdentity, is_affirmed, verifie
 from oauthproxy.providers.microsoft import MICROSOFT_HOSTS, MicrosoftProvider, microsoft_tenant
 from oauthproxy.providers.oauth2 import OAuth2Provider
 from oauthproxy.providers.oidc import OpenIDConnectProvider
+
+if TYPE_CHECKING:
+    from oauthproxy.routes import RouteOAuth
 
 
 class LoginProviderSettings(ProviderSettings, Protocol):
@@ -91,7 +95,60 @@ def build_login_provider(settings: LoginProviderSettings) -> OAuthProvider:
     return OpenIDConnectProvider(settings, timeout=timeout)
 
 
+@dataclass(frozen=True)
+class ConnectionProviderSettings:
+    """A route's `[routes.oauth]` table in the shape every provider reads (`LoginProviderSettings`)."""
+
+    oauth_client_id: str
+    oauth_client_secret: str
+    oauth_authorize_url: str
+    oauth_token_url: str | None
+    oauth_userinfo_url: str | None
+    upstream_scopes: tuple[str, ...]
+    ca_bundle: str | None
+    github_api_url: str | None
+    provider_http_timeout: float
+    #: No filter on what the connection asks for: the operator chose `scopes`, no MCP client passes any through.
+    scopes_supported: tuple[str, ...] = ()
+
+
+def build_connection_provider(
+    route_name: str, oauth: RouteOAuth, *, ca_bundle: str | None, timeout: float
+) -> OAuthProvider:
+    """The provider of a route's configured downstream authorization server (not `discover`). No network.
+
+    The same classes as the login provider (discovery, GitHub's and Microsoft's quirks, error classification,
+    client authentication), registered with Authlib under a name of the route's own."""
+    settings = ConnectionProviderSettings(
+        oauth_client_id=oauth.client_id,
+        oauth_client_secret=oauth.client_secret,
+        oauth_authorize_url=oauth.authorize_url,
+        oauth_token_url=oauth.token_url,
+        oauth_userinfo_url=oauth.userinfo_url,
+        upstream_scopes=oauth.scopes,
+        ca_bundle=ca_bundle,
+        github_api_url=oauth.github_api_url,
+        provider_http_timeout=timeout,
+    )
+    provider: OAuthProvider
+    if oauth.token_url and not oauth.github_api_url and detect_provider(oauth.authorize_url) == "generic":
+        # Explicit endpoints; unlike a login, a connection needs no userinfo URL (nobody is identified by it).
+        provider = OAuth2Provider(settings, timeout=timeout, token_endpoint_auth_method=_public_client(oauth))
+    else:
+        provider = build_login_provider(settings)
+        if _public_client(oauth):
+            provider._token_endpoint_auth_method = "none"
+    provider.registration_name = f"connection_{route_name}"
+    return provider
+
+
+def _public_client(oauth: RouteOAuth) -> str | None:
+    # RFC 6749 §2.1: a client without a secret authenticates with nothing but its id (and PKCE).
+    return None if oauth.client_secret else "none"
+
+
 __all__ = [
+    "ConnectionProviderSettings",
     "ErrorKind",
     "GitHubProvider",
     "GoogleProvider",
@@ -104,6 +161,7 @@ __all__ = [
     "ProviderIdentity",
     "ProviderSettings",
     "ProviderTokens",
+    "build_connection_provider",
     "build_login_provider",
     "choose_token_auth_method",
     "classify_oauth_error",

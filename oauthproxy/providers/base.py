@@ -253,19 +253,27 @@ class OAuthProvider:
     def _authorize_params(self, scopes: list[str]) -> dict[str, str]:
         return {}
 
-    def create_authorization_url(self, redirect_uri: str, scopes: list[str]) -> tuple[str, dict[str, Any]]:
+    def create_authorization_url(
+        self, redirect_uri: str, scopes: list[str], extra_params: Mapping[str, str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """The URL to send the user's browser to, and the secrets the caller must store
         server-side (bound to this login attempt) and hand back to `exchange_code` once:
-        `{"state", "code_verifier", "nonce"}` (nonce None without `openid`)."""
+        `{"state", "code_verifier", "nonce"}` (nonce None without `openid`).
+
+        `extra_params`: more authorization parameters (a downstream connection's `resource`, RFC 8707 §2.1, or
+        its operator's `authorize_params`); the provider's own quirks win over them."""
         client = self._app()
-        rv = client.create_authorization_url(redirect_uri, scope=" ".join(scopes), **self._authorize_params(scopes))
+        params = {**(extra_params or {}), **self._authorize_params(scopes)}
+        rv = client.create_authorization_url(redirect_uri, scope=" ".join(scopes), **params)
         secrets = {"state": rv["state"], "code_verifier": rv["code_verifier"], "nonce": rv.get("nonce")}
         return rv["url"], secrets
 
-    def exchange_code(
-        self, code: str, redirect_uri: str, secrets: Mapping[str, Any]
-    ) -> tuple[ProviderTokens, ProviderIdentity]:
-        """Redeem the authorization code (with the stored PKCE verifier) and identify the user."""
+    def redeem_code(
+        self, code: str, redirect_uri: str, secrets: Mapping[str, Any], extra_params: Mapping[str, str] | None = None
+    ) -> tuple[ProviderTokens, Any]:
+        """Redeem the authorization code with the stored PKCE verifier: the tokens, and the token response itself.
+
+        `extra_params` go in the token request too (RFC 8707 §2.2: `resource` again)."""
         verifier = secrets.get("code_verifier")
         if not isinstance(verifier, str) or not verifier:
             # PKCE must be impossible to skip, even through a caller bug.
@@ -274,9 +282,17 @@ class OAuthProvider:
         token = self._call(
             "exchanging the authorization code",
             self._metadata_value("token_endpoint"),
-            lambda: client.fetch_access_token(redirect_uri=redirect_uri, code=code, code_verifier=verifier),
+            lambda: client.fetch_access_token(
+                redirect_uri=redirect_uri, code=code, code_verifier=verifier, **(extra_params or {})
+            ),
         )
-        tokens = tokens_from(token)
+        return tokens_from(token), token
+
+    def exchange_code(
+        self, code: str, redirect_uri: str, secrets: Mapping[str, Any]
+    ) -> tuple[ProviderTokens, ProviderIdentity]:
+        """Redeem the authorization code (with the stored PKCE verifier) and identify the user."""
+        tokens, token = self.redeem_code(code, redirect_uri, secrets)
         identity = self._identity(token, secrets)
         return tokens, identity
 
