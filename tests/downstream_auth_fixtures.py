@@ -18,6 +18,7 @@ Helpers: `register_proxy_client` (the proxy as a configured client of the downst
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -263,7 +264,7 @@ def oauth_route(
         route["oauth"] = "discover"
     else:
         assert provider is not None
-        secret_env = f"DOWNSTREAM_{name.upper()}_CLIENT_SECRET"
+        secret_env = "DOWNSTREAM_" + re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_CLIENT_SECRET"
         route["oauth"] = {
             "authorize_url": provider.issuer,
             "client_id": client.client_id,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,8 @@ class ConnectingBrowser:
         raise AssertionError("too many redirects")
 
     def _who_signs_in(self, url: str) -> str:
-        if url.startswith(self.proxy_url) or "/auth" not in urlsplit(url).path:
+        # Both test providers' authorization endpoint is /auth (/auth/<uid> resumes a request already counted).
+        if url.startswith(self.proxy_url) or urlsplit(url).path != "/auth":
             return url
         if self.downstream_issuer is not None and url.startswith(self.downstream_issuer + "/"):
             self.downstream_authorizations.append(url)
@@ -172,6 +174,11 @@ def call_whoami_through(resource_url: str, browser: ConnectingBrowser) -> tuple[
     return anyio.run(scenario), authorization
 
 
+def route_name(kind: str) -> str:
+    """Unique per test: the proxies of a session share a database, where connections are per user and route name."""
+    return f"{kind}-{secrets.token_hex(3)}"
+
+
 def start_proxy_with(
     start_gunicorn: Callable[..., GunicornProxy], tmp_path: Path, *specs: Callable[[str], RouteSpec]
 ) -> GunicornProxy:
@@ -196,20 +203,21 @@ def test_sdk_client_connects_the_downstream_and_whoami_names_the_subject_its_pro
     mode: str,
 ) -> None:
     proxy_clients: list[str] = []
+    name = route_name(mode)
 
     def route(public_url: str) -> RouteSpec:
         if mode == "discovered":
-            return oauth_route("tools", protected_downstream)
+            return oauth_route(name, protected_downstream)
         # The operator registered the proxy at the downstream's provider, which issues its tokens for that server.
         client = register_proxy_client(downstream_provider, public_url, default_resource=protected_downstream.resource)
         proxy_clients.append(client.client_id)
-        return oauth_route("tools", protected_downstream, provider=downstream_provider, client=client)
+        return oauth_route(name, protected_downstream, provider=downstream_provider, client=client)
 
     registrations_before = downstream_provider.endpoint_stats()["registration_requests"]
     proxy = start_proxy_with(start_gunicorn, tmp_path, route)
     browser = ConnectingBrowser(proxy.url, downstream_issuer=downstream_provider.issuer)
 
-    caller, authorization = call_whoami_through(proxy.url + "/mcp/tools", browser)
+    caller, authorization = call_whoami_through(f"{proxy.url}/mcp/{name}", browser)
 
     # One walk: the proxy's consent, the connect page, one sign-in at the downstream's provider.
     assert len(authorization.authorize_urls) == 1
@@ -236,16 +244,18 @@ def test_a_second_client_of_the_same_user_reuses_the_connection(
     downstream_provider: OidcProvider,
     tmp_path: Path,
 ) -> None:
+    name = route_name("reused")
+
     def route(public_url: str) -> RouteSpec:
         client = register_proxy_client(downstream_provider, public_url, default_resource=protected_downstream.resource)
-        return oauth_route("tools", protected_downstream, provider=downstream_provider, client=client)
+        return oauth_route(name, protected_downstream, provider=downstream_provider, client=client)
 
     proxy = start_proxy_with(start_gunicorn, tmp_path, route)
     browser = ConnectingBrowser(proxy.url, downstream_issuer=downstream_provider.issuer)
-    first, _ = call_whoami_through(proxy.url + "/mcp/tools", browser)
+    first, _ = call_whoami_through(f"{proxy.url}/mcp/{name}", browser)
 
     # Another MCP client, same person, same browser: consent again (a new client), no connect page this time.
-    second, _ = call_whoami_through(proxy.url + "/mcp/tools", browser)
+    second, _ = call_whoami_through(f"{proxy.url}/mcp/{name}", browser)
 
     assert first["subject"] == second["subject"] == DOWNSTREAM_USER
     assert len(browser.connect_pages) == 1
@@ -255,10 +265,11 @@ def test_a_second_client_of_the_same_user_reuses_the_connection(
 def test_sdk_client_gives_alices_api_key_once_and_the_downstream_knows_her_by_it(
     start_gunicorn: Callable[..., GunicornProxy], api_key_downstream: ApiKeyDownstream, tmp_path: Path
 ) -> None:
-    proxy = start_proxy_with(start_gunicorn, tmp_path, lambda _url: api_key_route("keyed", api_key_downstream))
+    name = route_name("keyed")
+    proxy = start_proxy_with(start_gunicorn, tmp_path, lambda _url: api_key_route(name, api_key_downstream))
     browser = ConnectingBrowser(proxy.url, api_key=api_key_downstream.keys["alice"])
 
-    caller, _ = call_whoami_through(proxy.url + "/mcp/keyed", browser)
+    caller, _ = call_whoami_through(f"{proxy.url}/mcp/{name}", browser)
 
     assert caller == {"user": "alice"}
     assert len(browser.connect_pages) == 1 and 'name="api_key"' in browser.connect_pages[0]

@@ -219,6 +219,7 @@ def test_a_dynamically_registered_client_gets_tokens_for_the_resource_it_names(
             "grant_types": ["authorization_code", "refresh_token"],
             "response_types": ["code"],
             "token_endpoint_auth_method": "client_secret_basic",
+            "scope": f"{DOWNSTREAM_SCOPE} offline_access",  # from the resource's metadata, as MCP clients do
         },
         timeout=10,
     )

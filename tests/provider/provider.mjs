@@ -294,7 +294,12 @@ const configuration = {
   findAccount,
   jwks: { keys: [signingKey] },
   cookies: { keys: [randomBytes(32).toString('base64url')] },
-  scopes: ['openid', 'offline_access', 'email', 'profile', 'read:user', 'user:email'],
+  scopes: [
+    'openid', 'offline_access', 'email', 'profile', 'read:user', 'user:email',
+    // Known here too, so that a client may register with them (RFC 7591 `scope`: oidc-provider accepts only
+    // these); a token carries them for a resource server only when issued for it.
+    ...(RESOURCE_INDICATORS ? RESOURCE_SCOPES.split(' ') : []),
+  ],
   claims: {
     acr: null,
     auth_time: null,
