@@ -16,6 +16,7 @@ from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, SecretBox, UnknownKeyError
 from oauthproxy.models import (
     AuthorizationCode,
+    DownstreamConnection,
     Grant,
     McpSession,
     OAuthClient,
@@ -174,7 +175,8 @@ def rotate_encryption_key() -> int:
 
 
 def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
-    """Revoked grants and expired pending logins are skipped: they are never decrypted again (purge deletes them)."""
+    """Revoked grants, expired pending logins and refused connections are skipped: they are never decrypted again
+    (purge deletes the first two; a refused connection is replaced when the user connects again)."""
     changed = 0
     unreadable: list[str] = []
     unknown_key = False
@@ -204,6 +206,12 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
             value = getattr(grant, column)
             if value:
                 setattr(grant, column, rotate(value, f"grant:{grant.id}:{column}", f"grant {grant.id} ({column})"))
+    for connection in db.session.scalars(select(DownstreamConnection).where(DownstreamConnection.refused_at.is_(None))):
+        for column in ("access_token", "refresh_token"):
+            value = getattr(connection, column)
+            if value:
+                where = f"downstream connection {connection.id} ({column})"
+                setattr(connection, column, rotate(value, f"connection:{connection.id}:{column}", where))
     for pending in db.session.scalars(select(PendingAuthorization).where(PendingAuthorization.expires_at > utcnow())):
         pending.upstream_secrets = rotate(
             pending.upstream_secrets,
