@@ -462,6 +462,10 @@ def test_a_refused_refresh_token_sends_the_client_back_to_connect(
     assert row is not None and row.refused_at is not None and row.refresh_claim is None
     with proxy.app.app_context():
         assert live_connection(route_of(proxy.app), user) is None
+    # A client that refreshes on 401 before it re-authorizes is sent to the browser too, not round in circles.
+    refreshed = login.client.refresh(login.refresh_token)
+    assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant", refreshed.text
+    assert "authorize again to reconnect" in refreshed.json()["error_description"]
 
 
 def test_a_transient_refresh_failure_is_a_503_and_the_connection_survives(
