@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import requests
 from flask import Flask
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from oauthproxy.components import components
 from oauthproxy.config import Settings
@@ -154,6 +155,8 @@ class SelfCheck:
                 yield from self.callback_accepted()
             for route in self.settings.routes:
                 yield from self.downstream(route)
+                if route.oauth is not None and route.oauth.discover:
+                    yield from self.downstream_authorization(route)
             if self.walk_public_url:
                 for route in self.settings.routes:
                     yield from self.discovery_chain(route)
@@ -382,6 +385,13 @@ class SelfCheck:
                     f"{route.downstream_url} refused the Host header (421): the MCP "
                     "server's DNS-rebinding protection must allow the host named in MCP_SERVER_URL",
                 )
+            elif status in (401, 403) and route.credential.per_user:
+                yield Finding(
+                    "ok",
+                    subject,
+                    f"{route.downstream_url} answers {status} without a credential, as expected: each user brings "
+                    f"their own (credential {route.credential.kind})",
+                )
             elif status in (401, 403):
                 yield Finding(
                     "warn",
@@ -423,6 +433,42 @@ class SelfCheck:
         except (requests.RequestException, ValueError, KeyError, TypeError):
             pass
         return ""
+
+    def downstream_authorization(self, route: Route) -> Iterator[Finding]:
+        """A route with oauth = "discover": walk the downstream's discovery chain as the connect step will, and say
+        how the proxy will identify itself there (without registering: that happens on first use)."""
+        from oauthproxy.downstream_discovery import discover_authorization, identity_plan
+        from oauthproxy.providers import ProviderError
+
+        subject = f"downstream authorization {route.name}"
+        try:
+            found = discover_authorization(
+                route.downstream_url, timeout=self.timeout, ca_bundle=self.settings.ca_bundle
+            )
+        except ProviderError as error:
+            advice = (
+                "; it could not be reached from here: check that the MCP server and its authorization server run"
+                if error.kind == "transient"
+                else ""
+            )
+            yield Finding("fail", subject, f"{error.description}{advice}")
+            return
+        scopes = " ".join(found.scopes) or "none named"
+        yield Finding(
+            "ok",
+            subject,
+            f"{found.resource_metadata_url} names the authorization server {found.issuer} (metadata "
+            f"{found.metadata_url}, PKCE S256); users connect for the resource {found.resource}, scopes: {scopes}",
+        )
+        try:
+            plan = identity_plan(route, found, self.settings)
+        except ProviderError as error:
+            yield Finding("fail", subject, error.description)
+            return
+        except SQLAlchemyError as error:  # the database: reported by its own check
+            yield Finding("warn", subject, f"cannot read the stored registration ({type(error).__name__})")
+            return
+        yield Finding("ok", subject, f"the proxy identifies itself there {plan}")
 
     # -- what a client sees through PUBLIC_URL -------------------------------------------------------------
 
