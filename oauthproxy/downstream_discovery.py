@@ -200,7 +200,10 @@ def authorization_server_metadata_urls(issuer: str) -> list[str]:
 
 def resource_covers(resource: str, downstream_url: str) -> bool:
     """Whether a protected resource metadata `resource` names the downstream: the same URL (RFC 9728 §3.3, in RFC
-    8707's comparison form), or a parent path of it on a segment boundary, as the MCP SDKs accept."""
+    8707's comparison form), or a parent path of it on a segment boundary, as the MCP SDKs accept. It is sent as
+    `resource` in every authorization and token request: bounded, without a fragment (RFC 8707 §2)."""
+    if len(resource) > MAX_URL_LENGTH or "#" in resource:
+        return False
     wanted, advertised = canonical_resource(downstream_url), canonical_resource(resource)
     if not advertised or _origin(advertised) != _origin(wanted):
         return False
@@ -522,7 +525,6 @@ def _check_authorization_server(metadata: Mapping[str, Any], source: str, issuer
             "misconfigured",
             f"{source} names the issuer {clip(str(named), 200)!r}, not {issuer} (RFC 8414 §3.3: it must not be used)",
         )
-    discovery.check_metadata(metadata, source)
     methods = metadata.get("code_challenge_methods_supported")
     if not isinstance(methods, list) or "S256" not in methods:
         raise ProviderError(
@@ -530,6 +532,7 @@ def _check_authorization_server(metadata: Mapping[str, Any], source: str, issuer
             f"the authorization server {issuer} does not list S256 in code_challenge_methods_supported ({source}): "
             "MCP requires PKCE S256, and the proxy signs no one in without it",
         )
+    discovery.check_metadata(metadata, source)
     for key in ("issuer", "authorization_endpoint", "token_endpoint", "revocation_endpoint", "registration_endpoint"):
         value = metadata.get(key)
         problem = None if value is None else _secure_url_problem(value)
@@ -545,12 +548,14 @@ def client_metadata_document_url(settings: Settings) -> str | None:
     return settings.public_url + CLIENT_METADATA_PATH if settings.public_url.startswith("https://") else None
 
 
-def client_metadata(settings: Settings, scopes: tuple[str, ...] = ()) -> dict[str, Any]:
+def client_metadata(settings: Settings) -> dict[str, Any]:
     """What the proxy says about itself as a client: in its metadata document and in a dynamic registration.
 
-    A public client (no secret: it proves itself with PKCE) whose one redirect URI is the connect callback."""
+    A public client (no secret: it proves itself with PKCE) whose one redirect URI is the connect callback. No
+    `scope`: a resource server's scopes are often unknown to its authorization server's registration endpoint, which
+    then refuses the registration (oidc-provider does); the authorization request names them instead."""
     host = urlsplit(settings.public_url).netloc
-    document: dict[str, Any] = {
+    return {
         "client_name": f"oauthproxy at {host}",
         "client_uri": settings.public_url,
         "redirect_uris": [settings.public_url + CONNECT_CALLBACK_PATH],
@@ -558,9 +563,6 @@ def client_metadata(settings: Settings, scopes: tuple[str, ...] = ()) -> dict[st
         "response_types": ["code"],
         "token_endpoint_auth_method": "none",
     }
-    if scopes:
-        document["scope"] = " ".join(scopes)
-    return document
 
 
 def client_metadata_document_view() -> Response:
@@ -649,7 +651,7 @@ def register_client(
     registration response without its secrets."""
     endpoint = found.registration_endpoint
     assert endpoint is not None
-    body = client_metadata(settings, _requested_scopes(found))
+    body = client_metadata(settings)
     answer = http.request(
         "POST",
         endpoint,
