@@ -31,7 +31,7 @@ import requests
 import urllib3.exceptions
 from flask import Flask, Response, current_app, jsonify
 from requests.structures import CaseInsensitiveDict
-from sqlalchemy import Table, delete, insert, select
+from sqlalchemy import Row, Table, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from oauthproxy.components import components, current_application
@@ -593,7 +593,7 @@ def _secret_aad(key_hash: str) -> str:
     return f"downstream-registration:{key_hash}:client_secret"
 
 
-def _stored_row(route_name: str, issuer: str) -> Any:
+def _stored_row(route_name: str, issuer: str) -> Row[Any] | None:
     """The stored registration's row, read on a connection of its own: the caller's ORM session is left as it was."""
     with db.engine.connect() as connection:
         return connection.execute(
@@ -601,7 +601,7 @@ def _stored_row(route_name: str, issuer: str) -> Any:
         ).first()
 
 
-def _stored_identity(row: Any, route_name: str, redirect_uri: str | None) -> ClientIdentity | None:
+def _stored_identity(row: Row[Any] | None, route_name: str, redirect_uri: str | None) -> ClientIdentity | None:
     """A stored registration, when it is still usable: it lists the current callback (PUBLIC_URL may have changed
     since) and its secret opens under the current keys."""
     if row is None:
@@ -678,6 +678,8 @@ def register_client(
     secret = response.get("client_secret")
     secret = secret if isinstance(secret, str) else ""
     kept = {key: value for key, value in response.items() if key not in _SECRET_FIELDS}
+    # RFC 7591 §3.2.1 echoes the registered metadata; a server that does not still registered our callback.
+    kept.setdefault("redirect_uris", body["redirect_uris"])
     identity = ClientIdentity(
         client_id=client_id,
         client_secret=secret,
@@ -761,19 +763,27 @@ def _no_identity(found: DiscoveredAuthorization, settings: Settings) -> str:
     )
 
 
-def identity_plan(route: Route, found: DiscoveredAuthorization, settings: Settings) -> str:
-    """How the proxy would identify itself at the server, without registering (for `oauthproxy check`).
-    Raises `ProviderError("misconfigured")` when it could not."""
+def identity_plan(
+    route: Route, found: DiscoveredAuthorization, settings: Settings
+) -> tuple[ClientIdentity | None, str]:
+    """How the proxy would identify itself at the server, without registering (for `oauthproxy check`): the identity
+    when it has one already (stored, or its metadata document), and the words for it. Raises
+    `ProviderError("misconfigured")` when it could not."""
     redirect_uri = settings.public_url + CONNECT_CALLBACK_PATH
     stored = stored_registration(route.name, found.issuer, redirect_uri)
     if stored is not None:
-        return f"as the client {stored.client_id} it registered before"
+        return stored, f"as the client {stored.client_id} it registered before"
     document_url = client_metadata_document_url(settings)
     if found.takes_client_metadata_documents and document_url:
-        return f"with its client metadata document {document_url}"
+        return ClientIdentity(
+            document_url, source="metadata_document"
+        ), f"with its client metadata document {document_url}"
     if found.registration_endpoint is None:
         raise ProviderError("misconfigured", _no_identity(found, settings))
-    return f"by registering at {found.registration_endpoint} on first use (RFC 7591; the client id is then stored)"
+    return (
+        None,
+        f"by registering at {found.registration_endpoint} on first use (RFC 7591; the client id is then stored)",
+    )
 
 
 # -- the provider ---------------------------------------------------------------------------------------------------
@@ -800,8 +810,12 @@ class DiscoveredProvider(OAuthProvider):
         return dict(self.discovered.metadata)
 
     def _authorize_params(self, scopes: list[str]) -> dict[str, str]:
-        # OIDC Core §11: without prompt=consent an OpenID provider must ignore offline_access (the MCP SDKs send it).
-        return {"prompt": "consent"} if OFFLINE_ACCESS in scopes else {}
+        # RFC 8707 §2.1: the token is for the downstream, whoever builds the request (the connect step, the check).
+        params = {"resource": self.discovered.resource}
+        if OFFLINE_ACCESS in scopes:
+            # OIDC Core §11: without prompt=consent an OpenID provider must ignore offline_access (as the MCP SDKs do).
+            params["prompt"] = "consent"
+        return params
 
     def _refresh_params(self, scopes: list[str] | None) -> dict[str, str]:
         return {"resource": self.discovered.resource}

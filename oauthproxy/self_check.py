@@ -487,9 +487,11 @@ class SelfCheck:
         return ""
 
     def downstream_authorization(self, route: Route) -> Iterator[Finding]:
-        """A route with oauth = "discover": walk the downstream's discovery chain as the connect step will, and say
-        how the proxy will identify itself there (without registering: that happens on first use)."""
-        from oauthproxy.downstream_discovery import discover_authorization, identity_plan
+        """A route with oauth = "discover": walk the downstream's discovery chain as the connect step will, say how
+        the proxy will identify itself there (without registering: that happens on first use), and once it has an
+        identity, whether the server accepts the connect callback."""
+        from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH
+        from oauthproxy.downstream_discovery import build_discovered_provider, discover_authorization, identity_plan
         from oauthproxy.providers import ProviderError
 
         subject = f"downstream authorization {route.name}"
@@ -513,7 +515,7 @@ class SelfCheck:
             f"{found.metadata_url}, PKCE S256); users connect for the resource {found.resource}, scopes: {scopes}",
         )
         try:
-            plan = identity_plan(route, found, self.settings)
+            identity, plan = identity_plan(route, found, self.settings)
         except ProviderError as error:
             yield Finding("fail", subject, error.description)
             return
@@ -521,6 +523,24 @@ class SelfCheck:
             yield Finding("warn", subject, f"cannot read the stored registration ({type(error).__name__})")
             return
         yield Finding("ok", subject, f"the proxy identifies itself there {plan}")
+        if identity is None:
+            return
+        connection = build_discovered_provider(route, found, identity, self.settings)
+        connection.provider.init_app(self.app)
+        yield from self.callback_accepted(
+            SignInTarget(
+                connection.provider,
+                self.settings.public_url + CONNECT_CALLBACK_PATH,
+                identity.client_id,
+                lambda: list(connection.scopes),
+                provider_subject=f"route {route.name} authorization server",
+                callback_subject=f"route {route.name} callback URL",
+                url_setting=f"the route's downstream ({route.name})",
+                client_setting=f"the stored registration of route {route.name}",
+                scope_setting=f"the downstream's scopes_supported ({route.name})",
+                subject_prefix=f"route {route.name} ",
+            )
+        )
 
     # -- what a client sees through PUBLIC_URL -------------------------------------------------------------
 

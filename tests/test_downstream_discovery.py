@@ -343,6 +343,19 @@ def test_discovery_finds_the_server_registers_once_and_every_instance_reuses_the
     assert whoami(protected_downstream.url, refreshed.access_token)["audience"] == protected_downstream.resource
 
 
+def test_check_confirms_the_discovered_server_takes_the_connect_callback(
+    discover_app: Callable[..., DiscoverApp], protected_downstream: ProtectedDownstream
+) -> None:
+    app = discover_app(protected_downstream.url)
+    client_id = app.provider().provider.client_id
+    with app.app.app_context():
+        findings = list(SelfCheck(app.app, timeout=5).downstream_authorization(app.route))
+    assert [finding.level for finding in findings] == ["ok", "ok", "ok"], findings
+    assert f"as the client {client_id} it registered before" in findings[1].message
+    assert findings[2].subject == f"route {app.route.name} callback URL"
+    assert findings[2].message == "the provider accepted the callback URL (it sent the browser back to it)"
+
+
 def test_the_first_stored_registration_wins_a_race_between_instances(
     discover_app: Callable[..., DiscoverApp],
 ) -> None:
