@@ -8,7 +8,9 @@ whose every answer the test sets (a downstream and its authorization server in o
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import secrets
 import threading
 import time
@@ -30,7 +32,7 @@ from mcp.client.streamable_http import streamable_http_client
 from oauthproxy import create_app
 from oauthproxy.client_metadata import validate_metadata_document
 from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH, ConnectionProvider, connection_provider
-from oauthproxy.database import upgrade_database
+from oauthproxy.database import rotate_encryption_key, upgrade_database
 from oauthproxy.downstream_discovery import (
     CLIENT_METADATA_PATH,
     ClientIdentity,
@@ -39,6 +41,7 @@ from oauthproxy.downstream_discovery import (
     forget_discovery,
     parse_challenges,
     store_registration,
+    stored_registration,
 )
 from oauthproxy.models import DownstreamRegistration, db
 from oauthproxy.providers import ProviderError
@@ -49,7 +52,7 @@ from tests.provider_fixture import OidcProvider, follow_redirects_until
 from tests.support.databases import SQLITE_ONLY
 from tests.support.ports import free_port
 from tests.support.servers import serving
-from tests.support.settings import base_env
+from tests.support.settings import TEST_KEY, base_env
 
 HTTPS_PUBLIC_URL = "https://proxy.example.test"
 
@@ -381,6 +384,29 @@ def test_the_first_stored_registration_wins_a_race_between_instances(
     )
     [row] = app.registrations()
     assert row.client_secret and "first-secret" not in row.client_secret  # sealed
+
+
+def test_rotate_key_re_encrypts_a_registrations_secret(discover_app: Callable[..., DiscoverApp]) -> None:
+    old_key, new_key = TEST_KEY, base64.b64encode(os.urandom(32)).decode()
+    callback = "https://proxy.example.test" + CONNECT_CALLBACK_PATH
+    registered = {"token_endpoint_auth_method": "client_secret_post", "redirect_uris": [callback]}
+    issuer = "https://as.example.test"
+    app = discover_app("http://127.0.0.1:9/mcp")
+    with app.app.app_context():
+        store_registration(
+            app.route.name, issuer, ClientIdentity("c", "s3cret", "client_secret_post"), registered, replace=False
+        )
+    both = discover_app("http://127.0.0.1:9/mcp", name=app.route.name, ENCRYPTION_KEY=f"{new_key},{old_key}")
+    with both.app.app_context():
+        assert rotate_encryption_key() >= 1
+    only_new = discover_app("http://127.0.0.1:9/mcp", name=app.route.name, ENCRYPTION_KEY=new_key)
+    with only_new.app.app_context():
+        stored = stored_registration(app.route.name, issuer, callback)
+    assert stored == ClientIdentity("c", "s3cret", "client_secret_post", "stored")
+    # and back, so the shared test database is under the suite's key again
+    back = discover_app("http://127.0.0.1:9/mcp", name=app.route.name, ENCRYPTION_KEY=f"{old_key},{new_key}")
+    with back.app.app_context():
+        assert rotate_encryption_key() >= 1
 
 
 def test_concurrent_first_uses_walk_the_chain_and_register_once(
