@@ -17,6 +17,7 @@ from oauthproxy.crypto import DecryptionError, SecretBox, UnknownKeyError
 from oauthproxy.models import (
     AuthorizationCode,
     DownstreamConnection,
+    DownstreamRegistration,
     Grant,
     McpSession,
     OAuthClient,
@@ -218,4 +219,13 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
             f"pending:{pending.state_hash}:upstream_secrets",
             f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)",
         )
+    for registration in db.session.scalars(
+        select(DownstreamRegistration).where(DownstreamRegistration.client_secret.is_not(None))
+    ):
+        if registration.client_secret:  # never None here (the query); the test tells the type checker so
+            registration.client_secret = rotate(
+                registration.client_secret,
+                f"downstream-registration:{registration.key_hash}:client_secret",
+                f"downstream registration of route {registration.route} at {registration.issuer} (client secret)",
+            )
     return changed, unreadable, unknown_key
