@@ -1,4 +1,4 @@
-"""Allowlists: who may use the proxy (ALLOWED_EMAILS, ALLOWED_EMAIL_DOMAINS) and each route, at login and after."""
+"""Allowlists: who may use the proxy (ALLOWED_EMAILS, ALLOWED_EMAIL_DOMAINS, ALLOWED_GROUPS) and each route, at login and after."""
 
 from __future__ import annotations
 
@@ -37,6 +37,27 @@ def email_is_allowed(email: str | None, emails: frozenset[str], domains: frozens
     return address in emails or address.partition("@")[2] in domains
 
 
+def user_is_listed(
+    email: str | None,
+    groups: frozenset[str],
+    emails: frozenset[str],
+    domains: frozenset[str],
+    allowed_groups: frozenset[str],
+) -> bool:
+    """One allowlist (the global one, or a route's): no list allows everyone; otherwise the user passes when any
+    entry matches: the (verified) email, its domain, or one of the user's groups (exact names, case-sensitive).
+
+    Any, not all: a list names who may come in, as ALLOWED_EMAILS and ALLOWED_EMAIL_DOMAINS already combine, and
+    as Pomerium's allowed_users / allowed_domains / allowed_groups do. Both must hold where both levels are set
+    (the global list and the route's): ALLOWED_EMAIL_DOMAINS=example.com with a route's allowed_groups = ["eng"]
+    admits only example.com addresses in eng (what oauth2-proxy's --email-domain with --allowed-group means)."""
+    if not allowed_groups:
+        return email_is_allowed(email, emails, domains)
+    if (emails or domains) and email_is_allowed(email, emails, domains):
+        return True
+    return not allowed_groups.isdisjoint(groups)
+
+
 def route_for_resource(settings: Settings, resource: str) -> Route | None:
     """The route whose protected resource (RFC 8707 audience) a grant was issued for."""
     from oauthproxy.authorization_server import canonical_resource  # deferred: it imports the models
@@ -45,11 +66,12 @@ def route_for_resource(settings: Settings, resource: str) -> Route | None:
     return next((route for route in settings.routes if canonical_resource(route.resource) == wanted), None)
 
 
-def grant_is_allowed(settings: Settings, email: str | None, resource: str) -> bool:
-    """Whether a user with this (verified) email may still hold a grant for `resource`: the global list and
-    the route's list as configured now, so narrowing either ends existing grants too. A grant for a resource
-    no route serves (any more) answers to the global list alone: its tokens open no MCP endpoint anyway."""
-    if not settings.user_is_allowed(email):
+def grant_is_allowed(settings: Settings, email: str | None, groups: frozenset[str], resource: str) -> bool:
+    """Whether a user with this (verified) email and these groups may still hold a grant for `resource`: the
+    global list and the route's list as configured now, so narrowing either ends existing grants too. A grant
+    for a resource no route serves (any more) answers to the global list alone: its tokens open no MCP endpoint
+    anyway."""
+    if not settings.user_is_allowed(email, groups):
         return False
     route = route_for_resource(settings, resource)
-    return route is None or route.user_is_allowed(email)
+    return route is None or route.user_is_allowed(email, groups)

@@ -22,9 +22,17 @@ from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.downstream_connections import live_connection
-from oauthproxy.errors import InvalidTargetError, safe_description
+from oauthproxy.errors import InvalidTargetError, TemporarilyUnavailableError, safe_description
+from oauthproxy.groups import groups_from_column, groups_matter
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, rows_affected, utcnow
+from oauthproxy.provider_tokens import (
+    LoginRequired,
+    ProviderUnavailable,
+    UnreadableGrant,
+    refresh_provider_access,
+    revoke_unreadable_grant,
+)
 from oauthproxy.resource_server import forget_grant
 from oauthproxy.urls import canonical_resource
 
@@ -206,7 +214,10 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
         family = db.session.get(Grant, row.grant_id)
         if family is None or family.revoked_at is not None:
             return None
-        if not grant_is_allowed(self.server.settings, family.user_email, family.resource):
+        groups = groups_from_column(family.user_groups)
+        if components().login_provider.reads_groups and groups_matter(self.server.settings, family.resource):
+            groups = self._current_groups(family)
+        if not grant_is_allowed(self.server.settings, family.user_email, groups, family.resource):
             # The allowlists as configured now hold for grants made before: a user taken off them is
             # logged out at the next refresh, not kept in by each refresh extending the last.
             log.info("user %s is no longer in the allowlist for %s", family.user_id, family.resource)
@@ -226,6 +237,24 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
                 "the connection to this MCP server's own sign-in has ended; authorize again to reconnect it"
             )
         return row
+
+    def _current_groups(self, family: Grant) -> frozenset[str]:
+        """The user's groups as the login provider states them now: its tokens refreshed for them (and stored), so
+        the allowlists are rechecked with the groups of today, not those of the sign-in. A user the provider no
+        longer vouches for (invalid_grant there, groups unreadable) ends the grant: invalid_grant here."""
+        grant_id = family.id
+        # End the read transaction before the provider call: none is held open across it, and SQLite (WAL) would
+        # refuse this session's rotation write on a snapshot older than the lease's writes.
+        db.session.commit()
+        try:
+            access = refresh_provider_access(current_app, grant_id, 0, regroup=True)
+        except LoginRequired as error:
+            if isinstance(error, UnreadableGrant):
+                revoke_unreadable_grant(grant_id)
+            raise InvalidGrantError(safe_description(f"{error}; sign in again")) from None
+        except ProviderUnavailable as error:
+            raise TemporarilyUnavailableError(safe_description(str(error)), error.retry_after) from None
+        return access.groups if access.groups is not None else groups_from_column(family.user_groups)
 
     def authenticate_user(self, refresh_token: Token) -> Grant | None:
         """Claim this use of the refresh token: its rotation, else the grace window's one retry, else refuse.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.allowlists import user_is_listed
 from oauthproxy.config_values import (
     DAY,
     absolute_url,
@@ -26,6 +26,7 @@ from oauthproxy.config_values import (
     read_text,
     read_url,
 )
+from oauthproxy.groups import MAX_GROUP_LENGTH, configuration_uses_groups, read_group_list
 from oauthproxy.routes import ProxySettings, Route, load_proxy_settings, load_routes
 from oauthproxy.urls import is_loopback_host, private_use_scheme_problem
 
@@ -71,6 +72,10 @@ class Settings:
     provider_http_timeout: float = 10.0
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
+    #: ALLOWED_GROUPS: group names (groups.py), matched exactly; a user in any of them passes the global list.
+    allowed_groups: frozenset[str] = frozenset()
+    #: GROUPS_CLAIM: the claim of the ID token or userinfo that lists the user's groups (a name or dotted path).
+    groups_claim: str = "groups"
     allow_private_client_metadata_urls: bool = False
     #: Client ID Metadata Documents: fetch bounds and how long documents (and failures to get one) are cached.
     client_metadata_fetch_timeout: float = 5.0
@@ -127,8 +132,13 @@ class Settings:
     def secure_cookies(self) -> bool:
         return self.public_url.startswith("https://")
 
-    def user_is_allowed(self, email: str | None) -> bool:
-        return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
+    def user_is_allowed(self, email: str | None, groups: frozenset[str]) -> bool:
+        return user_is_listed(email, groups, self.allowed_emails, self.allowed_email_domains, self.allowed_groups)
+
+    @property
+    def reads_groups(self) -> bool:
+        """Whether the login provider reads the users' groups: only when something here decides by them."""
+        return configuration_uses_groups(self)
 
 
 @dataclass(frozen=True)
@@ -374,6 +384,13 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     upstream_scopes = read_list(env, "UPSTREAM_SCOPES", problems)
     allowed_emails = frozenset(e.lower() for e in read_list(env, "ALLOWED_EMAILS", problems))
     allowed_domains = frozenset(d.lower().lstrip("@") for d in read_list(env, "ALLOWED_EMAIL_DOMAINS", problems))
+    allowed_groups = read_group_list(read_text(env, "ALLOWED_GROUPS"), "ALLOWED_GROUPS", problems)
+    groups_claim = read_text(env, "GROUPS_CLAIM", "groups")
+    if len(groups_claim) > MAX_GROUP_LENGTH or any(ch.isspace() or not ch.isprintable() for ch in groups_claim):
+        problems.append(
+            "GROUPS_CLAIM must be a claim name such as groups, or a dotted path such as realm_access.roles; "
+            f"got {groups_claim!r}"
+        )
     routes = load_routes(env, public_url, scopes_supported, problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
     ca_bundle = _ca_bundle(read_text(env, "CA_BUNDLE"), problems)
@@ -415,6 +432,8 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         provider_http_timeout=provider_http_timeout,
         allowed_emails=allowed_emails,
         allowed_email_domains=allowed_domains,
+        allowed_groups=allowed_groups,
+        groups_claim=groups_claim,
         allow_private_client_metadata_urls=allow_private_cimd,
         client_metadata_fetch_timeout=metadata_timeout,
         client_metadata_max_bytes=metadata_max_bytes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from oauthproxy.groups import GROUPS_HEADER, groups_header_value
 from oauthproxy.routes import Route
 
 IDENTITY_HEADERS = ("X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Name", "X-Forwarded-Access-Token")
@@ -26,6 +27,8 @@ class Caller:
     #: The user's own credential for a per-user route (downstream_connections.py): a connection's access token or
     #: the user's API key. None on every other route.
     connection_secret: str | None = field(default=None, repr=False)
+    #: The groups the login provider stated for the user (oauthproxy.groups); empty when none are read.
+    groups: frozenset[str] = frozenset()
 
 
 def header_value(value: str) -> str | bytes:
@@ -51,6 +54,9 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
         for name, value in zip(IDENTITY_HEADERS[:3], (caller.user_id, caller.email, caller.name), strict=True):
             if value:
                 headers.append((name, header_value(value)))
+    if route.groups_header and caller.groups:
+        # Percent-encoded items (groups.groups_header_value): plain ASCII, never a character that ends the header.
+        headers.append((GROUPS_HEADER, groups_header_value(caller.groups)))
     if route.forward_access_token and caller.upstream_access_token:
         # Only where the route asks for it: a downstream that merely needs to know who calls must not hold a token
         # that acts as the user at the provider.
@@ -68,7 +74,7 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
 
 def credential_header_names(route: Route) -> frozenset[str]:
     """Lower-cased names the route sets itself; a client's own copies of them are dropped before forwarding."""
-    names = {name.lower() for name in IDENTITY_HEADERS}
+    names = {name.lower() for name in (*IDENTITY_HEADERS, GROUPS_HEADER)}
     if route.credential.kind != "none":
         names.add(route.credential.header.lower())
     return frozenset(names)

@@ -36,3 +36,18 @@ class InvalidRedirectURIError(OAuth2Error):
     """RFC 7591 §3.2.2: a redirect URI in a registration request is not acceptable."""
 
     error = "invalid_redirect_uri"
+
+
+class TemporarilyUnavailableError(OAuth2Error):
+    """503 at the token endpoint: a provider the request depends on cannot answer now; the client retries after
+    `Retry-After` seconds and keeps its refresh token (nothing was spent)."""
+
+    error = "temporarily_unavailable"
+    status_code = 503
+
+    def __init__(self, description: str, retry_after: int):
+        super().__init__(description)
+        self.retry_after = retry_after
+
+    def get_headers(self) -> list[tuple[str, str]]:
+        return [*super().get_headers(), ("Retry-After", str(self.retry_after))]

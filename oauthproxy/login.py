@@ -21,6 +21,7 @@ from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
+from oauthproxy.groups import groups_column, groups_matter
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, rows_affected
 from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity, ProviderTokens
@@ -295,16 +296,34 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             validated.state,
         )
     set_request_user(identity.id)
-    if not settings.user_is_allowed(identity.email):
+    if identity.groups_problem is not None and groups_matter(settings, validated.resource):
+        # Fail closed: a list read in part could pass someone an allow rule was not meant for, or miss the group a
+        # deny rule names; the operator learns why from the log.
+        log.warning(
+            "user %s: the provider's groups cannot be read, sign-in refused: %s", identity.id, identity.groups_problem
+        )
+        raise AuthorizationPageError(
+            403,
+            "Access denied",
+            "Your identity provider's list of groups for this account could not be read, and this server decides "
+            "access by group. Ask its operator to check the proxy's log.",
+            error_redirect_url(
+                validated.redirect_uri, "access_denied", "this account's groups could not be read", validated.state
+            ),
+        )
+    if not settings.user_is_allowed(identity.email, identity.groups):
         log.info("user %s is not in the allowlist", identity.id)
         denied = error_redirect_url(
             validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
         )
         who = identity.email or "This account"
+        # Which groups would do is the operator's to say: the page names none.
+        why = " (it is in none of the groups this server admits)" if settings.allowed_groups else ""
         raise AuthorizationPageError(
             403,
             "Access denied",
-            f"{who} is not allowed to use this server. Ask its operator to add you, or sign in with another account.",
+            f"{who} is not allowed to use this server{why}. Ask its operator to add you, or sign in with another "
+            "account.",
             denied,
         )
 
@@ -359,6 +378,7 @@ def store_grant(
         user_id=identity.id,
         user_email=identity.email,
         user_name=identity.name,
+        user_groups=groups_column(identity.groups),
         scope=validated.scope,
         resource=validated.resource,
         upstream_expires_at=tokens.expires_at,

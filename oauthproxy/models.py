@@ -69,6 +69,9 @@ class Grant(Model):
     user_id: Mapped[str] = mapped_column(String(255), index=True)
     user_email: Mapped[str | None] = mapped_column(String(320))
     user_name: Mapped[str | None] = mapped_column(String(255))
+    #: The user's groups as the login provider last stated them (groups.groups_column: a sorted JSON list; None for
+    #: none), read at sign-in and again with each refresh of the provider's tokens.
+    user_groups: Mapped[str | None] = mapped_column(Text)
     scope: Mapped[str] = mapped_column(Text, default="")
     resource: Mapped[str] = mapped_column(String(2048))
     upstream_access_token: Mapped[str | None] = mapped_column(Text)

@@ -18,6 +18,7 @@ from sqlalchemy import Table, or_, select, update
 
 from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
+from oauthproxy.groups import GroupsUnreadable, groups_column
 from oauthproxy.models import Grant, db, utcnow
 from oauthproxy.providers import OAuthProvider, ProviderError
 
@@ -47,6 +48,8 @@ class ProviderUnavailable(Exception):
 class ProviderAccess:
     access_token: str | None
     expires_at: datetime | None  # naive UTC; None when the provider gave no lifetime
+    #: The user's groups as the provider stated them with this refresh (stored with the grant); None: not read.
+    groups: frozenset[str] | None = None
 
     def needs_refresh(self, skew: int, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or utcnow()) + timedelta(seconds=skew)
@@ -243,7 +246,13 @@ def _settled(app: Flask, row: dict | None, skew: int) -> None:
         raise _Done(dead_reason="upstream_token_expired")
 
 
-def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAccess:
+def _settled_unless_revoked(row: dict | None) -> None:
+    """`settled` for a refresh that must happen whatever the token's expiry (the groups are wanted now)."""
+    if row is None or row["revoked_at"] is not None:
+        raise LoginRequired("the sign-in was revoked")
+
+
+def refresh_provider_access(app: Flask, grant_id: int, skew: int, *, regroup: bool = False) -> ProviderAccess:
     """Return a usable provider access token for the grant, refreshing it first when it expires within `skew`.
 
     Providers rotate refresh tokens: two concurrent refreshes with one refresh token would burn the grant. So
@@ -252,12 +261,17 @@ def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAcc
     lease to end and finds the work already done. No database lock or connection is held during the provider
     call: on SQLite a lock would stop every writer of every worker for as long as the provider takes.
     Raises `LoginRequired` (`UnreadableGrant`: the caller revokes the grant) or `ProviderUnavailable`.
+
+    When the provider reads groups, every refresh reads them again and stores them with the tokens; groups that
+    can no longer be read end the grant (reason `groups_unreadable`). `regroup`: refresh now whatever the expiry,
+    for the groups (the proxy's own refresh grant rechecks the allowlists with them); without a provider refresh
+    token the groups are asked with the access token while it lasts, and once it has expired the grant ends.
     """
     locks: KeyedLocks = components(app).refresh_locks
     busy = ProviderUnavailable("another refresh of this sign-in is still running; retry shortly", retry_after=5)
     try:
         with locks.hold(grant_id, timeout=wait_seconds(components(app).login_provider)):
-            return _refresh_under_lease(app, grant_id, skew, busy)
+            return _refresh_under_lease(app, grant_id, skew, busy, regroup)
     except TimeoutError:
         raise busy from None
     except _Done as done:
@@ -273,14 +287,21 @@ def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAcc
     raise LoginRequired("the sign-in at the identity provider has expired")
 
 
-def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: ProviderUnavailable) -> ProviderAccess:
+def _refresh_under_lease(
+    app: Flask, grant_id: int, skew: int, busy: ProviderUnavailable, regroup: bool = False
+) -> ProviderAccess:
     provider: OAuthProvider = components(app).login_provider
     box = components(app).secret_box
-    with GRANT_LEASE.held(grant_id, lambda row: _settled(app, row, skew), provider, busy) as held:
+    settled = _settled_unless_revoked if regroup else (lambda row: _settled(app, row, skew))
+    with GRANT_LEASE.held(grant_id, settled, provider, busy) as held:
         row = held.row
+        if regroup and not row["upstream_refresh_token"]:
+            return _groups_with_access_token(app, held, provider)
         refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", row["upstream_refresh_token"])
         try:
-            tokens = provider.refresh(refresh_token, provider.scopes_for((row["scope"] or "").split()))
+            tokens, response = provider.refresh_response(
+                refresh_token, provider.scopes_for((row["scope"] or "").split())
+            )
         except ProviderError as error:
             if error.kind in ("invalid_grant", "access_denied"):
                 log.info("upstream refresh for grant %s refused (%s): %s", grant_id, error.kind, error.description)
@@ -298,6 +319,10 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: ProviderUna
             values["upstream_refresh_token"] = box.encrypt(
                 tokens.refresh_token, f"grant:{grant_id}:upstream_refresh_token"
             )
+        # The new tokens are stored whatever the groups do: a rotated refresh token is the only one left.
+        groups, failure = _current_groups(provider, response, row)
+        if groups is not None:
+            values["user_groups"] = groups_column(groups)
         if not held.finish(**values):
             log.warning(
                 "the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored",
@@ -305,4 +330,48 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: ProviderUna
             )
         else:
             log.info("refreshed the upstream token of grant %s", grant_id)
-    return ProviderAccess(tokens.access_token, tokens.expires_at)
+        if failure is not None:
+            raise failure
+    return ProviderAccess(tokens.access_token, tokens.expires_at, groups)
+
+
+def _current_groups(
+    provider: OAuthProvider, token: dict[str, Any], row: dict
+) -> tuple[frozenset[str] | None, Exception | None]:
+    """The groups the provider states now, when it reads them: (groups, None), or (None, what to raise once the
+    tokens are stored): `_Done` ending the grant when they cannot be read, `ProviderUnavailable` when the provider
+    could not be asked."""
+    if not provider.reads_groups:
+        return None, None
+    grant_id = row["id"]
+    try:
+        return provider.current_groups(token, row["user_id"]), None
+    except GroupsUnreadable as error:
+        log.warning("grant %s: the provider's groups cannot be read any more, the grant ends: %s", grant_id, error)
+        return None, _Done(dead_reason="groups_unreadable")
+    except ProviderError as error:
+        if error.kind in ("invalid_grant", "access_denied"):
+            log.info(
+                "grant %s: the provider refused to say the groups (%s): %s", grant_id, error.kind, error.description
+            )
+            return None, _Done(dead_reason="upstream_invalid_grant")
+        log.warning("grant %s: the groups could not be read (%s): %s", grant_id, error.kind, error.description)
+        return None, ProviderUnavailable(
+            "the identity provider could not say the account's groups; retry shortly",
+            retry_after=10 if error.kind == "transient" else 60,
+        )
+
+
+def _groups_with_access_token(app: Flask, held: HeldLease, provider: OAuthProvider) -> ProviderAccess:
+    """The groups asked with the stored access token (a provider without refresh tokens: GitHub's OAuth apps),
+    while it lasts; an expired one ends the grant, since nothing can say the groups any more."""
+    row = held.row
+    current = _access_from_row(app, row)
+    if current.access_token is None or (current.expires_at is not None and current.expires_at <= utcnow()):
+        raise _Done(dead_reason="upstream_token_expired")
+    groups, failure = _current_groups(provider, {"access_token": current.access_token}, row)
+    if failure is not None:
+        raise failure
+    if groups is not None:
+        held.finish(user_groups=groups_column(groups))
+    return ProviderAccess(current.access_token, current.expires_at, groups)

@@ -31,6 +31,7 @@ from oauthproxy.downstream_connections import (
 )
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.errors import json_error
+from oauthproxy.groups import GROUPS_HEADER, MAX_GROUPS_HEADER_BYTES, groups_from_column, groups_header_fits
 from oauthproxy.logs import set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
@@ -179,6 +180,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
                 Grant.user_id,
                 Grant.user_email,
                 Grant.user_name,
+                Grant.user_groups,
                 Grant.upstream_access_token,
                 Grant.upstream_expires_at,
                 database_now().label("database_now"),
@@ -194,7 +196,8 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             raise TokenRejected("the access token is not recognised")
         if row.revoked_at is not None or row.grant_revoked_at is not None:
             raise TokenRejected("the access token was revoked")
-        if not _settings().user_is_allowed(row.user_email):  # the global allowlist as configured now
+        groups = groups_from_column(row.user_groups)
+        if not _settings().user_is_allowed(row.user_email, groups):  # the global allowlist as configured now
             raise TokenRejected("this account is no longer allowed to use this server")
         if canonical_resource(row.resource) != canonical_resource(route.resource):
             # Checked before caching, so a cached entry always belongs to its own route (and carries what
@@ -229,6 +232,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
                 row.user_name,
                 upstream_token,
                 connection.secret if connection is not None else None,
+                groups,
             ),
             upstream=ProviderAccess(upstream_token, row.upstream_expires_at),
             connection=connection,
@@ -397,8 +401,16 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
             description,
             {"WWW-Authenticate": www_authenticate(route, "insufficient_scope", description, route.required_scopes)},
         )
-    if not route.user_is_allowed(validated.caller.email):
+    if not route.user_is_allowed(validated.caller.email, validated.caller.groups):
         return json_error(403, "access_denied", f"this account is not allowed to use {route.path}")
+    if route.groups_header and not groups_header_fits(validated.caller.groups):
+        # Never a cut list: the downstream may decide by a group it would not see.
+        return json_error(
+            403,
+            "access_denied",
+            f"this account is in too many groups to pass on to {route.path} ({GROUPS_HEADER} over "
+            f"{MAX_GROUPS_HEADER_BYTES} bytes)",
+        )
 
     # RS-5: a session belongs to the user who opened it. Stateless requests (no session id) skip this entirely.
     session_id = request.environ.get("HTTP_MCP_SESSION_ID")

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.allowlists import user_is_listed
 from oauthproxy.config_values import DAY, boolean_value, read_int, read_list, read_seconds, read_text, string_list
+from oauthproxy.groups import read_group_list
 from oauthproxy.urls import normalise_origin
 
 CredentialKind = Literal["none", "upstream_token", "static", "oauth", "user_api_key"]
@@ -51,6 +52,7 @@ PROTECTED_HEADERS = frozenset(
         "x-forwarded-email",
         "x-forwarded-name",
         "x-forwarded-access-token",
+        "x-forwarded-groups",
         "mcp-session-id",
         "mcp-protocol-version",
         "content-type",
@@ -66,7 +68,9 @@ ROUTE_KEYS = frozenset(
         "scopes",
         "allowed_emails",
         "allowed_email_domains",
+        "allowed_groups",
         "identity_headers",
+        "groups_header",
         "forward_access_token",
         "credential",
         "credential_header",
@@ -100,6 +104,7 @@ OAUTH_KEYS = frozenset(
 SINGLE_ROUTE_ENV = {
     "scopes": "MCP_REQUIRED_SCOPES",
     "identity_headers": "DOWNSTREAM_IDENTITY_HEADERS",
+    "groups_header": "DOWNSTREAM_GROUPS_HEADER",
     "forward_access_token": "DOWNSTREAM_FORWARD_ACCESS_TOKEN",
     "credential": "DOWNSTREAM_CREDENTIAL",
     "credential_header": "DOWNSTREAM_CREDENTIAL_HEADER",
@@ -177,7 +182,12 @@ class Route:
     required_scopes: tuple[str, ...] = ()
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
+    #: A user in any of these groups passes the route's list (groups.py); with allowed_emails or
+    #: allowed_email_domains, any one match is enough (allowlists.user_is_listed).
+    allowed_groups: frozenset[str] = frozenset()
     identity_headers: bool = True
+    #: Send the caller's groups as X-Forwarded-Groups (groups.groups_header_value).
+    groups_header: bool = False
     #: The user's provider token as `X-Forwarded-Access-Token`: only to a downstream that calls the provider's APIs
     #: for the user. Default: on where `credential = "upstream_token"` with identity headers, off everywhere else.
     forward_access_token: bool = False
@@ -194,8 +204,8 @@ class Route:
     def forwards_upstream_token(self) -> bool:
         return self.forward_access_token or self.credential.kind == "upstream_token"
 
-    def user_is_allowed(self, email: str | None) -> bool:
-        return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
+    def user_is_allowed(self, email: str | None, groups: frozenset[str]) -> bool:
+        return user_is_listed(email, groups, self.allowed_emails, self.allowed_email_domains, self.allowed_groups)
 
 
 @dataclass(frozen=True)
@@ -463,7 +473,9 @@ def build_route(
         required_scopes=scopes,
         allowed_emails=frozenset(email.lower() for email in emails),
         allowed_email_domains=frozenset(domain.lower().lstrip("@") for domain in domains),
+        allowed_groups=read_group_list(entry.get("allowed_groups", []), f"{where}: allowed_groups", problems),
         identity_headers=identity_headers,
+        groups_header=boolean_value(entry.get("groups_header", False), f"{where}: groups_header", False, problems),
         forward_access_token=boolean_value(
             entry.get("forward_access_token", identity_headers and credential.kind == "upstream_token"),
             f"{where}: forward_access_token",

@@ -47,7 +47,16 @@ FAILURE_MODES = (None, "refresh_invalid_grant", "refresh_server_error", "code_se
 #: The provider's users (``login_hint`` values). ``deny`` and ``error`` are
 #: special hints that end the authorization with an error instead.
 USERS: dict[str, dict[str, Any]] = {
-    "alice": {"id": 1001, "email": "alice@example.com", "name": "Alice Liddell", "email_verified": True},
+    "alice": {
+        "id": 1001,
+        "email": "alice@example.com",
+        "name": "Alice Liddell",
+        "email_verified": True,
+        # The `groups` claim (with the `groups` scope), and GitHub's /user/orgs and /user/teams (read:org).
+        "groups": ["eng", "staff"],
+        "orgs": ["Acme"],
+        "teams": [{"org": "Acme", "slug": "platform", "name": "Platform"}],
+    },
     "bob": {"id": 1002, "email": "bob@example.org", "name": "Bob Builder", "email_verified": True},
     "carol": {"id": 1003, "email": "carol@outsider.test", "name": "Carol Outsider", "email_verified": True},
     "dave": {"id": 1004, "email": "dave@example.com", "name": "Dave Unverified", "email_verified": False},
@@ -111,12 +120,16 @@ class OidcProvider:
             body["client_secret"] = client_secret
         return self._json("POST", "/test/clients", json=body, expected=201)
 
-    def add_user(self, login: str, email: str | None, name: str | None, email_verified: bool = True) -> None:
-        """Add (or replace) a user whose ``login_hint`` and OIDC ``sub`` are ``login``, with these claims as sent."""
-        self._json(
+    def add_user(
+        self, login: str, email: str | None, name: str | None, email_verified: bool = True, **extra: Any
+    ) -> dict[str, Any]:
+        """Add (or replace: the id stays) a user whose ``login_hint`` and OIDC ``sub`` are ``login``, with these claims
+        as sent. ``extra``: ``groups`` (the claim, any JSON), ``orgs`` and ``teams`` (GitHub's lists),
+        ``claimNames``/``claimSources`` (distributed claims), ``apiLinkBase`` (see provider.mjs)."""
+        return self._json(
             "POST",
             "/test/users",
-            json={"login": login, "email": email, "name": name, "emailVerified": email_verified},
+            json={"login": login, "email": email, "name": name, "emailVerified": email_verified, **extra},
             expected=201,
         )
 

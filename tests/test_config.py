@@ -95,11 +95,11 @@ def test_postgres_urls_use_psycopg3() -> None:
 
 def test_allowlist() -> None:
     settings = load_settings({**GOOD, "ALLOWED_EMAILS": "Boss@Other.org", "ALLOWED_EMAIL_DOMAINS": "example.com"})
-    assert settings.user_is_allowed("alice@example.com")
-    assert settings.user_is_allowed("boss@other.org")
-    assert not settings.user_is_allowed("eve@example.com.evil.test")
-    assert not settings.user_is_allowed(None)
-    assert load_settings(GOOD).user_is_allowed(None)  # no allowlist: everyone who can log in upstream
+    assert settings.user_is_allowed("alice@example.com", frozenset())
+    assert settings.user_is_allowed("boss@other.org", frozenset())
+    assert not settings.user_is_allowed("eve@example.com.evil.test", frozenset())
+    assert not settings.user_is_allowed(None, frozenset())
+    assert load_settings(GOOD).user_is_allowed(None, frozenset())  # no allowlist: everyone who can log in upstream
 
 
 def test_server_refuses_to_start_and_lists_problems(tmp_path: Path) -> None:

@@ -93,10 +93,12 @@ def test_routes_file_declares_several_protected_resources(tmp_path: Path) -> Non
     gmail, github, tools = settings.routes
     assert gmail.credential.kind == "upstream_token" and gmail.credential.header == "Authorization"
     assert gmail.required_scopes == ("email",) and gmail.allowed_email_domains == {"example.com"}
-    assert gmail.user_is_allowed("alice@example.com") and not gmail.user_is_allowed("carol@outsider.test")
+    assert gmail.user_is_allowed("alice@example.com", frozenset()) and not gmail.user_is_allowed(
+        "carol@outsider.test", frozenset()
+    )
     assert (github.name, github.path, github.downstream_url) == ("github", "/mcp/github", "http://127.0.0.1:9002/mcp")
     assert github.credential.value == "Bearer ghp-secret-value"  # Authorization defaults to the Bearer scheme
-    assert github.user_is_allowed("bob@example.org") and not github.user_is_allowed(None)
+    assert github.user_is_allowed("bob@example.org", frozenset()) and not github.user_is_allowed(None, frozenset())
     assert tools.credential.header == "X-API-Key" and tools.credential.value == "tools-secret"
     assert [route.resource for route in settings.routes] == [
         "https://mcp.example.com/mcp/gmail",

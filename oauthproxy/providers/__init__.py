@@ -43,6 +43,10 @@ class LoginProviderSettings(ProviderSettings, Protocol):
     def github_api_url(self) -> str | None: ...
     @property
     def provider_http_timeout(self) -> float: ...
+    @property
+    def reads_groups(self) -> bool: ...
+    @property
+    def groups_claim(self) -> str: ...
 
 
 def detect_provider(authorize_url: str) -> Literal["google", "microsoft", "github", "generic"]:
@@ -58,7 +62,15 @@ def detect_provider(authorize_url: str) -> Literal["google", "microsoft", "githu
 
 
 def build_login_provider(settings: LoginProviderSettings) -> OAuthProvider:
-    """The provider `OAUTH_AUTHORIZE_URL` (and `OAUTH_TOKEN_URL`) designate.  No network."""
+    """The provider `OAUTH_AUTHORIZE_URL` (and `OAUTH_TOKEN_URL`) designate, reading the users' groups when the
+    settings say so.  No network."""
+    provider = _login_provider(settings)
+    provider.reads_groups = settings.reads_groups
+    provider.groups_claim = settings.groups_claim
+    return provider
+
+
+def _login_provider(settings: LoginProviderSettings) -> OAuthProvider:
     url = settings.oauth_authorize_url
     timeout = settings.provider_http_timeout
     kind = detect_provider(url)
@@ -110,6 +122,9 @@ class ConnectionProviderSettings:
     provider_http_timeout: float
     #: No filter on what the connection asks for: the operator chose `scopes`, no MCP client passes any through.
     scopes_supported: tuple[str, ...] = ()
+    #: A connection identifies nobody: no groups are read through it.
+    reads_groups: bool = False
+    groups_claim: str = "groups"
 
 
 def build_connection_provider(

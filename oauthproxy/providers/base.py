@@ -20,6 +20,7 @@ import requests
 from authlib.common.errors import AuthlibBaseError
 from authlib.integrations.flask_client import OAuth
 
+from oauthproxy.groups import GroupsUnreadable, groups_in_claims
 from oauthproxy.providers import discovery
 from oauthproxy.providers.errors import ProviderError, classify_exception, error_from_callback, response_error
 from oauthproxy.providers.identity import ProviderIdentity, subject_claim, text_claim, verified_email
@@ -106,6 +107,11 @@ class OAuthProvider:
     wants_offline_access: bool = False
     #: Name of the Authlib registration on the Flask app; a second provider on the same app needs another.
     registration_name: str = "upstream"
+    #: Whether to read the user's groups (oauthproxy.groups): set on the login provider when the configuration
+    #: decides anything by them, never on a route's connection provider.
+    reads_groups: bool = False
+    #: The claim that lists them (GROUPS_CLAIM): a claim name, or a dotted path into nested claims.
+    groups_claim: str = "groups"
 
     def __init__(
         self,
@@ -315,6 +321,12 @@ class OAuthProvider:
         `scopes`: the scopes of the original login; only Microsoft uses them (its v2.0 token
         endpoint wants `scope` on a refresh); without them Microsoft gets the configured ones.
         `extra_params`: more token request parameters (a downstream connection's `resource`, RFC 8707 §2.2)."""
+        return self.refresh_response(refresh_token, scopes, extra_params)[0]
+
+    def refresh_response(
+        self, refresh_token: str, scopes: list[str] | None = None, extra_params: Mapping[str, str] | None = None
+    ) -> tuple[ProviderTokens, dict[str, Any]]:
+        """`refresh`, and the token response itself (a new ID token in it says who the user is now: `current_groups`)."""
         client = self._app()
         params = {**(extra_params or {}), **self._refresh_params(scopes)}
         # `fetch_access_token(grant_type="refresh_token")` rather than the session's
@@ -325,7 +337,7 @@ class OAuthProvider:
             self._metadata_value("token_endpoint"),
             lambda: client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token, **params),
         )
-        return tokens_from(token, fallback_refresh_token=refresh_token)
+        return tokens_from(token, fallback_refresh_token=refresh_token), dict(token)
 
     def revoke_token(self, token: str, token_type_hint: str, endpoint: str | None = None) -> bool:
         """RFC 7009: ask the provider to revoke `token` ("access_token" or "refresh_token"); True when it said 200.
@@ -413,7 +425,40 @@ class OAuthProvider:
             or text_claim(info.get("username"))
             or text_claim(info.get("login"))
         )
-        return ProviderIdentity(id=subject, email=email, name=name)
+        groups, problem = self._identity_groups(lambda: self._groups_in(info))
+        return ProviderIdentity(id=subject, email=email, name=name, groups=groups, groups_problem=problem)
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    def _groups_in(self, claims: Mapping[str, Any]) -> frozenset[str] | None:
+        """The groups a set of claims states (None: nothing about groups). Raises `GroupsUnreadable`."""
+        return groups_in_claims(claims, self.groups_claim)
+
+    def _identity_groups(self, read: Callable[[], frozenset[str] | None]) -> tuple[frozenset[str], str | None]:
+        """(groups, why they could not be read) for a `ProviderIdentity`: nothing when groups are not read."""
+        if not self.reads_groups:
+            return frozenset(), None
+        try:
+            return read() or frozenset(), None
+        except GroupsUnreadable as error:
+            return frozenset(), str(error)
+
+    def current_groups(self, token: Mapping[str, Any], subject: str) -> frozenset[str]:
+        """The user's groups now, from a token response (after a refresh) or `{"access_token": ...}`: for a provider
+        known only by its userinfo, what userinfo says. Raises `GroupsUnreadable` (including a userinfo about
+        someone other than `subject`), or `ProviderError` when the provider cannot be asked."""
+        try:
+            info = self._userinfo(token)
+        except ProviderError as error:
+            if error.kind == "transient":
+                raise
+            raise GroupsUnreadable(f"userinfo could not be read for the groups: {error.description}") from None
+        if not isinstance(info, Mapping):
+            raise GroupsUnreadable("the user's profile is not a JSON object")
+        said = subject_claim(info.get("sub")) or subject_claim(info.get("id")) or subject_claim(info.get("user_id"))
+        if said != subject:
+            raise GroupsUnreadable("the provider's profile names another user than the sign-in's")
+        return self._groups_in(info) or frozenset()
 
     # -- error handling ---------------------------------------------------------------------------
 

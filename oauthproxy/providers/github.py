@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from oauthproxy.allowlists import email_address
+from oauthproxy.groups import MAX_GROUPS, GroupsUnreadable, group_names
 from oauthproxy.providers.base import ProviderSettings
 from oauthproxy.providers.errors import ProviderError, response_error
 from oauthproxy.providers.identity import ProviderIdentity, subject_claim, text_claim
@@ -20,6 +21,10 @@ GITHUB_AUTHORIZE_URL = "https://github.com/login/oauth/authorize"
 GITHUB_TOKEN_URL = "https://github.com/login/oauth/access_token"
 GITHUB_API_URL = "https://api.github.com"
 GITHUB_SCOPES = ("read:user", "user:email")
+#: Lists the user's organisations and teams (`/user/orgs`, `/user/teams`): asked for only when groups are read.
+GITHUB_GROUPS_SCOPE = "read:org"
+#: GitHub's largest page (`per_page`); a list is read to MAX_GROUPS entries at most, then refused as too long.
+GITHUB_PAGE_SIZE = 100
 CLIENT_SECRET_POST = "client_secret_post"  # a token endpoint auth method name (RFC 7591 §2)
 
 
@@ -58,6 +63,9 @@ class GitHubProvider(OAuth2Provider):
     def _api_base_url(self) -> str | None:
         return self.api_base_url
 
+    def identity_scopes(self) -> list[str]:
+        return list(self.default_scopes) + ([GITHUB_GROUPS_SCOPE] if self.reads_groups else [])
+
     def _discover(self) -> dict[str, Any]:
         # GitHub's token endpoint answers form-encoded unless asked for JSON; Authlib sends
         # `Accept: application/json` on token requests, which is what GitHub needs.
@@ -76,10 +84,72 @@ class GitHubProvider(OAuth2Provider):
             raise ProviderError("misconfigured", "GitHub's /user has no numeric id")
         email = github_email(user, self._github_emails(token))
         name = text_claim(user.get("name")) or text_claim(user.get("login"))
-        return ProviderIdentity(id=subject, email=email, name=name)
+        groups, problem = self._identity_groups(lambda: self.current_groups(token, subject))
+        return ProviderIdentity(id=subject, email=email, name=name, groups=groups, groups_problem=problem)
+
+    def current_groups(self, token: Mapping[str, Any], subject: str) -> frozenset[str]:
+        """`org:<login>` for each organisation of the user and `<org>/<team-slug>` for each team, lower-cased (GitHub
+        compares logins and slugs without case): `/user/orgs` and `/user/teams` with the read:org scope. These list
+        what the token may see: an organisation that restricts OAuth apps lists only once it approved this one."""
+        names = []
+        for org in self._github_pages("user/orgs", token):
+            login = org.get("login") if isinstance(org, Mapping) else None
+            if not isinstance(login, str) or not login:
+                raise GroupsUnreadable("GitHub's /user/orgs has an entry without a login")
+            names.append(f"org:{login.lower()}")
+        for team in self._github_pages("user/teams", token):
+            org = team.get("organization") if isinstance(team, Mapping) else None
+            org_login = org.get("login") if isinstance(org, Mapping) else None
+            slug = team.get("slug") if isinstance(team, Mapping) else None
+            if not isinstance(org_login, str) or not org_login or not isinstance(slug, str) or not slug:
+                raise GroupsUnreadable("GitHub's /user/teams has an entry without an organization login or a slug")
+            names.append(f"{org_login.lower()}/{slug.lower()}")
+        return group_names(names, "GitHub's organisations and teams")
+
+    def _github_pages(self, path: str, token: Mapping[str, Any]) -> list[Any]:
+        """Every entry of a paginated list (GitHub's `Link: <…>; rel="next"`), up to MAX_GROUPS entries."""
+        url: str | None = f"{self.api_base_url}{path}?per_page={GITHUB_PAGE_SIZE}"
+        entries: list[Any] = []
+        pages = 0
+        while url is not None:
+            pages += 1
+            if pages > MAX_GROUPS // GITHUB_PAGE_SIZE + 1:
+                raise GroupsUnreadable(f"GitHub's /{path} goes on for more than {pages - 1} pages")
+            try:
+                response = self._github_response(path, token, url)
+            except ProviderError as error:
+                if error.kind == "transient":
+                    raise
+                # 403/404: the token lacks read:org (a grant from before groups were used), or GitHub refuses.
+                raise GroupsUnreadable(f"GitHub's /{path} could not be read: {error.description}") from None
+            try:
+                page = response.json()
+            except ValueError:
+                raise GroupsUnreadable(f"GitHub's /{path} did not answer JSON") from None
+            if not isinstance(page, list):
+                raise GroupsUnreadable(f"GitHub's /{path} did not answer a list")
+            entries.extend(page)
+            if len(entries) > MAX_GROUPS:
+                raise GroupsUnreadable(f"GitHub's /{path} lists more than {MAX_GROUPS} entries")
+            following = response.links.get("next", {}).get("url")
+            # The user's token goes only to GitHub's own API: a next link elsewhere is not followed.
+            url = following if isinstance(following, str) and following.startswith(self.api_base_url) else None
+            if following and url is None:
+                raise GroupsUnreadable(f"GitHub's /{path} points its next page outside {self.api_base_url}")
+            if not page:
+                break
+        return entries
 
     def _github(self, path: str, token: Mapping[str, Any]) -> Any:
         url = self.api_base_url + path
+        response = self._github_response(path, token, url)
+        try:
+            return response.json()
+        except ValueError:
+            raise ProviderError("misconfigured", f"GitHub {url} did not answer JSON") from None
+
+    def _github_response(self, path: str, token: Mapping[str, Any], url: str) -> Any:
+        """GET one page of GitHub's REST API with the user's token; a status other than 200 is a `ProviderError`."""
         client = self._app()
         response = self._call(
             f"fetching GitHub {path}",
@@ -93,10 +163,7 @@ class GitHubProvider(OAuth2Provider):
         )
         if response.status_code != 200:
             raise response_error(response, f"fetching GitHub /{path}", url)
-        try:
-            return response.json()
-        except ValueError:
-            raise ProviderError("misconfigured", f"GitHub {url} did not answer JSON") from None
+        return response
 
     def _github_emails(self, token: Mapping[str, Any]) -> list[Any] | None:
         """`GET /user/emails` (needs the user:email scope), or None when the token may not read it."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from oauthproxy.groups import group_names
 from oauthproxy.providers.base import ProviderSettings
+from oauthproxy.providers.identity import verified_email
 from oauthproxy.providers.oidc import OpenIDConnectProvider
 
 GOOGLE_HOSTS = frozenset({"accounts.google.com"})
 GOOGLE_ISSUER = "https://accounts.google.com"
+#: The group a Google Workspace account is in: its domain (`hd`), as `domain:example.com`.
+WORKSPACE_DOMAIN_PREFIX = "domain:"
 
 
 class GoogleProvider(OpenIDConnectProvider):
@@ -49,3 +53,14 @@ class GoogleProvider(OpenIDConnectProvider):
         # Google's ID tokens carry iss "https://accounts.google.com" or "accounts.google.com"
         # (documented: "Verify that the value of iss is equal to either").
         return {"essential": True, "values": [GOOGLE_ISSUER, "accounts.google.com"]}
+
+    def _groups_in(self, claims: Mapping[str, Any]) -> frozenset[str] | None:
+        """The Workspace domain as `domain:<hd>`, when the claims vouch for the email: `hd` is Google's word that the
+        account belongs to that Workspace (a consumer account has none; an address at that domain alone proves
+        nothing). Google has no groups claim; GROUPS_CLAIM, when a provider in front adds one, is read as well."""
+        groups = super()._groups_in(claims)
+        hd = claims.get("hd")
+        if not isinstance(hd, str) or not hd or verified_email(claims) is None:
+            return groups
+        domain = group_names([WORKSPACE_DOMAIN_PREFIX + hd.strip().lower()], "the hd claim")
+        return domain | (groups or frozenset())

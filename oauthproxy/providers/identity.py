@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from oauthproxy.allowlists import email_address
@@ -12,11 +12,15 @@ from oauthproxy.allowlists import email_address
 @dataclass(frozen=True)
 class ProviderIdentity:
     """Who logged in.  `id` is the provider's stable subject (OIDC `sub`, GitHub's numeric id as str);
-    `email` is set only when the provider affirms it is verified (see `verified_email`)."""
+    `email` is set only when the provider affirms it is verified (see `verified_email`); `groups` are the groups the
+    provider states (oauthproxy.groups), read only when the provider's `reads_groups` says so, and
+    `groups_problem` says why they could not be read whole (then `groups` is empty)."""
 
     id: str
     email: str | None
     name: str | None
+    groups: frozenset[str] = field(default=frozenset())
+    groups_problem: str | None = None
 
 
 def is_affirmed(value: Any) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 import requests
 from joserfc.errors import InvalidClaimError, JoseError, MissingClaimError
 
+from oauthproxy.groups import GroupsUnreadable
 from oauthproxy.providers import discovery
 from oauthproxy.providers.base import OFFLINE_ACCESS, OAuthProvider, ProviderSettings
 from oauthproxy.providers.errors import ProviderError, classify_exception, clip
@@ -64,7 +65,13 @@ class OpenIDConnectProvider(OAuthProvider):
             # A plain RFC 8414 server: ask only for the identity scopes it lists (openid would be
             # refused as invalid_scope by some).
             return [scope for scope in self.default_scopes if scope in supported]
-        return list(self.default_scopes)
+        return list(self.default_scopes) + self._groups_scope(supported)
+
+    def _groups_scope(self, supported: Any) -> list[str]:
+        # Okta (and any provider that lists it) sends the groups claim only for the `groups` scope; others send it
+        # by their own configuration (Keycloak's mapper, Entra ID's groupMembershipClaims), or UPSTREAM_SCOPES asks.
+        wanted = self.reads_groups and isinstance(supported, list) and "groups" in supported
+        return ["groups"] if wanted else []
 
     def _use_offline_access(self) -> bool:
         supported = self.load_metadata().get("scopes_supported")
@@ -140,18 +147,51 @@ class OpenIDConnectProvider(OAuthProvider):
         # An address the ID token itself says is unverified stays refused: userinfo must not launder it.
         need_email = email is None and all(claims.get(key) is None for key in self.email_verified_keys)
         name = text_claim(claims.get("name"))
-        if (need_email or name is None) and self._userinfo_url():
+        groups: frozenset[str] = frozenset()
+        problem: str | None = None
+        need_groups = False
+        if self.reads_groups:
+            try:
+                stated = self._groups_in(claims)
+            except GroupsUnreadable as error:
+                problem = str(error)
+            else:
+                # Not in the ID token: oidc-provider and others keep a scope's claims for userinfo.
+                need_groups = stated is None
+                groups = stated or frozenset()
+        if (need_email or name is None or need_groups) and self._userinfo_url():
             info = self._optional_userinfo(token)
             # OIDC Core §5.3.2: userinfo's sub MUST match the ID token's, or its values are unusable.
             if info and subject_claim(info.get("sub")) == subject:
                 if need_email:
                     email = self._email_from(info)
                 name = name or text_claim(info.get("name"))
+                if need_groups:
+                    groups, problem = self._identity_groups(lambda: self._groups_in(info))
+                    need_groups = False
             elif info:
                 log.warning("userinfo sub does not match the ID token sub; ignoring userinfo")
+            if need_groups:
+                problem = "the groups are not in the ID token, and userinfo could not be read for them"
         if name is None:
             name = text_claim(claims.get("preferred_username")) or text_claim(claims.get("nickname"))
-        return ProviderIdentity(id=subject, email=email, name=name)
+        return ProviderIdentity(id=subject, email=email, name=name, groups=groups, groups_problem=problem)
+
+    def current_groups(self, token: Mapping[str, Any], subject: str) -> frozenset[str]:
+        """The user's groups now: from the ID token a refresh returned (OIDC Core §12.2, validated, its `sub` the
+        sign-in's), else from userinfo with the new access token."""
+        metadata = self.load_metadata()
+        if token.get("id_token") and metadata.get("jwks_uri"):
+            # No nonce: a refreshed ID token answers no authorization request (OIDC Core §12.2).
+            claims = self._id_token_claims(token, None)
+            if subject_claim(claims.get("sub")) != subject:
+                raise ProviderError("invalid_grant", "the refreshed ID token names another user than the sign-in's")
+            groups = self._groups_in(claims)
+            if groups is not None:
+                return groups
+        if not self._userinfo_url():
+            return frozenset()
+        return super().current_groups(token, subject)
 
     def _optional_userinfo(self, token: Mapping[str, Any]) -> dict[str, Any] | None:
         """Userinfo only to complete the ID token: a 4xx (e.g. Microsoft's Graph userinfo with an

@@ -31,6 +31,9 @@
 //   GET  /interaction/:uid   automatic login/consent (login_hint picks the user;
 //                            "deny" -> access_denied, "error" -> server_error)
 //   GET  /user, /user/emails GitHub-shaped user API (Bearer or "token" auth)
+//   GET  /user/orgs, /user/teams
+//                            GitHub-shaped organisations and teams (read:org
+//                            scope; per_page/page with a Link header)
 //   POST /test/clients       register a client {client_id, client_secret,
 //                            redirect_uris, token_endpoint_auth_method?, ...}
 //   GET  /test/stats         token endpoint counters
@@ -39,7 +42,16 @@
 //                            "refresh_server_error"|"code_server_error"|
 //                            "token_delay", delay_ms?}
 //   POST /test/users         add (or replace) a user {login, email, name,
-//                            emailVerified?}: providers that send odd claims
+//                            emailVerified?, groups?, orgs?, teams?,
+//                            claimNames?, claimSources?, apiLinkBase?}:
+//                            providers that send odd claims. `groups` is the
+//                            `groups` claim as sent (any JSON: the `groups`
+//                            scope asks for it); claimNames/claimSources are
+//                            distributed claims (_claim_names, _claim_sources:
+//                            Entra ID's groups overage); orgs (logins) and
+//                            teams ({org, slug, name}) answer /user/orgs and
+//                            /user/teams; apiLinkBase: where their Link
+//                            headers point. Replacing a user keeps its id.
 //   GET  /test/endpoint-stats  registration, introspection and revocation
 //                            request counters (reset with /test/stats/reset)
 //   POST /test/revoke-grants {account_id, client_id?}: revoke every token the
@@ -78,7 +90,8 @@ const USERS = new Map(
   [
     {
       id: 1001, login: 'alice', email: 'alice@example.com', name: 'Alice Liddell',
-      emailVerified: true, publicEmail: true,
+      emailVerified: true, publicEmail: true, groups: ['eng', 'staff'],
+      orgs: ['Acme'], teams: [{ org: 'Acme', slug: 'platform', name: 'Platform' }],
     },
     {
       // bob keeps his email private, as GitHub users can: /user says email null.
@@ -124,6 +137,9 @@ async function findAccount(_ctx, sub) {
         email_verified: user.emailVerified,
         name: user.name,
         preferred_username: user.login,
+        // Only with the `groups` scope (oidc-provider filters claims by scope), as Okta sends it.
+        ...(user.groups !== undefined ? { groups: user.groups } : {}),
+        ...(user.claimNames ? { _claim_names: user.claimNames, _claim_sources: user.claimSources ?? {} } : {}),
       };
     },
   };
@@ -295,7 +311,7 @@ const configuration = {
   jwks: { keys: [signingKey] },
   cookies: { keys: [randomBytes(32).toString('base64url')] },
   scopes: [
-    'openid', 'offline_access', 'email', 'profile', 'read:user', 'user:email',
+    'openid', 'offline_access', 'email', 'profile', 'groups', 'read:user', 'user:email', 'read:org',
     // Known here too, so that a client may register with them (RFC 7591 `scope`: oidc-provider accepts only
     // these); a token carries them for a resource server only when issued for it.
     ...(RESOURCE_INDICATORS ? RESOURCE_SCOPES.split(' ') : []),
@@ -308,6 +324,7 @@ const configuration = {
     openid: ['sub'],
     email: ['email', 'email_verified'],
     profile: ['name', 'preferred_username'],
+    groups: ['groups'],
   },
   conformIdTokenClaims: !ID_TOKEN_CLAIMS,
   clientDefaults: {
@@ -535,7 +552,9 @@ provider.use(async (ctx, next) => {
     if (typeof body.login !== 'string' || !body.login) {
       return json(ctx, 400, { error: 'invalid_request', error_description: 'login is required' });
     }
-    const user = { id: 2000 + USERS.size, emailVerified: true, publicEmail: true, ...body };
+    // A replaced user keeps its id: GitHub's numeric id is the proxy's subject.
+    const id = USERS.get(body.login)?.id ?? 2000 + USERS.size;
+    const user = { id, emailVerified: true, publicEmail: true, ...body };
     USERS.set(user.login, user);
     return json(ctx, 201, user);
   }
@@ -591,8 +610,68 @@ function githubUnauthorized(ctx) {
   });
 }
 
+const GITHUB_PATHS = new Set(['/user', '/user/emails', '/user/orgs', '/user/teams']);
+
+// GitHub's shapes (REST API 2022-11-28): an organization, and a team with its organization.
+function githubOrganization(login, index) {
+  const id = 5000 + index;
+  const url = `https://api.github.com/orgs/${login}`;
+  return {
+    login,
+    id,
+    node_id: `O_${id}`,
+    url,
+    repos_url: `${url}/repos`,
+    events_url: `${url}/events`,
+    hooks_url: `${url}/hooks`,
+    issues_url: `${url}/issues`,
+    members_url: `${url}/members{/member}`,
+    public_members_url: `${url}/public_members{/member}`,
+    avatar_url: `https://avatars.githubusercontent.com/u/${id}?v=4`,
+    description: null,
+  };
+}
+
+function githubTeam(team, index) {
+  const id = 7000 + index;
+  return {
+    id,
+    node_id: `T_${id}`,
+    url: `https://api.github.com/teams/${id}`,
+    html_url: `https://github.com/orgs/${team.org}/teams/${team.slug}`,
+    name: team.name ?? team.slug,
+    slug: team.slug,
+    description: null,
+    privacy: 'closed',
+    notification_setting: 'notifications_enabled',
+    permission: 'pull',
+    members_url: `https://api.github.com/teams/${id}/members{/member}`,
+    repositories_url: `https://api.github.com/teams/${id}/repos`,
+    parent: null,
+    members_count: 1,
+    repos_count: 0,
+    created_at: '2024-01-01T00:00:00Z',
+    updated_at: '2024-01-01T00:00:00Z',
+    organization: githubOrganization(team.org, index),
+  };
+}
+
+// One page of a list as GitHub pages it: per_page (default 30, at most 100), page (from 1), and a Link header
+// with rel="next" (and "last") while more follow.
+function githubPage(ctx, user, entries) {
+  const perPage = Math.min(Math.max(Number.parseInt(ctx.query.per_page ?? '30', 10) || 30, 1), 100);
+  const page = Math.max(Number.parseInt(ctx.query.page ?? '1', 10) || 1, 1);
+  const last = Math.max(Math.ceil(entries.length / perPage), 1);
+  if (page < last) {
+    const base = user.apiLinkBase ?? issuer;
+    const link = (number) => `<${base}${ctx.path}?per_page=${perPage}&page=${number}>`;
+    ctx.set('Link', `${link(page + 1)}; rel="next", ${link(last)}; rel="last"`);
+  }
+  return json(ctx, 200, entries.slice((page - 1) * perPage, page * perPage));
+}
+
 provider.use(async (ctx, next) => {
-  if (ctx.path !== '/user' && ctx.path !== '/user/emails') return next();
+  if (!GITHUB_PATHS.has(ctx.path)) return next();
   if (ctx.method !== 'GET') return json(ctx, 405, { message: 'Method Not Allowed' });
 
   const match = /^(?:bearer|token)\s+(\S+)\s*$/i.exec(ctx.get('authorization'));
@@ -607,6 +686,23 @@ provider.use(async (ctx, next) => {
   const user = token?.accountId ? USERS.get(token.accountId) : undefined;
   if (!token || !user) return githubUnauthorized(ctx);
 
+  const scopes = new Set((token.scope ?? '').split(' '));
+  ctx.set('X-OAuth-Scopes', [...scopes].filter(Boolean).join(', '));
+  if (ctx.path === '/user/teams') {
+    if (!scopes.has('read:org')) {
+      ctx.set('X-Accepted-OAuth-Scopes', 'read:org, repo, user');
+      return json(ctx, 403, {
+        message: 'Resource not accessible by integration',
+        documentation_url: 'https://docs.github.com/rest/teams/teams#list-teams-for-the-authenticated-user',
+        status: '403',
+      });
+    }
+    return githubPage(ctx, user, (user.teams ?? []).map(githubTeam));
+  }
+  if (ctx.path === '/user/orgs') {
+    // Without read:org GitHub lists only the organizations the token may act on in some way: none here.
+    return githubPage(ctx, user, scopes.has('read:org') ? (user.orgs ?? []).map(githubOrganization) : []);
+  }
   if (ctx.path === '/user') {
     return json(ctx, 200, {
       id: user.id,
