@@ -351,4 +351,10 @@ class AuthorizationServer(FlaskAuthorizationServer):
             "code_challenge_methods_supported": ["S256"],
             "authorization_response_iss_parameter_supported": True,
             "client_id_metadata_document_supported": True,
+            # RFC 8414 §2: the keys of what this issuer signs, the identity assertions routes send downstream.
+            **(
+                {"jwks_uri": f"{issuer}/.well-known/jwks.json"}
+                if any(route.identity_assertion_header for route in self.settings.routes)
+                else {}
+            ),
         }

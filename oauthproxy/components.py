@@ -12,12 +12,14 @@ if TYPE_CHECKING:
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.crypto import SecretBox
+    from oauthproxy.identity_assertions import IdentityAssertions
     from oauthproxy.mcp_sessions import SessionBindings
     from oauthproxy.provider_tokens import KeyedLocks
     from oauthproxy.providers import OAuthProvider
     from oauthproxy.proxy import DownstreamProxy
     from oauthproxy.resource_server import TokenCache
     from oauthproxy.routes import Route
+    from oauthproxy.signing_keys import SigningKeys
 
 _KEY = "oauthproxy"
 
@@ -39,6 +41,9 @@ class Components:
     mcp_sessions: SessionBindings
     downstream_proxy: DownstreamProxy
     rate_limiter: Limiter
+    #: The keys that sign identity assertions, and the assertions signed and kept for reuse (identity_assertions.py).
+    signing_keys: SigningKeys
+    identity_assertions: IdentityAssertions
     # Filled on first use by operations._schema_revisions: (head revisions, every revision) of the shipped scripts.
     schema_revisions: tuple[set[str], set[str]] | None = None
 

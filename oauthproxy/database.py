@@ -20,6 +20,7 @@ from oauthproxy.models import (
     McpSession,
     OAuthClient,
     PendingAuthorization,
+    SigningKey,
     Token,
     db,
     rows_affected,
@@ -210,4 +211,10 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
             f"pending:{pending.state_hash}:upstream_secrets",
             f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)",
         )
+    # Removed keys have no private key left; the label is signing_keys.sealed_key_label's.
+    for key in db.session.scalars(select(SigningKey).where(SigningKey.private_jwk.is_not(None))):
+        if key.private_jwk:
+            key.private_jwk = rotate(
+                key.private_jwk, f"signing-key:{key.kid}:private_jwk", f"signing key {key.kid} ({key.state})"
+            )
     return changed, unreadable, unknown_key

@@ -23,6 +23,8 @@ class Caller:
     email: str | None
     name: str | None
     upstream_access_token: str | None = field(default=None, repr=False)
+    #: The route's signed identity assertion for this request (identity_assertions.py), on routes that send one.
+    identity_assertion: str | None = field(default=None, repr=False)
 
 
 def header_value(value: str) -> str | bytes:
@@ -47,6 +49,8 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
         for name, value in zip(IDENTITY_HEADERS[:3], (caller.user_id, caller.email, caller.name), strict=True):
             if value:
                 headers.append((name, header_value(value)))
+    if route.identity_assertion_header and caller.identity_assertion:
+        headers.append((route.identity_assertion_header, caller.identity_assertion))
     if route.forward_access_token and caller.upstream_access_token:
         # Only where the route asks for it: a downstream that merely needs to know who calls must not hold a token
         # that acts as the user at the provider.
@@ -65,4 +69,6 @@ def credential_header_names(route: Route) -> frozenset[str]:
     names = {name.lower() for name in IDENTITY_HEADERS}
     if route.credential.kind != "none":
         names.add(route.credential.header.lower())
+    if route.identity_assertion_header:
+        names.add(route.identity_assertion_header.lower())
     return frozenset(names)

@@ -94,6 +94,12 @@ PROVIDER_ERRORS = Counter(
     ["action", "kind"],
 )
 
+IDENTITY_ASSERTIONS_SIGNED = Counter(
+    "oauthproxy_identity_assertions_signed_total",
+    "Identity assertions signed for the downstream, by route (each is reused for most of its lifetime).",
+    ["route"],
+)
+
 
 def error_label(error: object) -> str:
     return error if isinstance(error, str) and error in KNOWN_ERRORS else "other"

@@ -22,6 +22,7 @@ from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.errors import json_error
+from oauthproxy.identity_assertions import caller_with_assertion, signing_unavailable
 from oauthproxy.logs import set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
@@ -37,6 +38,7 @@ from oauthproxy.provider_tokens import (
 )
 from oauthproxy.proxy import DownstreamError, DownstreamProxy
 from oauthproxy.routes import Route
+from oauthproxy.signing_keys import SigningUnavailable
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class ValidatedToken:
     expires_at: float  # epoch seconds
     caller: Caller
     upstream: ProviderAccess
+    client_id: str = ""  # the MCP client the token was issued to (the identity assertion's client_id)
 
 
 class TokenCache:
@@ -150,6 +153,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             select(
                 Token.id,
                 Token.grant_id,
+                Token.client_id,
                 Token.scope,
                 Token.resource,
                 Token.access_expires_at,
@@ -195,6 +199,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             expires_at=time.time() + (row.access_expires_at - row.database_now).total_seconds(),
             caller=Caller(row.user_id, row.user_email, row.user_name, upstream_token),
             upstream=ProviderAccess(upstream_token, row.upstream_expires_at),
+            client_id=row.client_id,
         )
         if validated.expires_at > time.time():
             cache.put(key, validated)
@@ -390,9 +395,15 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
         )
         components().token_cache.put(key, validated)
 
+    caller = validated.caller
+    if route.identity_assertion_header:  # identity_assertions.py: a signed JWT of who calls, reused per grant
+        try:
+            caller = caller_with_assertion(route, validated.grant_id, validated.client_id, caller)
+        except SigningUnavailable as error:
+            return signing_unavailable(error)
     proxy: DownstreamProxy = components().downstream_proxy
     try:
-        response = proxy.forward(route, request.environ, request.stream, validated.caller)
+        response = proxy.forward(route, request.environ, request.stream, caller)
     except DownstreamError as error:
         return json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
     answered = response.mcp_session_id
