@@ -1,12 +1,4 @@
-"""Signed identity assertions for the downstream: a short-lived JWT per grant and route, reused, and the JWKS view.
-
-A route with `identity_assertion = true` sends each request a JWT signed by the proxy (signing_keys.py) that says who
-calls: `iss` the proxy, `sub` the user, `aud` the route's resource URL, the verified email, the name, the groups when
-known, the MCP client's `client_id`, `iat`/`nbf`/`exp` and a `jti`. A downstream verifies it against
-`/.well-known/jwks.json` instead of trusting plain headers any process on its network could send. The assertion of a
-(grant, route) is reused until most of its lifetime has passed, so signing runs once per grant and route every few
-minutes, not per request.
-"""
+"""Signed identity assertions for the downstream: a short-lived JWT per grant and route, reused, and the JWKS."""
 
 from __future__ import annotations
 
@@ -76,8 +68,14 @@ class _Issued:
 class IdentityAssertions:
     """Signs assertions and keeps each (grant, route)'s for reuse: a bounded LRU, its lock held only for dict work.
 
+    A route with `identity_assertion = true` sends each request a JWT signed by the proxy (signing_keys.py) saying
+    who calls: `iss` the proxy, `sub` the user, `aud` the route's resource URL, the verified email, the name, the
+    groups when known, the MCP client's `client_id`, `iat`/`nbf`/`exp` and a `jti`. A downstream verifies it against
+    `/.well-known/jwks.json` instead of trusting plain headers that anything on its network could send.
+
     An entry is reused while it is younger than `REUSE_FRACTION` of its lifetime, was signed by the key that signs
-    now (after a rotation, every worker switches within a reload interval), and describes the same caller.
+    now (after a rotation every worker switches within two reload intervals) and describes the same caller: signing
+    runs once per grant and route every few minutes, not per request.
     """
 
     def __init__(self, keys: SigningKeys, issuer: str, lifetime: int, max_entries: int):

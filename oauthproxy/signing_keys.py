@@ -1,12 +1,4 @@
-"""The proxy's keys for signing identity assertions: created on first use, sealed at rest, rotated, published as a JWKS.
-
-States: `active` (one key; the partial unique index on `state` decides every race to create or rotate one),
-`retiring` (replaced: it signs no more but stays published until every assertion it may have signed has expired),
-`removed` (gone from the JWKS; its private key erased). Each worker re-reads the set every `reload_interval` seconds,
-never per request. A rotated-in key is published for two reload intervals before any worker signs with it: one for
-every worker's JWKS to show it, one for a downstream's copy (cached for at most the endpoint's max-age, a reload
-interval) to expire, so the first assertion it signs finds its `kid` known. Times are the database's clock (clock.py).
-"""
+"""The proxy's keys for signing identity assertions: created on first use, sealed at rest, rotated, published."""
 
 from __future__ import annotations
 
@@ -62,7 +54,7 @@ class KeyTiming:
 
     @property
     def publication_delay(self) -> int:
-        """Seconds a new key is published before it signs (see the module's docstring)."""
+        """Seconds a new key is published before it signs (see SigningKeys)."""
         return 2 * self.reload_interval
 
     @property
@@ -200,11 +192,19 @@ class _KeySet:
 class SigningKeys:
     """This process's view of the signing keys: which one signs, and which are published.
 
-    Re-read from the database at most every `reload_interval` seconds, by one greenlet at a time while the others
-    go on with the set they have. When the table cannot be read, the set read before keeps signing until two reload
-    intervals after its reading: a rotation this process missed happened after that reading, so its key stays
-    published for two reload intervals plus the assertions' lifetime and the clock skew allowance after it, which
-    covers whatever was signed until then. Later, signing raises `SigningUnavailable` until the table answers.
+    States: `active` (one key; the partial unique index on `state` decides every race to create or rotate one),
+    `retiring` (replaced: signs no more, stays published until every assertion it may have signed has expired),
+    `removed` (gone from the JWKS, its private key erased). Times are the database's clock (clock.py).
+
+    The set is re-read at most every `reload_interval` seconds, never per request, by one greenlet at a time while
+    the others go on with the set they have. A rotated-in key is published for two reload intervals before any worker
+    signs with it: one for every worker's JWKS to show it, one for a downstream's copy (cached for at most the
+    endpoint's max-age, a reload interval) to expire, so the first assertion it signs finds its `kid` known.
+
+    When the table cannot be read, the set read before keeps signing until two reload intervals after its reading: a
+    rotation this process missed happened after that reading, and the key it retired stays published for two reload
+    intervals, the assertions' lifetime and the clock skew allowance after it. Later, signing raises
+    `SigningUnavailable` until the table answers.
     """
 
     #: Seconds between attempts while the table cannot be read: not on every request.

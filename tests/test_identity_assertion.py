@@ -731,3 +731,42 @@ def test_without_an_asserting_route_no_key_is_made_and_none_advertised(
     assert requests.get(proxy.url + "/.well-known/jwks.json", timeout=10).json() == {"keys": []}
     assert "jwks_uri" not in requests.get(proxy.url + "/.well-known/oauth-authorization-server", timeout=10).json()
     assert active_kids(proxy.app) == []
+
+
+# -- the README's verification examples, run as written ----------------------------------------------------------------
+
+
+def readme_examples() -> list[str]:
+    """The Python blocks of the README's "Verifying it in the downstream" paragraph."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("**Verifying it in the downstream**")
+    section = text[start : text.index("\n## ", start)]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+@SQLITE_ONLY
+def test_the_readme_examples_verify_an_assertion_and_refuse_a_forged_one(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, echo_routes: str
+) -> None:
+    proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=echo_routes)
+    login = log_in(proxy.url, proxy.url + "/mcp/a")
+    post(proxy.url + "/mcp/a", login.access_token)
+    token = echo_downstream.last().header("X-Forwarded-Identity")
+    assert token is not None
+    examples = readme_examples()
+    assert len(examples) == 2  # PyJWT, joserfc
+    for example in examples:
+
+        def caller_for(route_path: str, example: str = example) -> Callable[[dict[str, str]], dict[str, Any]]:
+            namespace: dict[str, Any] = {}
+            exec(example.replace("https://mcp.example.com", proxy.url).replace("/mcp/tickets", route_path), namespace)
+            return namespace["caller"]
+
+        claims = caller_for("/mcp/a")({"X-Forwarded-Identity": token})
+        assert claims["sub"] == "alice" and claims["aud"] == proxy.url + "/mcp/a"
+        with pytest.raises(Exception) as refused:
+            caller_for("/mcp/a")({"X-Forwarded-Identity": FORGED})
+        assert type(refused.value).__module__.split(".")[0] in ("jwt", "joserfc"), refused.value
+        # Another route's downstream refuses it: not its audience.
+        with pytest.raises(Exception, match=r"(?i)aud"):
+            caller_for("/mcp/b")({"X-Forwarded-Identity": token})
