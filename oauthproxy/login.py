@@ -14,6 +14,7 @@ from flask import current_app, redirect, session
 from sqlalchemy import delete
 from werkzeug.wrappers import Response as BaseResponse
 
+from oauthproxy.account import complete_account_login
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.clock import database_now
@@ -21,6 +22,7 @@ from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
+from oauthproxy.grant_replacement import replace_previous_grants
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, rows_affected
 from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity, ProviderTokens
@@ -241,6 +243,8 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             "Sign-in link expired",
             "This sign-in has expired or was already used. Start again from your MCP client.",
         )
+    if pending.purpose == "account":  # the account page's own sign-in: no client, no grant (account.py)
+        return complete_account_login(pending, args)
     if hash_token(session.get("browser_id", "")) != pending.browser_binding_hash:
         raise AuthorizationPageError(
             400,
@@ -366,6 +370,7 @@ def store_grant(
     )
     db.session.add(family)
     db.session.flush()
+    replace_previous_grants(family)  # one live grant per user, client and resource (grant_replacement.py)
     family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")
     if tokens.refresh_token:
         family.upstream_refresh_token = box.encrypt(tokens.refresh_token, f"grant:{family.id}:upstream_refresh_token")
