@@ -174,13 +174,18 @@ def signed_in_user() -> AccountUser | None:
         return None
     user_id, email, name, at = (value.get(key) for key in ("user_id", "email", "name", "signed_in_at"))
     now = time.time()
-    fresh = isinstance(at, int) and now - _settings().account_session_ttl < at <= now + 60
-    well_formed = isinstance(user_id, str) and user_id and all(v is None or isinstance(v, str) for v in (email, name))
-    if not (fresh and well_formed) or not _settings().user_is_allowed(email):
-        session.pop(SESSION_KEY, None)
-        return None
-    set_request_user(user_id)
-    return AccountUser(user_id, email, name, at)  # type: ignore[arg-type]  # checked just above
+    if (
+        isinstance(user_id, str)
+        and user_id
+        and isinstance(at, int)
+        and now - _settings().account_session_ttl < at <= now + 60
+        and all(v is None or isinstance(v, str) for v in (email, name))
+        and _settings().user_is_allowed(email)
+    ):
+        set_request_user(user_id)
+        return AccountUser(user_id, email, name, at)
+    session.pop(SESSION_KEY, None)
+    return None
 
 
 def sign_out() -> None:

@@ -97,10 +97,10 @@ def sign_out() -> BaseResponse:
 def revoke_client() -> BaseResponse:
     user = _checked_form()
     client_id = request.form.get("client_id", "")
-    client = account.describe_client(client_id) if client_id else None
     revoked = account.revoke_client(user.user_id, client_id)
     if revoked is None:
         raise AccountPageError(404, "No such application", "None of your connected applications has that id.")
+    client = account.describe_client(client_id)  # only now: an id the user does not hold is never looked up
     flash(
         f"{client.client_name if client else 'The application'} no longer has access. "
         "It asks you again before it can sign in."

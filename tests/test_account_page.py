@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from html import unescape
@@ -20,7 +21,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser as ChromiumBrowser
 from playwright.sync_api import Page, expect, sync_playwright
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from oauthproxy import account
 from oauthproxy.components import components
@@ -426,6 +427,23 @@ def test_a_user_outside_the_allowlist_is_not_signed_in(start_account_proxy: Call
     callback = browser.authorize(start.headers["Location"], proxy.url + "/callback")
     assert_page(browser.session.get(callback, allow_redirects=False, timeout=10), 403, "carol@outsider.test is not")
     assert "Signed in as" not in browser.session.get(proxy.url + "/account", timeout=10).text
+
+
+@SQLITE_ONLY
+def test_an_unreachable_provider_is_a_page_to_retry(start_account_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_account_proxy(OAUTH_AUTHORIZE_URL="http://127.0.0.1:9", PROVIDER_HTTP_TIMEOUT="2")
+    pending = select(func.count()).select_from(PendingAuthorization)
+    with proxy.app.app_context():
+        before = db.session.scalar(pending)
+    browser = Browser(proxy.url)
+    page = browser.session.get(proxy.url + "/account", timeout=10)
+    started = time.monotonic()
+    refused = post(browser, "/account/sign-in", {"csrf_token": csrf_of(page.text)}, False)
+    assert time.monotonic() - started < 5
+    assert_page(refused, 503, "cannot be reached right now")
+    assert refused.headers["Retry-After"] == "30"
+    with proxy.app.app_context():
+        assert db.session.scalar(pending) == before  # nothing stored for a sign-in that could not start
 
 
 # -- forms: what a page never sends ------------------------------------------------------------------------------------

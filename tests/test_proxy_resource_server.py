@@ -103,7 +103,8 @@ def test_expired_and_revoked_tokens_are_refused(
 ) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", TOKEN_CACHE_TTL="0")
     url = proxy.url + "/mcp"
-    expired, revoked = log_in(proxy.url, url), log_in(proxy.url, url)
+    # Two users: a second sign-in of one user through the same (deduplicated) client would replace the first.
+    expired, revoked = log_in(proxy.url, url), log_in(proxy.url, url, login_hint="bob")
     with proxy.app.app_context():
         db.session.execute(
             update(Token)
