@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flask import current_app, redirect, session
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from werkzeug.wrappers import Response as BaseResponse
 
 from oauthproxy.authorization_server import revoke_grant
@@ -21,8 +21,9 @@ from oauthproxy.clock import database_now
 from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
+from oauthproxy.downstream_connections import connections_of, disconnect, store_connection
 from oauthproxy.logs import set_request_user
-from oauthproxy.models import DownstreamConnection, Grant, OAuthClient, PendingAuthorization, Token, db, utcnow
+from oauthproxy.models import DownstreamConnection, Grant, OAuthClient, PendingAuthorization, Token, db
 from oauthproxy.providers import OAuthProvider, ProviderError
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
@@ -379,43 +380,3 @@ def replace_api_key(user_id: str, route: Route, value: str) -> str | None:
     store_connection(route, user_id, api_key=value)
     log.info("user %s stored a new API key for route %s on the account page", user_id, route.name)
     return None
-
-
-# -- PLACEHOLDER (merge: helper CONN's oauthproxy/downstream_connections.py) ------------------------------------------
-# Until CONN's module is on this branch, these three stand in for its interface with the same signatures, on the same
-# table, so the page and its tests run. At the merge, replace the three bodies with calls to
-# `downstream_connections.connections_of / disconnect / store_connection` (disconnect also revokes at the provider
-# and forgets cached entries; these do not) and delete this block.
-
-
-def connections_of(user_id: str) -> list[DownstreamConnection]:
-    return list(db.session.scalars(select(DownstreamConnection).where(DownstreamConnection.user_id == user_id)))
-
-
-def disconnect(route: Route, user_id: str) -> bool:
-    result = db.session.execute(
-        delete(DownstreamConnection).where(
-            DownstreamConnection.user_id == user_id, DownstreamConnection.route == route.name
-        )
-    )
-    db.session.commit()
-    return bool(getattr(result, "rowcount", 0))
-
-
-def store_connection(route: Route, user_id: str, *, api_key: str | None = None) -> None:
-    row = db.session.scalar(
-        select(DownstreamConnection).where(
-            DownstreamConnection.user_id == user_id, DownstreamConnection.route == route.name
-        )
-    )
-    if row is None:
-        row = DownstreamConnection(user_id=user_id, route=route.name, kind="user_api_key")
-        db.session.add(row)
-        db.session.flush()
-    row.kind, row.refresh_token, row.expires_at, row.refused_at = "user_api_key", None, None, None
-    row.access_token = components().secret_box.encrypt(api_key or "", f"connection:{row.id}:access_token")
-    row.updated_at = utcnow()
-    db.session.commit()
-
-
-# -- END PLACEHOLDER --------------------------------------------------------------------------------------------------
