@@ -50,6 +50,13 @@ def assert_page_headers(response: requests.Response) -> None:
         assert response.headers.get(name) == value, (name, dict(response.headers))
 
 
+def capture_proxy_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Everything the proxy logs (its own loggers at DEBUG, the server's request lines); not the test's HTTP client,
+    whose debug lines show the URLs it requested."""
+    caplog.set_level(logging.DEBUG, logger="oauthproxy")
+    caplog.set_level(logging.INFO, logger="werkzeug")
+
+
 def redeem(client: McpOAuthClient, result: dict[str, str]) -> dict:
     assert "code" in result, result
     response = client.exchange(result["code"])
@@ -63,7 +70,7 @@ def redeem(client: McpOAuthClient, result: dict[str, str]) -> dict:
 def test_oauth_route_connects_once_then_issues_the_code(
     start_connect_proxy, connect_provider: OidcProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    capture_proxy_logs(caplog)
     connect = start_connect_proxy("oauth")
     client, browser = connect.client(), connect.browser()
 
@@ -101,6 +108,8 @@ def test_oauth_route_connects_once_then_issues_the_code(
     assert me.status_code == 200 and me.json()["email"] == "alice@example.com", me.text
     assert pending_rows(connect) == 0
     assert downstream_token not in caplog.text
+    page_token = page_url.rsplit("/", 1)[1]
+    assert "/connect/[redacted]" in caplog.text and page_token not in caplog.text
 
     # The same user authorizing again (another client too) goes straight to the code: no connect page.
     other = connect.client()
@@ -172,7 +181,7 @@ def key_proxy(start_connect_proxy) -> ConnectProxy:
 def test_api_key_route_asks_once_then_issues_the_code(
     key_proxy: ConnectProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    capture_proxy_logs(caplog)
     connect = key_proxy
     client, browser = connect.client(), connect.browser()
     page_url = to_connect_page(connect, client, browser)
