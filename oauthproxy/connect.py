@@ -79,8 +79,10 @@ def callback_url() -> str:
 
 
 # --- MERGE: stand-ins for helper CONN's oauthproxy.downstream_connections --------------------------------------------
-# Replace this whole block with `from oauthproxy.downstream_connections import live_connection, store_connection`.
-# Same names and signatures as the brief's interface; minimal on purpose (no cache, no refresh, no revocation).
+# Replace this whole block with `from oauthproxy.downstream_connections import live_connection, store_connection`
+# (then `utcnow` is no longer imported here). Same names and signatures as the brief's interface; minimal on purpose
+# (no cache, no refresh, no revocation). Callers hold no uncommitted writes when they call store_connection: CONN's
+# commits on a connection of its own.
 
 
 def live_connection(route: Route, user_id: str) -> DownstreamConnection | None:

@@ -18,6 +18,7 @@ from oauthproxy.models import DownstreamConnection, Grant, PendingConnection, db
 from tests.bad_input_fixtures import assert_error_redirect, assert_garbage_never_causes_a_server_error, assert_page
 from tests.conftest import RunningProxy
 from tests.connect_fixtures import (
+    SECRET_ENV,
     ConnectProxy,
     at_connect_callback,
     continue_to_provider,
@@ -29,6 +30,7 @@ from tests.connect_fixtures import (
 )
 from tests.flows import Browser, McpOAuthClient, query_of
 from tests.provider_fixture import OidcProvider
+from tests.support.ports import free_port
 
 #: A value shaped like a real token or state that no pending row has. Fixed: parameter ids must be equal in every
 #: pytest-xdist worker.
@@ -250,3 +252,21 @@ def test_unreadable_pending_login_is_a_page(connect: ConnectProxy) -> None:
 @pytest.mark.parametrize("path", ["/connect/" + "t" * 43])
 def test_connect_page_garbage_never_causes_a_server_error(sweep_proxy: RunningProxy, path: str) -> None:
     assert_garbage_never_causes_a_server_error(sweep_proxy, path)
+
+
+def test_unreachable_authorization_server_keeps_the_page(start_connect_proxy) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    connect = start_connect_proxy(
+        "oauth", oauth={"authorize_url": closed, "client_id": "proxy", "client_secret_env": SECRET_ENV}
+    )
+    client, browser = connect.client(), connect.browser()
+    page_url = to_connect_page(connect, client, browser)
+    form = form_fields(get(browser.session, page_url))
+    response = post_form(browser, page_url, {**form, "decision": "continue"})
+    assert_page(response, status=503, text="cannot be reached right now")
+    assert response.headers["Retry-After"]
+    assert 'value="continue"' in response.text  # the same page, to try again
+    # Nothing was spent: the person can still cancel, and the client hears of it.
+    cancelled = post_form(browser, page_url, {**form, "decision": "cancel"})
+    assert_error_redirect(cancelled, connect.proxy, client, "access_denied")
+    assert nothing_stored(connect, client)
