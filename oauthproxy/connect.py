@@ -29,6 +29,7 @@ from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH, ConnectionProvider, connection_provider
 from oauthproxy.crypto import DecryptionError, hash_token, new_token
+from oauthproxy.downstream_connections import live_connection, store_connection
 from oauthproxy.downstream_credentials import IDENTITY_HEADERS, header_value
 from oauthproxy.login import (
     EXCHANGE_ERRORS,
@@ -40,7 +41,7 @@ from oauthproxy.login import (
     validate_authorization_request,
 )
 from oauthproxy.logs import set_request_user
-from oauthproxy.models import DownstreamConnection, PendingConnection, db, utcnow
+from oauthproxy.models import DownstreamConnection, PendingConnection, db
 from oauthproxy.providers import ProviderError, ProviderIdentity, ProviderTokens, error_from_callback
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
@@ -76,54 +77,6 @@ def _settings() -> Settings:
 def callback_url() -> str:
     """The connect hop's redirect URI: one for every route (connection_providers.CONNECT_CALLBACK_PATH)."""
     return _settings().public_url + CONNECT_CALLBACK_PATH
-
-
-# --- MERGE: stand-ins for helper CONN's oauthproxy.downstream_connections --------------------------------------------
-# Replace this whole block with `from oauthproxy.downstream_connections import live_connection, store_connection`
-# (then `utcnow` is no longer imported here). Same names and signatures as the brief's interface; minimal on purpose
-# (no cache, no refresh, no revocation). Callers hold no uncommitted writes when they call store_connection: CONN's
-# commits on a connection of its own.
-
-
-def live_connection(route: Route, user_id: str) -> DownstreamConnection | None:
-    """MERGE stand-in: the user's usable connection for `route` (not refused; oauth: refreshable or unexpired)."""
-    connection = known_connection(route, user_id)
-    if connection is None or connection.refused_at is not None:
-        return None
-    if connection.kind == "oauth" and not connection.refresh_token:
-        if connection.expires_at is not None and connection.expires_at <= utcnow():
-            return None
-    return connection
-
-
-def store_connection(
-    route: Route,
-    user_id: str,
-    *,
-    tokens: ProviderTokens | None = None,
-    api_key: str | None = None,
-    provider: str = "",
-    scope: str = "",
-) -> None:
-    """MERGE stand-in: upsert the user's connection for `route`, its secrets sealed to the row; commits."""
-    box = components().secret_box
-    connection = known_connection(route, user_id)
-    if connection is None:
-        connection = DownstreamConnection(user_id=user_id, route=route.name, kind=route.credential.kind)
-        db.session.add(connection)
-        db.session.flush()
-    secret = tokens.access_token if tokens is not None else api_key or ""
-    connection.kind = route.credential.kind
-    connection.access_token = box.encrypt(secret, f"connection:{connection.id}:access_token")
-    refresh = tokens.refresh_token if tokens is not None else None
-    connection.refresh_token = box.encrypt(refresh, f"connection:{connection.id}:refresh_token") if refresh else None
-    connection.expires_at = tokens.expires_at if tokens is not None else None
-    connection.provider, connection.scope = provider, scope
-    connection.updated_at, connection.refused_at = utcnow(), None
-    db.session.commit()
-
-
-# --- end of the MERGE stand-ins ---------------------------------------------------------------------------------------
 
 
 def known_connection(route: Route, user_id: str) -> DownstreamConnection | None:

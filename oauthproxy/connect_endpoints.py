@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, redirect, render_template, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response as BaseResponse
 
 from oauthproxy import connect, consent
@@ -11,6 +13,19 @@ from oauthproxy.endpoints import MAX_BODY_BYTES
 from oauthproxy.login import AuthorizationPageError
 
 blueprint = Blueprint("connect", __name__)
+
+
+class ConnectToken(BaseConverter):
+    """A page token's shape (connect.TOKEN_SHAPE): other paths under /connect (the callback, the proxy's client
+    metadata document) are never taken for a token, so a POST there is their 405, not this page's CSRF error."""
+
+    regex = connect.TOKEN_SHAPE.pattern.removeprefix("^").removesuffix("$")
+
+
+@blueprint.record_once
+def register_converter(state: BlueprintSetupState) -> None:
+    # Runs before the blueprint's rules are added (deferred functions run in the order they were recorded).
+    state.app.url_map.converters["connect_token"] = ConnectToken
 
 
 @blueprint.before_request
@@ -35,7 +50,7 @@ def render_connect_page(page: connect.ConnectPage, status: int = 200, error: str
     return _page(template, page, status, error)
 
 
-@blueprint.route("/connect/<token>", methods=["GET", "POST"])
+@blueprint.route("/connect/<connect_token:token>", methods=["GET", "POST"])
 def connect_page(token: str) -> BaseResponse:
     browser = connect.browser_id()
     if request.method == "GET":

@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.interop_fixtures",
     "tests.bad_input_fixtures",
     "tests.connect_fixtures",
+    "tests.downstream_auth_fixtures",
 ]
 
 if TYPE_CHECKING:
