@@ -312,6 +312,12 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             denied,
         )
 
+    # Issue 13: a route that takes each user's own credential asks for it first; the grant waits for it.
+    from oauthproxy.connect import connection_step  # deferred: connect builds on this module
+
+    connecting = connection_step(validated, identity, tokens, scopes)
+    if connecting is not None:
+        return connecting
     family = store_grant(validated, identity, tokens, scopes)
     response = _server().create_authorization_response(
         request=validated.request, grant_user=family, grant=validated.grant
