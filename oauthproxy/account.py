@@ -6,7 +6,6 @@ import json
 import logging
 import secrets
 import time
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,7 +23,7 @@ from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.downstream_connections import connections_of, disconnect, store_connection
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import DownstreamConnection, Grant, OAuthClient, PendingAuthorization, Token, db
-from oauthproxy.providers import OAuthProvider, ProviderError
+from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
 
@@ -37,7 +36,6 @@ PURPOSE = "account"
 #: `Grant.revoked_reason` (and the metrics label) of a grant its user revoked on the account page.
 REVOKED_REASON = "revoked_by_user"
 #: An API key is sent as a header value: a few hundred characters in practice; the cap bounds what is sealed and sent.
-MAX_API_KEY_LENGTH = 4096
 
 
 class AccountPageError(Exception):
@@ -357,26 +355,21 @@ def disconnect_route(user_id: str, route: Route) -> bool:
     return removed
 
 
-def api_key_problem(value: str) -> str | None:
-    """Why a submitted API key cannot be stored, in words for the person; None when it can."""
-    if not value:
-        return "Enter the key."
-    if len(value) > MAX_API_KEY_LENGTH:
-        return f"This key is longer than {MAX_API_KEY_LENGTH} characters; check what was pasted."
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
-        # It travels in a header: a line break would end it (and start another); a downstream parser refuses others.
-        return "The key contains line breaks or other control characters; paste the key alone."
-    return None
+def replace_api_key(user: AccountUser, route: Route, value: str) -> str | None:
+    """Store the user's new key for a `user_api_key` route, checked and tried as the connect step does; the problem
+    in words when it is refused."""
+    from oauthproxy.connect import ConnectRetry, api_key_problem, verify_api_key
 
-
-def replace_api_key(user_id: str, route: Route, value: str) -> str | None:
-    """Store the user's new key for a `user_api_key` route; the problem in words when it is refused."""
+    user_id = user.user_id
     value = value.strip()  # a key pasted with the line's end or a space around it
     problem = api_key_problem(value)
     if problem is not None:
         return problem
-    # TODO(merge, helper FLOW): when route.api_key.verify, try the key first with oauthproxy.connect's verification
-    # (an MCP `initialize` with it) and answer its problem; connect.py is not on this branch yet.
+    if route.api_key is not None and route.api_key.verify:
+        try:
+            verify_api_key(route, value, ProviderIdentity(id=user_id, email=user.email, name=user.name))
+        except ConnectRetry as refused:
+            return refused.message
     store_connection(route, user_id, api_key=value)
     log.info("user %s stored a new API key for route %s on the account page", user_id, route.name)
     return None

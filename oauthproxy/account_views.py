@@ -130,7 +130,7 @@ def replace_key(route_name: str) -> BaseResponse:
         return _page("account_key.html", route=route, user=user, has_key=_has_key(user, route), problem=None)
     user = _checked_form()
     route = _key_route(route_name)
-    problem = account.replace_api_key(user.user_id, route, request.form.get("api_key", ""))
+    problem = account.replace_api_key(user, route, request.form.get("api_key", ""))
     if problem is not None:
         # The key is never echoed back into the page.
         return _page("account_key.html", 400, route=route, user=user, has_key=_has_key(user, route), problem=problem)

@@ -30,6 +30,7 @@ from oauthproxy.consent import CONSENT_PAGE_HEADERS
 from oauthproxy.models import DownstreamConnection, Grant, PendingAuthorization, db, utcnow
 from tests.bad_input_fixtures import assert_page
 from tests.conftest import RunningProxy
+from tests.downstream_auth_fixtures import ApiKeyDownstream
 from tests.flows import Browser, McpOAuthClient
 from tests.interop_fixtures import which_chromium
 from tests.proxy_fixtures import Login, McpDownstream
@@ -525,12 +526,12 @@ def test_keys_out_of_bounds_are_refused_and_never_echoed(account_proxy: RunningP
     add_connection(account_proxy, alice, "tickets", "user_api_key", "current-key")
     browser = account_browser(account_proxy)
     cases = {
-        "": "Enter the key",
-        "   ": "Enter the key",
-        "k" * 4097: "longer than 4096",
-        "line-one\nline-two": "control characters",
-        "nul\x00key": "control characters",
-        "tab\tkey": "control characters",
+        "": "Enter your API key",
+        "   ": "Enter your API key",
+        "k" * 4097: "longer than 4096 characters",
+        "line-one\nline-two": "control character",
+        "nul\x00key": "control character",
+        "tab\tkey": "control character",
     }
     for value, problem in cases.items():
         refused = post(browser, "/account/keys/tickets", {"api_key": value})
@@ -611,3 +612,33 @@ def test_revoking_forgets_the_consent_so_the_client_asks_again(account_proxy: Ru
     assert post(person, "/account/clients/revoke", {"client_id": client.client_id}).status_code == 303
     assert "code" in client.login(person, resource=account_proxy.url + NOTES)
     assert person.consent_pages_seen == 2  # asked again, not signed back in unseen
+
+
+def test_a_replacement_key_is_tried_first_where_the_route_says_so(
+    start_proxy: Callable[..., RunningProxy], api_key_downstream: ApiKeyDownstream, tmp_path: Path
+) -> None:
+    """`api_key_verify`: the account page tries a new key with an MCP `initialize` before storing it, as the connect
+    step does; a key the server refuses is not stored and the old one stays."""
+    routes = tmp_path / "search.toml"
+    routes.write_text(
+        "[[routes]]\n"
+        'name = "search"\n'
+        'path = "/mcp/search"\n'
+        f'url = "{api_key_downstream.url}"\n'
+        'credential = "user_api_key"\n'
+        f'credential_header = "{api_key_downstream.header}"\n'
+        "api_key_verify = true\n"
+    )
+    proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes))
+    browser = account_browser(proxy)
+    alice = "alice"  # the test provider's subject is the login name
+    add_connection(proxy, alice, "search", "user_api_key", "old-key")
+
+    refused = post(browser, "/account/keys/search", {"api_key": "not-a-key-the-server-knows"})
+    assert_page(refused, 400, "The server refused this key")
+    assert "not-a-key-the-server-knows" not in refused.text
+    assert stored_key(proxy, alice, "search") == "old-key"
+
+    accepted = post(browser, "/account/keys/search", {"api_key": api_key_downstream.keys["alice"]})
+    assert accepted.status_code == 303, accepted.text
+    assert stored_key(proxy, alice, "search") == api_key_downstream.keys["alice"]
