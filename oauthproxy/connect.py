@@ -24,6 +24,7 @@ from flask import current_app, redirect, session
 from sqlalchemy import delete, select
 from werkzeug.wrappers import Response as BaseResponse
 
+from oauthproxy.allowlists import grant_is_allowed, route_for_resource
 from oauthproxy.clock import database_now
 from oauthproxy.components import components
 from oauthproxy.config import Settings
@@ -44,7 +45,6 @@ from oauthproxy.logs import set_request_user
 from oauthproxy.models import DownstreamConnection, PendingConnection, db
 from oauthproxy.providers import ProviderError, ProviderIdentity, ProviderTokens, error_from_callback
 from oauthproxy.routes import Route
-from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
 
@@ -250,17 +250,12 @@ def browser_id() -> str:
 # --- the login's side: begin the step --------------------------------------------------------------------------------
 
 
-def route_of_resource(resource: str) -> Route | None:
-    wanted = canonical_resource(resource)
-    return next((r for r in components().routes.values() if canonical_resource(r.resource) == wanted), None)
-
-
 def connection_step(
     validated: ValidatedAuthorization, identity: ProviderIdentity, tokens: ProviderTokens, scopes: list[str]
 ) -> BaseResponse | None:
     """After the login's checks: the redirect to the connect page when the route needs a credential this user has
     not given yet, else None (the login goes on to its grant and code)."""
-    route = route_of_resource(validated.resource)
+    route = route_for_resource(_settings(), validated.resource)
     if route is None or not route.credential.per_user or live_connection(route, identity.id) is not None:
         return None
     login = PendingLogin(request=validated.params, identity=identity, tokens=tokens, scopes=scopes)
@@ -541,8 +536,8 @@ def submit_api_key(token: str, browser: str, typed: str) -> BaseResponse:
 
 def issue_code(validated: ValidatedAuthorization, login: PendingLogin) -> BaseResponse:
     """Store the grant and answer the client with its code, as a login without the connect step does."""
-    if not _settings().user_is_allowed(login.identity.email):
-        # The allowlist as configured now: it may have changed while the user was connecting.
+    if not grant_is_allowed(_settings(), login.identity.email, validated.resource):
+        # The allowlists as configured now: they may have changed while the user was connecting.
         raise AuthorizationRedirectError(
             validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
         )

@@ -15,6 +15,7 @@ from sqlalchemy import delete
 from werkzeug.wrappers import Response as BaseResponse
 
 from oauthproxy.account import complete_account_login
+from oauthproxy.allowlists import grant_is_allowed
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.clock import database_now
@@ -299,7 +300,9 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             validated.state,
         )
     set_request_user(identity.id)
-    if not settings.user_is_allowed(identity.email):
+    # The global allowlist and the route's: a user the route would refuse is told now, before any connect step,
+    # rather than signed in to get 403 at every request.
+    if not grant_is_allowed(settings, identity.email, validated.resource):
         log.info("user %s is not in the allowlist", identity.id)
         denied = error_redirect_url(
             validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
