@@ -537,10 +537,10 @@ def _identity_assertion_header(
         return None
     if header is None:
         return DEFAULT_IDENTITY_ASSERTION_HEADER
-    if not isinstance(header, str) or not IDENTITY_ASSERTION_HEADER_NAME.match(header):
+    if not isinstance(header, str) or not IDENTITY_ASSERTION_HEADER_NAME.match(header) or len(header) > 64:
         problems.append(
-            f"{where}: identity_assertion_header must be a header name of letters, digits and hyphens, such as "
-            f"{DEFAULT_IDENTITY_ASSERTION_HEADER}; got {header!r}"
+            f"{where}: identity_assertion_header must be a header name of at most 64 letters, digits and hyphens, "
+            f"such as {DEFAULT_IDENTITY_ASSERTION_HEADER}; got {header!r}"
         )
         return None
     lower = header.lower()

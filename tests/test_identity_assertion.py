@@ -634,10 +634,21 @@ def test_defaults_and_the_single_route_variables() -> None:
         *[
             (
                 {"identity_assertion": True, "identity_assertion_header": bad},
-                f"{WHERE}: identity_assertion_header must be a header name of letters, digits and hyphens, such as "
-                f"X-Forwarded-Identity; got {bad!r}",
+                f"{WHERE}: identity_assertion_header must be a header name of at most 64 letters, digits and "
+                f"hyphens, such as X-Forwarded-Identity; got {bad!r}",
             )
-            for bad in ("X_Identity", "X Identity", "X-Identity\r\nX-Evil: 1", "", "-X", "X--Y", 7, ["X-A"])
+            for bad in (
+                "X_Identity",
+                "X Identity",
+                "X-Identity\r\nX-Evil: 1",
+                "",
+                "-X",
+                "X--Y",
+                "X-Idé",
+                "X-" + "a" * 63,
+                7,
+                ["X-A"],
+            )
         ],
         *[
             (
@@ -711,6 +722,19 @@ def test_route_problems_are_reported_clearly(tmp_path: Path, route: dict[str, An
 )
 def test_setting_problems_are_reported_clearly(name: str, value: str, problem: str) -> None:
     assert problems_for({**BASE, name: value}) == [problem]
+
+
+def test_the_commands_are_listed() -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "oauthproxy.cli", "identity-keys", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "OAUTHPROXY_ENV_FILE": "/dev/null"},
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "  list " in listed.stdout and "  rotate " in listed.stdout
 
 
 @SQLITE_ONLY
