@@ -20,6 +20,7 @@ again it flushes the whole cache, since announcements may have passed unheard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -113,7 +114,7 @@ def _write_announcements(session: Session) -> None:
     grant_ids = sorted(session.info.get(_PENDING, ()))
     if not grant_ids:
         return
-    # Core statements (the rows are not objects of the session), stamped by the database's clock.
+    # Rows written as they are (not objects of the session), stamped by the database's clock.
     session.execute(insert(Revocation).values(revoked_at=database_now()), [{"grant_id": i} for i in grant_ids])
     session.execute(delete(Revocation).where(Revocation.revoked_at < database_now(-RETENTION_SECONDS)))
     if session.get_bind().dialect.name == "postgresql":
@@ -376,8 +377,9 @@ class RevocationFeed:
         assert self._subscription is not None
         delay = BACKOFF_FIRST
         while not stopped.is_set():
+            subscription = self._subscription(stopped)
             try:
-                for grant_ids in self._subscription(stopped):
+                for grant_ids in subscription:
                     if not self.connected:
                         self._connected()
                         delay = BACKOFF_FIRST
@@ -390,6 +392,9 @@ class RevocationFeed:
             else:
                 if not stopped.is_set():
                     self._lost(MissedAnnouncements("the subscription ended"))
+            finally:
+                with contextlib.suppress(Exception):  # a connection already broken may complain as it closes
+                    subscription.close()  # its connection, now rather than when collected
             stopped.wait(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter, not a secret)
             delay = min(delay * 2, BACKOFF_MOST)
         self._disconnected()
