@@ -43,7 +43,8 @@ def connection_provider(route: Route) -> ConnectionProvider:
     provider = components().connection_providers[route.name]
     return ConnectionProvider(
         provider=provider,
-        scopes=tuple(oauth.scopes) or tuple(provider.identity_scopes()),
+        # The provider's identity scopes, offline_access where it needs that for a refresh token, then `scopes`.
+        scopes=tuple(provider.scopes_for([])),
         authorize_params=dict(oauth.authorize_params),
         display_name=oauth.display_name or provider.display_name,
         issuer=oauth.authorize_url,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -11,9 +11,11 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import requests
 from flask import Flask
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from oauthproxy.components import components
 from oauthproxy.config import Settings
+from oauthproxy.providers import OAuthProvider
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
 
@@ -125,6 +127,26 @@ def _bearer_parameter(challenge: str, name: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class SignInTarget:
+    """An authorization server the proxy sends browsers to, and the words a finding uses to point at its settings:
+    the login provider, or a route's downstream authorization server."""
+
+    provider: OAuthProvider
+    callback: str
+    client_id: str
+    #: The scopes to ask for; a call, as working them out may need the provider's metadata (a ProviderError).
+    scopes: Callable[[], list[str]]
+    #: Finding subjects: "identity provider" / "callback URL" for the login, prefixed by the route for a connection.
+    provider_subject: str = "identity provider"
+    callback_subject: str = "callback URL"
+    url_setting: str = "OAUTH_AUTHORIZE_URL"
+    client_setting: str = "OAUTH_CLIENT_ID"
+    scope_setting: str = "SCOPES_SUPPORTED / UPSTREAM_SCOPES"
+    #: Before the "scopes" and "client id" subjects: empty for the login, "route NAME " for a connection.
+    subject_prefix: str = ""
+
+
 class SelfCheck:
     """Runs every check with the application's own settings; each produces findings, none stops the others."""
 
@@ -141,20 +163,23 @@ class SelfCheck:
             yield from self.configuration()
             yield from self.database()
             yield from self.revocation_feed()
-            provider_ok = False
-            for finding in self.provider():
-                provider_ok = provider_ok or (finding.subject == "identity provider" and finding.level == "ok")
-                yield finding
-            yield Finding(
-                "info",
-                "callback URL",
-                f"register exactly {self.settings.callback_url} as a redirect URI "
-                f"of the client {self.settings.oauth_client_id} at the identity provider",
+            login = components(self.app).login_provider
+            yield from self.sign_in(
+                SignInTarget(
+                    login,
+                    self.settings.callback_url,
+                    self.settings.oauth_client_id,
+                    lambda: login.scopes_for(list(self.app.config["OAUTH_SCOPES_SUPPORTED"])),
+                )
             )
-            if provider_ok:
-                yield from self.callback_accepted()
+            for route in self.settings.routes:
+                target = self.connection_target(route)
+                if target is not None:
+                    yield from self.sign_in(target)
             for route in self.settings.routes:
                 yield from self.downstream(route)
+                if route.oauth is not None and route.oauth.discover:
+                    yield from self.downstream_authorization(route)
             if self.walk_public_url:
                 for route in self.settings.routes:
                     yield from self.discovery_chain(route)
@@ -213,40 +238,71 @@ class SelfCheck:
 
     # -- the identity provider ----------------------------------------------------------------------
 
-    def provider(self) -> Iterator[Finding]:
+    def sign_in(self, target: SignInTarget) -> Iterator[Finding]:
+        """The provider's metadata, the redirect URI to register there, and whether the provider accepts it."""
+        provider_ok = False
+        for finding in self.provider(target):
+            provider_ok = provider_ok or (finding.subject == target.provider_subject and finding.level == "ok")
+            yield finding
+        yield Finding(
+            "info",
+            target.callback_subject,
+            f"register exactly {target.callback} as a redirect URI "
+            f"of the client {target.client_id} at the {target.provider_subject}",
+        )
+        if provider_ok:
+            yield from self.callback_accepted(target)
+
+    def connection_target(self, route: Route) -> SignInTarget | None:
+        """A route's configured downstream authorization server (credential `oauth` with a table)."""
+        from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH, connection_provider
+
+        if route.oauth is None or route.oauth.discover:
+            return None
+        return SignInTarget(
+            components(self.app).connection_providers[route.name],
+            self.settings.public_url + CONNECT_CALLBACK_PATH,
+            route.oauth.client_id,
+            lambda: list(connection_provider(route).scopes),
+            provider_subject=f"route {route.name} authorization server",
+            callback_subject=f"route {route.name} callback URL",
+            url_setting=f"the route's oauth authorize_url ({route.name})",
+            client_setting=f"the route's oauth client_id ({route.name})",
+            scope_setting=f"the route's oauth scopes ({route.name})",
+            subject_prefix=f"route {route.name} ",
+        )
+
+    def provider(self, target: SignInTarget) -> Iterator[Finding]:
         from oauthproxy.providers import ProviderError
 
-        provider = components(self.app).login_provider
+        provider = target.provider
         try:
             metadata = provider.load_metadata()
         except ProviderError as error:
             advice = (
-                "the provider could not be reached from here; check the network, proxies and OAUTH_AUTHORIZE_URL"
+                f"the provider could not be reached from here; check the network, proxies and {target.url_setting}"
                 if error.kind == "transient"
-                else "fix OAUTH_AUTHORIZE_URL"
+                else f"fix {target.url_setting}"
             )
-            yield Finding("fail", "identity provider", f"{error.description} ({advice})")
+            yield Finding("fail", target.provider_subject, f"{error.description} ({advice})")
             return
         source = provider.metadata_url or "the configured endpoints (OAUTH_TOKEN_URL)"
         yield Finding(
             "ok",
-            "identity provider",
+            target.provider_subject,
             f"{provider.name} metadata from {source}; authorize at {metadata.get('authorization_endpoint')}",
         )
 
-    def callback_accepted(self) -> Iterator[Finding]:
+    def callback_accepted(self, target: SignInTarget) -> Iterator[Finding]:
         """Start an authorization request as a browser would and read the provider's answer: most providers
         check `redirect_uri` (and the client id and scopes) before they show their sign-in page."""
         from oauthproxy.providers import ProviderError
 
-        provider = components(self.app).login_provider
-        callback = self.settings.callback_url
+        provider, callback, subject = target.provider, target.callback, target.callback_subject
         try:
-            url, _secrets = provider.create_authorization_url(
-                callback, provider.scopes_for(list(self.app.config["OAUTH_SCOPES_SUPPORTED"]))
-            )
+            url, _secrets = provider.create_authorization_url(callback, target.scopes())
         except ProviderError as error:
-            yield Finding("fail", "callback URL", f"cannot build an authorization request: {error.description}")
+            yield Finding("fail", subject, f"cannot build an authorization request: {error.description}")
             return
         provider_origin = _origin(url)
         browser = requests.Session()
@@ -257,66 +313,65 @@ class SelfCheck:
             except requests.RequestException as error:
                 yield Finding(
                     "fail",
-                    "callback URL",
+                    subject,
                     f"the provider's authorization endpoint {url.split('?')[0]} did not answer ({_reason(error)})",
                 )
                 return
             if response.is_redirect:
                 location = urljoin(url, response.headers.get("Location", ""))
                 if location.startswith(callback):
-                    yield from self._back_at_callback(location)
+                    yield from self._back_at_callback(target, location)
                     return
                 if _origin(location) != provider_origin:
                     yield Finding(
                         "ok",
-                        "callback URL",
+                        subject,
                         "the provider accepted the authorization request and sent "
                         f"the browser on to sign in at {_origin(location)}",
                     )
                     return
                 url = location
                 continue
-            yield from self._provider_page(response)
+            yield from self._provider_page(target, response)
             return
         yield Finding(
             "ok",
-            "callback URL",
+            subject,
             "the provider accepted the authorization request (it redirected the "
             "browser several times within its own site, naming no error)",
         )
 
-    def _back_at_callback(self, location: str) -> Iterator[Finding]:
+    def _back_at_callback(self, target: SignInTarget, location: str) -> Iterator[Finding]:
+        subject = target.callback_subject
         query = {key: values[0] for key, values in parse_qs(urlsplit(location).query).items()}
         if "error" not in query:
-            yield Finding(
-                "ok", "callback URL", "the provider accepted the callback URL (it sent the browser back to it)"
-            )
+            yield Finding("ok", subject, "the provider accepted the callback URL (it sent the browser back to it)")
             return
         detail = f"{query['error']}: {query.get('error_description', '')}".strip(": ")
         if query["error"] == "invalid_scope":
             yield Finding(
                 "fail",
-                "scopes",
-                f"the provider refused the scopes we ask for ({detail}); fix SCOPES_SUPPORTED / UPSTREAM_SCOPES",
+                f"{target.subject_prefix}scopes",
+                f"the provider refused the scopes we ask for ({detail}); fix {target.scope_setting}",
             )
         else:
             yield Finding(
                 "warn",
-                "callback URL",
+                subject,
                 f"the provider accepted the callback URL but answered the "
                 f"authorization request with an error ({detail})",
             )
 
-    def _provider_page(self, response: requests.Response) -> Iterator[Finding]:
+    def _provider_page(self, target: SignInTarget, response: requests.Response) -> Iterator[Finding]:
         page = _page_text(response)
-        callback, client_id = self.settings.callback_url, self.settings.oauth_client_id
+        callback, client_id, subject = target.callback, target.client_id, target.callback_subject
         refused_redirect = any(word in page for word in REDIRECT_REFUSALS)
         if response.status_code >= 400 and not refused_redirect and "redirect_uri" in page:
             refused_redirect = True
         if refused_redirect:
             yield Finding(
                 "fail",
-                "callback URL",
+                subject,
                 f"the provider refused our redirect URI {callback}: register "
                 f"exactly this URL for the client {client_id} at the provider, or, if it is registered "
                 "already, PUBLIC_URL is wrong (the callback derives from it)",
@@ -325,29 +380,29 @@ class SelfCheck:
         if any(word in page for word in CLIENT_REFUSALS):
             yield Finding(
                 "fail",
-                "client id",
+                f"{target.subject_prefix}client id",
                 f"the provider does not accept the client {client_id} (HTTP "
-                f"{response.status_code}): check OAUTH_CLIENT_ID, and that the client is enabled",
+                f"{response.status_code}): check {target.client_setting}, and that the client is enabled",
             )
             return
         if response.status_code >= 400:
             yield Finding(
                 "fail",
-                "callback URL",
+                subject,
                 f"the provider answered the authorization request with HTTP {response.status_code}: {page[:200]!r}",
             )
             return
-        if getattr(components(self.app).login_provider, "name", "") == "github":
+        if getattr(target.provider, "name", "") == "github":
             yield Finding(
                 "info",
-                "callback URL",
+                subject,
                 "GitHub shows its sign-in page first and checks the redirect URI "
                 f"only after sign-in: make sure {callback} is the app's Authorization callback URL",
             )
             return
         yield Finding(
             "ok",
-            "callback URL",
+            subject,
             "the provider answered the authorization request with a page that "
             "names no error (its sign-in page); most providers check the redirect URI before showing it",
         )
@@ -404,6 +459,13 @@ class SelfCheck:
                     f"{route.downstream_url} refused the Host header (421): the MCP "
                     "server's DNS-rebinding protection must allow the host named in MCP_SERVER_URL",
                 )
+            elif status in (401, 403) and route.credential.per_user:
+                yield Finding(
+                    "ok",
+                    subject,
+                    f"{route.downstream_url} answers {status} without a credential, as expected: each user brings "
+                    f"their own (credential {route.credential.kind})",
+                )
             elif status in (401, 403):
                 yield Finding(
                     "warn",
@@ -445,6 +507,62 @@ class SelfCheck:
         except (requests.RequestException, ValueError, KeyError, TypeError):
             pass
         return ""
+
+    def downstream_authorization(self, route: Route) -> Iterator[Finding]:
+        """A route with oauth = "discover": walk the downstream's discovery chain as the connect step will, say how
+        the proxy will identify itself there (without registering: that happens on first use), and once it has an
+        identity, whether the server accepts the connect callback."""
+        from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH
+        from oauthproxy.downstream_discovery import build_discovered_provider, discover_authorization, identity_plan
+        from oauthproxy.providers import ProviderError
+
+        subject = f"downstream authorization {route.name}"
+        try:
+            found = discover_authorization(
+                route.downstream_url, timeout=self.timeout, ca_bundle=self.settings.ca_bundle
+            )
+        except ProviderError as error:
+            advice = (
+                "; it could not be reached from here: check that the MCP server and its authorization server run"
+                if error.kind == "transient"
+                else ""
+            )
+            yield Finding("fail", subject, f"{error.description}{advice}")
+            return
+        scopes = " ".join(found.scopes) or "none named"
+        yield Finding(
+            "ok",
+            subject,
+            f"{found.resource_metadata_url} names the authorization server {found.issuer} (metadata "
+            f"{found.metadata_url}, PKCE S256); users connect for the resource {found.resource}, scopes: {scopes}",
+        )
+        try:
+            identity, plan = identity_plan(route, found, self.settings)
+        except ProviderError as error:
+            yield Finding("fail", subject, error.description)
+            return
+        except SQLAlchemyError as error:  # the database: reported by its own check
+            yield Finding("warn", subject, f"cannot read the stored registration ({type(error).__name__})")
+            return
+        yield Finding("ok", subject, f"the proxy identifies itself there {plan}")
+        if identity is None:
+            return
+        connection = build_discovered_provider(route, found, identity, self.settings)
+        connection.provider.init_app(self.app)
+        yield from self.callback_accepted(
+            SignInTarget(
+                connection.provider,
+                self.settings.public_url + CONNECT_CALLBACK_PATH,
+                identity.client_id,
+                lambda: list(connection.scopes),
+                provider_subject=f"route {route.name} authorization server",
+                callback_subject=f"route {route.name} callback URL",
+                url_setting=f"the route's downstream ({route.name})",
+                client_setting=f"the stored registration of route {route.name}",
+                scope_setting=f"the downstream's scopes_supported ({route.name})",
+                subject_prefix=f"route {route.name} ",
+            )
+        )
 
     # -- what a client sees through PUBLIC_URL -------------------------------------------------------------
 

@@ -307,13 +307,22 @@ def log_in(proxy_url: str, resource: str, login_hint: str = "alice", **extra: st
     return Login(client, body["access_token"], body["refresh_token"], body.get("scope", ""))
 
 
+def toml_value(value: Any) -> str:
+    """A TOML value: JSON's spelling of strings, numbers, booleans and lists, and inline tables for dicts."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return json.dumps(value)
+
+
 def write_routes(path: Path, routes: list[dict[str, Any]]) -> str:
     """Write a routes TOML file (`[[routes]]` tables) and return its path."""
     lines = []
     for route in routes:
         lines.append("[[routes]]")
         for key, value in route.items():
-            lines.append(f"{key} = {json.dumps(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     path.write_text("\n".join(lines))
     return str(path)

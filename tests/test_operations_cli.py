@@ -187,3 +187,52 @@ def test_clients_and_grants_can_be_listed_and_revoked(proxy: RunningProxy) -> No
     page = proxy.browser("bob").session.get(McpOAuthClient(proxy.url, bob_client.client_id).authorize_url(), timeout=10)
     assert page.status_code == 400 and "is not registered here" in page.text
     assert runner.invoke(args=["clients", "delete", bob_client.client_id]).exit_code == 1
+
+
+@SQLITE_ONLY
+def test_check_covers_each_routes_own_authorization_server(checked, tmp_path, mcp_downstream: McpDownstream) -> None:
+    """A route with credential "oauth" gets the login provider's checks against its own provider: metadata, the
+    redirect URI to register (the connect callback), and whether the provider accepts it."""
+    from tests.proxy_fixtures import write_routes
+
+    proxy, check = checked
+    provider = proxy.provider
+    oauth = {"authorize_url": provider.issuer, "client_id": "tickets-connector", "client_secret_env": "TICKETS_SECRET"}
+    routes = write_routes(
+        tmp_path / "routes.toml",
+        [{"path": "/mcp", "url": mcp_downstream.url, "name": "tickets", "credential": "oauth", "oauth": oauth}],
+    )
+    env = {"MCP_ROUTES_FILE": routes, "MCP_SERVER_URL": "", "TICKETS_SECRET": "tickets-secret"}
+    provider.register_client("tickets-connector", "tickets-secret", [f"{proxy.url}/connect/callback"])
+    findings = check(**env)
+    assert failures(findings) == {}
+    messages = {finding.subject: finding.message for finding in findings}
+    assert messages["route tickets authorization server"].startswith(f"oidc metadata from {provider.issuer}")
+    assert (
+        messages["route tickets callback URL"]
+        == "the provider accepted the callback URL (it sent the browser back to it)"
+    )
+    info = [f.message for f in findings if f.level == "info" and f.subject == "route tickets callback URL"]
+    assert info == [
+        f"register exactly {proxy.url}/connect/callback as a redirect URI of the client tickets-connector "
+        "at the route tickets authorization server"
+    ]
+
+    # The operator registered the login callback there instead of the connect callback.
+    provider.register_client("tickets-connector", "tickets-secret", [f"{proxy.url}/callback"])
+    problems = failures(check(**env))
+    assert problems["route tickets callback URL"].startswith(
+        f"the provider refused our redirect URI {proxy.url}/connect/callback: register exactly this URL for the "
+        "client tickets-connector"
+    )
+    # And a provider that is not there at all.
+    gone = {**oauth, "authorize_url": f"http://127.0.0.1:{free_port()}"}
+    gone_routes = write_routes(
+        tmp_path / "gone.toml",
+        [{"path": "/mcp", "url": mcp_downstream.url, "name": "tickets", "credential": "oauth", "oauth": gone}],
+    )
+    unreachable = failures(check(**{**env, "MCP_ROUTES_FILE": gone_routes}))
+    assert (
+        "check the network, proxies and the route's oauth authorize_url (tickets)"
+        in unreachable["route tickets authorization server"]
+    )

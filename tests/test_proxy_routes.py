@@ -279,3 +279,97 @@ def test_dot_segments_never_leave_the_route(raw_uri: str) -> None:
     with pytest.raises(DownstreamError) as caught:
         proxy.downstream_url(route, {"RAW_URI": raw_uri, "PATH_INFO": raw_uri, "QUERY_STRING": ""})
     assert caught.value.status == 400
+
+
+GITHUB_OAUTH = {
+    "authorize_url": "https://github.com/login/oauth/authorize",
+    "client_id": "Iv1.abc",
+    "client_secret_env": "GITHUB_MCP_SECRET",
+    "scopes": ["repo", "read:org"],
+}
+
+
+def test_a_route_with_its_own_oauth_provider_and_one_with_user_keys(tmp_path: Path) -> None:
+    path = write_routes(
+        tmp_path / "routes.toml",
+        [
+            {
+                "path": "/mcp/github",
+                "url": "https://api.githubcopilot.com/mcp",
+                "credential": "oauth",
+                "oauth": GITHUB_OAUTH,
+            },
+            {"path": "/mcp/linear", "url": "https://mcp.linear.app/mcp", "credential": "oauth", "oauth": "discover"},
+            {
+                "path": "/mcp/search",
+                "url": "http://127.0.0.1:9000/mcp",
+                "credential": "user_api_key",
+                "credential_header": "X-API-Key",
+                "api_key_help_url": "https://search.example.com/keys",
+                "api_key_verify": True,
+            },
+        ],
+    )
+    github, linear, search = load_settings({**BASE, "MCP_ROUTES_FILE": path, "GITHUB_MCP_SECRET": "s3cret"}).routes
+    assert github.credential.per_user and github.credential.header_value("tok") == "Bearer tok"
+    assert github.oauth is not None and github.oauth.client_secret == "s3cret" and not github.oauth.discover
+    assert github.oauth.scopes == ("repo", "read:org") and "s3cret" not in repr(github)
+    assert linear.oauth is not None and linear.oauth.discover and linear.credential.kind == "oauth"
+    assert search.credential.header == "X-API-Key" and search.credential.header_value("k") == "k"
+    assert search.api_key is not None and search.api_key.verify
+    assert search.api_key.help_url == "https://search.example.com/keys"
+    assert not github.forwards_upstream_token and not search.forwards_upstream_token
+
+
+def test_the_single_route_can_discover_its_downstream_authorization_server() -> None:
+    settings = load_settings(
+        {
+            **BASE,
+            "MCP_SERVER_URL": "http://localhost:9000/mcp",
+            "DOWNSTREAM_CREDENTIAL": "oauth",
+            "DOWNSTREAM_OAUTH": "discover",
+        }
+    )
+    (route,) = settings.routes
+    assert route.oauth is not None and route.oauth.discover
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        ({"credential": "oauth"}, 'needs oauth = "discover" or an [routes.oauth] table'),
+        ({"credential": "oauth", "oauth": "yes"}, 'oauth must be "discover"'),
+        ({"credential": "none", "oauth": "discover"}, 'set credential = "oauth"'),
+        ({"credential": "oauth", "oauth": {"client_id": "c"}}, "authorize_url is required"),
+        ({"credential": "oauth", "oauth": {"authorize_url": "https://idp.example.com"}}, "client_id is required"),
+        ({"credential": "oauth", "oauth": {**GITHUB_OAUTH, "colour": "red"}}, "unknown key(s) colour"),
+        (
+            {"credential": "oauth", "oauth": {**GITHUB_OAUTH, "authorize_url": "idp"}},
+            "authorize_url must be an absolute",
+        ),
+        (
+            {"credential": "oauth", "oauth": {**GITHUB_OAUTH, "client_secret_env": "NOT_SET_ANYWHERE"}},
+            "NOT_SET_ANYWHERE (client_secret_env) is unset or empty",
+        ),
+        (
+            {"credential": "oauth", "oauth": {**GITHUB_OAUTH, "authorize_params": {"state": "x"}}},
+            "must not set state",
+        ),
+        (
+            {"credential": "oauth", "oauth": {**GITHUB_OAUTH, "authorize_params": ["x"]}},
+            "authorize_params must be a table",
+        ),
+        ({"credential": "user_api_key", "credential_env": "K"}, "takes each user's own key"),
+        ({"credential": "user_api_key", "credential_header": "Host"}, "is set by the proxy itself"),
+        ({"credential": "user_api_key", "api_key_verify": "maybe"}, "api_key_verify must be true or false"),
+        (
+            {"credential": "static", "credential_env": "K", "api_key_help_url": "https://x"},
+            'for credential = "user_api_key"',
+        ),
+    ],
+)
+def test_per_user_credential_problems_are_reported_clearly(tmp_path: Path, route: dict, expected: str) -> None:
+    path = write_routes(tmp_path / "routes.toml", [{"path": "/a", "url": "http://x/1", **route}])
+    problems = problems_for(MCP_ROUTES_FILE=path, K="v", GITHUB_MCP_SECRET="s3cret")
+    assert any(expected in problem for problem in problems), problems
+    assert not any("s3cret" in problem for problem in problems)
