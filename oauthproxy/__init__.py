@@ -44,7 +44,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
 def configure_app(app: Flask, settings: Settings) -> None:
     from flask_migrate import Migrate
 
-    from oauthproxy import endpoints
+    from oauthproxy import account_views, connect_endpoints, endpoints
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.components import attach_components
@@ -119,6 +119,8 @@ def configure_app(app: Flask, settings: Settings) -> None:
         app.config["OAUTH_SCOPES_SUPPORTED"] = login_provider.default_scopes
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
+    app.register_blueprint(account_views.blueprint)
+    app.register_blueprint(connect_endpoints.blueprint)
     init_downstream_discovery(app)
     init_resource_server(app, settings)
     init_revocation_feed(app)

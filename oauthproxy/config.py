@@ -104,6 +104,11 @@ class Settings:
     revocation_feed: str = "poll"
     #: Where the "redis" feed publishes and listens.
     revocation_redis_url: str | None = field(default=None, repr=False)
+    #: REPLACE_PREVIOUS_GRANTS: a new sign-in of a user through a client, for a resource, revokes their earlier grants
+    #: of that client and resource (grant_replacement.py), so one login is live per client and MCP server.
+    replace_previous_grants: bool = True
+    #: ACCOUNT_SESSION_TTL: how long a sign-in to the account page lasts (account.py).
+    account_session_ttl: int = 3600
 
     @property
     def issuer(self) -> str:
@@ -365,6 +370,8 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     consent_ttl = read_int(env, "CONSENT_TTL", 365 * DAY, problems, minimum=60, maximum=400 * DAY)
     consent_page_ttl = read_int(env, "CONSENT_PAGE_TTL", 600, problems, minimum=60, maximum=3600)
     provider_http_timeout = read_seconds(env, "PROVIDER_HTTP_TIMEOUT", 10.0, problems, minimum=1, maximum=120)
+    replace_previous_grants = read_bool(env, "REPLACE_PREVIOUS_GRANTS", True, problems)
+    account_session_ttl = read_int(env, "ACCOUNT_SESSION_TTL", 3600, problems, minimum=60, maximum=3600, unit="seconds")
 
     secret_key_raw = read_text(env, "SECRET_KEY")
     if secret_key_raw and len(secret_key_raw) < 32:
@@ -475,4 +482,6 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         github_api_url=github_api_url,
         revocation_feed=revocation_feed,
         revocation_redis_url=revocation_redis_url,
+        replace_previous_grants=replace_previous_grants,
+        account_session_ttl=account_session_ttl,
     )

@@ -22,6 +22,7 @@ from oauthproxy.models import (
     McpSession,
     OAuthClient,
     PendingAuthorization,
+    PendingConnection,
     Token,
     db,
     rows_affected,
@@ -74,6 +75,7 @@ class PurgeReport:
     grants: int
     clients: int
     mcp_sessions: int = 0
+    pending_connections: int = 0
 
 
 def purge_expired() -> PurgeReport:
@@ -122,8 +124,12 @@ def purge_expired() -> PurgeReport:
     )
     idle_cutoff = now - timedelta(seconds=settings.proxy.session_idle_timeout)
     sessions = rows_affected(db.session.execute(delete(McpSession).where(McpSession.last_seen_at <= idle_cutoff)))
+    # Logins abandoned at the connect step (connect.py): they hold the login provider's tokens, sealed.
+    connecting = rows_affected(
+        db.session.execute(delete(PendingConnection).where(PendingConnection.expires_at <= database_now()))
+    )
     db.session.commit()
-    return PurgeReport(pending, codes, tokens, grants, clients, sessions)
+    return PurgeReport(pending, codes, tokens, grants, clients, sessions, connecting)
 
 
 _purge_lock = threading.Lock()
@@ -219,6 +225,12 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
             f"pending:{pending.state_hash}:upstream_secrets",
             f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)",
         )
+    for connecting in db.session.scalars(select(PendingConnection).where(PendingConnection.expires_at > utcnow())):
+        where = f"pending connection {connecting.state_hash[:12]} (expires {connecting.expires_at:%H:%M} UTC)"
+        prefix = f"pending-connection:{connecting.state_hash}"
+        connecting.login = rotate(connecting.login, f"{prefix}:login", where + " (login)")
+        if connecting.secrets:
+            connecting.secrets = rotate(connecting.secrets, f"{prefix}:secrets", where + " (secrets)")
     for registration in db.session.scalars(
         select(DownstreamRegistration).where(DownstreamRegistration.client_secret.is_not(None))
     ):
