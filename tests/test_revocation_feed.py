@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,13 +32,14 @@ import pytest
 import redis
 import requests
 from flask import Flask
-from sqlalchemy import event, select, text
+from sqlalchemy import event, func, select, text
 
 from oauthproxy import create_app
 from oauthproxy.config import ConfigError, load_settings
+from oauthproxy.crypto import hash_token
 from oauthproxy.database import upgrade_database
 from oauthproxy.downstream_credentials import Caller
-from oauthproxy.models import Revocation, db
+from oauthproxy.models import Revocation, Token, db
 from oauthproxy.provider_tokens import ProviderAccess
 from oauthproxy.resource_server import TokenCache, ValidatedToken
 from oauthproxy.revocation_feed import (
@@ -417,6 +419,38 @@ def test_rows_older_than_the_retention_are_pruned_by_the_next_announcement(
         assert rows_for(app, 424242) == 1
         announce_revoked([424243])
     assert rows_for(app, 424242) == 0
+
+
+def test_every_revocation_in_the_code_goes_through_revoke_grant() -> None:
+    """revoke_grant announces; a grant or token ended any other way would stay cached elsewhere for TOKEN_CACHE_TTL.
+    So the only statements that set `revoked_at` are revoke_grant's (and the feed's own rows)."""
+    package = Path(__file__).resolve().parent.parent / "oauthproxy"
+    setters = {
+        f"{path.name}:{number}"
+        for path in package.rglob("*.py")
+        if "migrations" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\brevoked_at\s*=(?!=)", line) and "Mapped[" not in line
+    }
+    assert {name.split(":")[0] for name in setters} == {"authorization_server.py", "revocation_feed.py"}, setters
+
+
+def test_grants_revoked_by_the_operator_are_announced_once_committed(proxy: RunningProxy) -> None:
+    logins = [log_in(proxy.url, proxy.url + "/mcp", login_hint=user) for user in ("alice", "bob")]
+    with proxy.app.app_context():
+        grant_ids = [
+            db.session.scalar(select(Token.grant_id).where(Token.access_token_hash == hash_token(login.access_token)))
+            for login in logins
+        ]
+        before = db.session.scalar(select(func.max(Revocation.id))) or 0
+        db.session.rollback()
+    result = proxy.app.test_cli_runner().invoke(args=["grants", "revoke", str(grant_ids[0])])
+    assert result.exit_code == 0, result.output
+    assert "within a second (revocation feed: " in result.output
+    with proxy.app.app_context():
+        announced = db.session.scalars(select(Revocation.grant_id).where(Revocation.id > before)).all()
+        db.session.rollback()
+    assert announced == [grant_ids[0]]  # bob's grant: neither revoked nor announced
 
 
 # -- each listener loses its feed and finds it again -------------------------------------------------
