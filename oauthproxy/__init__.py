@@ -58,6 +58,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.providers import build_connection_provider, build_login_provider
     from oauthproxy.rate_limits import init_rate_limits
     from oauthproxy.resource_server import init_resource_server
+    from oauthproxy.revocation_feed import init_revocation_feed
 
     # Werkzeug answers `//` in a path (merge_slashes) and a missing trailing slash (strict_slashes) with a 308 to a URL
     # built from the request's Host: an open redirect to any host a client names. Every URL we send comes from
@@ -124,6 +125,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     init_downstream_discovery(app)
     init_resource_server(app, settings)
     init_identity_assertions(app)
+    init_revocation_feed(app)
     services.rate_limiter = init_rate_limits(app, settings)
     init_operations(app, settings)
 

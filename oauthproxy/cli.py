@@ -165,8 +165,15 @@ def clients_delete(client_id: str) -> None:
 
 def _cache_note(revoked: int) -> None:
     if revoked:
-        ttl = current_app.config["SETTINGS"].proxy.token_cache_ttl
-        click.echo(f"Running proxies refuse the revoked tokens within {ttl} s (TOKEN_CACHE_TTL).")
+        settings = current_app.config["SETTINGS"]
+        ttl = settings.proxy.token_cache_ttl
+        if settings.revocation_feed == "off" or ttl == 0:
+            click.echo(f"Running proxies refuse the revoked tokens within {ttl} s (TOKEN_CACHE_TTL).")
+        else:
+            click.echo(
+                f"Running proxies refuse the revoked tokens within a second (revocation feed: "
+                f"{settings.revocation_feed}); a worker whose feed is down, within {ttl} s (TOKEN_CACHE_TTL)."
+            )
 
 
 @click.group("grants")

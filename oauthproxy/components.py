@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from oauthproxy.providers import OAuthProvider
     from oauthproxy.proxy import DownstreamProxy
     from oauthproxy.resource_server import TokenCache
+    from oauthproxy.revocation_feed import RevocationFeed
     from oauthproxy.routes import Route
     from oauthproxy.signing_keys import SigningKeys
 
@@ -37,6 +38,8 @@ class Components:
     authorization_server: AuthorizationServer
     routes: dict[str, Route]
     token_cache: TokenCache
+    #: Announces revocations to every worker of every instance, and listens for them in this one.
+    revocation_feed: RevocationFeed
     refresh_locks: KeyedLocks
     mcp_sessions: SessionBindings
     downstream_proxy: DownstreamProxy

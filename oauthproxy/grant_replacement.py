@@ -22,7 +22,7 @@ def replace_previous_grants(grant: Grant) -> list[int]:
 
     `grant` is flushed (it has its id) and not committed: the revocations commit with it and its authorization code
     (login.store_grant), so a sign-in that fails to store leaves the earlier grant working. Their cached tokens are
-    dropped in this worker at once (revoke_grant); other workers and instances refuse them within TOKEN_CACHE_TTL.
+    dropped in this worker at once, and by every other worker and instance within a second (revocation_feed).
     Off with REPLACE_PREVIOUS_GRANTS=false: a client whose installations share one client id (a client metadata
     document URL) signs a user in on several machines at once, each with a grant of its own."""
     settings: Settings = current_app.config["SETTINGS"]

@@ -182,6 +182,20 @@ class McpSession(Model):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class Revocation(Model):
+    """A grant revoked in the last few minutes, for the workers that learn of revocations by polling
+    (revocation_feed.py): each reads the rows past the last id it saw. Written in the revoking transaction;
+    pruned after RETENTION_SECONDS. AUTOINCREMENT on SQLite: an id is never handed out twice, even after the
+    newest row was pruned, so `id > last seen` never skips one."""
+
+    __tablename__ = "revocations"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    grant_id: Mapped[int] = mapped_column()
+    revoked_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class DownstreamConnection(Model):
     """One user's credential for one route's downstream (route credential `oauth` or `user_api_key`).
 
