@@ -2,7 +2,7 @@
 
 Revision ID: revocations_01
 Revises: identity_01_signing_keys
-Create Date: 2026-12-01 09:00:00
+Create Date: 2026-11-30 13:40:00
 
 """
 
