@@ -34,6 +34,7 @@ from oauthproxy.provider_tokens import (
     revoke_unreadable_grant,
 )
 from oauthproxy.resource_server import forget_grant
+from oauthproxy.revocation_feed import revoked_in_transaction
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def revoke_grant(grant_id: int, reason: str) -> None:
         .values(used_at=now)
     )
     metrics.GRANTS_REVOKED.labels(reason).inc()
-    # Immediate in this worker; other workers and instances notice within TOKEN_CACHE_TTL.
+    # Announced to every worker of every instance when (if) the caller's transaction commits; gone from this
+    # worker's cache now (and again after the commit, in case a request cached it meanwhile).
+    revoked_in_transaction([grant_id])
     forget_grant(current_app, grant_id)
     log.info("revoked grant %s: %s", grant_id, reason)
 
@@ -389,4 +392,10 @@ class AuthorizationServer(FlaskAuthorizationServer):
             "code_challenge_methods_supported": ["S256"],
             "authorization_response_iss_parameter_supported": True,
             "client_id_metadata_document_supported": True,
+            # RFC 8414 §2: the keys of what this issuer signs, the identity assertions routes send downstream.
+            **(
+                {"jwks_uri": f"{issuer}/.well-known/jwks.json"}
+                if any(route.identity_assertion_header for route in self.settings.routes)
+                else {}
+            ),
         }

@@ -19,6 +19,7 @@ from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.models import DownstreamConnection, Grant, db, utcnow
 from oauthproxy.provider_tokens import KeyedLocks, ProviderUnavailable, RefreshLease, wait_seconds
 from oauthproxy.providers import ProviderError, ProviderTokens
+from oauthproxy.revocation_feed import announce_revoked
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
 
@@ -184,8 +185,8 @@ def disconnect(route: Route, user_id: str) -> bool:
 
     An oauth connection's tokens are then revoked at the downstream's authorization server (RFC 7009), when it has
     a revocation endpoint (the route's `revocation_url`, or its metadata's): best effort, each call bounded by the
-    provider timeout, failures logged. Other workers may still send the credential from their token cache for up to
-    TOKEN_CACHE_TTL; a revoked token is refused by the downstream by then."""
+    provider timeout, failures logged. Every worker of every instance drops the user's cached tokens for the route
+    (through the revocation feed, as for a revoked grant), so the credential stops being sent within a second."""
     with db.engine.begin() as connection:
         row = (
             connection.execute(
@@ -199,7 +200,15 @@ def disconnect(route: Route, user_id: str) -> bool:
         if row is None:
             return False
         connection.execute(delete(CONNECTIONS).where(CONNECTIONS.c.id == row["id"]))
+        grant_ids = connection.scalars(
+            select(Grant.id).where(
+                Grant.user_id == user_id, Grant.resource == route.resource, Grant.revoked_at.is_(None)
+            )
+        ).all()
     _forget_cached(current_application(), route, user_id)
+    # The grants stay valid (their next request finds no connection and is told to authorize again); the feed only
+    # makes the other workers forget what they cached with the deleted credential.
+    announce_revoked(grant_ids)
     log.info("deleted the connection of user %s to route %s", user_id, route.name)
     if row["kind"] == "oauth" and route.oauth is not None:
         _revoke(route, row)

@@ -29,6 +29,8 @@ class Caller:
     connection_secret: str | None = field(default=None, repr=False)
     #: The groups the login provider stated for the user (oauthproxy.groups); empty when none are read.
     groups: frozenset[str] = frozenset()
+    #: The route's signed identity assertion for this request (identity_assertions.py), on routes that send one.
+    identity_assertion: str | None = field(default=None, repr=False)
 
 
 def header_value(value: str) -> str | bytes:
@@ -57,6 +59,8 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
     if route.groups_header and caller.groups:
         # Percent-encoded items (groups.groups_header_value): plain ASCII, never a character that ends the header.
         headers.append((GROUPS_HEADER, groups_header_value(caller.groups)))
+    if route.identity_assertion_header and caller.identity_assertion:
+        headers.append((route.identity_assertion_header, caller.identity_assertion))
     if route.forward_access_token and caller.upstream_access_token:
         # Only where the route asks for it: a downstream that merely needs to know who calls must not hold a token
         # that acts as the user at the provider.
@@ -77,4 +81,6 @@ def credential_header_names(route: Route) -> frozenset[str]:
     names = {name.lower() for name in (*IDENTITY_HEADERS, GROUPS_HEADER)}
     if route.credential.kind != "none":
         names.add(route.credential.header.lower())
+    if route.identity_assertion_header:
+        names.add(route.identity_assertion_header.lower())
     return frozenset(names)

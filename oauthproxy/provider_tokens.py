@@ -16,6 +16,7 @@ from typing import Any, cast
 from flask import Flask
 from sqlalchemy import Table, or_, select, update
 
+from oauthproxy.allowlists import grant_is_allowed
 from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
 from oauthproxy.groups import GroupsUnreadable, groups_column
@@ -246,6 +247,13 @@ def _settled(app: Flask, row: dict | None, skew: int) -> None:
         raise _Done(dead_reason="upstream_token_expired")
 
 
+#: What the client hears when a refresh ends its grant, by the revocation's reason (else: the provider's sign-in ended).
+DEAD_GRANT_DESCRIPTIONS = {
+    "user_not_allowed": "this account is no longer allowed to use this server",
+    "groups_unreadable": "this account's groups can no longer be read",
+}
+
+
 def _settled_unless_revoked(row: dict | None) -> None:
     """`settled` for a refresh that must happen whatever the token's expiry (the groups are wanted now)."""
     if row is None or row["revoked_at"] is not None:
@@ -284,7 +292,9 @@ def refresh_provider_access(app: Flask, grant_id: int, skew: int, *, regroup: bo
 
     revoke_grant(grant_id, dead_reason or "upstream_invalid_grant")
     db.session.commit()
-    raise LoginRequired("the sign-in at the identity provider has expired")
+    raise LoginRequired(
+        DEAD_GRANT_DESCRIPTIONS.get(dead_reason or "", "the sign-in at the identity provider has expired")
+    )
 
 
 def _refresh_under_lease(
@@ -323,6 +333,12 @@ def _refresh_under_lease(
         groups, failure = _current_groups(provider, response, row)
         if groups is not None:
             values["user_groups"] = groups_column(groups)
+            if failure is None and not grant_is_allowed(
+                app.config["SETTINGS"], row["user_email"], groups, row["resource"]
+            ):
+                # Rechecked as the proxy's refresh grant does: out of the group at the provider, out of here now.
+                log.info("grant %s: the user's groups no longer pass the allowlists; the grant ends", grant_id)
+                failure = _Done(dead_reason="user_not_allowed")
         if not held.finish(**values):
             log.warning(
                 "the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored",

@@ -7,6 +7,8 @@ real MCP server behind it.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -510,11 +512,11 @@ def test_github_without_read_org_cannot_say_the_groups(oidc_provider: OidcProvid
 # -- end to end ----------------------------------------------------------------------------------------------
 
 
-def refused_login(proxy: RunningProxy, user: str) -> requests.Response:
+def refused_login(proxy: RunningProxy, user: str, path: str = "/mcp/eng") -> requests.Response:
     """A login that ends on the proxy's page instead of back at the client; the page."""
     browser = proxy.browser(user)
     with pytest.raises(AssertionError, match="403"):
-        proxy.register_client().login(browser, resource=proxy.url + "/mcp/eng")
+        proxy.register_client().login(browser, resource=proxy.url + path)
     assert browser.last_page is not None
     return browser.last_page
 
@@ -545,6 +547,7 @@ def eng_proxy(start_proxy: Callable[..., RunningProxy], mcp_downstream: McpDowns
                 "url": mcp_downstream.url,
                 "allowed_groups": ["eng"],
                 "groups_header": True,
+                "identity_assertion": True,
             },
             {"name": "ops", "path": "/mcp/ops", "url": mcp_downstream.url, "allowed_groups": ["ops"]},
         ],
@@ -564,11 +567,14 @@ def test_a_user_in_the_group_passes_and_the_downstream_sees_the_groups(
     assert seen["x-forwarded-groups"] == "Domain%20Users,a%2Cb,eng"
     assert "x-forwarded-groups-extra" not in seen
     assert seen["x-forwarded-user"] == user
+    # The signed identity says the same, as a JSON list (identity_assertions.py).
+    payload = seen["x-forwarded-identity"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["groups"] == ["Domain Users", "a,b", "eng"]
 
-    # The route for ops: eng is not enough (the global list passed, the route's does not).
-    ops = log_in(eng_proxy.url, eng_proxy.url + "/mcp/ops", login_hint=user)
-    refused = requests.post(eng_proxy.url + "/mcp/ops", headers=ops.bearer, json={}, timeout=5)
-    assert refused.status_code == 403 and refused.json()["error"] == "access_denied"
+    # The route for ops: eng is not enough (the global list passes, the route's does not), said at sign-in.
+    page = refused_login(eng_proxy, user, "/mcp/ops")
+    assert "it is in none of the groups this server admits" in page.text
 
 
 def test_a_user_without_the_group_is_refused_at_login(eng_proxy: RunningProxy, oidc_provider: OidcProvider) -> None:
@@ -731,11 +737,12 @@ def test_groups_are_refreshed_with_the_providers_tokens_at_the_mcp_endpoint(
     assert call().status_code == 200
     assert grant_of(proxy.app, session.access_token).user_groups == '["eng", "ops"]'
 
-    # Out of eng: the request that refreshes still passes (it was checked before); the next one does not.
+    # Out of eng: the request whose refresh learns it is refused, and the grant is over.
     short_lived_idp.add_user(user, f"{user}@example.net", user.title(), groups=["ops"])
-    assert call().status_code == 200
     refused = call()
     assert refused.status_code == 401 and "no longer allowed" in refused.json()["error_description"]
+    grant = grant_of(proxy.app, session.access_token)
+    assert (grant.revoked_reason, grant.user_groups) == ("user_not_allowed", '["ops"]')
 
     # Groups that can no longer be read end the grant at the refresh.
     other = new_user(short_lived_idp, groups=["eng"])

@@ -1,7 +1,7 @@
 """grants.user_groups: the user's groups as the login provider states them (issue 14, groups)
 
 Revision ID: groups_01_grant_groups
-Revises: connections_01
+Revises: revocations_01
 Create Date: 2026-12-01 09:00:00
 
 """
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = "groups_01_grant_groups"
-down_revision = "connections_01"
+down_revision = "revocations_01"
 branch_labels = None
 depends_on = None
 
