@@ -45,6 +45,8 @@ from oauthproxy.providers import (
     build_login_provider,
 )
 from tests.conftest import RunningProxy
+from tests.connect_fixtures import ROUTE_PATH, ConnectProxy, submit_key, to_connect_page
+from tests.flows import query_of
 from tests.provider_fixture import OidcProvider
 from tests.providers.harness import (
     TENANT,
@@ -58,6 +60,7 @@ from tests.providers.harness import (
 )
 from tests.proxy_fixtures import EchoServer, Login, McpDownstream, log_in, write_routes
 from tests.support.settings import TEST_KEY
+from tests.test_account_page import account_browser
 from tests.test_proxy_headers import grant_of
 
 GOOD = {
@@ -750,3 +753,25 @@ def test_groups_are_refreshed_with_the_providers_tokens_at_the_mcp_endpoint(
     short_lived_idp.add_user(other, f"{other}@example.net", other.title(), groups={"eng": True})
     assert call().status_code == 401
     assert grant_of(proxy.app, session.access_token).revoked_reason == "groups_unreadable"
+
+
+def test_groups_wait_with_the_login_through_the_connect_step(start_connect_proxy: Callable[..., ConnectProxy]) -> None:
+    connect = start_connect_proxy("user_api_key", allowed_groups=["eng"], groups_header=True)
+    client, browser = connect.client(), connect.browser()
+    page_url = to_connect_page(connect, client, browser)  # alice, in eng: on to the key page
+    response = submit_key(browser, page_url, "sk-test-" + "k" * 40)
+    assert response.status_code == 302, response.text[:800]
+    token = client.exchange(query_of(response.headers["Location"])["code"])
+    assert token.status_code == 200, token.text
+    # The groups were sealed with the pending login and stored with the grant once the key was given.
+    assert grant_of(connect.proxy.app, token.json()["access_token"]).user_groups == '["eng", "staff"]'
+    page = refused_login(connect.proxy, "bob", ROUTE_PATH)  # in no group: refused before any key is asked
+    assert "it is in none of the groups this server admits" in page.text
+
+
+def test_the_account_page_admits_by_group(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(ALLOWED_GROUPS="eng")
+    browser = account_browser(proxy, "alice")  # in eng, and not listed by address
+    assert "Signed in as" in browser.session.get(proxy.url + "/account", timeout=15).text
+    with pytest.raises(AssertionError, match="403"):  # the account page refuses bob, in no group
+        account_browser(proxy, "bob")
