@@ -36,7 +36,7 @@ HEADER_MISMATCH = -32020
 #: 2026-07-28 Streamable HTTP, "Standard Request Headers": the body field `Mcp-Name` mirrors, per method.
 NAME_PARAMETERS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 #: "Value Encoding": a value that is not plain header-safe ASCII travels as `=?base64?<UTF-8, base64>?=`.
-_BASE64_SENTINEL = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
+_SENTINEL_START, _SENTINEL_END = "=?base64?", "?="
 #: RFC 9110 §5.5 field values as the transport allows them unencoded: visible ASCII, space and tab.
 _HEADER_SAFE = re.compile(r"[\x20-\x7e\t]*")
 #: Where one server-sent event ends: a blank line, after any of the three line endings SSE allows.
@@ -224,14 +224,19 @@ def decode_header_value(value: str) -> str | None:
     non-canonical base64, base64 of something other than UTF-8), which therefore matches no body."""
     if _HEADER_SAFE.fullmatch(value) is None:
         return None
-    match = _BASE64_SENTINEL.fullmatch(value)
-    if match is None:
+    if not (
+        len(value) >= len(_SENTINEL_START) + len(_SENTINEL_END)
+        and value.startswith(_SENTINEL_START)
+        and value.endswith(_SENTINEL_END)
+    ):
         return value
+    # Whatever starts and ends like the sentinel is one (clients must encode a plain value of that shape).
+    payload = value[len(_SENTINEL_START) : -len(_SENTINEL_END)]
     try:
-        decoded = base64.b64decode(match.group(1), validate=True)
+        decoded = base64.b64decode(payload, validate=True)
     except binascii.Error:
         return None
-    if base64.b64encode(decoded).decode("ascii") != match.group(1):
+    if base64.b64encode(decoded).decode("ascii") != payload:
         return None  # non-canonical (stray bits): two spellings of one name
     try:
         return decoded.decode("utf-8")
