@@ -145,3 +145,22 @@ def test_the_report_names_each_target() -> None:
     assert (
         found["proxy CPU per session set-up request (initialize, notifications/initialized) vs per tools/call"] is False
     )  # 900 vs 680 µs
+
+
+def test_the_report_shows_what_tool_rules_cost() -> None:
+    def wrk(rps: float, cpu: float) -> dict:
+        return {"rps": rps, "p50_us": 700, "p99_us": 2000, "cpu_us_per_request": cpu, "requests": 10, "errors": 0}
+
+    policy = {
+        "no tool rules|tools/list|1": wrk(1000, 800),
+        "no tool rules|tools/call|1": wrk(1000, 800),
+        "tool rules|tools/list (answer filtered)|1": wrk(900, 890),
+        "tool rules|tools/call (allowed)|1": wrk(950, 840),
+        "tool rules|tools/call (denied, answered by the proxy)|1": wrk(2000, 400),
+    }
+    lines = report._policy({"policy": policy})
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| tool rules")}
+    assert "| 90% |" in rows["tools/list (answer filtered)"] and "| 90 |" in rows["tools/list (answer filtered)"]
+    assert "| 95% |" in rows["tools/call (allowed)"] and "| 40 |" in rows["tools/call (allowed)"]
+    assert "| 200% |" in rows["tools/call (denied, answered by the proxy)"]
+    assert report._policy({}) == []
