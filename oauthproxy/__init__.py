@@ -50,6 +50,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.components import attach_components
     from oauthproxy.crypto import SecretBox
     from oauthproxy.database_faults import engine_options, init_database_faults
+    from oauthproxy.downstream_discovery import init_downstream_discovery
     from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
     from oauthproxy.operations import init_operations
@@ -117,6 +118,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
         app.config["OAUTH_SCOPES_SUPPORTED"] = login_provider.default_scopes
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
+    init_downstream_discovery(app)
     init_resource_server(app, settings)
     services.rate_limiter = init_rate_limits(app, settings)
     init_operations(app, settings)

@@ -15,12 +15,13 @@ from flask import Flask, current_app
 from sqlalchemy import or_, select, update
 
 from oauthproxy import metrics
-from oauthproxy.allowlists import grant_is_allowed
+from oauthproxy.allowlists import grant_is_allowed, route_for_resource
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.clock import database_now
 from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
+from oauthproxy.downstream_connections import live_connection
 from oauthproxy.errors import InvalidTargetError, safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, rows_affected, utcnow
@@ -216,6 +217,14 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):
             revoke_grant(row.grant_id, "refresh_token_reuse")
             db.session.commit()
             return None
+        route = route_for_resource(self.server.settings, family.resource)
+        if route is not None and route.credential.per_user and live_connection(route, family.user_id) is None:
+            # The user's connection to the downstream ended (refused, disconnected, its provider said invalid_grant):
+            # only the browser can make a new one. A refreshed token would get 401 at the MCP endpoint again, and
+            # clients that refresh on 401 before they re-authorize would go round in circles.
+            raise InvalidGrantError(
+                "the connection to this MCP server's own sign-in has ended; authorize again to reconnect it"
+            )
         return row
 
     def authenticate_user(self, refresh_token: Token) -> Grant | None:

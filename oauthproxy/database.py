@@ -16,6 +16,8 @@ from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, SecretBox, UnknownKeyError
 from oauthproxy.models import (
     AuthorizationCode,
+    DownstreamConnection,
+    DownstreamRegistration,
     Grant,
     McpSession,
     OAuthClient,
@@ -174,7 +176,8 @@ def rotate_encryption_key() -> int:
 
 
 def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
-    """Revoked grants and expired pending logins are skipped: they are never decrypted again (purge deletes them)."""
+    """Revoked grants, expired pending logins and refused connections are skipped: they are never decrypted again
+    (purge deletes the first two; a refused connection is replaced when the user connects again)."""
     changed = 0
     unreadable: list[str] = []
     unknown_key = False
@@ -204,10 +207,25 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
             value = getattr(grant, column)
             if value:
                 setattr(grant, column, rotate(value, f"grant:{grant.id}:{column}", f"grant {grant.id} ({column})"))
+    for connection in db.session.scalars(select(DownstreamConnection).where(DownstreamConnection.refused_at.is_(None))):
+        for column in ("access_token", "refresh_token"):
+            value = getattr(connection, column)
+            if value:
+                where = f"downstream connection {connection.id} ({column})"
+                setattr(connection, column, rotate(value, f"connection:{connection.id}:{column}", where))
     for pending in db.session.scalars(select(PendingAuthorization).where(PendingAuthorization.expires_at > utcnow())):
         pending.upstream_secrets = rotate(
             pending.upstream_secrets,
             f"pending:{pending.state_hash}:upstream_secrets",
             f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)",
         )
+    for registration in db.session.scalars(
+        select(DownstreamRegistration).where(DownstreamRegistration.client_secret.is_not(None))
+    ):
+        if registration.client_secret:  # never None here (the query); the test tells the type checker so
+            registration.client_secret = rotate(
+                registration.client_secret,
+                f"downstream-registration:{registration.key_hash}:client_secret",
+                f"downstream registration of route {registration.route} at {registration.issuer} (client secret)",
+            )
     return changed, unreadable, unknown_key

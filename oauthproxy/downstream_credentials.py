@@ -23,6 +23,9 @@ class Caller:
     email: str | None
     name: str | None
     upstream_access_token: str | None = field(default=None, repr=False)
+    #: The user's own credential for a per-user route (downstream_connections.py): a connection's access token or
+    #: the user's API key. None on every other route.
+    connection_secret: str | None = field(default=None, repr=False)
 
 
 def header_value(value: str) -> str | bytes:
@@ -38,8 +41,9 @@ def header_value(value: str) -> str | bytes:
 def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str | bytes]]:
     """The headers the route adds: identity headers (modes 1-3), then at most one credential header (2 or 3).
 
-    The four modes: identity headers only (the default); the user's upstream token as a Bearer token; a static
-    operator-configured secret in a named header; nothing. Identity headers combine with either credential; the
+    The modes: identity headers only (the default); the user's upstream token as a Bearer token; a static
+    operator-configured secret in a named header; the user's own credential for the downstream (a connection's
+    access token, or their API key) in the route's header, after its scheme; nothing. Identity headers combine with either credential; the
     upstream token as `X-Forwarded-Access-Token` is added only where the route's `forward_access_token` says so.
     """
     headers: list[tuple[str, str | bytes]] = []
@@ -57,6 +61,8 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
         headers.append(("Authorization", b"Bearer " + token if isinstance(token, bytes) else "Bearer " + token))
     elif credential.kind == "static":
         headers.append((credential.header, credential.value))
+    elif credential.per_user and caller.connection_secret:
+        headers.append((credential.header, header_value(credential.header_value(caller.connection_secret))))
     return headers
 
 

@@ -1,5 +1,5 @@
 """The login provider's tokens stored with each grant: the access token refreshed before use, one refresh at a time
-per grant everywhere."""
+per grant everywhere (the in-process locks and the database lease that serialise refreshes serve connections too)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -61,10 +61,10 @@ class KeyedLocks:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[int, tuple[threading.Lock, int]] = {}
+        self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
 
     @contextmanager
-    def hold(self, key: int, timeout: float = -1) -> Iterator[None]:
+    def hold(self, key: Hashable, timeout: float = -1) -> Iterator[None]:
         """Hold the key's lock; raises `TimeoutError` when it is not free within `timeout` seconds (-1: no bound)."""
         with self._guard:
             lock, users = self._locks.get(key, (threading.Lock(), 0))
@@ -88,46 +88,102 @@ class KeyedLocks:
 _POLL_SECONDS = 0.1
 
 
-def _lease_seconds(provider: OAuthProvider) -> float:
+def lease_seconds(provider: OAuthProvider) -> float:
     """A refresh lease outlives any provider call (its HTTP timeout), so it lapses only when its holder died."""
     return 3 * provider.timeout
 
 
-def _wait_seconds(provider: OAuthProvider) -> float:
+def wait_seconds(provider: OAuthProvider) -> float:
     """How long a request waits for someone else's refresh before answering 503: one provider call and some."""
     return provider.timeout + 5
 
 
-def _read_grant(grant_id: int) -> dict | None:
-    with db.engine.connect() as connection:
-        row = connection.execute(select(GRANTS).where(GRANTS.c.id == grant_id)).mappings().first()
-        return dict(row) if row is not None else None
+@dataclass
+class HeldLease:
+    """A refresh lease this request holds, and the row as read under it; `finish` stores the new tokens."""
+
+    lease: RefreshLease
+    row_id: int
+    claim: str
+    row: dict = field(repr=False)
+    given_back: bool = False
+
+    def finish(self, **values: Any) -> bool:
+        """Store `values` and end the lease in one short write; False when it lapsed (nothing was stored)."""
+        self.given_back = True
+        return self.lease.release(self.row_id, self.claim, **values)
 
 
-def _claim(grant_id: int, claim: str, lease_seconds: float) -> bool:
-    """Take the grant's refresh lease if nobody holds a live one: one short write, atomic on both databases."""
-    now = utcnow()
-    with db.engine.begin() as connection:
-        taken = connection.execute(
-            update(GRANTS)
-            .where(
-                GRANTS.c.id == grant_id,
-                or_(GRANTS.c.upstream_refresh_claimed_until.is_(None), GRANTS.c.upstream_refresh_claimed_until <= now),
+class RefreshLease:
+    """A lease on refreshing one row's tokens, kept in two columns of that row (who holds it, until when).
+
+    Taken and given back in short transactions of their own, atomic on both databases, never held across the
+    provider call; a lease whose holder died lapses by itself. Grants (the login provider's tokens) and downstream
+    connections each have one."""
+
+    def __init__(self, table: Table, claim_column: str, until_column: str):
+        self.table = table
+        self._id, self._claim, self._until = table.c.id, table.c[claim_column], table.c[until_column]
+
+    def read(self, row_id: int) -> dict | None:
+        with db.engine.connect() as connection:
+            row = connection.execute(select(self.table).where(self._id == row_id)).mappings().first()
+            return dict(row) if row is not None else None
+
+    def claim(self, row_id: int, claim: str, seconds: float) -> bool:
+        """Take the lease if nobody holds a live one."""
+        now = utcnow()
+        with db.engine.begin() as connection:
+            taken = connection.execute(
+                update(self.table)
+                .where(self._id == row_id, or_(self._until.is_(None), self._until <= now))
+                .values({self._claim: claim, self._until: now + timedelta(seconds=seconds)})
             )
-            .values(upstream_refresh_claim=claim, upstream_refresh_claimed_until=now + timedelta(seconds=lease_seconds))
-        )
-        return taken.rowcount == 1
+            return taken.rowcount == 1
+
+    def release(self, row_id: int, claim: str, **values: Any) -> bool:
+        """Store `values` and end the lease in one short write, if the lease is still ours; False when it lapsed."""
+        with db.engine.begin() as connection:
+            done = connection.execute(
+                update(self.table)
+                .where(self._id == row_id, self._claim == claim)
+                .values({self._claim: None, self._until: None, **{self.table.c[k]: v for k, v in values.items()}})
+            )
+            return done.rowcount == 1
+
+    @contextmanager
+    def held(
+        self, row_id: int, settled: Callable[[dict | None], None], provider: OAuthProvider, busy: Exception
+    ) -> Iterator[HeldLease]:
+        """Wait until the row needs no refresh after all (`settled` raises) or the lease is ours, then yield it.
+
+        `settled(row)` raises when the freshly read row needs no refresh (someone else did it while we waited) or
+        can have none, and returns when it still needs one; it is asked again under the lease, since the holder
+        before us may have just finished. Raises `busy` when the lease stays taken for `wait_seconds(provider)`.
+        The lease is given back on the way out, whatever happens, unless `finish` already did."""
+        claim = secrets.token_hex(16)
+        deadline = time.monotonic() + wait_seconds(provider)
+        while True:
+            settled(self.read(row_id))
+            if self.claim(row_id, claim, lease_seconds(provider)):
+                break
+            if time.monotonic() >= deadline:
+                raise busy
+            time.sleep(_POLL_SECONDS)  # gevent's sleep under the worker: the other greenlets run meanwhile
+        held: HeldLease | None = None
+        try:
+            row = self.read(row_id)
+            settled(row)
+            assert row is not None  # settled raised otherwise
+            held = HeldLease(self, row_id, claim, row)
+            yield held
+        finally:
+            if held is None or not held.given_back:
+                self.release(row_id, claim)
 
 
-def _release(grant_id: int, claim: str, **values: Any) -> bool:
-    """Store `values` and end the lease in one short write, if the lease is still ours; False when it lapsed."""
-    with db.engine.begin() as connection:
-        done = connection.execute(
-            update(GRANTS)
-            .where(GRANTS.c.id == grant_id, GRANTS.c.upstream_refresh_claim == claim)
-            .values(upstream_refresh_claim=None, upstream_refresh_claimed_until=None, **values)
-        )
-        return done.rowcount == 1
+#: The login provider's refresh of each grant.
+GRANT_LEASE = RefreshLease(GRANTS, "upstream_refresh_claim", "upstream_refresh_claimed_until")
 
 
 def open_grant_secret(app: Flask, grant_id: int, column: str, sealed: str) -> str:
@@ -200,7 +256,7 @@ def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAcc
     locks: KeyedLocks = components(app).refresh_locks
     busy = ProviderUnavailable("another refresh of this sign-in is still running; retry shortly", retry_after=5)
     try:
-        with locks.hold(grant_id, timeout=_wait_seconds(components(app).login_provider)):
+        with locks.hold(grant_id, timeout=wait_seconds(components(app).login_provider)):
             return _refresh_under_lease(app, grant_id, skew, busy)
     except TimeoutError:
         raise busy from None
@@ -220,19 +276,8 @@ def refresh_provider_access(app: Flask, grant_id: int, skew: int) -> ProviderAcc
 def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: ProviderUnavailable) -> ProviderAccess:
     provider: OAuthProvider = components(app).login_provider
     box = components(app).secret_box
-    claim = secrets.token_hex(16)
-    deadline = time.monotonic() + _wait_seconds(provider)
-    while True:
-        _settled(app, _read_grant(grant_id), skew)
-        if _claim(grant_id, claim, _lease_seconds(provider)):
-            break
-        if time.monotonic() >= deadline:
-            raise busy
-        time.sleep(_POLL_SECONDS)  # gevent's sleep under the worker: the other greenlets run meanwhile
-    try:
-        row = _read_grant(grant_id)  # read again under the lease: the holder before us may have just finished
-        _settled(app, row, skew)
-        assert row is not None  # _settled raised otherwise
+    with GRANT_LEASE.held(grant_id, lambda row: _settled(app, row, skew), provider, busy) as held:
+        row = held.row
         refresh_token = open_grant_secret(app, grant_id, "upstream_refresh_token", row["upstream_refresh_token"])
         try:
             tokens = provider.refresh(refresh_token, provider.scopes_for((row["scope"] or "").split()))
@@ -245,19 +290,19 @@ def _refresh_under_lease(app: Flask, grant_id: int, skew: int, busy: ProviderUna
                 "the identity provider could not refresh the sign-in; retry shortly",
                 retry_after=10 if error.kind == "transient" else 60,
             ) from None
-    except BaseException:
-        _release(grant_id, claim)
-        raise
-    values: dict = {
-        "upstream_access_token": box.encrypt(tokens.access_token, f"grant:{grant_id}:upstream_access_token"),
-        "upstream_expires_at": tokens.expires_at,
-    }
-    if tokens.refresh_token and tokens.refresh_token != refresh_token:
-        values["upstream_refresh_token"] = box.encrypt(tokens.refresh_token, f"grant:{grant_id}:upstream_refresh_token")
-    if not _release(grant_id, claim, **values):
-        log.warning(
-            "the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored", grant_id
-        )
-    else:
-        log.info("refreshed the upstream token of grant %s", grant_id)
+        values: dict = {
+            "upstream_access_token": box.encrypt(tokens.access_token, f"grant:{grant_id}:upstream_access_token"),
+            "upstream_expires_at": tokens.expires_at,
+        }
+        if tokens.refresh_token and tokens.refresh_token != refresh_token:
+            values["upstream_refresh_token"] = box.encrypt(
+                tokens.refresh_token, f"grant:{grant_id}:upstream_refresh_token"
+            )
+        if not held.finish(**values):
+            log.warning(
+                "the refresh lease of grant %s lapsed during the provider call; its new tokens were not stored",
+                grant_id,
+            )
+        else:
+            log.info("refreshed the upstream token of grant %s", grant_id)
     return ProviderAccess(tokens.access_token, tokens.expires_at)

@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy import select
@@ -20,6 +20,15 @@ from oauthproxy.components import components, current_application
 from oauthproxy.config import Settings
 from oauthproxy.consent import consent_cookie_name
 from oauthproxy.crypto import hash_token
+from oauthproxy.downstream_connections import (
+    REFUSED,
+    ConnectionAccess,
+    ConnectionRequired,
+    connection_from_row,
+    fresh_connection,
+    refuse_sent_credential,
+    with_connection,
+)
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.errors import json_error
 from oauthproxy.logs import set_request_user
@@ -73,6 +82,8 @@ class ValidatedToken:
     expires_at: float  # epoch seconds
     caller: Caller
     upstream: ProviderAccess
+    #: The user's own credential on a per-user route (downstream_connections.py), loaded with the token; else None.
+    connection: ConnectionAccess | None = field(default=None, repr=False)
 
 
 class TokenCache:
@@ -119,6 +130,16 @@ class TokenCache:
             for key in [key for key, (_, token) in self._entries.items() if token.grant_id == grant_id]:
                 del self._entries[key]
 
+    def forget_user(self, user_id: str, resource: str) -> None:
+        """Drop the user's tokens for one resource (canonical form): their connection to it changed."""
+        with self._lock:
+            for key in [
+                key
+                for key, (_, token) in self._entries.items()
+                if token.caller.user_id == user_id and token.resource == resource
+            ]:
+                del self._entries[key]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -146,7 +167,7 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
     cache: TokenCache = components().token_cache
     validated = cache.get(key)
     if validated is None:
-        row = db.session.execute(
+        query = (
             select(
                 Token.id,
                 Token.grant_id,
@@ -164,7 +185,10 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             )
             .join(Grant, Grant.id == Token.grant_id)
             .where(Token.access_token_hash == key)
-        ).first()
+        )
+        if route.credential.per_user:
+            query = with_connection(query, route)  # the user's credential for the route, in the same round trip
+        row = db.session.execute(query).first()
         db.session.rollback()  # end the read transaction now; a stream may outlive this request's context
         if row is None:
             raise TokenRejected("the access token is not recognised")
@@ -185,6 +209,12 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             except UnreadableGrant as error:
                 revoke_unreadable_grant(row.grant_id)
                 raise TokenRejected(f"{error}; sign in again") from None
+        connection = None
+        if route.credential.per_user:
+            try:
+                connection = connection_from_row(current_application(), route, row.user_id, row)
+            except ConnectionRequired as error:
+                raise TokenRejected(str(error)) from None
         # Expiry as the time left on the database's clock, which stamped it (clock.py): a skewed instance clock
         # neither ends the token early nor stretches it.
         validated = ValidatedToken(
@@ -193,8 +223,15 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             scopes=frozenset((row.scope or "").split()),
             resource=canonical_resource(row.resource),
             expires_at=time.time() + (row.access_expires_at - row.database_now).total_seconds(),
-            caller=Caller(row.user_id, row.user_email, row.user_name, upstream_token),
+            caller=Caller(
+                row.user_id,
+                row.user_email,
+                row.user_name,
+                upstream_token,
+                connection.secret if connection is not None else None,
+            ),
             upstream=ProviderAccess(upstream_token, row.upstream_expires_at),
+            connection=connection,
         )
         if validated.expires_at > time.time():
             cache.put(key, validated)
@@ -390,6 +427,26 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
         )
         components().token_cache.put(key, validated)
 
+    if validated.connection is not None:
+        try:
+            connection = fresh_connection(
+                current_application(),
+                route,
+                validated.caller.user_id,
+                validated.connection,
+                settings.proxy.upstream_refresh_skew,
+            )
+        except ConnectionRequired as error:
+            forget_grant(current_application(), validated.grant_id)
+            return unauthorized(route, str(error))
+        except ProviderUnavailable as error:
+            return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
+        if connection is not validated.connection:
+            validated = replace(
+                validated, connection=connection, caller=replace(validated.caller, connection_secret=connection.secret)
+            )
+            components().token_cache.put(key, validated)
+
     proxy: DownstreamProxy = components().downstream_proxy
     try:
         response = proxy.forward(route, request.environ, request.stream, validated.caller)
@@ -404,6 +461,16 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
         except SQLAlchemyError:
             response.close()  # a session we could not bind is not handed out
             return _database_unavailable()
+    if response.status_code == 401 and validated.connection is not None:
+        # The user's own credential was refused (revoked, expired, a changed API key): ask for it again. The client's
+        # re-authorization runs the connect step, since the connection is no longer live.
+        response.close()
+        try:
+            refuse_sent_credential(current_application(), route, validated.caller.user_id, validated.connection)
+        except SQLAlchemyError:
+            return _database_unavailable()
+        forget_grant(current_application(), validated.grant_id)
+        return unauthorized(route, REFUSED)
     if response.status_code == 401:
         # The downstream refused the credential we sent; its challenge would point the client at an
         # authorization server it has nothing to do with. Every 401 here carries our own (RS-2).

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import requests
 from flask import Flask
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from oauthproxy.components import components
 from oauthproxy.config import Settings
@@ -176,6 +177,8 @@ class SelfCheck:
                     yield from self.sign_in(target)
             for route in self.settings.routes:
                 yield from self.downstream(route)
+                if route.oauth is not None and route.oauth.discover:
+                    yield from self.downstream_authorization(route)
             if self.walk_public_url:
                 for route in self.settings.routes:
                     yield from self.discovery_chain(route)
@@ -434,6 +437,13 @@ class SelfCheck:
                     f"{route.downstream_url} refused the Host header (421): the MCP "
                     "server's DNS-rebinding protection must allow the host named in MCP_SERVER_URL",
                 )
+            elif status in (401, 403) and route.credential.per_user:
+                yield Finding(
+                    "ok",
+                    subject,
+                    f"{route.downstream_url} answers {status} without a credential, as expected: each user brings "
+                    f"their own (credential {route.credential.kind})",
+                )
             elif status in (401, 403):
                 yield Finding(
                     "warn",
@@ -475,6 +485,62 @@ class SelfCheck:
         except (requests.RequestException, ValueError, KeyError, TypeError):
             pass
         return ""
+
+    def downstream_authorization(self, route: Route) -> Iterator[Finding]:
+        """A route with oauth = "discover": walk the downstream's discovery chain as the connect step will, say how
+        the proxy will identify itself there (without registering: that happens on first use), and once it has an
+        identity, whether the server accepts the connect callback."""
+        from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH
+        from oauthproxy.downstream_discovery import build_discovered_provider, discover_authorization, identity_plan
+        from oauthproxy.providers import ProviderError
+
+        subject = f"downstream authorization {route.name}"
+        try:
+            found = discover_authorization(
+                route.downstream_url, timeout=self.timeout, ca_bundle=self.settings.ca_bundle
+            )
+        except ProviderError as error:
+            advice = (
+                "; it could not be reached from here: check that the MCP server and its authorization server run"
+                if error.kind == "transient"
+                else ""
+            )
+            yield Finding("fail", subject, f"{error.description}{advice}")
+            return
+        scopes = " ".join(found.scopes) or "none named"
+        yield Finding(
+            "ok",
+            subject,
+            f"{found.resource_metadata_url} names the authorization server {found.issuer} (metadata "
+            f"{found.metadata_url}, PKCE S256); users connect for the resource {found.resource}, scopes: {scopes}",
+        )
+        try:
+            identity, plan = identity_plan(route, found, self.settings)
+        except ProviderError as error:
+            yield Finding("fail", subject, error.description)
+            return
+        except SQLAlchemyError as error:  # the database: reported by its own check
+            yield Finding("warn", subject, f"cannot read the stored registration ({type(error).__name__})")
+            return
+        yield Finding("ok", subject, f"the proxy identifies itself there {plan}")
+        if identity is None:
+            return
+        connection = build_discovered_provider(route, found, identity, self.settings)
+        connection.provider.init_app(self.app)
+        yield from self.callback_accepted(
+            SignInTarget(
+                connection.provider,
+                self.settings.public_url + CONNECT_CALLBACK_PATH,
+                identity.client_id,
+                lambda: list(connection.scopes),
+                provider_subject=f"route {route.name} authorization server",
+                callback_subject=f"route {route.name} callback URL",
+                url_setting=f"the route's downstream ({route.name})",
+                client_setting=f"the stored registration of route {route.name}",
+                scope_setting=f"the downstream's scopes_supported ({route.name})",
+                subject_prefix=f"route {route.name} ",
+            )
+        )
 
     # -- what a client sees through PUBLIC_URL -------------------------------------------------------------
 

@@ -7,8 +7,9 @@ in ``tests/conftest.py`` (or ``-p tests.provider_fixture``).
 Fixtures:
 
 * ``start_oidc_provider`` (session): factory
-  ``start(access_token_ttl=3600, id_token_claims=False)`` returning a started
-  :class:`OidcProvider`; each one is stopped at session end.
+  ``start(access_token_ttl=3600, id_token_claims=False, registration=False,
+  resource_indicators=False)`` returning a started :class:`OidcProvider`; each
+  one is stopped at session end.
 * ``oidc_provider`` (session): one provider with the default access token TTL.
 * ``provider_failure_reset`` (function): clears the failure mode and the
   statistics of ``oidc_provider`` before and after the test.
@@ -96,7 +97,9 @@ class OidcProvider:
 
         Defaults: grant_types authorization_code + refresh_token, response_types
         code. Any other client metadata (``grant_types``, ``scope``,
-        ``application_type``, ...) may be passed as keyword arguments.
+        ``application_type``, ...) may be passed as keyword arguments, and
+        ``default_resource`` (a provider started with ``resource_indicators``):
+        the resource server this client's tokens are for when it names none.
         """
         body: dict[str, Any] = {
             "client_id": client_id,
@@ -122,7 +125,20 @@ class OidcProvider:
         return self._json("GET", "/test/stats")
 
     def reset_stats(self) -> None:
+        """Zero both :meth:`stats` and :meth:`endpoint_stats`."""
         self._json("POST", "/test/stats/reset")
+
+    def endpoint_stats(self) -> dict[str, int]:
+        """Hits of the other endpoints: registration_requests, introspection_requests, revocation_requests."""
+        return self._json("GET", "/test/endpoint-stats")
+
+    def revoke_grants(self, account_id: str, client_id: str | None = None) -> int:
+        """Revoke every token issued to ``account_id`` (for ``client_id`` only, when given), as a user removing an
+        app's access at the provider would; returns how many grants that ended."""
+        body: dict[str, str] = {"account_id": account_id}
+        if client_id is not None:
+            body["client_id"] = client_id
+        return int(self._json("POST", "/test/revoke-grants", json=body)["revoked_grants"])
 
     def set_failure(self, mode: str | None, delay_ms: int = 0) -> None:
         """Inject token endpoint failures until called again with ``None``.
@@ -194,12 +210,23 @@ def _startup_failure(message: str, log_path: Path) -> OidcProviderError:
     return OidcProviderError(f"{message}{hint}\n--- node output ---\n{output or '(none)'}")
 
 
-def launch_oidc_provider(log_path: Path, access_token_ttl: int = 3600, id_token_claims: bool = False) -> OidcProvider:
+def launch_oidc_provider(
+    log_path: Path,
+    access_token_ttl: int = 3600,
+    id_token_claims: bool = False,
+    registration: bool = False,
+    resource_indicators: bool = False,
+    resource_scopes: str = "mcp:tools",
+) -> OidcProvider:
     """Start provider.mjs and wait until it answers discovery. Caller must ``stop()`` it.
 
     ``id_token_claims``: also put email/name claims in ID tokens (by default, as
     oidc-provider does, an ID token issued with an access token carries only
     ``sub`` and the protocol claims; the profile claims come from ``/me``).
+    ``registration``: open dynamic client registration (RFC 7591).
+    ``resource_indicators``: the authorization server of loopback resource
+    servers (RFC 8707): a ``resource`` gets an opaque access token with that
+    audience and the ``resource_scopes`` asked for, checked by introspection.
     """
     node = shutil.which("node")
     if node is None:
@@ -217,6 +244,9 @@ def launch_oidc_provider(log_path: Path, access_token_ttl: int = 3600, id_token_
             "PORT": str(port),
             "ACCESS_TOKEN_TTL": str(access_token_ttl),
             "ID_TOKEN_CLAIMS": "1" if id_token_claims else "0",
+            "REGISTRATION": "1" if registration else "0",
+            "RESOURCE_INDICATORS": "1" if resource_indicators else "0",
+            "RESOURCE_SCOPES": resource_scopes,
         }
         env.pop("NODE_OPTIONS", None)
         log_file = log_path.open("wb")
@@ -273,7 +303,8 @@ def _wait_until_ready(provider: OidcProvider) -> None:
 def start_oidc_provider(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., OidcProvider]]:
-    """Factory: ``start_oidc_provider(access_token_ttl=3600, id_token_claims=False) -> OidcProvider``.
+    """Factory: ``start_oidc_provider(access_token_ttl=3600, id_token_claims=False, **options) -> OidcProvider``
+    (``options``: those of :func:`launch_oidc_provider`).
 
     Every provider it starts is its own process with its own users' sessions,
     clients and tokens; all are stopped at the end of the test session.
@@ -281,9 +312,11 @@ def start_oidc_provider(
     started: list[OidcProvider] = []
     log_dir = tmp_path_factory.mktemp("oidc-provider")
 
-    def start(access_token_ttl: int = 3600, id_token_claims: bool = False) -> OidcProvider:
+    def start(access_token_ttl: int = 3600, id_token_claims: bool = False, **options: Any) -> OidcProvider:
         log_path = log_dir / f"provider-{len(started)}.log"
-        provider = launch_oidc_provider(log_path, access_token_ttl=access_token_ttl, id_token_claims=id_token_claims)
+        provider = launch_oidc_provider(
+            log_path, access_token_ttl=access_token_ttl, id_token_claims=id_token_claims, **options
+        )
         started.append(provider)
         return provider
 

@@ -8,6 +8,7 @@ returns them to the caller, which stores them server-side and uses them once.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from oauthproxy.providers.errors import ProviderError, classify_exception, error
 from oauthproxy.providers.identity import ProviderIdentity, subject_claim, text_claim, verified_email
 
 OFFLINE_ACCESS = "offline_access"
+
+# The logger name operators know from before the providers package: log lines keep naming it.
+log = logging.getLogger("oauthproxy.upstream")
 
 T = TypeVar("T")
 
@@ -301,25 +305,60 @@ class OAuthProvider:
         # Google want it absent (or equal to the grant).
         return {}
 
-    def refresh(self, refresh_token: str, scopes: list[str] | None = None) -> ProviderTokens:
+    def refresh(
+        self, refresh_token: str, scopes: list[str] | None = None, extra_params: Mapping[str, str] | None = None
+    ) -> ProviderTokens:
         """Use a refresh token.  Keeps the old refresh token when the provider returns none.
         400 `invalid_grant` (revoked/expired) → `ProviderError("invalid_grant")`; network error,
         timeout, 5xx, 429 → `"transient"` (keep the grant and retry later).
 
         `scopes`: the scopes of the original login; only Microsoft uses them (its v2.0 token
-        endpoint wants `scope` on a refresh); without them Microsoft gets the configured ones."""
+        endpoint wants `scope` on a refresh); without them Microsoft gets the configured ones.
+        `extra_params`: more token request parameters (a downstream connection's `resource`, RFC 8707 §2.2)."""
         client = self._app()
+        params = {**(extra_params or {}), **self._refresh_params(scopes)}
         # `fetch_access_token(grant_type="refresh_token")` rather than the session's
         # `refresh_token()`: the latter fires Authlib's token_update signal, which needs a Flask
         # app context, and we store the tokens ourselves anyway.
         token = self._call(
             "refreshing the upstream token",
             self._metadata_value("token_endpoint"),
-            lambda: client.fetch_access_token(
-                grant_type="refresh_token", refresh_token=refresh_token, **self._refresh_params(scopes)
-            ),
+            lambda: client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token, **params),
         )
         return tokens_from(token, fallback_refresh_token=refresh_token)
+
+    def revoke_token(self, token: str, token_type_hint: str, endpoint: str | None = None) -> bool:
+        """RFC 7009: ask the provider to revoke `token` ("access_token" or "refresh_token"); True when it said 200.
+
+        Best effort, for a user who disconnects: at `endpoint`, else the metadata's `revocation_endpoint` (none:
+        nothing is sent, False). Bounded by `timeout` (and the metadata's first load); the client authenticates as
+        at the token endpoint. Failures are logged (never the token) and never raised."""
+        try:
+            url = endpoint or self._metadata_value("revocation_endpoint")
+            if not url:
+                return False
+            if not discovery.is_secure_url(url):
+                log.warning("not revoking a token at %s: a revocation URL must be https (http only on loopback)", url)
+                return False
+            client = self._app()
+            auth_method = client.client_kwargs.get("token_endpoint_auth_method")
+            with client._get_oauth_client(revocation_endpoint_auth_method=auth_method) as session:
+                response = self._call(
+                    "revoking a token",
+                    url,
+                    lambda: session.revoke_token(url, token=token, token_type_hint=token_type_hint),
+                )
+        except ProviderError as error:
+            log.warning("could not revoke a token at %s (%s): %s", self, error.kind, error.description)
+            return False
+        except Exception as error:  # best effort: whatever went wrong, the caller carries on
+            log.warning("could not revoke a token at %s: %s", self, type(error).__name__)
+            return False
+        if response.status_code != 200:
+            # RFC 7009 §2.2: 200 whether or not the token was valid; anything else is the provider's trouble.
+            log.warning("%s answered %s to a token revocation", url, response.status_code)
+            return False
+        return True
 
     # -- identity -------------------------------------------------------------------------------
 

@@ -7,6 +7,20 @@
 //   ID_TOKEN_CLAIMS   "1": put the scope-requested claims (email, name, ...) in
 //                     the ID token too; default: only in /me, which is what
 //                     oidc-provider does by default (conformIdTokenClaims)
+//   REGISTRATION      "1": open dynamic client registration (RFC 7591) at
+//                     /reg, advertised as registration_endpoint; default off
+//   RESOURCE_INDICATORS
+//                     "1": act as the authorization server of loopback
+//                     resource servers (RFC 8707): a `resource` parameter
+//                     naming an http(s) URL on 127.0.0.1 or localhost gets an
+//                     opaque access token whose audience is that URL, with the
+//                     RESOURCE_SCOPES the client asked for, checkable at the
+//                     introspection endpoint (RFC 7662) and revocable; the
+//                     token endpoint and refreshes keep the granted resource
+//                     without repeating it. Default off: `resource` is refused
+//                     with invalid_target, as before.
+//   RESOURCE_SCOPES   the scopes such a resource server knows (space
+//                     separated, default "mcp:tools")
 //
 // Prints exactly one line "READY <port>" on stdout once it is listening.
 // (oidc-provider itself may print "oidc-provider NOTICE: ..." lines on stdout
@@ -26,16 +40,28 @@
 //                            "token_delay", delay_ms?}
 //   POST /test/users         add (or replace) a user {login, email, name,
 //                            emailVerified?}: providers that send odd claims
+//   GET  /test/endpoint-stats  registration, introspection and revocation
+//                            request counters (reset with /test/stats/reset)
+//   POST /test/revoke-grants {account_id, client_id?}: revoke every token the
+//                            provider issued to that account (for that client),
+//                            as a user revoking an app at the provider would
+//
+// POST /test/clients also takes default_resource (RESOURCE_INDICATORS only):
+// the resource an authorization request of that client is for when it names
+// none (an authorization server that knows which API a client calls).
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import Provider, { interactionPolicy } from 'oidc-provider';
+import Provider, { errors, interactionPolicy } from 'oidc-provider';
 
 const HOST = '127.0.0.1';
 const PORT = Number.parseInt(process.env.PORT ?? '', 10);
 const ACCESS_TOKEN_TTL = Number.parseInt(process.env.ACCESS_TOKEN_TTL ?? '3600', 10);
 const ID_TOKEN_CLAIMS = process.env.ID_TOKEN_CLAIMS === '1';
+const REGISTRATION = process.env.REGISTRATION === '1';
+const RESOURCE_INDICATORS = process.env.RESOURCE_INDICATORS === '1';
+const RESOURCE_SCOPES = (process.env.RESOURCE_SCOPES ?? 'mcp:tools').split(' ').filter(Boolean).join(' ');
 
 if (!Number.isInteger(PORT) || PORT <= 0 || PORT > 65535) {
   throw new Error(`invalid PORT: ${process.env.PORT}`);
@@ -213,6 +239,48 @@ policy.get('login').checks.add(
 );
 
 // ---------------------------------------------------------------------------
+// Resource indicators (RESOURCE_INDICATORS=1): access tokens for a resource
+// server, e.g. an MCP server that does its own authorization.
+// ---------------------------------------------------------------------------
+
+// client_id -> the resource its authorization requests are for by default.
+const DEFAULT_RESOURCES = new Map();
+
+function isLoopbackResource(indicator) {
+  const url = URL.parse(indicator);
+  return (
+    url !== null
+    && (url.protocol === 'http:' || url.protocol === 'https:')
+    && (url.hostname === '127.0.0.1' || url.hostname === 'localhost')
+    && !url.hash
+  );
+}
+
+function resourceIndicatorsFeature() {
+  return {
+    enabled: true,
+    defaultResource: async (_ctx, client, oneOf) => oneOf ?? DEFAULT_RESOURCES.get(client?.clientId),
+    // RFC 8707 §2.2 lets a client repeat `resource` at the token endpoint; one
+    // that does not (or a refresh) still gets a token for the resource granted.
+    useGrantedResource: async () => true,
+    getResourceServerInfo: async (_ctx, indicator) => {
+      if (!isLoopbackResource(indicator)) {
+        throw new errors.InvalidTarget(`unknown resource server ${indicator}`);
+      }
+      // Opaque (not JWT): oidc-provider can neither introspect nor revoke its
+      // JWT access tokens, and a resource server that introspects sees a
+      // revocation at once.
+      return {
+        scope: RESOURCE_SCOPES,
+        audience: indicator,
+        accessTokenTTL: ACCESS_TOKEN_TTL,
+        accessTokenFormat: 'opaque',
+      };
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------
 // Provider
 // ---------------------------------------------------------------------------
 
@@ -226,7 +294,12 @@ const configuration = {
   findAccount,
   jwks: { keys: [signingKey] },
   cookies: { keys: [randomBytes(32).toString('base64url')] },
-  scopes: ['openid', 'offline_access', 'email', 'profile', 'read:user', 'user:email'],
+  scopes: [
+    'openid', 'offline_access', 'email', 'profile', 'read:user', 'user:email',
+    // Known here too, so that a client may register with them (RFC 7591 `scope`: oidc-provider accepts only
+    // these); a token carries them for a resource server only when issued for it.
+    ...(RESOURCE_INDICATORS ? RESOURCE_SCOPES.split(' ') : []),
+  ],
   claims: {
     acr: null,
     auth_time: null,
@@ -263,6 +336,9 @@ const configuration = {
     revocation: { enabled: true },
     introspection: { enabled: true },
     userinfo: { enabled: true },
+    // Open registration: no initial access token, as MCP clients expect.
+    registration: { enabled: REGISTRATION },
+    ...(RESOURCE_INDICATORS ? { resourceIndicators: resourceIndicatorsFeature() } : {}),
   },
   ttl: {
     AccessToken: () => ACCESS_TOKEN_TTL,
@@ -322,6 +398,40 @@ function emptyStats() {
 let stats = emptyStats();
 let failure = { mode: null, delay_ms: 0 };
 
+// Kept apart from `stats`, whose exact shape tests compare.
+function emptyEndpointStats() {
+  return { registration_requests: 0, introspection_requests: 0, revocation_requests: 0 };
+}
+
+let endpointStats = emptyEndpointStats();
+
+provider.use(async (ctx, next) => {
+  if (ctx.method === 'POST') {
+    if (REGISTRATION && ctx.path === provider.pathFor('registration')) endpointStats.registration_requests += 1;
+    if (ctx.path === provider.pathFor('introspection')) endpointStats.introspection_requests += 1;
+    if (ctx.path === provider.pathFor('revocation')) endpointStats.revocation_requests += 1;
+  }
+  return next();
+});
+
+// Every token of `accountId` (issued to `clientId` when given), and their grants.
+async function revokeGrants(accountId, clientId) {
+  const grantIds = new Set();
+  for (const [key, entry] of STORE) {
+    const [model] = key.split(':', 1);
+    const payload = entry.value;
+    if (!GRANTABLE.has(model) || payload?.accountId !== accountId) continue;
+    if (clientId !== undefined && payload.clientId !== clientId) continue;
+    if (payload.grantId) grantIds.add(payload.grantId);
+  }
+  for (const grantId of grantIds) {
+    // The adapter indexes every token of a grant, whatever its model.
+    await new MemoryAdapter('AccessToken').revokeByGrantId(grantId);
+    await new MemoryAdapter('Grant').destroy(grantId);
+  }
+  return grantIds.size;
+}
+
 provider.use(async (ctx, next) => {
   if (ctx.method !== 'POST' || ctx.path !== provider.pathFor('token')) {
     return next();
@@ -373,7 +483,26 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.path === '/test/stats/reset' && ctx.method === 'POST') {
     stats = emptyStats();
+    endpointStats = emptyEndpointStats();
     return json(ctx, 200, stats);
+  }
+  if (ctx.path === '/test/endpoint-stats' && ctx.method === 'GET') {
+    return json(ctx, 200, endpointStats);
+  }
+  if (ctx.path === '/test/revoke-grants' && ctx.method === 'POST') {
+    let body;
+    try {
+      body = await readJson(ctx);
+    } catch (err) {
+      return json(ctx, 400, { error: 'invalid_request', error_description: String(err.message) });
+    }
+    if (typeof body.account_id !== 'string' || !body.account_id) {
+      return json(ctx, 400, { error: 'invalid_request', error_description: 'account_id is required' });
+    }
+    if (body.client_id !== undefined && typeof body.client_id !== 'string') {
+      return json(ctx, 400, { error: 'invalid_request', error_description: 'client_id must be a string' });
+    }
+    return json(ctx, 200, { revoked_grants: await revokeGrants(body.account_id, body.client_id) });
   }
   if (ctx.path === '/test/failure' && ctx.method === 'GET') {
     return json(ctx, 200, failure);
@@ -417,11 +546,19 @@ provider.use(async (ctx, next) => {
     } catch (err) {
       return json(ctx, 400, { error: 'invalid_request', error_description: String(err.message) });
     }
+    const { default_resource: defaultResource, ...clientMetadata } = body;
+    if (defaultResource !== undefined && !(RESOURCE_INDICATORS && typeof defaultResource === 'string'
+      && isLoopbackResource(defaultResource))) {
+      return json(ctx, 400, {
+        error: 'invalid_client_metadata',
+        error_description: 'default_resource needs RESOURCE_INDICATORS=1 and a loopback http(s) URL',
+      });
+    }
     const metadata = {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
-      ...body,
+      ...clientMetadata,
     };
     if (metadata.token_endpoint_auth_method === 'none') delete metadata.client_secret;
     try {
@@ -433,6 +570,8 @@ provider.use(async (ctx, next) => {
       });
     }
     await new MemoryAdapter('Client').upsert(metadata.client_id, metadata);
+    if (defaultResource === undefined) DEFAULT_RESOURCES.delete(metadata.client_id);
+    else DEFAULT_RESOURCES.set(metadata.client_id, defaultResource);
     const client = await provider.Client.find(metadata.client_id);
     return json(ctx, 201, client.metadata());
   }
