@@ -277,6 +277,9 @@ def test_a_denied_call_is_answered_with_the_request_id(setup: PolicySetup, alice
     for name in ("WAIT", "Progress", "progress ", "prog*", "who", ""):
         response = refused_before_the_downstream(setup, alice["echo"], call(name))
         assert jsonrpc_error(response)["code"] == -32602, name
+    metrics = requests.get(f"{setup.proxy.url}/metrics", timeout=10).text
+    counted = [line for line in metrics.splitlines() if line.startswith("oauthproxy_tool_policy_refusals_total{")]
+    assert any('reason="tool_denied"' in line and 'route="echo"' in line for line in counted), counted
 
 
 @SQLITE_ONLY
