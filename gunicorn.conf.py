@@ -157,7 +157,7 @@ def post_worker_init(worker) -> None:
     """Take what the worker allocated while loading the app (modules, settings, SQLAlchemy and Authlib objects: most
     of its heap) out of the cyclic garbage collector's sight. Otherwise each full collection walks all of it again,
     a pause of several milliseconds that every request in flight waits out: the proxy's p99 (docs/benchmarks.md).
-    Then set up the worker's shutdown (_graceful_exit)."""
+    Then set up the worker's shutdown (_graceful_exit), and start its revocation listener."""
     import gc
     import signal
 
@@ -166,6 +166,10 @@ def post_worker_init(worker) -> None:
     # that also acted on its own SIGINT got a second quit while exiting, and gevent printed a SystemExit traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _graceful_exit(worker)
+    # After the fork: each worker listens for revocations made by the others (a thread, a greenlet here).
+    from oauthproxy.revocation_feed import listen
+
+    listen(worker.wsgi)
 
 
 #: Open streams are ended this long before GRACEFUL_TIMEOUT, when the master kills workers that are still running.

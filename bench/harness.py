@@ -8,8 +8,10 @@ Targets of the same run, measured alternately so that their ratios hold on a noi
 - proxy: the same through oauthproxy under its own gunicorn.conf.py, with a real access token from a real login.
 Then: idle event streams held by one worker, the delay each event gains, the token check, a streamed tools/call
 against a real MCP server, the same server under wrk (tools/call answered as an event stream, and session set-up),
-and py-spy profiles of the floor and proxy workers under load; last, a route with tool rules against the same route
-without (tools/list answers read and filtered, tools/call checked, a denied call answered by the proxy). The figures go to
+py-spy profiles of the floor and proxy workers under load, a route with the signed identity assertion against
+one without (wrk through one proxy, and the signing and reuse costs in-process), and a route with tool rules against
+the same route without (tools/list answers read and filtered, tools/call checked, a denied call answered by the
+proxy). The figures go to
 docs/benchmarks.md (regenerated on every run). Benchmarks never fail on a number: they print tables.
 """
 
@@ -54,9 +56,9 @@ from bench.servers import (
 from bench.sse_client import event_delays, hold_idle_streams
 from oauthproxy.components import components
 from tests.provider_fixture import OidcProvider, launch_oidc_provider
-from tests.proxy_fixtures import launch_mcp_downstream
+from tests.proxy_fixtures import launch_mcp_downstream, log_in
 
-SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload", "policy")
+SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy")
 LUA_SCRIPT = BENCH / "jsonrpc_post.lua"
 HANDSHAKE_SCRIPT = BENCH / "mcp_handshake.lua"
 JSON_RPC_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
@@ -566,6 +568,96 @@ class Bench:
                         runs.setdefault(f"{scenario}|{target.name}|{connections}", []).append(result)
         self.results["mcpload"] = {key: summarise_runs(found) for key, found in runs.items()}
 
+    # -- the signed identity assertion ------------------------------------------------------------------------------
+
+    def assertion(self) -> None:
+        """One proxy, two routes to the same fast downstream: `/mcp` plain, `/signed` with
+        `identity_assertion = true`; wrk alternates between them. Then, in this process on the proxy's database:
+        a signature (ES256, EdDSA) and an assertion answered from the per-grant cache."""
+        options = self.options
+        self.log(f"assertion: a proxy ({options.workers} worker(s)) with a plain and a signed route")
+        downstream = self.keep(start_fast_downstream(self.run_dir / "nginx-downstream-assertion"))
+        routes = self.run_dir / "assertion-routes.toml"
+        routes.write_text(
+            "\n".join(
+                [
+                    "[[routes]]",
+                    'name = "plain"',
+                    'path = "/mcp"',
+                    f'url = "{downstream.url}/mcp"',
+                    "",
+                    "[[routes]]",
+                    'name = "signed"',
+                    'path = "/signed"',
+                    f'url = "{downstream.url}/mcp"',
+                    "identity_assertion = true",
+                    "",
+                ]
+            )
+        )
+        proxy = self.proxy("", options.workers, MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes))
+        signed_login = log_in(proxy.url, proxy.url + "/signed")
+        targets = [
+            Target("no assertion", proxy.url + "/mcp", proxy.service, proxy.token),
+            Target("identity assertion", proxy.url + "/signed", proxy.service, signed_login.access_token),
+        ]
+        for target in targets:
+            check_target(target)
+            run_wrk(target.url, 20, 2, target.token)  # warm-up: the assertion signed, the token cached
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_number in range(1, options.rounds + 1):
+            for connections in options.connections:
+                for target in targets:
+                    self.log(f"assertion round {round_number}/{options.rounds}: {target.name}, {connections} conn.")
+                    runs.setdefault(f"{target.name}|{connections}", []).append(
+                        measure_wrk(target, connections, options.seconds)
+                    )
+        served = sum(sum(run["requests"] for run in found) for key, found in runs.items() if "identity" in key)
+        signed = _metric_total(proxy.url, "oauthproxy_identity_assertions_signed_total")
+        self.results["assertion"] = {
+            "wrk": {key: summarise_runs(found) for key, found in runs.items()},
+            "requests_with_assertion": served,
+            "signatures": signed,
+            **self._assertion_costs(proxy.env),
+        }
+
+    def _assertion_costs(self, env: dict[str, str]) -> dict[str, Any]:
+        import logging
+
+        from oauthproxy import create_app
+        from oauthproxy.downstream_credentials import Caller
+        from oauthproxy.identity_assertions import assertion_claims
+        from oauthproxy.models import db
+        from oauthproxy.signing_keys import PrivateKey, generate_key
+
+        app = create_app(env)
+        logging.getLogger().setLevel(logging.WARNING)
+        route = components(app).routes["signed"]
+        caller = Caller("alice", "alice@example.com", "Alice Liddell")
+        claims = assertion_claims(app.config["SETTINGS"].issuer, route, "client", caller, int(time.time()), 300, "j")
+        costs: dict[str, Any] = {}
+        for algorithm in ("ES256", "EdDSA"):
+            key = generate_key(algorithm)
+            signer = PrivateKey(key.thumbprint(), algorithm, key)
+            token = signer.sign(claims)
+            count = 2_000
+            started = time.perf_counter()
+            for _ in range(count):
+                signer.sign(claims)
+            costs[f"sign_{algorithm}_us"] = (time.perf_counter() - started) * 1e6 / count
+            costs[f"header_{algorithm}_bytes"] = len(token)
+        with app.test_request_context(route.path):
+            assertions = components(app).identity_assertions
+            assertions.assertion(route, 1, "client", caller)  # the first: the key set read, one signature
+            count = 50_000
+            started = time.perf_counter()
+            for _ in range(count):
+                assertions.assertion(route, 1, "client", caller)
+            costs["reuse_us"] = (time.perf_counter() - started) * 1e6 / count
+        with app.app_context():
+            db.engine.dispose()
+        return costs
+
     # -- tool rules -------------------------------------------------------------------------------------------------
 
     def policy(self) -> None:
@@ -617,7 +709,7 @@ class Bench:
         }
         started = time.monotonic()
         with self.stack:
-            for section in ("throughput", "token", "streams", "delay", "mcp", "mcpload", "policy"):
+            for section in ("throughput", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy"):
                 if section in self.options.sections:
                     getattr(self, "token_check" if section == "token" else section)()
         self.results.pop("token_for_checks", None)
@@ -656,6 +748,12 @@ async def _tool_calls(url: str, headers: dict[str, str], count: int) -> tuple[li
                 calls.append(ended - started)
                 firsts.append(first[0] - started)
     return calls, firsts
+
+
+def _metric_total(url: str, name: str) -> float:
+    """The sum of a counter's series on the proxy's /metrics (every worker's, under gunicorn)."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def _version(command: list[str]) -> str:

@@ -203,6 +203,7 @@ def render(results: dict[str, Any]) -> str:
     out += _mcp(results)
     out += _mcp_load(results)
     out += _policy(results)
+    out += _assertion(results)
     if ANALYSIS.exists():
         out += [ANALYSIS.read_text().rstrip(), ""]
     return "\n".join(out)
@@ -624,5 +625,59 @@ def _policy(results: dict[str, Any]) -> list[str]:
             "errors",
         ],
         rows,
+    )
+    return out
+
+
+def _assertion(results: dict[str, Any]) -> list[str]:
+    found = results.get("assertion")
+    if not found:
+        return []
+    workers = results["options"]["workers"]
+    out = [
+        "## Signed identity assertion",
+        "",
+        f"One proxy ({workers} gunicorn worker(s)) with two routes to the same nginx downstream: `/mcp` plain and "
+        "`/signed` with `identity_assertion = true` (an ES256 JWT in `X-Forwarded-Identity`, reused per grant "
+        "and route for 80% of its 5-minute lifetime); wrk alternates between them as in the throughput runs, each "
+        "with its own real access token.",
+        "",
+    ]
+    rows = []
+    for connections in (1, 20):
+        plain = found["wrk"].get(f"no assertion|{connections}")
+        for name in ("no assertion", "identity assertion"):
+            figure = found["wrk"].get(f"{name}|{connections}")
+            if not figure:
+                continue
+            rows.append(
+                [
+                    name,
+                    str(connections),
+                    _num(figure["rps"]),
+                    _ms(figure["p50_us"]),
+                    _ms(figure["p99_us"]),
+                    _num(figure["cpu_us_per_request"]),
+                    f"{figure['rps'] / plain['rps']:.0%}" if plain else DASH,
+                    str(figure["errors"]),
+                ]
+            )
+    out += _table(
+        ["route", "connections", "requests/s", "p50 ms", "p99 ms", "server CPU µs/request", "÷ no assertion", "errors"],
+        rows,
+    )
+    out += _table(
+        ["in-process, on the proxy's code", ""],
+        [
+            ["requests sent with an assertion during the wrk runs", _num(found["requests_with_assertion"])],
+            [
+                "signatures the proxy made in that time (`oauthproxy_identity_assertions_signed_total`)",
+                _num(found["signatures"]),
+            ],
+            ["ES256 signature", f"{found['sign_ES256_us']:.0f} µs"],
+            ["EdDSA (Ed25519) signature", f"{found['sign_EdDSA_us']:.0f} µs"],
+            ["an assertion reused from the per-grant cache", f"{found['reuse_us']:.1f} µs"],
+            ["header size, ES256 / EdDSA", f"{found['header_ES256_bytes']} / {found['header_EdDSA_bytes']} bytes"],
+        ],
     )
     return out

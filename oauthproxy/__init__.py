@@ -44,19 +44,21 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
 def configure_app(app: Flask, settings: Settings) -> None:
     from flask_migrate import Migrate
 
-    from oauthproxy import endpoints
+    from oauthproxy import account_views, connect_endpoints, endpoints
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.components import attach_components
     from oauthproxy.crypto import SecretBox
     from oauthproxy.database_faults import engine_options, init_database_faults
     from oauthproxy.downstream_discovery import init_downstream_discovery
+    from oauthproxy.identity_assertions import init_identity_assertions
     from oauthproxy.logs import configure_logging
     from oauthproxy.models import db
     from oauthproxy.operations import init_operations
     from oauthproxy.providers import build_connection_provider, build_login_provider
     from oauthproxy.rate_limits import init_rate_limits
     from oauthproxy.resource_server import init_resource_server
+    from oauthproxy.revocation_feed import init_revocation_feed
 
     # Werkzeug answers `//` in a path (merge_slashes) and a missing trailing slash (strict_slashes) with a 308 to a URL
     # built from the request's Host: an open redirect to any host a client names. Every URL we send comes from
@@ -118,8 +120,12 @@ def configure_app(app: Flask, settings: Settings) -> None:
         app.config["OAUTH_SCOPES_SUPPORTED"] = login_provider.default_scopes
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
+    app.register_blueprint(account_views.blueprint)
+    app.register_blueprint(connect_endpoints.blueprint)
     init_downstream_discovery(app)
     init_resource_server(app, settings)
+    init_identity_assertions(app)
+    init_revocation_feed(app)
     services.rate_limiter = init_rate_limits(app, settings)
     init_operations(app, settings)
 

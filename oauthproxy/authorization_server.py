@@ -26,6 +26,7 @@ from oauthproxy.errors import InvalidTargetError, safe_description
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, rows_affected, utcnow
 from oauthproxy.resource_server import forget_grant
+from oauthproxy.revocation_feed import revoked_in_transaction
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ def revoke_grant(grant_id: int, reason: str) -> None:
         .values(used_at=now)
     )
     metrics.GRANTS_REVOKED.labels(reason).inc()
-    # Immediate in this worker; other workers and instances notice within TOKEN_CACHE_TTL.
+    # Announced to every worker of every instance when (if) the caller's transaction commits; gone from this
+    # worker's cache now (and again after the commit, in case a request cached it meanwhile).
+    revoked_in_transaction([grant_id])
     forget_grant(current_app, grant_id)
     log.info("revoked grant %s: %s", grant_id, reason)
 
@@ -360,4 +363,10 @@ class AuthorizationServer(FlaskAuthorizationServer):
             "code_challenge_methods_supported": ["S256"],
             "authorization_response_iss_parameter_supported": True,
             "client_id_metadata_document_supported": True,
+            # RFC 8414 §2: the keys of what this issuer signs, the identity assertions routes send downstream.
+            **(
+                {"jwks_uri": f"{issuer}/.well-known/jwks.json"}
+                if any(route.identity_assertion_header for route in self.settings.routes)
+                else {}
+            ),
         }

@@ -165,8 +165,15 @@ def clients_delete(client_id: str) -> None:
 
 def _cache_note(revoked: int) -> None:
     if revoked:
-        ttl = current_app.config["SETTINGS"].proxy.token_cache_ttl
-        click.echo(f"Running proxies refuse the revoked tokens within {ttl} s (TOKEN_CACHE_TTL).")
+        settings = current_app.config["SETTINGS"]
+        ttl = settings.proxy.token_cache_ttl
+        if settings.revocation_feed == "off" or ttl == 0:
+            click.echo(f"Running proxies refuse the revoked tokens within {ttl} s (TOKEN_CACHE_TTL).")
+        else:
+            click.echo(
+                f"Running proxies refuse the revoked tokens within a second (revocation feed: "
+                f"{settings.revocation_feed}); a worker whose feed is down, within {ttl} s (TOKEN_CACHE_TTL)."
+            )
 
 
 @click.group("grants")
@@ -239,6 +246,67 @@ def grants_revoke(grant_id: int | None, user: str | None, client: str | None) ->
     _cache_note(len(ids))
 
 
+@click.group("identity-keys")
+def identity_keys() -> None:
+    """List or rotate the keys that sign identity assertions (published at /.well-known/jwks.json)."""
+
+
+def _key_timing():
+    from oauthproxy.signing_keys import KeyTiming
+
+    proxy = current_app.config["SETTINGS"].proxy
+    return KeyTiming(proxy.identity_assertion_ttl, proxy.identity_keys_reload_interval)
+
+
+@identity_keys.command("list")
+@with_appcontext
+def identity_keys_list() -> None:
+    """Every signing key, newest first: active (signs), retiring (published until its assertions expire), removed."""
+    from oauthproxy.signing_keys import list_signing_keys
+
+    rows = list_signing_keys(_key_timing())
+    click.echo(f"{'KID':<44} {'ALG':<6} {'STATE':<9} {'CREATED':<16} {'RETIRED':<16} PUBLISHED UNTIL")
+    for row in rows:
+        until = _when(row.published_until) if row.published_until else ("-" if row.state == "removed" else "(active)")
+        click.echo(
+            f"{row.kid:<44} {row.algorithm:<6} {row.state:<9} {_when(row.created_at):<16} "
+            f"{_when(row.retired_at):<16} {until}"
+        )
+    click.echo(f"{len(rows)} signing key(s); times in UTC")
+
+
+@identity_keys.command("rotate")
+@click.option(
+    "--algorithm",
+    type=click.Choice(["ES256", "EdDSA"], case_sensitive=False),
+    help="Of the new key; default IDENTITY_ASSERTION_ALGORITHM (ES256).",
+)
+@with_appcontext
+def identity_keys_rotate(algorithm: str | None) -> None:
+    """Make a new signing key active; the one it replaces stays published until its assertions have expired."""
+    from oauthproxy.routes import ASSERTION_ALGORITHMS
+    from oauthproxy.signing_keys import RotationConflict, rotate_signing_key
+
+    chosen = current_app.config["SETTINGS"].proxy.identity_assertion_algorithm
+    if algorithm:
+        chosen = next(name for name in ASSERTION_ALGORITHMS if name.lower() == algorithm.lower())
+    try:
+        rotation = rotate_signing_key(current_application(), chosen)
+    except RotationConflict as error:
+        raise click.ClickException(str(error)) from None
+    timing = _key_timing()
+    click.echo(f"new signing key {rotation.new_kid} ({rotation.algorithm}) is published now")
+    click.echo(
+        f"every worker signs with it from {timing.publication_delay} s from now (twice "
+        "IDENTITY_KEYS_RELOAD_INTERVAL): until then it is only published, so that downstreams' cached JWKS know it"
+    )
+    for kid in rotation.retired_kids:
+        click.echo(
+            f"key {kid} is retiring: it leaves /.well-known/jwks.json {timing.published_after_retirement} s from now, "
+            "once every assertion it signed has expired"
+        )
+
+
 #: Exit status of a database command that could not reach or use the database (as gunicorn's start-up).
 DATABASE_PROBLEM = 3
 
@@ -273,7 +341,7 @@ database_commands = DatabaseCommands(
 
 
 def register_commands(app: Flask) -> None:
-    for command in (purge, rotate_key, check, clients, grants):
+    for command in (purge, rotate_key, check, clients, grants, identity_keys):
         app.cli.add_command(command)
     app.cli.add_command(database_commands, "db")  # in place of Flask-Migrate's own group (`flask --app wsgi db`)
 
@@ -311,7 +379,7 @@ main.params = [param for param in main.params if param.name not in ("env_file", 
 click.version_option(package_version(), "--version", package_name="oauthproxy", message="%(prog)s %(version)s")(main)
 main.add_command(gen_key)
 # Also on the top-level group, so that `oauthproxy --help` lists them even before the settings are complete.
-for _command in (purge, rotate_key, check, clients, grants):
+for _command in (purge, rotate_key, check, clients, grants, identity_keys):
     main.add_command(_command)
 main.add_command(database_commands, "db")
 

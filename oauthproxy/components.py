@@ -12,12 +12,15 @@ if TYPE_CHECKING:
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.crypto import SecretBox
+    from oauthproxy.identity_assertions import IdentityAssertions
     from oauthproxy.mcp_sessions import SessionBindings
     from oauthproxy.provider_tokens import KeyedLocks
     from oauthproxy.providers import OAuthProvider
     from oauthproxy.proxy import DownstreamProxy
     from oauthproxy.resource_server import TokenCache
+    from oauthproxy.revocation_feed import RevocationFeed
     from oauthproxy.routes import Route
+    from oauthproxy.signing_keys import SigningKeys
 
 _KEY = "oauthproxy"
 
@@ -35,10 +38,15 @@ class Components:
     authorization_server: AuthorizationServer
     routes: dict[str, Route]
     token_cache: TokenCache
+    #: Announces revocations to every worker of every instance, and listens for them in this one.
+    revocation_feed: RevocationFeed
     refresh_locks: KeyedLocks
     mcp_sessions: SessionBindings
     downstream_proxy: DownstreamProxy
     rate_limiter: Limiter
+    #: The keys that sign identity assertions, and the assertions signed and kept for reuse (identity_assertions.py).
+    signing_keys: SigningKeys
+    identity_assertions: IdentityAssertions
     # Filled on first use by operations._schema_revisions: (head revisions, every revision) of the shipped scripts.
     schema_revisions: tuple[set[str], set[str]] | None = None
 

@@ -99,6 +99,16 @@ class Settings:
     ca_bundle: str | None = None
     #: GITHUB_API_URL: GitHub's REST API (https://api.github.com; GitHub Enterprise Server: https://HOST/api/v3).
     github_api_url: str | None = None
+    #: How each worker learns of grants revoked elsewhere (revocation_feed.py): "notify" (PostgreSQL LISTEN/NOTIFY),
+    #: "poll" (the revocations table, every 250 ms), "redis" (pub/sub) or "off" (TOKEN_CACHE_TTL alone).
+    revocation_feed: str = "poll"
+    #: Where the "redis" feed publishes and listens.
+    revocation_redis_url: str | None = field(default=None, repr=False)
+    #: REPLACE_PREVIOUS_GRANTS: a new sign-in of a user through a client, for a resource, revokes their earlier grants
+    #: of that client and resource (grant_replacement.py), so one login is live per client and MCP server.
+    replace_previous_grants: bool = True
+    #: ACCOUNT_SESSION_TTL: how long a sign-in to the account page lasts (account.py).
+    account_session_ttl: int = 3600
 
     @property
     def issuer(self) -> str:
@@ -259,6 +269,35 @@ def _private_use_schemes(env: Mapping[str, str], problems: list[str]) -> frozens
     return frozenset(s.lower() for s in schemes)
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _revocation_feed(
+    env: Mapping[str, str], dsn: str, rate_limit_storage: str, problems: list[str]
+) -> tuple[str, str | None]:
+    """REVOCATION_FEED (auto, notify, poll, redis, off) and REVOCATION_REDIS_URL, resolved: auto is redis when
+    REVOCATION_REDIS_URL is set, else notify on PostgreSQL, else poll."""
+    feed = read_choice(env, "REVOCATION_FEED", "auto", ("auto", "notify", "poll", "redis", "off"), problems)
+    redis_url = read_text(env, "REVOCATION_REDIS_URL") or None
+    if redis_url and not redis_url.startswith(REDIS_SCHEMES):
+        problems.append(
+            f"REVOCATION_REDIS_URL must be a redis://, rediss:// or unix:// URL; got one starting {redis_url.split(':', 1)[0]!r}"
+        )
+    postgres = dsn.startswith("postgresql")
+    if feed == "auto":
+        feed = "redis" if redis_url else "notify" if postgres else "poll"
+    if feed == "notify" and not postgres:
+        problems.append(
+            "REVOCATION_FEED=notify needs PostgreSQL (LISTEN/NOTIFY); with SQLite use poll (the default there)"
+        )
+    if feed == "redis" and not redis_url:
+        if rate_limit_storage.startswith(REDIS_SCHEMES):
+            redis_url = rate_limit_storage  # the Redis the rate limits already share
+        else:
+            problems.append("REVOCATION_FEED=redis needs REVOCATION_REDIS_URL, e.g. redis://127.0.0.1:6379")
+    return feed, redis_url if feed == "redis" else None
+
+
 def load_settings(env: Mapping[str, str] | None = None, instance_path: str | None = None) -> Settings:
     """Build `Settings` from the environment; raise `ConfigError` listing every problem."""
     env = os.environ if env is None else env
@@ -331,6 +370,8 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     consent_ttl = read_int(env, "CONSENT_TTL", 365 * DAY, problems, minimum=60, maximum=400 * DAY)
     consent_page_ttl = read_int(env, "CONSENT_PAGE_TTL", 600, problems, minimum=60, maximum=3600)
     provider_http_timeout = read_seconds(env, "PROVIDER_HTTP_TIMEOUT", 10.0, problems, minimum=1, maximum=120)
+    replace_previous_grants = read_bool(env, "REPLACE_PREVIOUS_GRANTS", True, problems)
+    account_session_ttl = read_int(env, "ACCOUNT_SESSION_TTL", 3600, problems, minimum=60, maximum=3600, unit="seconds")
 
     secret_key_raw = read_text(env, "SECRET_KEY")
     if secret_key_raw and len(secret_key_raw) < 32:
@@ -381,6 +422,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     if github_api_url:
         github_api_url = origin_url("GITHUB_API_URL", github_api_url, problems)
 
+    dsn = normalise_database_dsn(dsn)
+    revocation_feed, revocation_redis_url = _revocation_feed(env, dsn, rate_limit_storage, problems)
+
     if problems:
         raise ConfigError(problems)
 
@@ -400,7 +444,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         scopes_supported=scopes_supported,
         upstream_scopes=upstream_scopes,
         encryption_keys=encryption_keys,
-        database_dsn=normalise_database_dsn(dsn),
+        database_dsn=dsn,
         database_timeout=database_timeout,
         host=host,
         port=port,
@@ -436,4 +480,8 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         proxy=proxy,
         ca_bundle=ca_bundle,
         github_api_url=github_api_url,
+        revocation_feed=revocation_feed,
+        revocation_redis_url=revocation_redis_url,
+        replace_previous_grants=replace_previous_grants,
+        account_session_ttl=account_session_ttl,
     )

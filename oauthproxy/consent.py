@@ -69,12 +69,24 @@ def has_consented(request: Request, client_id: str, resource: str, scope: str) -
 
 
 def remember_consent(request: Request, response: Response, client_id: str, resource: str, scope: str) -> None:
-    settings: Settings = current_app.config["SETTINGS"]
     approved = approved_scopes(request)
     key = consent_key(client_id, resource)
     scopes = sorted(set(approved.pop(key, [])) | set(scope.split()))
     approved[key] = scopes  # re-inserted last: the most recent approvals survive the cap
-    kept = dict(list(approved.items())[-MAX_REMEMBERED_CLIENTS:])
+    _set_consent_cookie(response, dict(list(approved.items())[-MAX_REMEMBERED_CLIENTS:]))
+
+
+def forget_consent(request: Request, response: Response, client_id: str, resources: list[str]) -> None:
+    """Drop this browser's approvals of a client for these resources: a client the person revoked on the account
+    page must show the consent page again, not sign back in unseen through a remembered approval."""
+    approved = approved_scopes(request)
+    forgotten = {consent_key(client_id, resource) for resource in resources}
+    if forgotten & set(approved):
+        _set_consent_cookie(response, {key: scopes for key, scopes in approved.items() if key not in forgotten})
+
+
+def _set_consent_cookie(response: Response, kept: dict[str, list[str]]) -> None:
+    settings: Settings = current_app.config["SETTINGS"]
     response.set_cookie(
         consent_cookie_name(settings),
         _serializer(CONSENT_SALT).dumps(kept),

@@ -22,6 +22,8 @@ from oauthproxy.models import (
     McpSession,
     OAuthClient,
     PendingAuthorization,
+    PendingConnection,
+    SigningKey,
     Token,
     db,
     rows_affected,
@@ -74,6 +76,7 @@ class PurgeReport:
     grants: int
     clients: int
     mcp_sessions: int = 0
+    pending_connections: int = 0
 
 
 def purge_expired() -> PurgeReport:
@@ -122,8 +125,12 @@ def purge_expired() -> PurgeReport:
     )
     idle_cutoff = now - timedelta(seconds=settings.proxy.session_idle_timeout)
     sessions = rows_affected(db.session.execute(delete(McpSession).where(McpSession.last_seen_at <= idle_cutoff)))
+    # Logins abandoned at the connect step (connect.py): they hold the login provider's tokens, sealed.
+    connecting = rows_affected(
+        db.session.execute(delete(PendingConnection).where(PendingConnection.expires_at <= database_now()))
+    )
     db.session.commit()
-    return PurgeReport(pending, codes, tokens, grants, clients, sessions)
+    return PurgeReport(pending, codes, tokens, grants, clients, sessions, connecting)
 
 
 _purge_lock = threading.Lock()
@@ -219,6 +226,12 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
             f"pending:{pending.state_hash}:upstream_secrets",
             f"pending login {pending.state_hash[:12]} (expires {pending.expires_at:%H:%M} UTC)",
         )
+    for connecting in db.session.scalars(select(PendingConnection).where(PendingConnection.expires_at > utcnow())):
+        where = f"pending connection {connecting.state_hash[:12]} (expires {connecting.expires_at:%H:%M} UTC)"
+        prefix = f"pending-connection:{connecting.state_hash}"
+        connecting.login = rotate(connecting.login, f"{prefix}:login", where + " (login)")
+        if connecting.secrets:
+            connecting.secrets = rotate(connecting.secrets, f"{prefix}:secrets", where + " (secrets)")
     for registration in db.session.scalars(
         select(DownstreamRegistration).where(DownstreamRegistration.client_secret.is_not(None))
     ):
@@ -227,5 +240,11 @@ def _re_encrypt_all(box: SecretBox) -> tuple[int, list[str], bool]:
                 registration.client_secret,
                 f"downstream-registration:{registration.key_hash}:client_secret",
                 f"downstream registration of route {registration.route} at {registration.issuer} (client secret)",
+            )
+    # Removed keys have no private key left; the label is signing_keys.sealed_key_label's.
+    for key in db.session.scalars(select(SigningKey).where(SigningKey.private_jwk.is_not(None))):
+        if key.private_jwk:
+            key.private_jwk = rotate(
+                key.private_jwk, f"signing-key:{key.kid}:private_jwk", f"signing key {key.kid} ({key.state})"
             )
     return changed, unreadable, unknown_key

@@ -26,6 +26,8 @@ class Caller:
     #: The user's own credential for a per-user route (downstream_connections.py): a connection's access token or
     #: the user's API key. None on every other route.
     connection_secret: str | None = field(default=None, repr=False)
+    #: The route's signed identity assertion for this request (identity_assertions.py), on routes that send one.
+    identity_assertion: str | None = field(default=None, repr=False)
 
 
 def header_value(value: str) -> str | bytes:
@@ -51,6 +53,8 @@ def downstream_auth_headers(route: Route, caller: Caller) -> list[tuple[str, str
         for name, value in zip(IDENTITY_HEADERS[:3], (caller.user_id, caller.email, caller.name), strict=True):
             if value:
                 headers.append((name, header_value(value)))
+    if route.identity_assertion_header and caller.identity_assertion:
+        headers.append((route.identity_assertion_header, caller.identity_assertion))
     if route.forward_access_token and caller.upstream_access_token:
         # Only where the route asks for it: a downstream that merely needs to know who calls must not hold a token
         # that acts as the user at the provider.
@@ -71,4 +75,6 @@ def credential_header_names(route: Route) -> frozenset[str]:
     names = {name.lower() for name in IDENTITY_HEADERS}
     if route.credential.kind != "none":
         names.add(route.credential.header.lower())
+    if route.identity_assertion_header:
+        names.add(route.identity_assertion_header.lower())
     return frozenset(names)

@@ -14,6 +14,8 @@ from flask import current_app, redirect, session
 from sqlalchemy import delete
 from werkzeug.wrappers import Response as BaseResponse
 
+from oauthproxy.account import complete_account_login
+from oauthproxy.allowlists import grant_is_allowed
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
 from oauthproxy.clients import Client, metadata_document_error
 from oauthproxy.clock import database_now
@@ -21,6 +23,7 @@ from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
 from oauthproxy.errors import safe_description
+from oauthproxy.grant_replacement import replace_previous_grants
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import Grant, PendingAuthorization, db, rows_affected
 from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity, ProviderTokens
@@ -241,6 +244,8 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             "Sign-in link expired",
             "This sign-in has expired or was already used. Start again from your MCP client.",
         )
+    if pending.purpose == "account":  # the account page's own sign-in: no client, no grant (account.py)
+        return complete_account_login(pending, args)
     if hash_token(session.get("browser_id", "")) != pending.browser_binding_hash:
         raise AuthorizationPageError(
             400,
@@ -295,7 +300,9 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             validated.state,
         )
     set_request_user(identity.id)
-    if not settings.user_is_allowed(identity.email):
+    # The global allowlist and the route's: a user the route would refuse is told now, before any connect step,
+    # rather than signed in to get 403 at every request.
+    if not grant_is_allowed(settings, identity.email, validated.resource):
         log.info("user %s is not in the allowlist", identity.id)
         denied = error_redirect_url(
             validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
@@ -308,6 +315,12 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
             denied,
         )
 
+    # Issue 13: a route that takes each user's own credential asks for it first; the grant waits for it.
+    from oauthproxy.connect import connection_step  # deferred: connect builds on this module
+
+    connecting = connection_step(validated, identity, tokens, scopes)
+    if connecting is not None:
+        return connecting
     family = store_grant(validated, identity, tokens, scopes)
     response = _server().create_authorization_response(
         request=validated.request, grant_user=family, grant=validated.grant
@@ -366,6 +379,7 @@ def store_grant(
     )
     db.session.add(family)
     db.session.flush()
+    replace_previous_grants(family)  # one live grant per user, client and resource (grant_replacement.py)
     family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")
     if tokens.refresh_token:
         family.upstream_refresh_token = box.encrypt(tokens.refresh_token, f"grant:{family.id}:upstream_refresh_token")

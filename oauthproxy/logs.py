@@ -27,11 +27,14 @@ SECRET_PARAMETERS = (
     "request",
 )
 _SECRET_VALUE = re.compile(r"(?<=[?&])(" + "|".join(SECRET_PARAMETERS) + r")=[^&\s\"]*")
+#: The connect page's single-use token travels in its path (`/connect/<token>`, connect.py): as secret as a state.
+_CONNECT_TOKEN = re.compile(r"(^|[\s\"])/connect/(?!callback(?![A-Za-z0-9_-]))[A-Za-z0-9_-]+")
 
 
 def redact(text: str) -> str:
-    """`text` with the value of every secret query parameter replaced, e.g. `/callback?code=…&state=…`."""
-    return _SECRET_VALUE.sub(r"\1=[redacted]", text)
+    """`text` with the value of every secret query parameter replaced, e.g. `/callback?code=…&state=…`, and the
+    connect page's token (`/connect/…`)."""
+    return _CONNECT_TOKEN.sub(r"\1/connect/[redacted]", _SECRET_VALUE.sub(r"\1=[redacted]", text))
 
 
 class RedactSecrets(logging.Filter):
@@ -136,7 +139,7 @@ def log_request(environ: dict[str, Any], status: int, duration: float) -> None:
     fields = {
         "request_id": environ.get(REQUEST_ID_KEY, "-"),
         "method": environ.get("REQUEST_METHOD", "-"),
-        "path": path,
+        "path": redact(path),
         "status": status,
         "duration_ms": round(duration * 1000, 1),
         "user_id": environ.get(USER_ID_KEY, "-"),
@@ -146,7 +149,7 @@ def log_request(environ: dict[str, Any], status: int, duration: float) -> None:
     access_log.info(
         "%s %s %s %.1fms user=%s client=%s",
         fields["method"],
-        _printable(path),
+        _printable(fields["path"]),
         status,
         fields["duration_ms"],
         fields["user_id"],

@@ -88,6 +88,20 @@ GRANTS_REVOKED = Counter(
     "oauthproxy_grants_revoked_total", "Grants (whole token families) revoked, by reason.", ["reason"]
 )
 REGISTRATIONS = Counter("oauthproxy_client_registrations_total", "Dynamic client registrations answered with 201.")
+REVOCATION_FEED_CONNECTED = Gauge(
+    "oauthproxy_revocation_feed_connected",
+    "1 while this worker's revocation feed is connected: a grant revoked anywhere leaves its token cache within a "
+    "second. 0 while it is down (or off): TOKEN_CACHE_TTL bounds it then. Per instance, the lowest of its workers.",
+    multiprocess_mode="livemin",
+)
+REVOCATION_FEED_OUTAGES = Counter(
+    "oauthproxy_revocation_feed_outages_total",
+    "Times a worker's revocation feed was lost or could not connect (its token cache is flushed when it is back).",
+)
+REVOCATION_PUBLISH_FAILURES = Counter(
+    "oauthproxy_revocation_publish_failures_total",
+    "Revocations the Redis feed could not publish: other workers refuse those tokens within TOKEN_CACHE_TTL.",
+)
 PROVIDER_LATENCY = Histogram(
     "oauthproxy_upstream_request_duration_seconds",
     "Requests to the identity provider, by action.",
@@ -98,6 +112,12 @@ PROVIDER_ERRORS = Counter(
     "oauthproxy_upstream_errors_total",
     "Failed requests to the identity provider, by action and kind (transient, invalid_grant, misconfigured, ...).",
     ["action", "kind"],
+)
+
+IDENTITY_ASSERTIONS_SIGNED = Counter(
+    "oauthproxy_identity_assertions_signed_total",
+    "Identity assertions signed for the downstream, by route (each is reused for most of its lifetime).",
+    ["route"],
 )
 
 

@@ -1,4 +1,4 @@
-"""Models: registered clients, grants (a user's authorization of a client), codes, tokens and pending logins."""
+"""Models: registered clients, grants (a user's authorization of a client), codes, tokens, pending logins, signing keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import CursorResult, ForeignKey, Index, MetaData, Result, String, Text, UniqueConstraint
+from sqlalchemy import CursorResult, ForeignKey, Index, MetaData, Result, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -182,6 +182,20 @@ class McpSession(Model):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class Revocation(Model):
+    """A grant revoked in the last few minutes, for the workers that learn of revocations by polling
+    (revocation_feed.py): each reads the rows past the last id it saw. Written in the revoking transaction;
+    pruned after RETENTION_SECONDS. AUTOINCREMENT on SQLite: an id is never handed out twice, even after the
+    newest row was pruned, so `id > last seen` never skips one."""
+
+    __tablename__ = "revocations"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    grant_id: Mapped[int] = mapped_column()
+    revoked_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class DownstreamConnection(Model):
     """One user's credential for one route's downstream (route credential `oauth` or `user_api_key`).
 
@@ -249,3 +263,32 @@ class DownstreamRegistration(Model):
     client_secret: Mapped[str | None] = mapped_column(Text)
     metadata_json: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SigningKey(Model):
+    """One of the proxy's keys for signing identity assertions (signing_keys.py): `active` (exactly one signs),
+    `retiring` (signs no more, still published until every assertion it signed has expired), `removed`.
+
+    `kid` is the RFC 7638 thumbprint of the public key. The private key is sealed (crypto.SecretBox) as
+    `signing-key:{kid}:private_jwk` and dropped when the key is removed. Times are the database's clock."""
+
+    __tablename__ = "signing_keys"
+    # At most one active key, whatever workers and instances race to create or rotate one.
+    __table_args__ = (
+        Index(
+            "uq_signing_keys_one_active",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+    )
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    public_jwk: Mapped[str] = mapped_column(Text)
+    private_jwk: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column()
+    retired_at: Mapped[datetime | None] = mapped_column()
+    removed_at: Mapped[datetime | None] = mapped_column()

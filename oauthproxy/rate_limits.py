@@ -136,6 +136,8 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         ("authorization.register", settings.register_rate_limit),
         ("authorization.authorize", settings.authorize_rate_limit),
         ("authorization.submit_consent", settings.authorize_rate_limit),
+        ("account.sign_in", settings.authorize_rate_limit),  # each one stores a pending login
+        ("connect.connect_page", settings.authorize_rate_limit),  # its key form may try the key at the downstream
         ("authorization.token", settings.token_rate_limit),
         ("authorization.revoke", settings.token_rate_limit),
     )

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -31,6 +32,7 @@ from oauthproxy.downstream_connections import (
 )
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.errors import json_error
+from oauthproxy.identity_assertions import caller_with_assertion, signing_unavailable
 from oauthproxy.logs import set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
@@ -46,6 +48,7 @@ from oauthproxy.provider_tokens import (
 )
 from oauthproxy.proxy import DownstreamError, DownstreamProxy
 from oauthproxy.routes import Route
+from oauthproxy.signing_keys import SigningUnavailable
 from oauthproxy.urls import canonical_resource
 
 log = logging.getLogger(__name__)
@@ -84,20 +87,26 @@ class ValidatedToken:
     upstream: ProviderAccess
     #: The user's own credential on a per-user route (downstream_connections.py), loaded with the token; else None.
     connection: ConnectionAccess | None = field(default=None, repr=False)
+    client_id: str = ""  # the MCP client the token was issued to (the identity assertion's client_id)
 
 
 class TokenCache:
     """A bounded LRU of recently validated tokens (keyed by hash), each answered for at most `ttl` seconds.
 
-    This is what keeps a database round trip off every MCP request. The price: a token revoked at the database
-    keeps working for up to `ttl` seconds in each worker that cached it (default 30; `TOKEN_CACHE_TTL=0` turns
-    caching off). An entry never outlives its token's own expiry.
+    This is what keeps a database round trip off every MCP request. A revoked grant leaves every worker's cache
+    through the revocation feed (revocation_feed.py) within a second; while a worker's feed is down, its cached
+    tokens are trusted for at most `ttl` seconds (default 30; `TOKEN_CACHE_TTL=0` turns caching off), the bound
+    before the feed existed. An entry never outlives its token's own expiry.
     """
 
     def __init__(self, ttl: int, max_entries: int):
         self.ttl, self.max_entries = ttl, max_entries
         self._entries: OrderedDict[str, tuple[float, ValidatedToken]] = OrderedDict()
+        self._keys_of_grant: dict[int, set[str]] = {}
         self._lock = threading.Lock()
+        #: Bumped by every forget and flush: a token read from the database before a revocation arrived must not be
+        #: cached after it (`put` compares it with the value read before the query).
+        self.generation = 0
 
     def get(self, key: str) -> ValidatedToken | None:
         if self.ttl <= 0:
@@ -107,38 +116,70 @@ class TokenCache:
             if item is None:
                 return None
             if item[0] <= time.monotonic():
-                del self._entries[key]
+                self._drop(key)
                 return None
             self._entries.move_to_end(key)
             return item[1]
 
-    def put(self, key: str, token: ValidatedToken) -> None:
+    def put(self, key: str, token: ValidatedToken, generation: int) -> None:
+        """Cache `token`, read from the database when `self.generation` was `generation`: unless a revocation (or a
+        flush) came in meanwhile, which the read may predate."""
         if self.ttl <= 0:
             return
         lifetime = min(self.ttl, token.expires_at - time.time())
         with self._lock:
-            previous = self._entries.get(key)
-            # A refreshed upstream token replaces the entry without extending how long it is trusted.
-            fresh_until = previous[0] if previous else time.monotonic() + lifetime
-            self._entries[key] = (fresh_until, token)
-            self._entries.move_to_end(key)
+            if generation != self.generation:
+                return
+            self._drop(key)
+            self._entries[key] = (time.monotonic() + lifetime, token)
+            self._keys_of_grant.setdefault(token.grant_id, set()).add(key)
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                self._drop(next(iter(self._entries)))
+
+    def update(self, key: str, token: ValidatedToken) -> None:
+        """Replace a cached entry (a refreshed upstream token) without extending how long it is trusted; an entry
+        forgotten meanwhile stays forgotten."""
+        with self._lock:
+            previous = self._entries.get(key)
+            if previous is not None and previous[1].grant_id == token.grant_id:
+                self._entries[key] = (previous[0], token)
+
+    def forget_grants(self, grant_ids: Iterable[int]) -> None:
+        with self._lock:
+            self.generation += 1
+            for grant_id in grant_ids:
+                for key in self._keys_of_grant.get(grant_id, set()).copy():
+                    self._drop(key)
 
     def forget_grant(self, grant_id: int) -> None:
+        self.forget_grants((grant_id,))
+
+    def clear(self) -> None:
+        """Forget everything: after the revocation feed may have missed announcements."""
         with self._lock:
-            for key in [key for key, (_, token) in self._entries.items() if token.grant_id == grant_id]:
-                del self._entries[key]
+            self.generation += 1
+            self._entries.clear()
+            self._keys_of_grant.clear()
+
+    def _drop(self, key: str) -> None:
+        item = self._entries.pop(key, None)
+        if item is not None:
+            keys = self._keys_of_grant.get(item[1].grant_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._keys_of_grant[item[1].grant_id]
 
     def forget_user(self, user_id: str, resource: str) -> None:
         """Drop the user's tokens for one resource (canonical form): their connection to it changed."""
         with self._lock:
+            self.generation += 1
             for key in [
                 key
                 for key, (_, token) in self._entries.items()
                 if token.caller.user_id == user_id and token.resource == resource
             ]:
-                del self._entries[key]
+                self._drop(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -167,10 +208,13 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
     cache: TokenCache = components().token_cache
     validated = cache.get(key)
     if validated is None:
+        components().revocation_feed.listen_on_first_use()
+        generation = cache.generation  # before the query: a revocation arriving during it keeps the row out
         query = (
             select(
                 Token.id,
                 Token.grant_id,
+                Token.client_id,
                 Token.scope,
                 Token.resource,
                 Token.access_expires_at,
@@ -232,9 +276,10 @@ def load_token(token: str, route: Route) -> tuple[str, ValidatedToken]:
             ),
             upstream=ProviderAccess(upstream_token, row.upstream_expires_at),
             connection=connection,
+            client_id=row.client_id,
         )
         if validated.expires_at > time.time():
-            cache.put(key, validated)
+            cache.put(key, validated, generation)
     if validated.expires_at <= time.time():
         raise TokenRejected("the access token has expired")
     # RFC 8707 / MCP RS-3: the audience must be this resource; a token for another route is refused.
@@ -425,7 +470,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
         validated = replace(
             validated, upstream=upstream, caller=replace(validated.caller, upstream_access_token=upstream.access_token)
         )
-        components().token_cache.put(key, validated)
+        components().token_cache.update(key, validated)
 
     if validated.connection is not None:
         try:
@@ -445,11 +490,17 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
             validated = replace(
                 validated, connection=connection, caller=replace(validated.caller, connection_secret=connection.secret)
             )
-            components().token_cache.put(key, validated)
+            components().token_cache.update(key, validated)
 
+    caller = validated.caller
+    if route.identity_assertion_header:  # identity_assertions.py: a signed JWT of who calls, reused per grant
+        try:
+            caller = caller_with_assertion(route, validated.grant_id, validated.client_id, caller)
+        except SigningUnavailable as error:
+            return signing_unavailable(error)
     proxy: DownstreamProxy = components().downstream_proxy
     try:
-        response = proxy.forward(route, request.environ, request.stream, validated.caller)
+        response = proxy.forward(route, request.environ, request.stream, caller)
     except DownstreamError as error:
         return json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
     answered = response.mcp_session_id

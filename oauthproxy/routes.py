@@ -78,6 +78,8 @@ ROUTE_KEYS = frozenset(
         "api_key_help_url",
         "api_key_verify",
         "tool_rules",
+        "identity_assertion",
+        "identity_assertion_header",
     }
 )
 #: Keys of a route's `[routes.oauth]` table: the downstream's own authorization server, configured like the login
@@ -111,7 +113,39 @@ SINGLE_ROUTE_ENV = {
     "oauth": "DOWNSTREAM_OAUTH",  # only "discover": a configured provider needs the routes file's table
     "api_key_help_url": "DOWNSTREAM_API_KEY_HELP_URL",
     "api_key_verify": "DOWNSTREAM_API_KEY_VERIFY",
+    "identity_assertion": "DOWNSTREAM_IDENTITY_ASSERTION",
+    "identity_assertion_header": "DOWNSTREAM_IDENTITY_ASSERTION_HEADER",
 }
+
+#: Where a route's signed identity assertion (identity_assertions.py) goes unless `identity_assertion_header` says.
+DEFAULT_IDENTITY_ASSERTION_HEADER = "X-Forwarded-Identity"
+#: Letters, digits and single hyphens: a name with `_` would reach a WSGI server as the same variable as its `-`
+#: spelling, so the client's copy could slip past the stripping that matches names exactly.
+IDENTITY_ASSERTION_HEADER_NAME = re.compile(r"^[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*$")
+#: Besides PROTECTED_HEADERS: what the proxy removes from clients or passes untouched (credentials, cookies,
+#: hop-by-hop fields, MCP's resumption header, the request id), which the assertion must not replace.
+ASSERTION_HEADER_CONFLICTS = PROTECTED_HEADERS | frozenset(
+    {
+        "authorization",
+        "cookie",
+        "origin",
+        "forwarded",
+        "x-real-ip",
+        "expect",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "upgrade",
+        "last-event-id",
+        "x-request-id",
+    }
+)
+#: Algorithms of the proxy's signing keys, as `IDENTITY_ASSERTION_ALGORITHM` spells them (any case).
+ASSERTION_ALGORITHMS = ("ES256", "EdDSA")
 
 
 @dataclass(frozen=True)
@@ -189,6 +223,9 @@ class Route:
     #: Which tools each caller may list and call (`[[routes.tool_rules]]`); None: every tool, and the proxy never
     #: reads the requests' bodies.
     tool_policy: ToolPolicy | None = None
+    #: The header that carries a short-lived JWT signed by the proxy asserting who calls (identity_assertions.py);
+    #: None: the route sends none.
+    identity_assertion_header: str | None = None
 
     @property
     def metadata_path(self) -> str:
@@ -227,6 +264,13 @@ class ProxySettings:
     #: A pooled downstream connection idle longer than this is not reused: below the keep-alive timeouts of common
     #: servers (uvicorn, Node, Apache: 5 s), so the proxy never sends on a connection the downstream is closing.
     downstream_pool_idle_timeout: float = 4.0
+    #: Signed identity assertions (routes with `identity_assertion = true`): their lifetime in seconds, the
+    #: algorithm of new signing keys, how often each worker re-reads the key set (also the JWKS's max-age, and how
+    #: long a new key is published before it signs), and how many assertions each worker keeps for reuse.
+    identity_assertion_ttl: int = 300
+    identity_assertion_algorithm: str = "ES256"
+    identity_keys_reload_interval: int = 30
+    identity_assertion_cache_size: int = 10_000
 
     def origin_is_allowed(self, origin: str) -> bool:
         return "*" in self.allowed_origins or normalise_origin(origin) in self.allowed_origins
@@ -458,6 +502,7 @@ def build_route(
         )
     elif "api_key_help_url" in entry or "api_key_verify" in entry:
         problems.append(f'{where}: api_key_help_url and api_key_verify are for credential = "user_api_key"')
+    assertion_header = _identity_assertion_header(entry, where, credential, problems)
     emails = string_list(entry.get("allowed_emails", []), f"{where}: allowed_emails", problems)
     domains = string_list(entry.get("allowed_email_domains", []), f"{where}: allowed_email_domains", problems)
     return Route(
@@ -481,7 +526,44 @@ def build_route(
         tool_policy=parse_tool_rules(entry["tool_rules"], f"{where}: tool_rules", problems)
         if "tool_rules" in entry
         else None,
+        identity_assertion_header=assertion_header,
     )
+
+
+def _identity_assertion_header(
+    entry: Mapping[str, Any], where: str, credential: DownstreamCredential, problems: list[str]
+) -> str | None:
+    """`identity_assertion` (yes/no, default no) and `identity_assertion_header` (default X-Forwarded-Identity)."""
+    enabled = boolean_value(entry.get("identity_assertion", False), f"{where}: identity_assertion", False, problems)
+    header = entry.get("identity_assertion_header")
+    if not enabled:
+        if header is not None:
+            problems.append(
+                f"{where}: identity_assertion_header is set but identity_assertion is not true; set "
+                "identity_assertion = true to send the signed identity assertion"
+            )
+        return None
+    if header is None:
+        return DEFAULT_IDENTITY_ASSERTION_HEADER
+    if not isinstance(header, str) or not IDENTITY_ASSERTION_HEADER_NAME.match(header) or len(header) > 64:
+        problems.append(
+            f"{where}: identity_assertion_header must be a header name of at most 64 letters, digits and hyphens, "
+            f"such as {DEFAULT_IDENTITY_ASSERTION_HEADER}; got {header!r}"
+        )
+        return None
+    lower = header.lower()
+    if lower in ASSERTION_HEADER_CONFLICTS or lower.startswith("mcp-"):
+        problems.append(
+            f"{where}: identity_assertion_header {header} is set, removed or passed through by the proxy itself; "
+            f"choose another header, such as {DEFAULT_IDENTITY_ASSERTION_HEADER}"
+        )
+        return None
+    if credential.kind != "none" and lower == credential.header.lower():
+        problems.append(
+            f"{where}: identity_assertion_header {header} already carries the route's credential; choose another header"
+        )
+        return None
+    return header
 
 
 def load_routes(
@@ -574,4 +656,25 @@ def load_proxy_settings(env: Mapping[str, str], public_url: str, problems: list[
             env, "MCP_MAX_BODY_BYTES", 8 * 1024 * 1024, problems, minimum=1024, maximum=2**40, unit="bytes"
         ),
         session_idle_timeout=read_seconds(env, "MCP_SESSION_IDLE_TIMEOUT", DAY, problems, minimum=60, maximum=30 * DAY),
+        identity_assertion_ttl=read_int(
+            env, "IDENTITY_ASSERTION_TTL", 300, problems, minimum=10, maximum=3600, unit="seconds"
+        ),
+        identity_assertion_algorithm=_assertion_algorithm(env, problems),
+        identity_keys_reload_interval=read_int(
+            env, "IDENTITY_KEYS_RELOAD_INTERVAL", 30, problems, minimum=1, maximum=300, unit="seconds"
+        ),
+        identity_assertion_cache_size=read_int(
+            env, "IDENTITY_ASSERTION_CACHE_SIZE", 10_000, problems, minimum=1, maximum=10_000_000
+        ),
     )
+
+
+def _assertion_algorithm(env: Mapping[str, str], problems: list[str]) -> str:
+    raw = read_text(env, "IDENTITY_ASSERTION_ALGORITHM", ASSERTION_ALGORITHMS[0])
+    for algorithm in ASSERTION_ALGORITHMS:
+        if raw.lower() == algorithm.lower():
+            return algorithm
+    problems.append(
+        f"IDENTITY_ASSERTION_ALGORITHM must be ES256 (ECDSA P-256, the default) or EdDSA (Ed25519); got {raw!r}"
+    )
+    return ASSERTION_ALGORITHMS[0]

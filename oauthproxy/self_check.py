@@ -162,6 +162,7 @@ class SelfCheck:
         with self.app.app_context():
             yield from self.configuration()
             yield from self.database()
+            yield from self.revocation_feed()
             login = components(self.app).login_provider
             yield from self.sign_in(
                 SignInTarget(
@@ -212,6 +213,27 @@ class SelfCheck:
         else:
             yield Finding(
                 "fail", "database", f"{where} answers but its schema is not current: run `oauthproxy db upgrade`"
+            )
+
+    def revocation_feed(self) -> Iterator[Finding]:
+        feed = components(self.app).revocation_feed
+        ttl = self.settings.proxy.token_cache_ttl
+        if feed.mode == "off" or ttl == 0:
+            yield Finding(
+                "info",
+                "revocation feed",
+                f"off: a revoked token keeps working for up to {ttl} s (TOKEN_CACHE_TTL) in workers that cached it",
+            )
+            return
+        problem = feed.probe()
+        if problem is None:
+            yield Finding("ok", "revocation feed", f"{feed.mode}: revocations reach every worker within a second")
+        else:
+            yield Finding(
+                "fail",
+                "revocation feed",
+                f"{feed.mode}: cannot listen ({problem}); a revoked token would keep working for up to {ttl} s "
+                "(TOKEN_CACHE_TTL) in workers that cached it",
             )
 
     # -- the identity provider ----------------------------------------------------------------------

@@ -53,7 +53,8 @@ class ToolRule:
                     return True
         # Callers carry no groups yet: until they do, a rule for groups only never matches (fails closed for
         # allow rules, and a deny rule for a group simply does not apply).
-        return bool(self.groups) and not self.groups.isdisjoint(getattr(caller, "groups", frozenset()))
+        # (None, as the identity assertion reads it, means the same: no groups known.)
+        return bool(self.groups) and not self.groups.isdisjoint(getattr(caller, "groups", None) or ())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ pytest_plugins = [
     "tests.proxy_fixtures",
     "tests.interop_fixtures",
     "tests.bad_input_fixtures",
+    "tests.connect_fixtures",
     "tests.downstream_auth_fixtures",
 ]
 

@@ -164,3 +164,32 @@ def test_the_report_shows_what_tool_rules_cost() -> None:
     assert "| 95% |" in rows["tools/call (allowed)"] and "| 40 |" in rows["tools/call (allowed)"]
     assert "| 200% |" in rows["tools/call (denied, answered by the proxy)"]
     assert report._policy({}) == []
+
+
+def test_the_assertion_section_compares_the_two_routes() -> None:
+    def wrk(rps: float) -> dict:
+        return {"rps": rps, "p50_us": 1_000, "p99_us": 3_000, "cpu_us_per_request": 1e6 / rps, "errors": 0}
+
+    results = {
+        "options": {"workers": 1},
+        "assertion": {
+            "wrk": {
+                "no assertion|1": wrk(500),
+                "identity assertion|1": wrk(490),
+                "no assertion|20": wrk(800),
+                "identity assertion|20": wrk(760),
+            },
+            "requests_with_assertion": 12_345,
+            "signatures": 1,
+            "sign_ES256_us": 120.4,
+            "sign_EdDSA_us": 95.2,
+            "reuse_us": 4.7,
+            "header_ES256_bytes": 513,
+            "header_EdDSA_bytes": 513,
+        },
+    }
+    text = "\n".join(report._assertion(results))
+    assert "## Signed identity assertion" in text
+    assert "| identity assertion | 20 | 760 | 1.00 | 3.00 | 1,316 | 95% | 0 |" in text
+    assert "| signatures the proxy made in that time (`oauthproxy_identity_assertions_signed_total`) | 1 |" in text
+    assert harness.parse_args(["--sections", "assertion"]).sections == ("assertion",)

@@ -151,7 +151,8 @@ def test_the_command_line_tool_lists_every_documented_command() -> None:
         assert f"  {command} " in output.stdout, (command, output.stdout, output.stderr)
 
 
-def test_clients_and_grants_can_be_listed_and_revoked(proxy: RunningProxy) -> None:
+def test_clients_and_grants_can_be_listed_and_revoked(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(REPLACE_PREVIOUS_GRANTS="false")  # two live grants of alice through one client
     runner = proxy.app.test_cli_runner()
     alice_client = proxy.register_client(client_name="Alice's editor")
     bob_client = proxy.register_client(client_name="Bob's agent")

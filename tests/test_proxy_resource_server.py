@@ -15,6 +15,7 @@ from sqlalchemy import event, update
 from oauthproxy.crypto import hash_token
 from oauthproxy.models import Token, db, utcnow
 from tests.conftest import RunningProxy
+from tests.flows import Browser, McpOAuthClient
 from tests.proxy_fixtures import EchoServer, log_in, write_routes
 
 
@@ -103,7 +104,8 @@ def test_expired_and_revoked_tokens_are_refused(
 ) -> None:
     proxy = start_proxy(MCP_SERVER_URL=echo_downstream.url + "/mcp", TOKEN_CACHE_TTL="0")
     url = proxy.url + "/mcp"
-    expired, revoked = log_in(proxy.url, url), log_in(proxy.url, url)
+    # Two users: a second sign-in of one user through the same (deduplicated) client would replace the first.
+    expired, revoked = log_in(proxy.url, url), log_in(proxy.url, url, login_hint="bob")
     with proxy.app.app_context():
         db.session.execute(
             update(Token)
@@ -190,10 +192,15 @@ def test_a_token_without_the_routes_scope_gets_403_naming_the_scope(two_routes: 
 def test_a_route_can_admit_only_some_users(two_routes: Callable[..., RunningProxy]) -> None:
     proxy = two_routes(github={"allowed_email_domains": ["example.org"]})
     url = proxy.url + "/mcp/github"
-    alice = log_in(proxy.url, url, login_hint="alice")  # alice@example.com
-    response = requests.post(url, headers=alice.bearer, timeout=5)
-    assert response.status_code == 403 and response.json()["error"] == "access_denied"
-    assert "WWW-Authenticate" not in response.headers  # not a scope problem: re-authorizing would not help
+    # alice@example.com is told at sign-in, before any token exists: the route's list is checked there too.
+    client = McpOAuthClient.register(proxy.url)
+    browser = Browser(proxy.url, login_hint="alice")
+    with pytest.raises(AssertionError, match="403"):
+        client.login(browser, resource=url)
+    assert "alice@example.com is not allowed to use this server" in browser.last_page.text
+    # Through the other route she is let in; that token is refused here (another audience) as before.
+    alice = log_in(proxy.url, proxy.url + "/mcp/gmail", login_hint="alice")
+    assert requests.post(url, headers=alice.bearer, timeout=5).status_code == 401
     bob = log_in(proxy.url, url, login_hint="bob")  # bob@example.org
     assert requests.post(url, headers=bob.bearer, timeout=5).status_code == 200
 

@@ -126,6 +126,8 @@ def test_group_rules_never_match_callers_without_groups() -> None:
     assert not tool_allowed(rules, "admin_reset", ALICE)
     assert tool_allowed(rules, "admin_reset", GroupCaller("alice", None, None, groups=frozenset({"admins"})))
     assert not tool_allowed(rules, "admin_reset", GroupCaller("alice", None, None, groups=frozenset({"Admins"})))
+    # Groups not known (None, as the identity assertion reads a missing value) match nothing either.
+    assert not tool_allowed(rules, "admin_reset", GroupCaller("alice", None, None, groups=None))  # type: ignore[arg-type]
     deny_for_group = policy({"deny": ["search"], "groups": ["interns"]}, {"allow": ["*"]})
     assert tool_allowed(deny_for_group, "search", ALICE)
     assert not tool_allowed(deny_for_group, "search", GroupCaller("i", None, None, groups=frozenset({"interns"})))
