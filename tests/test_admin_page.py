@@ -311,7 +311,19 @@ def test_unknown_and_malformed_ids_are_refused_with_a_page(admin_proxy: RunningP
     bobs = client_login(admin_proxy, f"Id Target {secrets.token_hex(3)}", login_hint="bob")
     (grant_id,) = grant_ids(admin_proxy, bobs.client.client_id)
     browser = admin_browser(admin_proxy)
-    for value in ("abc", "", "-1", "1.0", "1e3", " 1", "\u0661", "9" * 19, "0x10", str(grant_id) + "\x00", str(grant_id) + "\n"):
+    for value in (
+        "abc",
+        "",
+        "-1",
+        "1.0",
+        "1e3",
+        " 1",
+        "\u0661",
+        "9" * 19,
+        "0x10",
+        str(grant_id) + "\x00",
+        str(grant_id) + "\n",
+    ):
         assert_page(admin_post(browser, "/admin/grants/revoke", {"grant_id": value}), 400, "A grant id is a number")
     assert_page(admin_post(browser, "/admin/grants/revoke", {}), 400)
     for value in ("9" * 18, str(2**31)):  # past the integer column: no grant id at all, on either database
