@@ -52,6 +52,14 @@ class AdminPageError(AccountPageError):
     back_label = "Back to the admin page"
 
 
+class NotAnAdmin(AdminPageError):
+    """The 403 page of a signed-in person who is no admin: its button leads to their own account page (where they
+    can sign out and sign in as someone else), not back to the page that refused them."""
+
+    back_endpoint = "account.account_page"
+    back_label = "Go to your account page"
+
+
 def _settings() -> Settings:
     return current_app.config["SETTINGS"]
 
@@ -76,7 +84,7 @@ def signed_in_admin() -> AccountUser | None:
     if not is_admin(user):
         log.info("user %s is not an admin (admin page refused)", user.user_id)
         who = user.email or "This account (the provider vouched for no email)"
-        raise AdminPageError(
+        raise NotAnAdmin(
             403,
             "Not an administrator",
             f"{who} is not listed in ADMIN_EMAILS, so the admin page is closed to it. Ask the operator to add you.",

@@ -232,7 +232,9 @@ def test_a_non_admin_gets_403_and_changes_nothing(admin_proxy: RunningProxy) -> 
     alices = client_login(admin_proxy, f"Alice Tool {secrets.token_hex(3)}")
     (grant_id,) = grant_ids(admin_proxy, alices.client.client_id)
     bob = admin_browser(admin_proxy, login_hint="bob", expect_admin=False)
-    assert_page(bob.session.get(admin_proxy.url + "/admin", timeout=10), 403, f"{BOB} is not listed in ADMIN_EMAILS")
+    refused = bob.session.get(admin_proxy.url + "/admin", timeout=10)
+    assert_page(refused, 403, f"{BOB} is not listed in ADMIN_EMAILS")
+    assert 'href="/account">Go to your account page' in refused.text and alices.client.client_id not in refused.text
     assert_page(bob.session.get(admin_proxy.url + "/admin/audit?user=x", timeout=10), 403)
     assert_page(admin_post(bob, "/admin/grants/revoke", {"grant_id": str(grant_id)}), 403)
     assert_page(admin_post(bob, "/admin/clients/revoke", {"client_id": alices.client.client_id}), 403)
@@ -487,3 +489,29 @@ def test_the_sign_in_returns_only_to_its_own_pages(admin_proxy: RunningProxy) ->
     back = account_start.authorize(started.headers["Location"], admin_proxy.url + "/account")
     assert back == admin_proxy.url + "/account"
     admin_browser(admin_proxy)
+
+
+@SQLITE_ONLY
+def test_each_table_stops_at_its_cap_and_says_so(admin_proxy: RunningProxy) -> None:
+    """201 grants of one client: the grants table shows 200 and says there are more; filtering still finds one."""
+    client_id = "cap-" + secrets.token_hex(8)
+    with admin_proxy.app.app_context():
+        db.session.add_all(
+            Grant(
+                client_id=client_id,
+                user_id=f"cap-user-{index}",
+                resource=admin_proxy.url + "/mcp/notes",
+                created_at=datetime(2000, 1, 1),  # older than anything else: the other tables keep their rows
+            )
+            for index in range(admin.ROW_CAP + 1)
+        )
+        db.session.commit()
+    browser = admin_browser(admin_proxy)
+    page_html = browser.session.get(admin_proxy.url + "/admin", params={"client": client_id}, timeout=30).text
+    grants = page_html.split('id="grants"')[1].split('id="connections"')[0]
+    assert grants.count('<tr class="grant') == admin.ROW_CAP
+    assert "The 200 most recent grants are shown; there are more: filter by user or client" in grants
+    assert "cap-user-200" in grants and "cap-user-0<" not in grants  # the newest first
+    one = browser.session.get(admin_proxy.url + "/admin", params={"user": "cap-user-0"}, timeout=30).text
+    grants = one.split('id="grants"')[1].split('id="connections"')[0]
+    assert grants.count('<tr class="grant') == 1 and "1 grants (at most 200 are shown)" in grants
