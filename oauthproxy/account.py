@@ -41,6 +41,10 @@ REVOKED_REASON = "revoked_by_user"
 class AccountPageError(Exception):
     """A page telling the person what went wrong on the account page and what to do; `retry_after` for a 503."""
 
+    #: Where the error page's one button leads (an endpoint), and what it says.
+    back_endpoint = "account.account_page"
+    back_label = "Back to your account"
+
     def __init__(self, status: int, title: str, message: str, *, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.title, self.message, self.retry_after = status, title, message, retry_after
@@ -52,6 +56,10 @@ def _settings() -> Settings:
 
 def account_url() -> str:
     return _settings().public_url + "/account"
+
+
+#: The pages that sign in through the account page's sign-in, and where the callback sends the person back to.
+RETURN_PATHS = ("/account", "/admin")
 
 
 # -- the account page's own sign-in -----------------------------------------------------------------------------------
@@ -67,11 +75,14 @@ class AccountUser:
     signed_in_at: int
 
 
-def begin_account_login() -> BaseResponse:
+def begin_account_login(return_to: str = "/account") -> BaseResponse:
     """Send the person to the login provider, at the proxy's one registered redirect URI (`/callback`).
 
     A pending login of purpose "account", bound to this browser like an MCP client's: the callback dispatches it to
-    `complete_account_login`. Only the identity scopes are asked: the provider's tokens are not kept."""
+    `complete_account_login`, which sends the person back to `return_to` (one of RETURN_PATHS: the admin page signs
+    in the same way). Only the identity scopes are asked: the provider's tokens are not kept."""
+    if return_to not in RETURN_PATHS:
+        raise ValueError(f"not a page that signs in: {return_to!r}")
     settings = _settings()
     provider: OAuthProvider = components().login_provider
     try:
@@ -93,7 +104,7 @@ def begin_account_login() -> BaseResponse:
             state_hash=state_hash,
             browser_binding_hash=hash_token(session["browser_id"]),
             client_id="",
-            request_json="{}",
+            request_json=json.dumps({"return_to": return_to}),
             purpose=PURPOSE,
             upstream_secrets=components().secret_box.encrypt(
                 json.dumps(upstream_secrets), f"pending:{state_hash}:upstream_secrets"
@@ -162,7 +173,16 @@ def complete_account_login(pending: PendingAuthorization, args: dict[str, str]) 
     # A fresh CSRF token for the signed-in page: one a page read before the sign-in no longer acts for the account.
     session["csrf"] = secrets.token_urlsafe(32)
     log.info("user %s signed in to the account page", identity.id)
-    return redirect(account_url())
+    return redirect(_settings().public_url + _return_path(pending))
+
+
+def _return_path(pending: PendingAuthorization) -> str:
+    """Where the sign-in was started from: a fixed list, never a URL the request chose."""
+    try:
+        wanted = json.loads(pending.request_json).get("return_to")
+    except (ValueError, AttributeError):
+        wanted = None
+    return wanted if wanted in RETURN_PATHS else "/account"
 
 
 def signed_in_user() -> AccountUser | None:

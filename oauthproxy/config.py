@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from oauthproxy.allowlists import email_is_allowed
+from oauthproxy.allowlists import email_address, email_is_allowed, email_is_listed
 from oauthproxy.config_values import (
     DAY,
     absolute_url,
@@ -71,6 +71,8 @@ class Settings:
     provider_http_timeout: float = 10.0
     allowed_emails: frozenset[str] = frozenset()
     allowed_email_domains: frozenset[str] = frozenset()
+    #: ADMIN_EMAILS: the verified emails (lower-cased) of the operators the admin page (`/admin`) lets in.
+    admin_emails: frozenset[str] = frozenset()
     allow_private_client_metadata_urls: bool = False
     #: Client ID Metadata Documents: fetch bounds and how long documents (and failures to get one) are cached.
     client_metadata_fetch_timeout: float = 5.0
@@ -139,6 +141,10 @@ class Settings:
 
     def user_is_allowed(self, email: str | None) -> bool:
         return email_is_allowed(email, self.allowed_emails, self.allowed_email_domains)
+
+    def user_is_admin(self, email: str | None) -> bool:
+        """Whether this verified email is listed in ADMIN_EMAILS (an empty list makes no one an admin)."""
+        return email_is_listed(email, self.admin_emails)
 
 
 @dataclass(frozen=True)
@@ -414,6 +420,11 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     scopes_supported = read_list(env, "SCOPES_SUPPORTED", problems)
     upstream_scopes = read_list(env, "UPSTREAM_SCOPES", problems)
     allowed_emails = frozenset(e.lower() for e in read_list(env, "ALLOWED_EMAILS", problems))
+    admin_emails = frozenset(e.lower() for e in read_list(env, "ADMIN_EMAILS", problems))
+    # A domain or a name here would silently make no one an admin: whole addresses only.
+    problems.extend(
+        f"ADMIN_EMAILS must list email addresses; got {e!r}" for e in sorted(admin_emails) if email_address(e) is None
+    )
     allowed_domains = frozenset(d.lower().lstrip("@") for d in read_list(env, "ALLOWED_EMAIL_DOMAINS", problems))
     routes = load_routes(env, public_url, scopes_supported, problems) if public_url else ()
     proxy = load_proxy_settings(env, public_url, problems)
@@ -459,6 +470,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         provider_http_timeout=provider_http_timeout,
         allowed_emails=allowed_emails,
         allowed_email_domains=allowed_domains,
+        admin_emails=admin_emails,
         allow_private_client_metadata_urls=allow_private_cimd,
         client_metadata_fetch_timeout=metadata_timeout,
         client_metadata_max_bytes=metadata_max_bytes,

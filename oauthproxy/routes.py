@@ -28,6 +28,7 @@ RESERVED_PATHS = (
     "/callback",
     "/connect",
     "/account",
+    "/admin",
     "/.well-known",
     "/static",
     "/healthz",
