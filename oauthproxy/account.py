@@ -16,7 +16,6 @@ from werkzeug.wrappers import Response as BaseResponse
 from oauthproxy.authorization_server import revoke_grant
 from oauthproxy.client_metadata import is_metadata_document_client_id
 from oauthproxy.clients import Client, load_client
-from oauthproxy.clock import database_now
 from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
@@ -96,23 +95,9 @@ def begin_account_login(return_to: str = "/account") -> BaseResponse:
             f"{provider.display_name} cannot be reached right now. Try again in a minute.",
             retry_after=30,
         ) from None
-    if "browser_id" not in session:
-        session["browser_id"] = secrets.token_urlsafe(32)
-    state_hash = hash_token(upstream_secrets["state"])
-    db.session.add(
-        PendingAuthorization(
-            state_hash=state_hash,
-            browser_binding_hash=hash_token(session["browser_id"]),
-            client_id="",
-            request_json=json.dumps({"return_to": return_to}),
-            purpose=PURPOSE,
-            upstream_secrets=components().secret_box.encrypt(
-                json.dumps(upstream_secrets), f"pending:{state_hash}:upstream_secrets"
-            ),
-            expires_at=database_now(settings.pending_login_ttl),
-        )
-    )
-    db.session.commit()
+    from oauthproxy.login import store_pending_login
+
+    store_pending_login(upstream_secrets, "", {"return_to": return_to}, PURPOSE)
     return redirect(url)
 
 
@@ -254,13 +239,7 @@ def connected_clients(user_id: str) -> list[ConnectedClient]:
     )
     if not grants:
         return []
-    last_issued = dict(
-        db.session.execute(
-            select(Token.grant_id, func.max(Token.issued_at))
-            .where(Token.grant_id.in_([grant.id for grant in grants]))
-            .group_by(Token.grant_id)
-        ).all()
-    )
+    last_issued = last_token_issued([grant.id for grant in grants])
     by_client: dict[str, ConnectedClient] = {}
     for grant in grants:
         entry = by_client.get(grant.client_id)
@@ -393,3 +372,14 @@ def replace_api_key(user: AccountUser, route: Route, value: str) -> str | None:
     store_connection(route, user_id, api_key=value)
     log.info("user %s stored a new API key for route %s on the account page", user_id, route.name)
     return None
+
+
+def last_token_issued(grant_ids: list[int]) -> dict[int, datetime]:
+    """When each grant last got a token (its login or latest refresh): "last used" on the account and admin pages."""
+    return dict(
+        db.session.execute(
+            select(Token.grant_id, func.max(Token.issued_at))
+            .where(Token.grant_id.in_(grant_ids))
+            .group_by(Token.grant_id)
+        ).all()
+    )

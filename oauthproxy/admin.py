@@ -306,13 +306,7 @@ def grants_overview(wanted: GrantFilter) -> Listing[GrantRow]:
     grants = list(db.session.scalars(query))
     if not grants:
         return Listing([])
-    last_used = dict(
-        db.session.execute(
-            select(Token.grant_id, func.max(Token.issued_at))
-            .where(Token.grant_id.in_([grant.id for grant in grants]))
-            .group_by(Token.grant_id)
-        ).all()
-    )
+    last_used = account.last_token_issued([grant.id for grant in grants])
     described = describe_clients({grant.client_id for grant in grants})
     rows = [
         GrantRow(
