@@ -8,8 +8,10 @@ Targets of the same run, measured alternately so that their ratios hold on a noi
 - proxy: the same through oauthproxy under its own gunicorn.conf.py, with a real access token from a real login.
 Then: idle event streams held by one worker, the delay each event gains, the token check, a streamed tools/call
 against a real MCP server, the same server under wrk (tools/call answered as an event stream, and session set-up),
-py-spy profiles of the floor and proxy workers under load, and a route with the signed identity assertion against
-one without (wrk through one proxy, and the signing and reuse costs in-process). The figures go to
+py-spy profiles of the floor and proxy workers under load, a route with the signed identity assertion against
+one without (wrk through one proxy, and the signing and reuse costs in-process), and a route with tool rules against
+the same route without (tools/list answers read and filtered, tools/call checked, a denied call answered by the
+proxy). The figures go to
 docs/benchmarks.md (regenerated on every run). Benchmarks never fail on a number: they print tables.
 """
 
@@ -56,7 +58,7 @@ from oauthproxy.components import components
 from tests.provider_fixture import OidcProvider, launch_oidc_provider
 from tests.proxy_fixtures import launch_mcp_downstream, log_in
 
-SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload", "assertion")
+SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy")
 LUA_SCRIPT = BENCH / "jsonrpc_post.lua"
 HANDSHAKE_SCRIPT = BENCH / "mcp_handshake.lua"
 JSON_RPC_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
@@ -64,6 +66,29 @@ JSON_RPC_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
 TOOLS_CALL_BODY = (
     '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello"}}}'
 )
+#: The policy section: a call its tool rules allow (forwarded), and one they deny (answered by the proxy).
+ALLOWED_CALL_BODY = (
+    '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_issues","arguments":{"q":"hello"}}}'
+)
+DENIED_CALL_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"m":"hello"}}}'
+#: A policy as an operator might write one: an exception for a group (never matching: callers carry no groups
+#: yet), a deny list with globs that names the fixed answer's only tool, `echo`, and everything else allowed; the
+#: tools/list answer is read, parsed and rewritten without it.
+POLICY_ROUTES = """[[routes]]
+name = "mcp"
+path = "/mcp"
+url = "{url}"
+
+[[routes.tool_rules]]
+allow = ["admin_*"]
+groups = ["admins"]
+
+[[routes.tool_rules]]
+deny = ["delete_*", "admin_*", "echo"]
+
+[[routes.tool_rules]]
+allow = ["*"]
+"""
 #: Events at the start and end of each ticking stream that the steady-state delay leaves out.
 STEADY_EDGE_EVENTS = 3
 
@@ -633,6 +658,48 @@ class Bench:
             db.engine.dispose()
         return costs
 
+    # -- tool rules -------------------------------------------------------------------------------------------------
+
+    def policy(self) -> None:
+        """The same route with and without tool rules, in front of the fixed-answer nginx (whose tools/list answer
+        names one tool, `echo`), measured alternately: what a policy costs per request, and that routes without
+        one do not pay for it."""
+        options = self.options
+        self.log(f"policy: starting nginx and two proxies, with and without tool rules ({options.workers} worker(s))")
+        downstream = self.keep(start_fast_downstream(self.run_dir / "nginx-downstream-policy"))
+        plain = self.proxy(downstream.url + "/mcp", options.workers)
+        routes = self.run_dir / "policy-routes.toml"
+        routes.write_text(POLICY_ROUTES.format(url=downstream.url + "/mcp"))
+        ruled = self.proxy(downstream.url + "/mcp", options.workers, MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes))
+        scenarios = [
+            ("no tool rules", "tools/list", plain, JSON_RPC_BODY),
+            ("no tool rules", "tools/call", plain, ALLOWED_CALL_BODY),
+            ("tool rules", "tools/list (answer filtered)", ruled, JSON_RPC_BODY),
+            ("tool rules", "tools/call (allowed)", ruled, ALLOWED_CALL_BODY),
+            ("tool rules", "tools/call (denied, answered by the proxy)", ruled, DENIED_CALL_BODY),
+        ]
+        for _, _, instance, body in scenarios:
+            run_wrk(instance.url + "/mcp", 20, 2, instance.token, LUA_SCRIPT, body)  # warm-up
+        check = requests.post(
+            ruled.url + "/mcp",
+            data=JSON_RPC_BODY,
+            headers={"Authorization": f"Bearer {ruled.token}", "Content-Type": "application/json"},
+            timeout=10,
+        )
+        if check.status_code != 200 or check.json()["result"]["tools"] != []:
+            raise RuntimeError(f"the route with tool rules answered {check.status_code}: {check.text[:300]}")
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_number in range(1, options.rounds + 1):
+            for connections in options.connections:
+                for route, request, instance, body in scenarios:
+                    self.log(
+                        f"policy round {round_number}/{options.rounds}: {route}, {request}, {connections} connection(s)"
+                    )
+                    target = Target(route, instance.url + "/mcp", instance.service, instance.token)
+                    result = measure_wrk(target, connections, options.seconds, LUA_SCRIPT, body)
+                    runs.setdefault(f"{route}|{request}|{connections}", []).append(result)
+        self.results["policy"] = {key: summarise_runs(found) for key, found in runs.items()}
+
     # -- everything -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -642,7 +709,7 @@ class Bench:
         }
         started = time.monotonic()
         with self.stack:
-            for section in ("throughput", "token", "streams", "delay", "mcp", "mcpload", "assertion"):
+            for section in ("throughput", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy"):
                 if section in self.options.sections:
                     getattr(self, "token_check" if section == "token" else section)()
         self.results.pop("token_for_checks", None)

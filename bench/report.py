@@ -202,6 +202,7 @@ def render(results: dict[str, Any]) -> str:
     out += _delay(results)
     out += _mcp(results)
     out += _mcp_load(results)
+    out += _policy(results)
     out += _assertion(results)
     if ANALYSIS.exists():
         out += [ANALYSIS.read_text().rstrip(), ""]
@@ -566,6 +567,61 @@ def _mcp_load(results: dict[str, Any]) -> list[str]:
             "p99 ms",
             "proxy CPU µs/req",
             "MCP server CPU µs/req",
+            "errors",
+        ],
+        rows,
+    )
+    return out
+
+
+def _policy(results: dict[str, Any]) -> list[str]:
+    policy = results.get("policy")
+    if not policy:
+        return []
+    out = [
+        "## Tool rules",
+        "",
+        "wrk against two proxies in front of the fixed-answer nginx (whose `tools/list` answer names one tool, "
+        "`echo`), measured alternately: a route without tool rules, and the same route with three rules (an "
+        'exception for a group, a deny list with globs naming `echo`, then `allow = ["*"]`). With rules, each '
+        "POST body is read whole and parsed before forwarding; a `tools/list` answer is read, parsed and rewritten "
+        "without `echo`; an allowed `tools/call` is forwarded, its answer untouched; a denied one (`echo`) is "
+        "answered by the proxy with the JSON-RPC error, the downstream never contacted. *of no rules*: requests/s "
+        "against the route without rules, same request and connections.",
+        "",
+    ]
+    rows = []
+    for key, figure in policy.items():
+        route, request, connections = key.split("|")
+        method = request.split(" ", 1)[0]
+        plain = policy.get(f"no tool rules|{method}|{connections}")
+        rows.append(
+            [
+                route,
+                request,
+                connections,
+                _num(figure["rps"]),
+                f"{figure['rps'] / plain['rps']:.0%}" if plain and route != "no tool rules" else DASH,
+                _ms(figure["p50_us"]),
+                _ms(figure["p99_us"]),
+                _num(figure["cpu_us_per_request"]),
+                _num(figure["cpu_us_per_request"] - plain["cpu_us_per_request"])
+                if plain and route != "no tool rules"
+                else DASH,
+                str(figure["errors"]),
+            ]
+        )
+    out += _table(
+        [
+            "route",
+            "request",
+            "connections",
+            "req/s",
+            "of no rules",
+            "p50 ms",
+            "p99 ms",
+            "proxy CPU µs/req",
+            "CPU added, µs/req",
             "errors",
         ],
         rows,

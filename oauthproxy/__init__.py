@@ -44,7 +44,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
 def configure_app(app: Flask, settings: Settings) -> None:
     from flask_migrate import Migrate
 
-    from oauthproxy import account_views, connect_endpoints, endpoints
+    from oauthproxy import account_views, admin_views, connect_endpoints, endpoints
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.components import attach_components
@@ -121,6 +121,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     AuthorizationServer(app, settings)
     app.register_blueprint(endpoints.blueprint)
     app.register_blueprint(account_views.blueprint)
+    app.register_blueprint(admin_views.blueprint)
     app.register_blueprint(connect_endpoints.blueprint)
     init_downstream_discovery(app)
     init_resource_server(app, settings)

@@ -16,7 +16,6 @@ from werkzeug.wrappers import Response as BaseResponse
 from oauthproxy.authorization_server import revoke_grant
 from oauthproxy.client_metadata import is_metadata_document_client_id
 from oauthproxy.clients import Client, load_client
-from oauthproxy.clock import database_now
 from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
@@ -41,6 +40,10 @@ REVOKED_REASON = "revoked_by_user"
 class AccountPageError(Exception):
     """A page telling the person what went wrong on the account page and what to do; `retry_after` for a 503."""
 
+    #: Where the error page's one button leads (an endpoint), and what it says.
+    back_endpoint = "account.account_page"
+    back_label = "Back to your account"
+
     def __init__(self, status: int, title: str, message: str, *, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.title, self.message, self.retry_after = status, title, message, retry_after
@@ -52,6 +55,10 @@ def _settings() -> Settings:
 
 def account_url() -> str:
     return _settings().public_url + "/account"
+
+
+#: The pages that sign in through the account page's sign-in, and where the callback sends the person back to.
+RETURN_PATHS = ("/account", "/admin")
 
 
 # -- the account page's own sign-in -----------------------------------------------------------------------------------
@@ -67,11 +74,14 @@ class AccountUser:
     signed_in_at: int
 
 
-def begin_account_login() -> BaseResponse:
+def begin_account_login(return_to: str = "/account") -> BaseResponse:
     """Send the person to the login provider, at the proxy's one registered redirect URI (`/callback`).
 
     A pending login of purpose "account", bound to this browser like an MCP client's: the callback dispatches it to
-    `complete_account_login`. Only the identity scopes are asked: the provider's tokens are not kept."""
+    `complete_account_login`, which sends the person back to `return_to` (one of RETURN_PATHS: the admin page signs
+    in the same way). Only the identity scopes are asked: the provider's tokens are not kept."""
+    if return_to not in RETURN_PATHS:
+        raise ValueError(f"not a page that signs in: {return_to!r}")
     settings = _settings()
     provider: OAuthProvider = components().login_provider
     try:
@@ -85,23 +95,9 @@ def begin_account_login() -> BaseResponse:
             f"{provider.display_name} cannot be reached right now. Try again in a minute.",
             retry_after=30,
         ) from None
-    if "browser_id" not in session:
-        session["browser_id"] = secrets.token_urlsafe(32)
-    state_hash = hash_token(upstream_secrets["state"])
-    db.session.add(
-        PendingAuthorization(
-            state_hash=state_hash,
-            browser_binding_hash=hash_token(session["browser_id"]),
-            client_id="",
-            request_json="{}",
-            purpose=PURPOSE,
-            upstream_secrets=components().secret_box.encrypt(
-                json.dumps(upstream_secrets), f"pending:{state_hash}:upstream_secrets"
-            ),
-            expires_at=database_now(settings.pending_login_ttl),
-        )
-    )
-    db.session.commit()
+    from oauthproxy.login import store_pending_login
+
+    store_pending_login(upstream_secrets, "", {"return_to": return_to}, PURPOSE)
     return redirect(url)
 
 
@@ -165,7 +161,16 @@ def complete_account_login(pending: PendingAuthorization, args: dict[str, str]) 
     # A fresh CSRF token for the signed-in page: one a page read before the sign-in no longer acts for the account.
     session["csrf"] = secrets.token_urlsafe(32)
     log.info("user %s signed in to the account page", identity.id)
-    return redirect(account_url())
+    return redirect(_settings().public_url + _return_path(pending))
+
+
+def _return_path(pending: PendingAuthorization) -> str:
+    """Where the sign-in was started from: a fixed list, never a URL the request chose."""
+    try:
+        wanted = json.loads(pending.request_json).get("return_to")
+    except (ValueError, AttributeError):
+        wanted = None
+    return wanted if wanted in RETURN_PATHS else "/account"
 
 
 def signed_in_user() -> AccountUser | None:
@@ -240,13 +245,7 @@ def connected_clients(user_id: str) -> list[ConnectedClient]:
     )
     if not grants:
         return []
-    last_issued = dict(
-        db.session.execute(
-            select(Token.grant_id, func.max(Token.issued_at))
-            .where(Token.grant_id.in_([grant.id for grant in grants]))
-            .group_by(Token.grant_id)
-        ).all()
-    )
+    last_issued = last_token_issued([grant.id for grant in grants])
     by_client: dict[str, ConnectedClient] = {}
     for grant in grants:
         entry = by_client.get(grant.client_id)
@@ -379,3 +378,14 @@ def replace_api_key(user: AccountUser, route: Route, value: str) -> str | None:
     store_connection(route, user_id, api_key=value)
     log.info("user %s stored a new API key for route %s on the account page", user_id, route.name)
     return None
+
+
+def last_token_issued(grant_ids: list[int]) -> dict[int, datetime]:
+    """When each grant last got a token (its login or latest refresh): "last used" on the account and admin pages."""
+    return dict(
+        db.session.execute(
+            select(Token.grant_id, func.max(Token.issued_at))
+            .where(Token.grant_id.in_(grant_ids))
+            .group_by(Token.grant_id)
+        ).all()
+    )

@@ -18,7 +18,9 @@ blueprint = Blueprint("account", __name__)
 blueprint.before_request(limit_request_body)
 
 
-def _page(template: str, status: int = 200, **context: object) -> Response:
+def render_page(template: str, status: int = 200, **context: object) -> Response:
+    """A page of the account (or admin) page: the login provider's name and the CSRF token at hand, the consent
+    page's headers."""
     response = Response(
         render_template(
             template,
@@ -64,9 +66,9 @@ def account_page() -> Response:
     had_session = account.SESSION_KEY in session
     user = account.signed_in_user()
     if user is None:
-        return _page("account.html", user=None, session_ended=had_session)
+        return render_page("account.html", user=None, session_ended=had_session)
     connections = account.connection_entries(user.user_id)
-    return _page(
+    return render_page(
         "account.html",
         user=user,
         clients=account.connected_clients(user.user_id),
@@ -127,13 +129,15 @@ def replace_key(route_name: str) -> BaseResponse:
         if user is None:
             return _back_to_account()  # the account page offers the sign-in
         route = _key_route(route_name)
-        return _page("account_key.html", route=route, user=user, has_key=_has_key(user, route), problem=None)
+        return render_page("account_key.html", route=route, user=user, has_key=_has_key(user, route), problem=None)
     user = _checked_form()
     route = _key_route(route_name)
     problem = account.replace_api_key(user, route, request.form.get("api_key", ""))
     if problem is not None:
         # The key is never echoed back into the page.
-        return _page("account_key.html", 400, route=route, user=user, has_key=_has_key(user, route), problem=problem)
+        return render_page(
+            "account_key.html", 400, route=route, user=user, has_key=_has_key(user, route), problem=problem
+        )
     flash(f"Your key for {route.name} is saved.")
     return _back_to_account()
 
@@ -144,7 +148,14 @@ def _has_key(user: AccountUser, route: Route) -> bool:
 
 @blueprint.app_errorhandler(AccountPageError)
 def account_page_error(error: AccountPageError) -> Response:
-    response = _page("account_error.html", error.status, title=error.title, message=error.message)
+    response = render_page(
+        "account_error.html",
+        error.status,
+        title=error.title,
+        message=error.message,
+        back_endpoint=error.back_endpoint,
+        back_label=error.back_label,
+    )
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
     return response

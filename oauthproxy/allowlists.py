@@ -30,6 +30,13 @@ def email_is_allowed(email: str | None, emails: frozenset[str], domains: frozens
     so `\u212aate@example.test`, another mailbox, would otherwise pass for `kate@example.test`."""
     if not emails and not domains:
         return True
+    return email_is_listed(email, emails, domains)
+
+
+def email_is_listed(email: str | None, emails: frozenset[str], domains: frozenset[str] = frozenset()) -> bool:
+    """Whether the (verified) email, or its domain, is on these lower-cased lists; empty lists list no one.
+
+    The allowlists' comparison (`email_is_allowed`), also the one ADMIN_EMAILS uses."""
     address = email_address(email)
     if address is None:
         return False

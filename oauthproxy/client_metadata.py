@@ -319,6 +319,12 @@ class ClientMetadataFetcher:
             self._cache_put(client_id, _CacheEntry(self._clock() + ttl, document=copy.deepcopy(valid)))
         return valid
 
+    def cached(self, client_id: str) -> dict[str, Any] | None:
+        """The document as last fetched and still cached (a copy), without any request: for pages that list many
+        clients (the admin page) and must not fetch each one's document to show it."""
+        entry = self._cache_get(client_id)
+        return copy.deepcopy(entry.document) if entry is not None and entry.document is not None else None
+
     # Cache
 
     def _cache_get(self, client_id: str) -> _CacheEntry | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from oauthproxy.allowlists import user_is_listed
+from oauthproxy.allowlists import email_address, email_is_listed, user_is_listed
 from oauthproxy.config_values import (
     DAY,
     absolute_url,
@@ -76,6 +76,8 @@ class Settings:
     allowed_groups: frozenset[str] = frozenset()
     #: GROUPS_CLAIM: the claim of the ID token or userinfo that lists the user's groups (a name or dotted path).
     groups_claim: str = "groups"
+    #: ADMIN_EMAILS: the verified emails (lower-cased) of the operators the admin page (`/admin`) lets in.
+    admin_emails: frozenset[str] = frozenset()
     allow_private_client_metadata_urls: bool = False
     #: Client ID Metadata Documents: fetch bounds and how long documents (and failures to get one) are cached.
     client_metadata_fetch_timeout: float = 5.0
@@ -149,6 +151,10 @@ class Settings:
     def reads_groups(self) -> bool:
         """Whether the login provider reads the users' groups: only when something here decides by them."""
         return configuration_uses_groups(self)
+
+    def user_is_admin(self, email: str | None) -> bool:
+        """Whether this verified email is listed in ADMIN_EMAILS (an empty list makes no one an admin)."""
+        return email_is_listed(email, self.admin_emails)
 
 
 @dataclass(frozen=True)
@@ -424,6 +430,11 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     scopes_supported = read_list(env, "SCOPES_SUPPORTED", problems)
     upstream_scopes = read_list(env, "UPSTREAM_SCOPES", problems)
     allowed_emails = frozenset(e.lower() for e in read_list(env, "ALLOWED_EMAILS", problems))
+    admin_emails = frozenset(e.lower() for e in read_list(env, "ADMIN_EMAILS", problems))
+    # A domain or a name here would silently make no one an admin: whole addresses only.
+    problems.extend(
+        f"ADMIN_EMAILS must list email addresses; got {e!r}" for e in sorted(admin_emails) if email_address(e) is None
+    )
     allowed_domains = frozenset(d.lower().lstrip("@") for d in read_list(env, "ALLOWED_EMAIL_DOMAINS", problems))
     allowed_groups = read_group_list(read_text(env, "ALLOWED_GROUPS"), "ALLOWED_GROUPS", problems)
     groups_claim = read_text(env, "GROUPS_CLAIM", "groups")
@@ -478,6 +489,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         allowed_email_domains=allowed_domains,
         allowed_groups=allowed_groups,
         groups_claim=groups_claim,
+        admin_emails=admin_emails,
         allow_private_client_metadata_urls=allow_private_cimd,
         client_metadata_fetch_timeout=metadata_timeout,
         client_metadata_max_bytes=metadata_max_bytes,

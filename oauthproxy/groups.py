@@ -129,10 +129,8 @@ def groups_in_claims(claims: Mapping[str, Any], claim: str) -> frozenset[str] | 
 
 def route_uses_groups(route: Route) -> bool:
     """Whether the route decides anything by groups, or passes them on."""
-    # Tool rules naming groups (tool_policy.py, `route.tool_policy`) count too.
-    policy = getattr(route, "tool_policy", None)
-    rules = getattr(policy, "rules", ()) or ()
-    return bool(route.allowed_groups) or route.groups_header or any(getattr(rule, "groups", None) for rule in rules)
+    rules = route.tool_policy.rules if route.tool_policy is not None else ()
+    return bool(route.allowed_groups) or route.groups_header or any(rule.groups for rule in rules)
 
 
 def configuration_uses_groups(settings: Settings) -> bool:

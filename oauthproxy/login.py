@@ -194,23 +194,30 @@ def begin_provider_login(validated: ValidatedAuthorization) -> BaseResponse:
                 validated.state,
             )
         )
+    store_pending_login({**upstream_secrets, "scopes": scopes}, validated.client.client_id, validated.params)
+    return redirect(url)
+
+
+def store_pending_login(provider_secrets: dict, client_id: str, request: dict, purpose: str = "authorize") -> None:
+    """Keep a login started at the provider until its callback: keyed by the hash of its `state`, bound to this
+    browser (a random value in the session cookie), its secrets sealed to the row. Commits."""
     if "browser_id" not in session:
         session["browser_id"] = secrets.token_urlsafe(32)
-    state_hash = hash_token(upstream_secrets["state"])
+    state_hash = hash_token(provider_secrets["state"])
     db.session.add(
         PendingAuthorization(
             state_hash=state_hash,
             browser_binding_hash=hash_token(session["browser_id"]),
-            client_id=validated.client.client_id,
-            request_json=json.dumps(validated.params),
+            client_id=client_id,
+            request_json=json.dumps(request),
+            purpose=purpose,
             upstream_secrets=components().secret_box.encrypt(
-                json.dumps({**upstream_secrets, "scopes": scopes}), f"pending:{state_hash}:upstream_secrets"
+                json.dumps(provider_secrets), f"pending:{state_hash}:upstream_secrets"
             ),
-            expires_at=database_now(settings.pending_login_ttl),
+            expires_at=database_now(_settings().pending_login_ttl),
         )
     )
     db.session.commit()
-    return redirect(url)
 
 
 def _claim_pending(state: str) -> PendingAuthorization | None:

@@ -60,6 +60,12 @@ HTTP_ERRORS = Counter(
     "Error answers by route and the OAuth/proxy error code in their JSON body.",
     ["route", "error"],
 )
+TOOL_POLICY_REFUSALS = Counter(
+    "oauthproxy_tool_policy_refusals_total",
+    "Requests on routes with tool rules answered by the proxy, by reason: tool_denied (a call the rules deny), "
+    "header_mismatch (Mcp-Method/Mcp-Name disagree with the body), invalid_message (a body the proxy cannot check).",
+    ["route", "reason"],
+)
 OPEN_STREAMS = Gauge(
     "oauthproxy_open_streams",
     "Event streams (text/event-stream responses) open right now.",

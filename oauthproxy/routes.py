@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from oauthproxy.allowlists import user_is_listed
 from oauthproxy.config_values import DAY, boolean_value, read_int, read_list, read_seconds, read_text, string_list
 from oauthproxy.groups import read_group_list
+from oauthproxy.tool_policy import ToolPolicy, parse_tool_rules
 from oauthproxy.urls import normalise_origin
 
 CredentialKind = Literal["none", "upstream_token", "static", "oauth", "user_api_key"]
@@ -28,6 +29,7 @@ RESERVED_PATHS = (
     "/callback",
     "/connect",
     "/account",
+    "/admin",
     "/.well-known",
     "/static",
     "/healthz",
@@ -80,6 +82,7 @@ ROUTE_KEYS = frozenset(
         "oauth",
         "api_key_help_url",
         "api_key_verify",
+        "tool_rules",
         "identity_assertion",
         "identity_assertion_header",
     }
@@ -228,6 +231,9 @@ class Route:
     credential: DownstreamCredential = field(default_factory=DownstreamCredential)
     oauth: RouteOAuth | None = None
     api_key: RouteApiKey | None = None
+    #: Which tools each caller may list and call (`[[routes.tool_rules]]`); None: every tool, and the proxy never
+    #: reads the requests' bodies.
+    tool_policy: ToolPolicy | None = None
     #: The header that carries a short-lived JWT signed by the proxy asserting who calls (identity_assertions.py);
     #: None: the route sends none.
     identity_assertion_header: str | None = None
@@ -530,6 +536,9 @@ def build_route(
         credential=credential,
         oauth=oauth,
         api_key=api_key,
+        tool_policy=parse_tool_rules(entry["tool_rules"], f"{where}: tool_rules", problems)
+        if "tool_rules" in entry
+        else None,
         identity_assertion_header=assertion_header,
     )
 

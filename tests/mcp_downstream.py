@@ -2,7 +2,9 @@
 
 Run: `python -m tests.mcp_downstream PORT [--path /mcp]`. Prints `READY <port>` when listening on 127.0.0.1.
 Tools: `progress` (reports progress several times with pauses), `whoami` (the request headers it received),
-`wait` (runs until cancelled). `GET /test/events` lists what the tools recorded (started, cancelled, finished).
+`wait` (runs until cancelled), and with `--unicode-tool` also `météo`, a name the 2026-07-28 transport carries
+base64-encoded in `Mcp-Name`. `GET /test/events` lists what the tools recorded (started, cancelled, finished).
+`--json-response`: answer POSTs with one JSON body rather than an event stream.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ async def wait(ctx: Context, seconds: float = 30.0, label: str = "wait") -> str:
     return "waited"
 
 
+async def weather(city: str = "Paris") -> str:
+    """A tool whose name is not ASCII."""
+    record("weather_started", city=city)
+    return f"sunny in {city}"
+
+
 @server.custom_route("/test/events", methods=["GET"])
 async def events(request: Request) -> JSONResponse:
     return JSONResponse(EVENTS)
@@ -65,9 +73,16 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--path", default="/mcp")
     parser.add_argument("--stateless", action="store_true")
+    parser.add_argument("--json-response", action="store_true")
+    parser.add_argument("--unicode-tool", action="store_true")
     arguments = parser.parse_args()
+    if arguments.unicode_tool:
+        server.add_tool(weather, name="météo")
     app = server.streamable_http_app(
-        streamable_http_path=arguments.path, stateless_http=arguments.stateless, host="127.0.0.1"
+        streamable_http_path=arguments.path,
+        stateless_http=arguments.stateless,
+        json_response=arguments.json_response,
+        host="127.0.0.1",
     )
     config = uvicorn.Config(app, host="127.0.0.1", port=arguments.port, log_level="warning", lifespan="on")
     uvicorn_server = uvicorn.Server(config)

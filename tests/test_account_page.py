@@ -642,3 +642,23 @@ def test_a_replacement_key_is_tried_first_where_the_route_says_so(
     accepted = post(browser, "/account/keys/search", {"api_key": api_key_downstream.keys["alice"]})
     assert accepted.status_code == 303, accepted.text
     assert stored_key(proxy, alice, "search") == api_key_downstream.keys["alice"]
+
+
+def test_disconnecting_on_the_account_page_takes_effect_on_the_mcp_endpoint(account_proxy: RunningProxy) -> None:
+    """The stored key is used until the person disconnects it; from then on the client is told to authorize again
+    (and the key is gone), not served with a credential its owner removed."""
+    client = McpOAuthClient.register(account_proxy.url, client_name=f"Tickets Tool {secrets.token_hex(3)}")
+    add_connection(account_proxy, "alice", "tickets", "user_api_key", "alices-tickets-key")
+    result = client.login(Browser(account_proxy.url, login_hint="alice"), resource=account_proxy.url + "/mcp/tickets")
+    assert "code" in result, result  # connected already: no key page
+    bearer = {"Authorization": "Bearer " + client.exchange(result["code"]).json()["access_token"]}
+    url = account_proxy.url + "/mcp/tickets"
+
+    before = requests.post(url, json=HELLO, headers={**bearer, **MCP_HEADERS}, timeout=10)
+    assert before.status_code == 502  # the key is sent on; the tickets server is not running (127.0.0.1:9)
+    browser = account_browser(account_proxy)
+    assert post(browser, "/account/connections/disconnect", {"route": "tickets"}).status_code == 303
+    after = requests.post(url, json=HELLO, headers={**bearer, **MCP_HEADERS}, timeout=10)
+    assert after.status_code == 401 and after.json()["error"] == "invalid_token"
+    assert "authorize again" in after.json()["error_description"]
+    assert stored_key(account_proxy, "alice", "tickets") is None

@@ -147,6 +147,25 @@ def test_the_report_names_each_target() -> None:
     )  # 900 vs 680 µs
 
 
+def test_the_report_shows_what_tool_rules_cost() -> None:
+    def wrk(rps: float, cpu: float) -> dict:
+        return {"rps": rps, "p50_us": 700, "p99_us": 2000, "cpu_us_per_request": cpu, "requests": 10, "errors": 0}
+
+    policy = {
+        "no tool rules|tools/list|1": wrk(1000, 800),
+        "no tool rules|tools/call|1": wrk(1000, 800),
+        "tool rules|tools/list (answer filtered)|1": wrk(900, 890),
+        "tool rules|tools/call (allowed)|1": wrk(950, 840),
+        "tool rules|tools/call (denied, answered by the proxy)|1": wrk(2000, 400),
+    }
+    lines = report._policy({"policy": policy})
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| tool rules")}
+    assert "| 90% |" in rows["tools/list (answer filtered)"] and "| 90 |" in rows["tools/list (answer filtered)"]
+    assert "| 95% |" in rows["tools/call (allowed)"] and "| 40 |" in rows["tools/call (allowed)"]
+    assert "| 200% |" in rows["tools/call (denied, answered by the proxy)"]
+    assert report._policy({}) == []
+
+
 def test_the_assertion_section_compares_the_two_routes() -> None:
     def wrk(rps: float) -> dict:
         return {"rps": rps, "p50_us": 1_000, "p99_us": 3_000, "cpu_us_per_request": 1e6 / rps, "errors": 0}

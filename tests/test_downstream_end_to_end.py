@@ -144,10 +144,8 @@ class SdkAuthorization:
         )
 
 
-def call_whoami_through(resource_url: str, browser: ConnectingBrowser) -> tuple[dict[str, Any], SdkAuthorization]:
-    """From nothing: the SDK client discovers the proxy, registers, authorizes through `browser`, calls whoami."""
-    authorization = SdkAuthorization(browser)
-    auth = OAuthClientProvider(
+def sdk_client(resource_url: str, authorization: SdkAuthorization) -> OAuthClientProvider:
+    return OAuthClientProvider(
         resource_url,
         OAuthClientMetadata(
             client_name="SDK downstream-authorization test",
@@ -160,6 +158,12 @@ def call_whoami_through(resource_url: str, browser: ConnectingBrowser) -> tuple[
         redirect_handler=authorization.redirect_handler,
         callback_handler=authorization.callback_handler,
     )
+
+
+def call_whoami_through(resource_url: str, browser: ConnectingBrowser) -> tuple[dict[str, Any], SdkAuthorization]:
+    """From nothing: the SDK client discovers the proxy, registers, authorizes through `browser`, calls whoami."""
+    authorization = SdkAuthorization(browser)
+    auth = sdk_client(resource_url, authorization)
 
     async def scenario() -> dict[str, Any]:
         async with (
@@ -275,3 +279,56 @@ def test_sdk_client_gives_alices_api_key_once_and_the_downstream_knows_her_by_it
     assert len(browser.connect_pages) == 1 and 'name="api_key"' in browser.connect_pages[0]
     # The key was asked for on a page of the proxy, never put in a URL.
     assert api_key_downstream.keys["alice"] not in proxy.logs()
+
+
+def whoami_before_and_after(resource_url: str, browser: ConnectingBrowser, between: Callable[[], None]) -> list[Any]:
+    """One SDK client, one MCP session: whoami, then `between` (outside the client), then whoami again."""
+    authorization = SdkAuthorization(browser)
+    auth = sdk_client(resource_url, authorization)
+
+    async def scenario() -> list[Any]:
+        answers = []
+        async with (
+            httpx2.AsyncClient(auth=auth, timeout=60) as http,
+            Client(streamable_http_client(resource_url, http_client=http)) as client,
+        ):
+            for step in range(2):
+                if step == 1:
+                    await asyncio.to_thread(between)
+                result = await client.call_tool("whoami", {})
+                assert result.is_error is False, result
+                answers.append(result.structured_content)
+        return answers
+
+    return anyio.run(scenario)
+
+
+def test_access_revoked_at_the_downstreams_provider_sends_the_client_back_through_connect(
+    start_gunicorn: Callable[..., GunicornProxy],
+    protected_downstream: ProtectedDownstream,
+    downstream_provider: OidcProvider,
+    tmp_path: Path,
+) -> None:
+    """bob removes the proxy's access at the downstream's provider: the downstream refuses the stored token, the
+    proxy answers the client 401 invalid_token, and the client's re-authorization runs the connect step again; the
+    same MCP client then works as before, without anyone restarting anything."""
+    name = route_name("revoked")
+    clients: list[str] = []
+
+    def route(public_url: str) -> RouteSpec:
+        client = register_proxy_client(downstream_provider, public_url, default_resource=protected_downstream.resource)
+        clients.append(client.client_id)
+        return oauth_route(name, protected_downstream, provider=downstream_provider, client=client)
+
+    proxy = start_proxy_with(start_gunicorn, tmp_path, route)
+    browser = ConnectingBrowser(proxy.url, downstream_issuer=downstream_provider.issuer)
+
+    def revoke_at_the_downstreams_provider() -> None:
+        assert downstream_provider.revoke_grants(DOWNSTREAM_USER, clients[0]) >= 1
+
+    before, after = whoami_before_and_after(f"{proxy.url}/mcp/{name}", browser, revoke_at_the_downstreams_provider)
+
+    assert before["subject"] == after["subject"] == DOWNSTREAM_USER
+    # Connected twice: at first, and again after the revocation (the proxy's consent was remembered the second time).
+    assert len(browser.connect_pages) == 2
+    assert len(browser.downstream_authorizations) == 2

@@ -775,3 +775,24 @@ def test_the_account_page_admits_by_group(start_proxy: Callable[..., RunningProx
     assert "Signed in as" in browser.session.get(proxy.url + "/account", timeout=15).text
     with pytest.raises(AssertionError, match="403"):  # the account page refuses bob, in no group
         account_browser(proxy, "bob")
+
+
+def test_tool_rules_by_group(
+    start_proxy: Callable[..., RunningProxy], mcp_downstream: McpDownstream, tmp_path: Path
+) -> None:
+    rules = [{"allow": ["whoami"], "groups": ["eng"]}, {"deny": ["whoami"]}, {"allow": ["*"]}]
+    routes = write_routes(
+        tmp_path / "routes.toml", [{"name": "t", "path": "/mcp/t", "url": mcp_downstream.url, "tool_rules": rules}]
+    )
+    proxy = start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=routes)  # no allowlist: the rules alone read groups
+    url = proxy.url + "/mcp/t"
+
+    async def tools_of(login: Login) -> set[str]:
+        async with (
+            httpx2.AsyncClient(headers=login.bearer, timeout=30) as http,
+            Client(streamable_http_client(url, http_client=http)) as client,
+        ):
+            return {tool.name for tool in (await client.list_tools()).tools}
+
+    assert "whoami" in anyio.run(tools_of, log_in(proxy.url, url, login_hint="alice"))  # in eng
+    assert "whoami" not in anyio.run(tools_of, log_in(proxy.url, url, login_hint="bob"))  # in no group

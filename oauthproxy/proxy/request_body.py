@@ -103,6 +103,26 @@ def request_body(environ: dict[str, Any], stream: IO[bytes], limit: int, on_end:
     return None
 
 
+def whole_body(environ: dict[str, Any], stream: IO[bytes], limit: int, too_large: DownstreamError) -> bytes:
+    """The client's whole body, read before anything is forwarded (a route with tool rules must see the JSON-RPC
+    message first); `too_large` past `limit`, from Content-Length before a byte is read, or as a chunked body
+    grows. Forwarded afterwards as bytes, with a Content-Length."""
+    length = environ.get("CONTENT_LENGTH", "")
+    if length.isdigit():
+        if int(length) > limit:
+            raise too_large
+        return _read_whole(stream, int(length))
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return b""
+    parts, received = [], 0
+    while data := _read_chunked(stream, 0, 2**62):  # the limit is checked here, with the caller's answer
+        received += len(data)
+        if received > limit:
+            raise too_large
+        parts.append(data)
+    return b"".join(parts)
+
+
 @functools.lru_cache(maxsize=1024)
 def _prepared_url(url: str) -> str:
     """requests' normalisation of a URL (IDNA host, percent-encoding), once per distinct URL: work that an MCP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from collections.abc import Iterator
@@ -16,6 +17,14 @@ from oauthproxy.downstream_credentials import Caller
 from oauthproxy.proxy.disconnects import ClientDisconnected, ClientWatch, abort_downstream
 from oauthproxy.proxy.forwarding import HeaderRules, PathRefused, downstream_url
 from oauthproxy.proxy.request_body import prepare_request, request_body
+from oauthproxy.proxy.tool_gate import (
+    POLICY_BODY_LIMIT,
+    RESPONSE_LIMIT,
+    FilteredEvents,
+    Refusal,
+    ToolGate,
+    inspect_request,
+)
 from oauthproxy.proxy.transport import CHUNK_SIZE, DownstreamError, DownstreamTransport, gevent_hub_running
 from oauthproxy.routes import ProxySettings, Route
 
@@ -52,9 +61,22 @@ class DownstreamProxy:
     def forward(self, route: Route, environ: dict[str, Any], stream: IO[bytes], caller: Caller) -> ProxiedResponse:
         """Send the request downstream and return a response whose body streams the downstream's as it arrives."""
         url = self.downstream_url(route, environ)
+        gate = None
+        if route.tool_policy is not None:  # routes without tool rules pay this test, and nothing else
+            inspected = inspect_request(
+                route, environ, stream, caller, min(POLICY_BODY_LIMIT, self.settings.max_body_bytes)
+            )
+            if isinstance(inspected, Refusal):
+                return _refusal(inspected)
+            gate = inspected
         watch = ClientWatch(environ)
-        body = request_body(environ, stream, self.settings.max_body_bytes, watch.start)
+        if gate is not None and gate.body is not None:
+            body: Any = gate.body
+        else:
+            body = request_body(environ, stream, self.settings.max_body_bytes, watch.start)
         headers = self.header_rules.request_headers(route, environ, caller)
+        if gate is not None and gate.filters_answer:
+            headers["Accept-Encoding"] = "identity"  # a compressed tools/list answer could not be filtered
         prepared = prepare_request(environ["REQUEST_METHOD"], url, headers, body)
         if body is None or isinstance(body, bytes):
             watch.start()  # the whole body has been read
@@ -76,7 +98,10 @@ class DownstreamProxy:
             # The WSGI server keeps environ for as long as the response streams, and werkzeug parked the whole
             # Request object in it; the request context has its own reference, for as long as it needs one.
             environ.pop("werkzeug.request", None)
-            return self._response(route, environ, downstream, watch)
+            response = self._response(route, environ, downstream, watch)
+            if gate is not None and gate.filters_answer:
+                _filter_tools_list(route, gate, response)
+            return response
         except BaseException:
             watch.stop()
             downstream.close()
@@ -122,6 +147,38 @@ class DownstreamProxy:
         if not content_type:
             del response.headers["Content-Type"]  # werkzeug adds text/html by default
         return response
+
+
+def _refusal(refusal: Refusal) -> ProxiedResponse:
+    response = ProxiedResponse(
+        json.dumps(refusal.document, ensure_ascii=False), status=refusal.status, content_type="application/json"
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _filter_tools_list(route: Route, gate: ToolGate, response: ProxiedResponse) -> None:
+    """Remove the tools the caller may not use from the answer to a `tools/list`: a JSON body is read whole and
+    replaced; an event stream is filtered event by event as it streams."""
+    body = response.response
+    assert isinstance(body, DownstreamBody)
+    mimetype = response.mimetype
+    if mimetype not in ("application/json", "text/event-stream"):
+        return
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise DownstreamError(
+            502,
+            "downstream_unavailable",
+            f"the downstream MCP server {route.name} compressed its answer although asked not to; the proxy reads "
+            "it to apply the route's tool rules",
+        )
+    tools_filter = gate.tools_list_filter()
+    if mimetype == "text/event-stream":
+        response.response = FilteredEvents(body, tools_filter, body.watch.abort_client)
+        response.headers.pop("Content-Length", None)
+        return
+    data = body.read_whole(RESPONSE_LIMIT)
+    response.set_data(tools_filter.json_body(data) or data)
 
 
 #: Bodies being streamed in this process, for `end_open_streams` at shutdown.
@@ -182,6 +239,31 @@ class DownstreamBody:
                     raise  # no socket of ours to cut (TLS, HTTP/2): the WSGI server drops the connection itself
         finally:
             self.close()
+
+    def read_whole(self, limit: int) -> bytes:
+        """The whole body, for an answer the proxy must read before passing it on (a JSON tools/list answer on a
+        route with tool rules); 502 when it is larger than `limit` or the downstream breaks off."""
+        parts, size = [], 0
+        try:
+            while chunk := self.raw.read1(CHUNK_SIZE, decode_content=False):
+                size += len(chunk)
+                if size > limit:
+                    raise DownstreamError(
+                        502,
+                        "downstream_unavailable",
+                        f"the downstream MCP server {self.route.name} answered with more than {limit} bytes, more "
+                        "than the proxy reads to apply the route's tool rules",
+                    )
+                parts.append(chunk)
+            self._completed = True
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
+            log.warning("downstream %s broke off its answer to %s: %r", self.route.name, self.route.path, error)
+            raise DownstreamError(
+                502, "downstream_unavailable", f"the downstream MCP server {self.route.name} broke off its answer"
+            ) from None
+        finally:
+            self.close()
+        return b"".join(parts)
 
     def end_for_shutdown(self) -> None:
         self._shutting_down = True
