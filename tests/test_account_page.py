@@ -286,7 +286,9 @@ def test_a_person_signs_in_revokes_a_client_disconnects_and_signs_out(
 
     page.get_by_role("button", name="Disconnect calendar").click()
     expect(page.get_by_role("status")).to_contain_text("Disconnected from calendar")
-    assert connection_routes(proxy, alice) == {"tickets"}  # the calendar's stored tokens are gone, the key stays
+    # The calendar's stored tokens are gone, the key stays (other test files may leave alice connections of theirs).
+    remaining = connection_routes(proxy, alice)
+    assert "calendar" not in remaining and "tickets" in remaining
 
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("button", name=re.compile("^Sign in with"))).to_be_visible()
