@@ -14,7 +14,7 @@ from authlib.oauth2.rfc9207 import IssuerParameter
 from flask import Flask, current_app
 from sqlalchemy import or_, select, update
 
-from oauthproxy import metrics
+from oauthproxy import audit, metrics
 from oauthproxy.allowlists import grant_is_allowed, route_for_resource
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.clock import database_now
@@ -87,6 +87,7 @@ def revoke_grant(grant_id: int, reason: str) -> None:
         .values(used_at=now)
     )
     metrics.GRANTS_REVOKED.labels(reason).inc()
+    audit.record_revocation(grant_id, reason)
     # Announced to every worker of every instance when (if) the caller's transaction commits; gone from this
     # worker's cache now (and again after the commit, in case a request cached it meanwhile).
     revoked_in_transaction([grant_id])
@@ -342,6 +343,16 @@ class AuthorizationServer(FlaskAuthorizationServer):
         db.session.commit()
         metrics.TOKENS_ISSUED.labels(request.payload.grant_type or "unknown").inc()
         set_request_user(family.user_id)
+        audit.record(
+            "token_refreshed" if request.payload.grant_type == "refresh_token" else "token_issued",
+            user=family.user_id,
+            email=family.user_email,
+            client=row.client_id,
+            resource=family.resource,
+            outcome="succeeded",
+            grant_id=family.id,
+            token_id=row.id,
+        )
         return row
 
     def metadata(self) -> dict:
