@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -29,7 +30,7 @@ from tests.support.databases import SQLITE_ONLY
 from tests.support.settings import TEST_KEY
 from tests.test_proxy_mcp_client import sdk_auth
 
-BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _trail(proxy: RunningProxy) -> AuditTrail:
@@ -317,7 +318,9 @@ def test_login_tool_calls_refresh_and_revoke_are_audited_end_to_end(
         assert storage.tokens is not None and storage.client_info is not None
         clients.append((storage.client_info.client_id, storage.tokens.refresh_token))
 
-    client_id, refresh_token = clients[0]
+    # Identical registrations from one address share a client id; the second sign-in replaced the first grant.
+    client_id, refresh_token = clients[1]
+    assert clients[0][0] == client_id
     refreshed = requests.post(
         proxy.url + "/token",
         data={"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id},
@@ -333,7 +336,7 @@ def test_login_tool_calls_refresh_and_revoke_are_audited_end_to_end(
         return [json.loads(line) for line in audit_log.read_text().splitlines()] if audit_log.exists() else []
 
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(line["event"] == "token_revoked" for line in lines()):
+    while time.monotonic() < deadline and len([e for e in lines() if e["event"] == "token_revoked"]) < 2:
         time.sleep(0.2)
     events = lines()
     by_kind: dict[str, list[dict]] = {}
@@ -341,18 +344,19 @@ def test_login_tool_calls_refresh_and_revoke_are_audited_end_to_end(
         by_kind.setdefault(event["event"], []).append(event)
     assert {"consent", "sign_in", "token_issued", "tool_call", "token_refreshed", "token_revoked"} <= set(by_kind)
     for event in events:
-        assert event["user_id"] == "alice", event
         assert event["request_id"], event
+        # Consent is given before the provider says who signs in: it names the client, not yet the user.
+        assert event.get("user_id") == ("alice" if event["event"] != "consent" else None), event
     sign_ins = by_kind["sign_in"]
-    assert [e["outcome"] for e in sign_ins] == ["succeeded", "succeeded"]
-    assert {e["client_id"] for e in sign_ins} == {client_id, clients[1][0]}
+    assert [(e["outcome"], e["client_id"]) for e in sign_ins] == [("succeeded", client_id)] * 2
+    assert any(e["reason"] == "replaced_by_new_sign_in" for e in by_kind["token_revoked"])
     assert all(e["route"] == "mcp" for e in sign_ins + by_kind["tool_call"])
     tools = [e for e in by_kind["tool_call"] if e["tool"] == "whoami"]
-    assert [e["client_id"] for e in tools] == [client_id, clients[1][0]]
+    assert [e["client_id"] for e in tools] == [client_id, client_id]
     assert all(e["outcome"] == "ok" and e["duration_ms"] > 0 for e in tools)
     assert by_kind["token_refreshed"][0]["client_id"] == client_id
-    assert by_kind["token_revoked"][0]["client_id"] == client_id
-    assert by_kind["token_revoked"][0]["reason"]
+    assert {e["client_id"] for e in by_kind["token_revoked"]} == {client_id}
+    assert len(by_kind["token_revoked"]) == 2  # the replaced grant, then the one revoked at /revoke
 
     # The request ids are the request log's: the log line of the tool call has the same id, and the client id.
     access = [json.loads(line) for line in proxy.logs().splitlines() if line.startswith("{")]
@@ -366,19 +370,21 @@ def test_login_tool_calls_refresh_and_revoke_are_audited_end_to_end(
     deadline = time.monotonic() + 10
     while True:
         result = subprocess.run(
-            [str(BIN / "oauthproxy"), "audit", "--user", "alice", "--since", "10m", "--format", "json", "--limit",
+            [sys.executable, "-m", "oauthproxy.cli", "audit", "--user", "alice", "--since", "10m", "--format", "json", "--limit",
              "10000"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         stored = [json.loads(line) for line in result.stdout.splitlines()]
         mine = [row for row in stored if row["request_id"] in {e["request_id"] for e in events}]
-        if len(mine) >= len(events) or time.monotonic() > deadline:
+        if len(mine) >= len(events) - len(by_kind["consent"]) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    assert {row["event"] for row in mine} >= set(by_kind)
+    assert {row["event"] for row in mine} == set(by_kind) - {"consent"}  # consent names no user yet
+    assert sorted(row["request_id"] for row in mine) == sorted(e["request_id"] for e in events if e.get("user_id"))
     table = subprocess.run(
-        [str(BIN / "oauthproxy"), "audit", "--tool", "whoami", "--client", client_id],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "oauthproxy.cli", "audit", "--tool", "whoami", "--client", client_id],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert table.returncode == 0 and "tool_call" in table.stdout and "tool=whoami" in table.stdout, table.stdout
+    assert "2 event(s)" in table.stdout
