@@ -98,7 +98,9 @@ def test_values_are_cut_to_the_columns_and_a_broken_detail_never_raises(
     proxy = start_proxy(AUDIT_LOG="off")
     marker = os.urandom(4).hex()
     with proxy.app.app_context():
-        record("tool_call", user=f"long-{marker}", client="c" * 5000, tool="t" * 5000, reason="r" * 5000, huge="x" * 10**5)
+        record(
+            "tool_call", user=f"long-{marker}", client="c" * 5000, tool="t" * 5000, reason="r" * 5000, huge="x" * 10**5
+        )
         record("sign_in", user=f"long-{marker}", odd=object())  # not JSON: written as its str()
     assert _trail(proxy).flush() == 2
     with proxy.app.app_context():
