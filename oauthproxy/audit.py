@@ -180,9 +180,9 @@ def tool_names(environ: dict[str, Any], body: Any) -> list[str]:
 def note_tool_calls(environ: dict[str, Any], route: str, body: Any) -> None:
     """The proxy, before forwarding: remember which tools this request calls, recorded when its response ends."""
     try:
-        names = tool_names(environ, body)
-        trail = current_app.extensions.get(EXTENSION_KEY) if names else None
-        if trail is not None:
+        trail = current_app.extensions.get(EXTENSION_KEY)
+        names = tool_names(environ, body) if trail is not None else None
+        if names:
             environ[TOOL_CALLS_KEY] = (trail, route, names)
     except Exception:
         metrics.AUDIT_FAILURES.labels("record").inc()
@@ -330,7 +330,10 @@ def _json_line(row: dict[str, Any]) -> str:
     return json.dumps(document, ensure_ascii=False) + "\n"
 
 
-def init_audit(app: Flask) -> AuditTrail:
+def init_audit(app: Flask) -> AuditTrail | None:
+    """This app's trail; none with AUDIT_ENABLED=false (then record() and the tool-call hooks do nothing)."""
+    if not app.config["SETTINGS"].audit_enabled:
+        return None
     trail = AuditTrail(app, app.config["SETTINGS"].audit_log)
     app.extensions[EXTENSION_KEY] = trail
     atexit.register(trail.flush)

@@ -23,7 +23,7 @@ from oauthproxy.config import Settings
 from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.downstream_connections import live_connection
 from oauthproxy.errors import InvalidTargetError, safe_description
-from oauthproxy.logs import set_request_user
+from oauthproxy.logs import set_request_client, set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, rows_affected, utcnow
 from oauthproxy.resource_server import forget_grant
 from oauthproxy.revocation_feed import revoked_in_transaction
@@ -343,6 +343,7 @@ class AuthorizationServer(FlaskAuthorizationServer):
         db.session.commit()
         metrics.TOKENS_ISSUED.labels(request.payload.grant_type or "unknown").inc()
         set_request_user(family.user_id)
+        set_request_client(row.client_id)
         audit.record(
             "token_refreshed" if request.payload.grant_type == "refresh_token" else "token_issued",
             user=family.user_id,

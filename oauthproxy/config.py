@@ -109,6 +109,8 @@ class Settings:
     replace_previous_grants: bool = True
     #: ACCOUNT_SESSION_TTL: how long a sign-in to the account page lasts (account.py).
     account_session_ttl: int = 3600
+    #: AUDIT_ENABLED: false records no audit event at all (no lines, no rows).
+    audit_enabled: bool = True
     #: AUDIT_LOG: where audit events go as JSON lines, "stdout", "stderr", "off" or a file path (audit.py).
     audit_log: str = "stdout"
     #: AUDIT_RETENTION_DAYS: how long the audit_events table keeps an event (the purge deletes older ones).
@@ -376,6 +378,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     provider_http_timeout = read_seconds(env, "PROVIDER_HTTP_TIMEOUT", 10.0, problems, minimum=1, maximum=120)
     replace_previous_grants = read_bool(env, "REPLACE_PREVIOUS_GRANTS", True, problems)
     account_session_ttl = read_int(env, "ACCOUNT_SESSION_TTL", 3600, problems, minimum=60, maximum=3600, unit="seconds")
+    audit_enabled = read_bool(env, "AUDIT_ENABLED", True, problems)
     audit_log = _audit_log(read_text(env, "AUDIT_LOG", "stdout"), problems)
     audit_retention_days = read_int(env, "AUDIT_RETENTION_DAYS", 90, problems, minimum=1, maximum=3650, unit="days")
 
@@ -490,6 +493,7 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         revocation_redis_url=revocation_redis_url,
         replace_previous_grants=replace_previous_grants,
         account_session_ttl=account_session_ttl,
+        audit_enabled=audit_enabled,
         audit_log=audit_log,
         audit_retention_days=audit_retention_days,
     )
