@@ -587,7 +587,7 @@ def _audit(results: dict[str, Any]) -> list[str]:
         "recorded: its tool name read from the body, one event buffered, written with the others about once a "
         "second by a background greenlet (JSON lines, one batched INSERT). A `tools/list` is not recorded: it pays "
         "one substring search of its body. *CPU added*: proxy CPU µs per request, on minus off. "
-        f"Tool calls served with the trail on: {_num(audit['tool_calls_served'])}; `tool_call` lines written: "
+        f"Tool calls served with the trail on: {_num(audit['tool_calls_served'])}; `tool_call` lines written (warm-up runs included): "
         f"{_num(audit['tool_call_lines'])}.",
         "",
     ]

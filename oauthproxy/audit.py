@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: Seconds between flushes, and the buffer size that flushes at once.
 FLUSH_INTERVAL = 1.0
 FLUSH_EVENTS = 200
+#: Empty flushes after which the flusher ends (the next event starts it again).
+IDLE_FLUSHES = 60
 #: The most events a process holds while its destinations fail; past it the oldest are dropped (and counted).
 MAX_BUFFERED = 10_000
 #: Column sizes (models.AuditEvent): longer values are cut, so PostgreSQL never refuses a row.
@@ -243,10 +245,17 @@ class AuditTrail:
             threading.Thread(target=self._run, name="audit-flush", daemon=True).start()
 
     def _run(self) -> None:
-        while True:
+        idle = 0
+        while idle < IDLE_FLUSHES:
             self._wake.wait(self.interval)
             self._wake.clear()
-            self.flush()
+            idle = 0 if self.flush() or self._unstored else idle + 1
+        # Idle a while: end, so that an app built and dropped (tests, commands) leaves no thread behind; the next
+        # event starts another.
+        with self._lock:
+            self._pid = None
+        if self._events:
+            self._start()
 
     def flush(self) -> int:
         """Write out what is buffered: JSON lines, then the table. Returns how many events were taken."""

@@ -25,7 +25,7 @@ from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.database import purge_expired
 from oauthproxy.models import AuditEvent, db, utcnow
 from tests.conftest import RunningProxy
-from tests.proxy_fixtures import GunicornProxy, McpDownstream
+from tests.proxy_fixtures import EchoServer, GunicornProxy, McpDownstream, log_in
 from tests.support.databases import SQLITE_ONLY
 from tests.support.settings import TEST_KEY
 from tests.test_proxy_mcp_client import sdk_auth
@@ -390,3 +390,64 @@ def test_login_tool_calls_refresh_and_revoke_are_audited_end_to_end(
     )  # fmt: skip
     assert table.returncode == 0 and "tool_call" in table.stdout and "tool=whoami" in table.stdout, table.stdout
     assert "2 event(s)" in table.stdout
+
+
+@SQLITE_ONLY
+def test_an_idle_flusher_ends_and_the_next_event_starts_another(
+    start_proxy: Callable[..., RunningProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from oauthproxy import audit
+
+    monkeypatch.setattr(audit, "IDLE_FLUSHES", 3)
+    proxy = start_proxy(AUDIT_LOG="off")
+    trail = AuditTrail(proxy.app, "off", interval=0.05)
+    marker = os.urandom(4).hex()
+
+    def flushers() -> int:
+        return sum(thread.name == "audit-flush" for thread in threading.enumerate())
+
+    before = flushers()
+    for round_number in range(2):
+        with proxy.app.app_context():
+            trail.append(audit._row("sign_in", {}, f"idle-{marker}", None, None, None, None, None, None, {}))
+        assert flushers() == before + 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (flushers() > before or trail._pid is not None):
+            time.sleep(0.05)
+        assert flushers() == before and trail._pid is None
+        with proxy.app.app_context():
+            assert len(query_events(user=f"idle-{marker}")) == round_number + 1
+
+
+def test_tool_calls_allowed_and_denied_by_tool_rules_are_recorded(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer, tmp_path: Path
+) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text(
+        f'[[routes]]\nname = "ruled"\npath = "/mcp"\nurl = "{echo_downstream.url}/mcp"\n\n'
+        '[[routes.tool_rules]]\ndeny = ["echo"]\n\n[[routes.tool_rules]]\nallow = ["*"]\n'
+    )
+    proxy = start_proxy(AUDIT_LOG="off", MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes))
+    login = log_in(proxy.url, proxy.url + "/mcp")
+    marker = os.urandom(4).hex()
+    for name in ("echo", f"search-{marker}"):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": {}}}
+        answer = requests.post(proxy.url + "/mcp", json=body, headers=login.bearer, timeout=10)
+        assert answer.status_code == 200, answer.text
+    deadline = (
+        time.monotonic() + 5
+    )  # a call is recorded when the server closes its response, just after the client read it
+    while True:
+        _trail(proxy).flush()
+        with proxy.app.app_context():
+            allowed = query_events(tool=f"search-{marker}")
+        if allowed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    with proxy.app.app_context():
+        denied = [row for row in query_events(tool="echo", route="ruled", limit=10) if row["outcome"] == "denied"]
+    assert len(allowed) == 1 and allowed[0]["outcome"] == "ok" and allowed[0]["client_id"] == login.client.client_id
+    assert allowed[0]["user_id"] == "alice" and allowed[0]["route"] == "ruled" and allowed[0]["request_id"]
+    assert denied and denied[0]["reason"] == "tool_rules" and denied[0]["client_id"] == login.client.client_id
