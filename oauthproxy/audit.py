@@ -223,6 +223,7 @@ class AuditTrail:
         self._lock = threading.Lock()  # one flush at a time (the flusher, worker exit, a test)
         self._wake = threading.Event()
         self._pid: int | None = None
+        self.flusher: threading.Thread | None = None
         self._engine: Engine | None = None
         self._failing = False
 
@@ -242,7 +243,8 @@ class AuditTrail:
                 return
             self._pid = os.getpid()
             self._wake = threading.Event()
-            threading.Thread(target=self._run, name="audit-flush", daemon=True).start()
+            self.flusher = threading.Thread(target=self._run, name="audit-flush", daemon=True)
+            self.flusher.start()
 
     def _run(self) -> None:
         idle = 0

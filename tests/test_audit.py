@@ -130,12 +130,20 @@ def test_a_database_outage_keeps_events_in_memory_and_stores_them_when_it_ends(
         trail.flush()  # no exception
         assert _failures("database") > before
         assert f"out-{marker}" in audit_log.read_text()  # the JSON lines do not wait for the database
-        # A request still succeeds while the table is gone (the metadata endpoint records nothing; /register does
-        # not either; the point is that nothing on the request path touches the table).
-        assert requests.get(proxy.url + "/.well-known/oauth-authorization-server", timeout=10).status_code == 200
+        # A whole login (consent, sign-in, tokens: each recorded) succeeds while the table is gone.
+        login = log_in(proxy.url, proxy.url + "/mcp")
+        assert login.access_token
     finally:
         _rename(database_dsn, f"audit_away_{marker}", "audit_events")
-    assert trail.flush() == 0  # nothing new: the kept events are stored now
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        trail.flush()  # the kept events are stored now
+        with proxy.app.app_context():
+            stored = query_events(client=login.client.client_id)
+        if {"consent", "sign_in", "token_issued"} <= {row["event"] for row in stored}:
+            break
+        time.sleep(0.1)
+    assert {"consent", "sign_in", "token_issued"} <= {row["event"] for row in stored}
     with proxy.app.app_context():
         assert [row["event"] for row in query_events(user=f"out-{marker}")] == ["sign_in"]
 
@@ -396,29 +404,23 @@ def test_login_tool_calls_refresh_and_revoke_are_audited_end_to_end(
 def test_an_idle_flusher_ends_and_the_next_event_starts_another(
     start_proxy: Callable[..., RunningProxy], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
     from oauthproxy import audit
 
     monkeypatch.setattr(audit, "IDLE_FLUSHES", 3)
     proxy = start_proxy(AUDIT_LOG="off")
     trail = AuditTrail(proxy.app, "off", interval=0.05)
     marker = os.urandom(4).hex()
-
-    def flushers() -> int:
-        return sum(thread.name == "audit-flush" for thread in threading.enumerate())
-
-    before = flushers()
+    flushers = []
     for round_number in range(2):
         with proxy.app.app_context():
             trail.append(audit._row("sign_in", {}, f"idle-{marker}", None, None, None, None, None, None, {}))
-        assert flushers() == before + 1
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (flushers() > before or trail._pid is not None):
-            time.sleep(0.05)
-        assert flushers() == before and trail._pid is None
+        assert trail.flusher is not None and trail.flusher.is_alive()
+        flushers.append(trail.flusher)
+        trail.flusher.join(5)
+        assert not trail.flusher.is_alive() and trail._pid is None
         with proxy.app.app_context():
             assert len(query_events(user=f"idle-{marker}")) == round_number + 1
+    assert flushers[0] is not flushers[1]
 
 
 def test_tool_calls_allowed_and_denied_by_tool_rules_are_recorded(
@@ -451,3 +453,32 @@ def test_tool_calls_allowed_and_denied_by_tool_rules_are_recorded(
     assert len(allowed) == 1 and allowed[0]["outcome"] == "ok" and allowed[0]["client_id"] == login.client.client_id
     assert allowed[0]["user_id"] == "alice" and allowed[0]["route"] == "ruled" and allowed[0]["request_id"]
     assert denied and denied[0]["reason"] == "tool_rules" and denied[0]["client_id"] == login.client.client_id
+
+
+def test_downstream_connections_made_refused_and_removed_are_recorded(
+    start_proxy: Callable[..., RunningProxy], echo_downstream: EchoServer
+) -> None:
+    from oauthproxy.components import components
+    from oauthproxy.downstream_connections import connection_refused, disconnect, store_connection
+
+    proxy = start_proxy(
+        AUDIT_LOG="off", MCP_SERVER_URL=echo_downstream.url + "/mcp", DOWNSTREAM_CREDENTIAL="user_api_key"
+    )
+    user = f"conn-{os.urandom(4).hex()}"
+    with proxy.app.test_request_context("/account"):
+        route = components(proxy.app).routes["mcp"]
+        store_connection(route, user, api_key="k-1")
+        connection_refused(route, user, "the downstream refused the credential")
+        assert disconnect(route, user)
+    _trail(proxy).flush()
+    with proxy.app.app_context():
+        rows = list(reversed(query_events(user=user)))
+    assert [(row["event"], row["outcome"], row["route"]) for row in rows] == [
+        ("connection_made", "succeeded", "mcp"),
+        ("connection_refused", "refused", "mcp"),
+        ("connection_removed", "succeeded", "mcp"),
+    ]
+    assert (
+        rows[0]["details"] == {"kind": "user_api_key"} and rows[1]["reason"] == "the downstream refused the credential"
+    )
+    assert "k-1" not in json.dumps(rows)  # the credential itself is never recorded
