@@ -153,6 +153,13 @@ def on_starting(server) -> None:
         sys.exit(code if code > 0 else 1)
 
 
+def worker_exit(server, worker) -> None:
+    """Write out the worker's buffered audit events (audit.py) before it goes."""
+    from oauthproxy.audit import flush
+
+    flush(worker.wsgi)
+
+
 def post_worker_init(worker) -> None:
     """Take what the worker allocated while loading the app (modules, settings, SQLAlchemy and Authlib objects: most
     of its heap) out of the cyclic garbage collector's sight. Otherwise each full collection walks all of it again,

@@ -58,7 +58,7 @@ from oauthproxy.components import components
 from tests.provider_fixture import OidcProvider, launch_oidc_provider
 from tests.proxy_fixtures import launch_mcp_downstream, log_in
 
-SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy")
+SECTIONS = ("throughput", "profile", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy", "audit")
 LUA_SCRIPT = BENCH / "jsonrpc_post.lua"
 HANDSHAKE_SCRIPT = BENCH / "mcp_handshake.lua"
 JSON_RPC_BODY = '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}'
@@ -700,6 +700,49 @@ class Bench:
                     runs.setdefault(f"{route}|{request}|{connections}", []).append(result)
         self.results["policy"] = {key: summarise_runs(found) for key, found in runs.items()}
 
+    # -- the audit trail ----------------------------------------------------------------------------------------------
+
+    def audit(self) -> None:
+        """The same route with the audit trail on (JSON lines to a file, rows to the table) and off, in front of the
+        fixed-answer nginx, measured alternately: what recording a tool call costs per request (its name read from
+        the body, one event buffered, written in batches off the request path), and what a request that is no tool
+        call pays (one substring search of its body)."""
+        options = self.options
+        self.log(f"audit: starting nginx and two proxies, audit trail on and off ({options.workers} worker(s))")
+        downstream = self.keep(start_fast_downstream(self.run_dir / "nginx-downstream-audit"))
+        audit_log = self.run_dir / "audit.jsonl"
+        recording = self.proxy(downstream.url + "/mcp", options.workers, AUDIT_LOG=str(audit_log))
+        silent = self.proxy(downstream.url + "/mcp", options.workers, AUDIT_ENABLED="false")
+        scenarios = [
+            ("audit off", "tools/call", silent, ALLOWED_CALL_BODY),
+            ("audit on", "tools/call", recording, ALLOWED_CALL_BODY),
+            ("audit off", "tools/list", silent, JSON_RPC_BODY),
+            ("audit on", "tools/list", recording, JSON_RPC_BODY),
+        ]
+        for _, _, instance, body in scenarios:
+            run_wrk(instance.url + "/mcp", 20, 2, instance.token, LUA_SCRIPT, body)  # warm-up
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_number in range(1, options.rounds + 1):
+            for connections in options.connections:
+                for mode, request, instance, body in scenarios:
+                    self.log(f"audit round {round_number}/{options.rounds}: {mode}, {request}, {connections} conn.")
+                    target = Target(mode, instance.url + "/mcp", instance.service, instance.token)
+                    runs.setdefault(f"{mode}|{request}|{connections}", []).append(
+                        measure_wrk(target, connections, options.seconds, LUA_SCRIPT, body)
+                    )
+        time.sleep(2)  # the last batch flushed
+        lines = audit_log.read_text().count('"tool_call"') if audit_log.exists() else 0
+        calls = sum(
+            sum(run["requests"] for run in found)
+            for key, found in runs.items()
+            if key.startswith("audit on|tools/call")
+        )
+        self.results["audit"] = {
+            "wrk": {key: summarise_runs(found) for key, found in runs.items()},
+            "tool_calls_served": calls,
+            "tool_call_lines": lines,
+        }
+
     # -- everything -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -709,7 +752,17 @@ class Bench:
         }
         started = time.monotonic()
         with self.stack:
-            for section in ("throughput", "token", "streams", "delay", "mcp", "mcpload", "assertion", "policy"):
+            for section in (
+                "throughput",
+                "token",
+                "streams",
+                "delay",
+                "mcp",
+                "mcpload",
+                "assertion",
+                "policy",
+                "audit",
+            ):
                 if section in self.options.sections:
                     getattr(self, "token_check" if section == "token" else section)()
         self.results.pop("token_for_checks", None)

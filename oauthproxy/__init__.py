@@ -45,6 +45,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from flask_migrate import Migrate
 
     from oauthproxy import account_views, admin_views, connect_endpoints, endpoints
+    from oauthproxy.audit import init_audit
     from oauthproxy.authorization_server import AuthorizationServer
     from oauthproxy.client_metadata import ClientMetadataFetcher
     from oauthproxy.components import attach_components
@@ -127,6 +128,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     init_resource_server(app, settings)
     init_identity_assertions(app)
     init_revocation_feed(app)
+    init_audit(app)
     services.rate_limiter = init_rate_limits(app, settings)
     init_operations(app, settings)
 

@@ -13,6 +13,7 @@ from flask import current_app, redirect, session
 from sqlalchemy import func, select
 from werkzeug.wrappers import Response as BaseResponse
 
+from oauthproxy import audit
 from oauthproxy.authorization_server import revoke_grant
 from oauthproxy.client_metadata import is_metadata_document_client_id
 from oauthproxy.clients import Client, load_client
@@ -116,6 +117,7 @@ def complete_account_login(pending: PendingAuthorization, args: dict[str, str]) 
     refused = provider.error_from_callback(args)
     if refused is not None:
         log.info("account page sign-in ended with %s", refused.kind)
+        audit.record("sign_in", outcome="refused", reason=f"provider:{refused.kind}", purpose="account")
         raise AccountPageError(400, "Sign-in did not complete", f"{provider.display_name} did not sign you in. {again}")
     code = args.get("code")
     if not code:
@@ -145,10 +147,19 @@ def complete_account_login(pending: PendingAuthorization, args: dict[str, str]) 
     set_request_user(identity.id)
     if not _settings().user_is_allowed(identity.email, identity.groups):
         log.info("user %s is not in the allowlist (account page)", identity.id)
+        audit.record(
+            "sign_in",
+            user=identity.id,
+            email=identity.email,
+            outcome="refused",
+            reason="not_allowed",
+            purpose="account",
+        )
         who = identity.email or "This account"
         raise AccountPageError(
             403, "Access denied", f"{who} is not allowed to use this server. Ask its operator to add you."
         )
+    audit.record("sign_in", user=identity.id, email=identity.email, outcome="succeeded", purpose="account")
     session[SESSION_KEY] = {
         "user_id": identity.id,
         "email": identity.email,

@@ -494,7 +494,6 @@ def audit_search(args: Any) -> AuditSearch:
 
 @dataclass
 class AuditResult:
-    available: bool
     events: list[dict[str, Any]] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
 
@@ -505,18 +504,16 @@ AUDIT_MAX_VALUE = 300
 
 
 def run_audit_search(search: AuditSearch) -> AuditResult:
-    """The events matching the search, from the audit trail (oauthproxy/audit.py) when this build has one."""
-    try:
-        from oauthproxy.audit import query_events  # type: ignore[attr-defined, import-not-found, unused-ignore]
-    except ImportError:
-        return AuditResult(available=False)
+    """The events matching the search, from the audit trail (oauthproxy/audit.py)."""
+    from oauthproxy.audit import query_events  # deferred, as every view's module is: audit imports the models
+
     if search.problems:
-        return AuditResult(available=True)
+        return AuditResult()
     events = [dict(event) for event in query_events(**search.filters)]
     columns: list[str] = []
     for event in events:
         columns.extend(key for key in event if key not in columns)
-    return AuditResult(True, events, columns[:AUDIT_MAX_COLUMNS])
+    return AuditResult(events, columns[:AUDIT_MAX_COLUMNS])
 
 
 def audit_cell(value: object) -> str:

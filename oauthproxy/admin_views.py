@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, flash, redirect, request, url_for
@@ -149,14 +148,9 @@ def audit() -> Response:
         400 if search.problems else 200,
         user=user,
         search=search,
-        result=admin.run_audit_search(search) if search.submitted else _availability(),
+        result=admin.run_audit_search(search) if search.submitted else admin.AuditResult(),
         max_limit=admin.AUDIT_MAX_LIMIT,
     )
-
-
-def _availability() -> admin.AuditResult:
-    """Before a search: only whether this build has an audit trail to search."""
-    return admin.AuditResult(available=importlib.util.find_spec("oauthproxy.audit") is not None)
 
 
 @blueprint.app_template_filter("audit_cell")

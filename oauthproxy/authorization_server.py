@@ -14,7 +14,7 @@ from authlib.oauth2.rfc9207 import IssuerParameter
 from flask import Flask, current_app
 from sqlalchemy import or_, select, update
 
-from oauthproxy import metrics
+from oauthproxy import audit, metrics
 from oauthproxy.allowlists import grant_is_allowed, route_for_resource
 from oauthproxy.clients import SUPPORTED_AUTH_METHODS, SUPPORTED_GRANT_TYPES, ClientRegistration, load_client
 from oauthproxy.clock import database_now
@@ -24,7 +24,7 @@ from oauthproxy.crypto import hash_token, new_token
 from oauthproxy.downstream_connections import live_connection
 from oauthproxy.errors import InvalidTargetError, TemporarilyUnavailableError, safe_description
 from oauthproxy.groups import groups_from_column, groups_matter
-from oauthproxy.logs import set_request_user
+from oauthproxy.logs import set_request_client, set_request_user
 from oauthproxy.models import AuthorizationCode, Grant, Token, db, rows_affected, utcnow
 from oauthproxy.provider_tokens import (
     LoginRequired,
@@ -95,6 +95,7 @@ def revoke_grant(grant_id: int, reason: str) -> None:
         .values(used_at=now)
     )
     metrics.GRANTS_REVOKED.labels(reason).inc()
+    audit.record_revocation(grant_id, reason)
     # Announced to every worker of every instance when (if) the caller's transaction commits; gone from this
     # worker's cache now (and again after the commit, in case a request cached it meanwhile).
     revoked_in_transaction([grant_id])
@@ -371,6 +372,17 @@ class AuthorizationServer(FlaskAuthorizationServer):
         db.session.commit()
         metrics.TOKENS_ISSUED.labels(request.payload.grant_type or "unknown").inc()
         set_request_user(family.user_id)
+        set_request_client(row.client_id)
+        audit.record(
+            "token_refreshed" if request.payload.grant_type == "refresh_token" else "token_issued",
+            user=family.user_id,
+            email=family.user_email,
+            client=row.client_id,
+            resource=family.resource,
+            outcome="succeeded",
+            grant_id=family.id,
+            token_id=row.id,
+        )
         return row
 
     def metadata(self) -> dict:

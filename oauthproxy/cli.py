@@ -1,4 +1,4 @@
-"""The `oauthproxy` command line (also `flask --app wsgi ...`): keys, database, purge, check, clients, grants."""
+"""The `oauthproxy` command line (also `flask --app wsgi ...`): keys, database, purge, check, clients, grants, audit."""
 
 from __future__ import annotations
 
@@ -307,6 +307,98 @@ def identity_keys_rotate(algorithm: str | None) -> None:
         )
 
 
+class AuditTime(click.ParamType):
+    """An ISO 8601 time (naive: UTC) or a duration back from now (`2h`, `7d`)."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from oauthproxy.audit import BadTime, parse_time
+
+        try:
+            return parse_time(str(value))
+        except BadTime as error:
+            self.fail(str(error), param, ctx)
+
+
+_FILTER_TEXT = 512  # longer than any user id, email, client id, route or tool name the table holds
+
+
+def _filter_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and (len(value) > _FILTER_TEXT or not value.isprintable()):
+        raise click.BadParameter(f"at most {_FILTER_TEXT} printable characters", ctx, param)
+    return value
+
+
+@click.command("audit")
+@click.option("--user", callback=_filter_text, help="Only this user (user id or email).")
+@click.option("--client", "client", callback=_filter_text, help="Only this OAuth client id.")
+@click.option("--route", callback=_filter_text, help="Only this route (its name).")
+@click.option("--tool", callback=_filter_text, help="Only calls of this tool.")
+@click.option(
+    "--since",
+    type=AuditTime(),
+    help="From this time: ISO 8601 (2026-11-30T14:00Z; UTC unless a zone is "
+    "given) or a duration back from now (90s, 15m, 2h, 7d, 2w).",
+)
+@click.option("--until", type=AuditTime(), help="Up to this time, same forms as --since.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Newest events first.")
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: one JSON object per line.",
+)
+@with_appcontext
+def audit_events(
+    user: str | None,
+    client: str | None,
+    route: str | None,
+    tool: str | None,
+    since: Any,
+    until: Any,
+    limit: int,
+    output: str,
+) -> None:
+    """The audit trail: sign-ins, consents, tokens issued, refreshed and revoked, connections, tool calls."""
+    import json
+
+    from oauthproxy.audit import query_events
+
+    if since is not None and until is not None and since > until:
+        raise click.BadParameter("--since is after --until", param_hint="--since")
+    rows = query_events(user=user, client=client, route=route, tool=tool, since=since, until=until, limit=limit)
+    if output == "json":
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False))
+        return
+    click.echo(f"{'TIME (UTC)':<23} {'EVENT':<18} {'USER':<24} {'CLIENT ID':<36} {'ROUTE':<12} {'OUTCOME':<10} DETAIL")
+    for row in rows:
+        detail = " ".join(
+            part
+            for part in (
+                row["tool"] and f"tool={row['tool']}",
+                row["duration_ms"] is not None and f"{row['duration_ms']}ms",
+                row["reason"] and f"reason={row['reason']}",
+            )
+            if part
+        )
+        click.echo(
+            f"{row['time'][:23]:<23} {row['event']:<18} {_cell(row['user_email'] or row['user_id'], 24)} "
+            f"{_cell(row['client_id'], 36)} {_cell(row['route'], 12)} {_cell(row['outcome'], 10)} "
+            f"{_cell(detail, 200)}"
+        )
+    click.echo(f"{len(rows)} event(s), newest first" + (f" (--limit {limit} reached)" if len(rows) == limit else ""))
+
+
+def _cell(value: Any, width: int) -> str:
+    # Values come from clients and providers: no control characters reach the terminal.
+    text = "".join(c if c.isprintable() else "?" for c in str(value or "-"))
+    return f"{text[:width]:<{width}}"
+
+
 #: Exit status of a database command that could not reach or use the database (as gunicorn's start-up).
 DATABASE_PROBLEM = 3
 
@@ -341,7 +433,7 @@ database_commands = DatabaseCommands(
 
 
 def register_commands(app: Flask) -> None:
-    for command in (purge, rotate_key, check, clients, grants, identity_keys):
+    for command in (purge, rotate_key, check, clients, grants, identity_keys, audit_events):
         app.cli.add_command(command)
     app.cli.add_command(database_commands, "db")  # in place of Flask-Migrate's own group (`flask --app wsgi db`)
 
@@ -379,7 +471,7 @@ main.params = [param for param in main.params if param.name not in ("env_file", 
 click.version_option(package_version(), "--version", package_name="oauthproxy", message="%(prog)s %(version)s")(main)
 main.add_command(gen_key)
 # Also on the top-level group, so that `oauthproxy --help` lists them even before the settings are complete.
-for _command in (purge, rotate_key, check, clients, grants, identity_keys):
+for _command in (purge, rotate_key, check, clients, grants, identity_keys, audit_events):
     main.add_command(_command)
 main.add_command(database_commands, "db")
 

@@ -116,6 +116,12 @@ class Settings:
     replace_previous_grants: bool = True
     #: ACCOUNT_SESSION_TTL: how long a sign-in to the account page lasts (account.py).
     account_session_ttl: int = 3600
+    #: AUDIT_ENABLED: false records no audit event at all (no lines, no rows).
+    audit_enabled: bool = True
+    #: AUDIT_LOG: where audit events go as JSON lines, "stdout", "stderr", "off" or a file path (audit.py).
+    audit_log: str = "stdout"
+    #: AUDIT_RETENTION_DAYS: how long the audit_events table keeps an event (the purge deletes older ones).
+    audit_retention_days: int = 90
 
     @property
     def issuer(self) -> str:
@@ -388,6 +394,9 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
     provider_http_timeout = read_seconds(env, "PROVIDER_HTTP_TIMEOUT", 10.0, problems, minimum=1, maximum=120)
     replace_previous_grants = read_bool(env, "REPLACE_PREVIOUS_GRANTS", True, problems)
     account_session_ttl = read_int(env, "ACCOUNT_SESSION_TTL", 3600, problems, minimum=60, maximum=3600, unit="seconds")
+    audit_enabled = read_bool(env, "AUDIT_ENABLED", True, problems)
+    audit_log = _audit_log(read_text(env, "AUDIT_LOG", "stdout"), problems)
+    audit_retention_days = read_int(env, "AUDIT_RETENTION_DAYS", 90, problems, minimum=1, maximum=3650, unit="days")
 
     secret_key_raw = read_text(env, "SECRET_KEY")
     if secret_key_raw and len(secret_key_raw) < 32:
@@ -515,4 +524,30 @@ def load_settings(env: Mapping[str, str] | None = None, instance_path: str | Non
         revocation_redis_url=revocation_redis_url,
         replace_previous_grants=replace_previous_grants,
         account_session_ttl=account_session_ttl,
+        audit_enabled=audit_enabled,
+        audit_log=audit_log,
+        audit_retention_days=audit_retention_days,
     )
+
+
+def _audit_log(value: str, problems: list[str]) -> str:
+    """AUDIT_LOG: stdout, stderr, off, or a file the process can append to (its folder must exist)."""
+    if value.lower() in ("stdout", "stderr", "off"):
+        return value.lower()
+    expected = "stdout, stderr, off or the path of a file to append JSON lines to"
+    if not value.isprintable() or len(value) > 4096:
+        problems.append(f"AUDIT_LOG must be {expected}; got a value with control characters or over 4096 characters")
+        return "off"
+    path = os.path.abspath(value)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        problems.append(
+            f"AUDIT_LOG names a folder ({path}); name a file in it, e.g. {os.path.join(path, 'audit.jsonl')}"
+        )
+    elif not os.path.isdir(folder):
+        problems.append(f"AUDIT_LOG's folder {folder} does not exist; create it or set AUDIT_LOG to {expected}")
+    elif not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        problems.append(f"AUDIT_LOG: this process cannot write to {path}; fix its permissions or choose another file")
+    else:
+        return path
+    return "off"

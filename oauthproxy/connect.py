@@ -24,6 +24,7 @@ from flask import current_app, redirect, session
 from sqlalchemy import delete, select
 from werkzeug.wrappers import Response as BaseResponse
 
+from oauthproxy import audit
 from oauthproxy.allowlists import grant_is_allowed, route_for_resource
 from oauthproxy.clock import database_now
 from oauthproxy.components import components
@@ -549,6 +550,15 @@ def issue_code(validated: ValidatedAuthorization, login: PendingLogin) -> BaseRe
     """Store the grant and answer the client with its code, as a login without the connect step does."""
     if not grant_is_allowed(_settings(), login.identity.email, login.identity.groups, validated.resource):
         # The allowlists as configured now: they may have changed while the user was connecting.
+        audit.record(
+            "sign_in",
+            user=login.identity.id,
+            email=login.identity.email,
+            client=validated.client.client_id,
+            resource=validated.resource,
+            outcome="refused",
+            reason="not_allowed",
+        )
         raise AuthorizationRedirectError(
             validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
         )

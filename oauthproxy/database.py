@@ -11,6 +11,7 @@ from datetime import timedelta
 from flask import Flask, current_app
 from sqlalchemy import delete, or_, select
 
+from oauthproxy.audit import purge_old_events
 from oauthproxy.clock import database_now
 from oauthproxy.components import components
 from oauthproxy.crypto import DecryptionError, SecretBox, UnknownKeyError
@@ -77,6 +78,7 @@ class PurgeReport:
     clients: int
     mcp_sessions: int = 0
     pending_connections: int = 0
+    audit_events: int = 0
 
 
 def purge_expired() -> PurgeReport:
@@ -129,8 +131,9 @@ def purge_expired() -> PurgeReport:
     connecting = rows_affected(
         db.session.execute(delete(PendingConnection).where(PendingConnection.expires_at <= database_now()))
     )
+    audit_events = purge_old_events(settings.audit_retention_days)  # older than AUDIT_RETENTION_DAYS (audit.py)
     db.session.commit()
-    return PurgeReport(pending, codes, tokens, grants, clients, sessions, connecting)
+    return PurgeReport(pending, codes, tokens, grants, clients, sessions, connecting, audit_events)
 
 
 _purge_lock = threading.Lock()

@@ -13,6 +13,7 @@ from sqlalchemy import Select, Table, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from oauthproxy import audit
 from oauthproxy.components import components, current_application
 from oauthproxy.connection_providers import ConnectionProvider, connection_provider
 from oauthproxy.crypto import DecryptionError, UnknownKeyError
@@ -173,6 +174,7 @@ def store_connection(
             # Another request inserted the row between our read and our insert: replace theirs.
     _forget_cached(current_application(), route, user_id)
     log.info("stored the %s connection of user %s to route %s", kind, user_id, route.name)
+    audit.record("connection_made", user=user_id, route=route.name, outcome="succeeded", kind=kind)
 
 
 def connection_refused(route: Route, user_id: str, reason: str) -> None:
@@ -210,6 +212,7 @@ def disconnect(route: Route, user_id: str) -> bool:
     # makes the other workers forget what they cached with the deleted credential.
     announce_revoked(grant_ids)
     log.info("deleted the connection of user %s to route %s", user_id, route.name)
+    audit.record("connection_removed", user=user_id, route=route.name, outcome="succeeded", kind=row["kind"])
     if row["kind"] == "oauth" and route.oauth is not None:
         _revoke(route, row)
     return True
@@ -254,6 +257,7 @@ def _refuse(
     _forget_cached(app, route, user_id)
     if marked:
         log.info("the connection of user %s to route %s is refused: %s", user_id, route.name, reason)
+        audit.record("connection_refused", user=user_id, route=route.name, outcome="refused", reason=reason)
     return bool(marked)
 
 

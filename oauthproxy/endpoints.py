@@ -8,7 +8,7 @@ from flask import Blueprint, Response, jsonify, redirect, render_template, reque
 from werkzeug.exceptions import RequestEntityTooLarge, TooManyRequests
 from werkzeug.wrappers import Response as BaseResponse
 
-from oauthproxy import consent
+from oauthproxy import audit, consent
 from oauthproxy.components import components
 from oauthproxy.database import purge_if_due
 from oauthproxy.errors import json_error, safe_description
@@ -142,6 +142,13 @@ def submit_consent() -> BaseResponse:
             "The consent form is more than 10 minutes old. Start again from your MCP client.",
         )
     validated = validate_authorization_request(params)
+    audit.record(
+        "consent",
+        client=validated.client.client_id,
+        resource=validated.resource,
+        outcome="approved" if request.form.get("decision") == "approve" else "denied",
+        scope=validated.scope,
+    )
     if request.form.get("decision") != "approve":
         return redirect(
             error_redirect_url(validated.redirect_uri, "access_denied", "the user denied the request", validated.state)

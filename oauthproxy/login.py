@@ -14,6 +14,7 @@ from flask import current_app, redirect, session
 from sqlalchemy import delete
 from werkzeug.wrappers import Response as BaseResponse
 
+from oauthproxy import audit
 from oauthproxy.account import complete_account_login
 from oauthproxy.allowlists import grant_is_allowed, route_for_resource
 from oauthproxy.authorization_server import AuthorizationServer, ParamsRequest
@@ -266,6 +267,13 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
     provider_error = provider.error_from_callback(args)
     if provider_error is not None:
         log.info("upstream login ended with %s", provider_error.kind)
+        audit.record(
+            "sign_in",
+            client=validated.client.client_id,
+            resource=validated.resource,
+            outcome="refused",
+            reason=f"provider:{provider_error.kind}",
+        )
         error = "access_denied" if provider_error.kind == "access_denied" else "server_error"
         raise AuthorizationRedirectError(validated.redirect_uri, error, provider_error.description, validated.state)
     code = args.get("code")
@@ -290,6 +298,13 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
         tokens, signed_in = provider.exchange_code(code, settings.callback_url, upstream_secrets)
     except ProviderError as error:
         log.warning("upstream code exchange failed (%s): %s", error.kind, error.description)
+        audit.record(
+            "sign_in",
+            client=validated.client.client_id,
+            resource=validated.resource,
+            outcome="refused",
+            reason=f"exchange_failed:{error.kind}",
+        )
         raise AuthorizationRedirectError(
             validated.redirect_uri,
             EXCHANGE_ERRORS.get(error.kind, "server_error"),
@@ -327,6 +342,15 @@ def complete_provider_login(args: dict[str, str]) -> BaseResponse:
     # rather than signed in to get 403 at every request.
     if not grant_is_allowed(settings, identity.email, identity.groups, validated.resource):
         log.info("user %s is not in the allowlist", identity.id)
+        audit.record(
+            "sign_in",
+            user=identity.id,
+            email=identity.email,
+            client=validated.client.client_id,
+            resource=validated.resource,
+            outcome="refused",
+            reason="not_allowed",
+        )
         denied = error_redirect_url(
             validated.redirect_uri, "access_denied", "this account is not allowed to use this server", validated.state
         )
@@ -408,6 +432,16 @@ def store_grant(
     )
     db.session.add(family)
     db.session.flush()
+    audit.record(
+        "sign_in",
+        user=identity.id,
+        email=identity.email,
+        client=family.client_id,
+        resource=family.resource,
+        outcome="succeeded",
+        grant_id=family.id,
+        scope=family.scope,
+    )
     replace_previous_grants(family)  # one live grant per user, client and resource (grant_replacement.py)
     family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")
     if tokens.refresh_token:

@@ -75,6 +75,7 @@ ACCESS_LOGGER = "oauthproxy.access"
 #: WSGI environ keys this module reads and writes; the user id is set by whichever view learns who is calling.
 REQUEST_ID_KEY = "oauthproxy.request_id"
 USER_ID_KEY = "oauthproxy.user_id"
+CLIENT_ID_KEY = "oauthproxy.client_id"
 ROUTE_KEY = "oauthproxy.route"
 #: An incoming X-Request-Id is kept when it looks like an id (a front proxy's, e.g. nginx's $request_id), so
 #: one id follows the request through every hop; anything else is replaced, so it cannot forge log lines.
@@ -95,6 +96,12 @@ def set_request_user(user_id: str | None) -> None:
         request.environ[USER_ID_KEY] = str(user_id)
 
 
+def set_request_client(client_id: str | None) -> None:
+    """Record the OAuth client the current request acts through (from its validated token), for its log line."""
+    if client_id and has_request_context():
+        request.environ[CLIENT_ID_KEY] = str(client_id)
+
+
 class RequestIdFilter(logging.Filter):
     """Adds the current request's id to every record logged while it is served (`-` outside a request)."""
 
@@ -105,7 +112,7 @@ class RequestIdFilter(logging.Filter):
 
 
 #: Extra fields of a request line, in order; a record without them is an ordinary log line.
-ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "user_id", "client")
+ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "user_id", "client_id", "client")
 
 
 class JsonFormatter(logging.Formatter):
@@ -132,7 +139,7 @@ JsonFormatter.converter = time.gmtime
 
 def log_request(environ: dict[str, Any], status: int, duration: float) -> None:
     """The request's line: id, method, path (never the query: codes and states travel there), status,
-    duration, user id and client address. Headers (tokens, cookies) and bodies are never logged."""
+    duration, user id, OAuth client id and client address. Headers (tokens, cookies) and bodies are never logged."""
     path = environ.get("PATH_INFO", "") or "/"
     if path in QUIET_PATHS and status < 400:
         return
@@ -143,16 +150,19 @@ def log_request(environ: dict[str, Any], status: int, duration: float) -> None:
         "status": status,
         "duration_ms": round(duration * 1000, 1),
         "user_id": environ.get(USER_ID_KEY, "-"),
+        # A client id may be a metadata document URL the client chose: quoted in JSON, made printable in text.
+        "client_id": environ.get(CLIENT_ID_KEY, "-"),
         "client": environ.get("REMOTE_ADDR", "-"),
     }
     # The text line carries the request id through the format's [request_id]; JSON gets every field.
     access_log.info(
-        "%s %s %s %.1fms user=%s client=%s",
+        "%s %s %s %.1fms user=%s client_id=%s client=%s",
         fields["method"],
         _printable(fields["path"]),
         status,
         fields["duration_ms"],
         fields["user_id"],
+        _printable(fields["client_id"]).replace(" ", "%20"),
         fields["client"],
         extra=fields,
     )

@@ -87,6 +87,11 @@ REFRESH_GRACE = Counter(
 GRANTS_REVOKED = Counter(
     "oauthproxy_grants_revoked_total", "Grants (whole token families) revoked, by reason.", ["reason"]
 )
+AUDIT_FAILURES = Counter(
+    "oauthproxy_audit_failures_total",
+    "Audit events not recorded, written or stored: stage record, log (AUDIT_LOG), database, dropped (buffer full).",
+    ["stage"],
+)
 REGISTRATIONS = Counter("oauthproxy_client_registrations_total", "Dynamic client registrations answered with 201.")
 REVOCATION_FEED_CONNECTED = Gauge(
     "oauthproxy_revocation_feed_connected",

@@ -295,3 +295,47 @@ class SigningKey(Model):
     created_at: Mapped[datetime] = mapped_column()
     retired_at: Mapped[datetime | None] = mapped_column()
     removed_at: Mapped[datetime | None] = mapped_column()
+
+
+class AuditEvent(Model):
+    """One audit event (audit.py): a sign-in, a consent, tokens issued, refreshed or revoked, a downstream connection
+    made or removed, a tool call. Written in batches by each process's flusher; purged after AUDIT_RETENTION_DAYS."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_user_id_time", "user_id", "time"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[datetime] = mapped_column(index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    user_id: Mapped[str | None] = mapped_column(String(255))
+    user_email: Mapped[str | None] = mapped_column(String(320), index=True)
+    client_id: Mapped[str | None] = mapped_column(String(512), index=True)
+    route: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    outcome: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(String(200))
+    tool: Mapped[str | None] = mapped_column(String(255), index=True)
+    duration_ms: Mapped[float | None] = mapped_column()
+    details: Mapped[str | None] = mapped_column(Text)
+
+    def as_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "id": self.id,
+            "time": self.time.isoformat(timespec="milliseconds") + "Z",
+            "event": self.event,
+            "user_id": self.user_id,
+            "user_email": self.user_email,
+            "client_id": self.client_id,
+            "route": self.route,
+            "request_id": self.request_id,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "tool": self.tool,
+            "duration_ms": self.duration_ms,
+        }
+        try:
+            details = json.loads(self.details) if self.details else {}
+        except ValueError:
+            details = {"details": self.details}
+        document["details"] = details if isinstance(details, dict) else {"details": details}
+        return document

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from oauthproxy import metrics
+from oauthproxy import audit, metrics
 from oauthproxy.components import components, current_application
 from oauthproxy.config import Settings
 from oauthproxy.crypto import constant_time_equals
@@ -186,6 +186,7 @@ def _record_request(environ: dict[str, Any], status: int, duration: float, heade
     method = environ.get("REQUEST_METHOD", "-")
     method = method if method in METRIC_METHODS else "other"  # any token is a method: keep the label set bounded
     metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    audit.request_finished(environ, status, duration)
     metrics.HTTP_LATENCY.labels(route, method).observe(headers_after if headers_after is not None else duration)
 
 

@@ -34,7 +34,7 @@ from oauthproxy.downstream_credentials import Caller
 from oauthproxy.errors import json_error
 from oauthproxy.groups import GROUPS_HEADER, MAX_GROUPS_HEADER_BYTES, groups_from_column, groups_header_fits
 from oauthproxy.identity_assertions import caller_with_assertion, signing_unavailable
-from oauthproxy.logs import set_request_user
+from oauthproxy.logs import set_request_client, set_request_user
 from oauthproxy.mcp_sessions import SESSION_NOT_FOUND, SessionBindings
 from oauthproxy.models import Grant, Token, db
 from oauthproxy.provider_tokens import (
@@ -435,6 +435,7 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
     except ProviderUnavailable as error:  # the grant's secrets need a key this instance lacks
         return json_error(503, "temporarily_unavailable", str(error), {"Retry-After": str(error.retry_after)})
     set_request_user(validated.caller.user_id)  # the access log names who made the request
+    set_request_client(validated.client_id)
 
     missing = [scope for scope in route.required_scopes if scope not in validated.scopes]
     if missing:

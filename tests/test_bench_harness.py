@@ -193,3 +193,23 @@ def test_the_assertion_section_compares_the_two_routes() -> None:
     assert "| identity assertion | 20 | 760 | 1.00 | 3.00 | 1,316 | 95% | 0 |" in text
     assert "| signatures the proxy made in that time (`oauthproxy_identity_assertions_signed_total`) | 1 |" in text
     assert harness.parse_args(["--sections", "assertion"]).sections == ("assertion",)
+
+
+def test_the_report_shows_what_the_audit_trail_costs() -> None:
+    def wrk(rps: float, cpu: float) -> dict:
+        return {"rps": rps, "p50_us": 700, "p99_us": 2000, "cpu_us_per_request": cpu, "requests": 10, "errors": 0}
+
+    audit = {
+        "wrk": {
+            "audit off|tools/call|1": wrk(1000, 800),
+            "audit on|tools/call|1": wrk(980, 830),
+            "audit off|tools/list|1": wrk(1000, 790),
+            "audit on|tools/list|1": wrk(1000, 792),
+        },
+        "tool_calls_served": 10,
+        "tool_call_lines": 10,
+    }
+    lines = report._audit({"audit": audit})
+    rows = {tuple(line.split(" | ")[:2]): line for line in lines if line.startswith("| audit on")}
+    assert "| 30 |" in rows[("| audit on", "tools/call")] and "| 2 |" in rows[("| audit on", "tools/list")]
+    assert report._audit({}) == []

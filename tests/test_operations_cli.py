@@ -147,7 +147,7 @@ def test_the_command_line_tool_lists_every_documented_command() -> None:
         timeout=60,
         env={"PATH": "/usr/bin:/bin", "OAUTHPROXY_ENV_FILE": "/dev/null"},
     )
-    for command in ("gen-key", "check", "db", "clients", "grants", "purge", "rotate-key"):
+    for command in ("gen-key", "check", "db", "clients", "grants", "purge", "rotate-key", "audit"):
         assert f"  {command} " in output.stdout, (command, output.stdout, output.stderr)
 
 

@@ -179,9 +179,17 @@ def test_the_installed_command_says_its_version_and_lists_its_own_commands(insta
     )
     assert shown.returncode == 0 and not shown.stderr, shown.stderr  # no settings needed to list the commands
     commands = set(re.findall(r"^  ([a-z-]+)  ", shown.stdout.split("Commands:")[1], re.MULTILINE))
-    assert commands == {"check", "clients", "db", "gen-key", "grants", "identity-keys", "purge", "rotate-key"}, (
-        shown.stdout
-    )
+    assert commands == {
+        "audit",
+        "check",
+        "clients",
+        "db",
+        "gen-key",
+        "grants",
+        "identity-keys",
+        "purge",
+        "rotate-key",
+    }, shown.stdout
     assert "--app" not in shown.stdout and "--debug" not in shown.stdout  # Flask's development options
 
 

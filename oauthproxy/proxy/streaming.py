@@ -13,6 +13,7 @@ import urllib3
 from urllib3.response import HTTPResponse
 from werkzeug.wrappers import Response
 
+from oauthproxy import audit
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.proxy.disconnects import ClientDisconnected, ClientWatch, abort_downstream
 from oauthproxy.proxy.forwarding import HeaderRules, PathRefused, downstream_url
@@ -74,6 +75,7 @@ class DownstreamProxy:
             body: Any = gate.body
         else:
             body = request_body(environ, stream, self.settings.max_body_bytes, watch.start)
+        audit.note_tool_calls(environ, route.name, body)  # the tool names it calls, recorded when the answer ends
         headers = self.header_rules.request_headers(route, environ, caller)
         if gate is not None and gate.filters_answer:
             headers["Accept-Encoding"] = "identity"  # a compressed tools/list answer could not be filtered

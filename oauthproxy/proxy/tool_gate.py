@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from oauthproxy import metrics
+from oauthproxy import audit, metrics
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.proxy.request_body import whole_body
 from oauthproxy.proxy.transport import DownstreamError
@@ -141,6 +141,9 @@ def inspect_request(
                 route.name,
                 _shown(message["params"]["name"]),
                 caller.user_id,
+            )
+            audit.record(
+                "tool_call", route=route.name, tool=message["params"]["name"], outcome="denied", reason="tool_rules"
             )
         metrics.TOOL_POLICY_REFUSALS.labels(route.name, "tool_denied").inc()
         return denial(messages, denied, batch)

@@ -1,0 +1,443 @@
+"""The audit trail: who signed in, consented, got, refreshed or lost tokens, connected, and called which tool."""
+
+# record() only appends to a per-process buffer (microseconds, never raises); a background thread (a greenlet under
+# gunicorn's gevent worker) flushes it about once a second, or sooner past FLUSH_EVENTS: JSON lines to AUDIT_LOG and
+# one batched INSERT into `audit_events`. A failing destination is logged and counted, never raised: an audit outage
+# must not take the proxy down. The rows are purged after AUDIT_RETENTION_DAYS (database.purge_expired).
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import sys
+import threading
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, current_app, has_app_context, has_request_context, request
+
+from oauthproxy import metrics
+from oauthproxy.logs import CLIENT_ID_KEY, REQUEST_ID_KEY, USER_ID_KEY
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
+
+#: Seconds between flushes, and the buffer size that flushes at once.
+FLUSH_INTERVAL = 1.0
+FLUSH_EVENTS = 200
+#: Empty flushes after which the flusher ends (the next event starts it again).
+IDLE_FLUSHES = 60
+#: The most events a process holds while its destinations fail; past it the oldest are dropped (and counted).
+MAX_BUFFERED = 10_000
+#: Column sizes (models.AuditEvent): longer values are cut, so PostgreSQL never refuses a row.
+SIZES = {
+    "event": 40,
+    "user_id": 255,
+    "user_email": 320,
+    "client_id": 512,
+    "route": 64,
+    "request_id": 128,
+    "outcome": 64,
+    "reason": 200,
+    "tool": 255,
+}
+#: Details are free-form but bounded: a tool name or a reason quoted from a client must not bloat a row.
+MAX_DETAIL_CHARS = 2000
+#: Environ key where the MCP endpoint notes a request's route and the tools it calls (note_tool_calls).
+TOOL_CALLS_KEY = "oauthproxy.audit.tool_calls"
+_TOOLS_CALL = b'"tools/call"'
+
+
+def _cut(value: Any, size: int) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text if len(text) <= size else text[:size]
+
+
+def record(
+    event: str,
+    *,
+    user: str | None = None,
+    client: str | None = None,
+    route: str | None = None,
+    outcome: str | None = None,
+    reason: str | None = None,
+    tool: str | None = None,
+    duration_ms: float | None = None,
+    **details: Any,
+) -> None:
+    """Note one event; time and request id (and the request's user and client, when not given) are filled in.
+    `email=` fills the user's email column; other keywords go to the event's details. Never raises: a failure is
+    logged and counted (`oauthproxy_audit_failures_total{stage="record"}`)."""
+    try:
+        trail = current_app.extensions.get(EXTENSION_KEY) if has_app_context() else None
+        if trail is not None:
+            environ = request.environ if has_request_context() else {}
+            trail.append(_row(event, environ, user, client, route, outcome, reason, tool, duration_ms, details))
+    except Exception:
+        metrics.AUDIT_FAILURES.labels("record").inc()
+        log.exception("could not record audit event %s", event)
+
+
+def _row(
+    event: str,
+    environ: dict[str, Any],
+    user: str | None,
+    client: str | None,
+    route: str | None,
+    outcome: str | None,
+    reason: str | None,
+    tool: str | None,
+    duration_ms: float | None,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    email = details.pop("email", None)
+    resource = details.pop("resource", None)
+    if route is None and isinstance(resource, str):
+        route = _route_name(resource)
+    return {
+        "time": datetime.now(UTC).replace(tzinfo=None),
+        "event": _cut(event, SIZES["event"]),
+        "user_id": _cut(user or environ.get(USER_ID_KEY), SIZES["user_id"]),
+        "user_email": _cut(email.lower() if isinstance(email, str) else None, SIZES["user_email"]),
+        "client_id": _cut(client or environ.get(CLIENT_ID_KEY), SIZES["client_id"]),
+        "route": _cut(route, SIZES["route"]),
+        "request_id": _cut(environ.get(REQUEST_ID_KEY), SIZES["request_id"]),
+        "outcome": _cut(outcome, SIZES["outcome"]),
+        "reason": _cut(reason, SIZES["reason"]),
+        "tool": _cut(tool, SIZES["tool"]),
+        "duration_ms": round(float(duration_ms), 1) if duration_ms is not None else None,
+        "details": _details(details),
+    }
+
+
+def _route_name(resource: str) -> str | None:
+    from oauthproxy.allowlists import route_for_resource  # deferred: it imports the models
+
+    found = route_for_resource(current_app.config["SETTINGS"], resource) if has_app_context() else None
+    return found.name if found is not None else None
+
+
+def record_revocation(grant_id: int, reason: str) -> None:
+    """authorization_server.revoke_grant: the grant's tokens are revoked (in the caller's transaction)."""
+    try:
+        from oauthproxy.models import Grant, db
+
+        grant = db.session.get(Grant, grant_id)
+    except Exception:
+        grant = None  # the revocation itself goes on (or fails) without us; the event names the grant alone
+    record(
+        "token_revoked",
+        user=grant.user_id if grant is not None else None,
+        email=grant.user_email if grant is not None else None,
+        client=grant.client_id if grant is not None else None,
+        resource=grant.resource if grant is not None else None,
+        outcome="revoked",
+        reason=reason,
+        grant_id=grant_id,
+    )
+
+
+def _details(details: dict[str, Any]) -> str | None:
+    if not details:
+        return None
+    text = json.dumps({k: v for k, v in details.items() if v is not None}, default=str, ensure_ascii=False)
+    return text if len(text) <= MAX_DETAIL_CHARS else json.dumps({"truncated": text[:MAX_DETAIL_CHARS]})
+
+
+# -- tool calls at the MCP endpoint --------------------------------------------------------------------------
+
+
+def tool_names(environ: dict[str, Any], body: Any) -> list[str]:
+    """The tools a request calls, when known cheaply: the 2026-07-28 `Mcp-Method`/`Mcp-Name` headers, else a body
+    already read whole (small bodies, and every body on routes with tool rules) that mentions `"tools/call"`.
+    A large streamed body is not read for this: its call is recorded only when its headers name the tool."""
+    method = environ.get("HTTP_MCP_METHOD")
+    if method is not None:
+        name = environ.get("HTTP_MCP_NAME")
+        return [(name or "?")[: SIZES["tool"]]] if method == "tools/call" else []
+    if not isinstance(body, bytes) or _TOOLS_CALL not in body:
+        return []  # the common case (not a tool call): one substring search of a small body
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    messages = document if isinstance(document, list) else [document]
+    names = []
+    for message in messages[:100]:
+        if isinstance(message, dict) and message.get("method") == "tools/call":
+            params = message.get("params")
+            name = params.get("name") if isinstance(params, dict) else None
+            names.append(name[: SIZES["tool"]] if isinstance(name, str) else "?")
+    return names
+
+
+def note_tool_calls(environ: dict[str, Any], route: str, body: Any) -> None:
+    """The proxy, before forwarding: remember which tools this request calls, recorded when its response ends."""
+    try:
+        trail = current_app.extensions.get(EXTENSION_KEY)
+        names = tool_names(environ, body) if trail is not None else None
+        if names:
+            environ[TOOL_CALLS_KEY] = (trail, route, names)
+    except Exception:
+        metrics.AUDIT_FAILURES.labels("record").inc()
+        log.exception("could not note the tool calls of a request")
+
+
+def request_finished(environ: dict[str, Any], status: int, duration: float) -> None:
+    """The request log's end-of-response hook: one `tool_call` event per tool the request called, with the HTTP
+    status as outcome and the time until the response ended (a streamed answer: its last event)."""
+    noted = environ.get(TOOL_CALLS_KEY)
+    if noted is None:
+        return
+    try:
+        trail, route, names = noted
+        outcome = "ok" if status < 400 else f"http_{status}"
+        for name in names:
+            details = {"status": status}
+            trail.append(_row("tool_call", environ, None, None, route, outcome, None, name, duration * 1000, details))
+    except Exception:
+        metrics.AUDIT_FAILURES.labels("record").inc()
+        log.exception("could not record a tool call")
+
+
+# -- the buffer and its flusher ------------------------------------------------------------------------------
+
+EXTENSION_KEY = "oauthproxy.audit"
+
+
+class AuditTrail:
+    """This process's buffer of events, and the thread (greenlet) that writes them out."""
+
+    def __init__(self, app: Flask, destination: str, interval: float = FLUSH_INTERVAL, batch: int = FLUSH_EVENTS):
+        self.app, self.destination, self.interval, self.batch = app, destination, interval, batch
+        self._events: deque[dict[str, Any]] = deque()
+        self._unstored: deque[dict[str, Any]] = deque()  # written as lines, not yet in the table (a failed INSERT)
+        self._lock = threading.Lock()  # one flush at a time (the flusher, worker exit, a test)
+        self._wake = threading.Event()
+        self._pid: int | None = None
+        self.flusher: threading.Thread | None = None
+        self._engine: Engine | None = None
+        self._failing = False
+
+    def append(self, row: dict[str, Any]) -> None:
+        if len(self._events) >= MAX_BUFFERED:
+            self._events.popleft()
+            metrics.AUDIT_FAILURES.labels("dropped").inc()
+        self._events.append(row)
+        if self._pid != os.getpid():
+            self._start()
+        if len(self._events) >= self.batch:
+            self._wake.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._wake = threading.Event()
+            self.flusher = threading.Thread(target=self._run, name="audit-flush", daemon=True)
+            self.flusher.start()
+
+    def _run(self) -> None:
+        idle = 0
+        while idle < IDLE_FLUSHES:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            idle = 0 if self.flush() or self._unstored else idle + 1
+        # Idle a while: end, so that an app built and dropped (tests, commands) leaves no thread behind; the next
+        # event starts another.
+        with self._lock:
+            self._pid = None
+        if self._events:
+            self._start()
+
+    def flush(self) -> int:
+        """Write out what is buffered: JSON lines, then the table. Returns how many events were taken."""
+        with self._lock:
+            taken: list[dict[str, Any]] = []
+            while self._events:
+                taken.append(self._events.popleft())
+            if taken:
+                self._write_lines(taken)
+                self._unstored.extend(taken)
+            while len(self._unstored) > MAX_BUFFERED:
+                self._unstored.popleft()
+                metrics.AUDIT_FAILURES.labels("dropped").inc()
+            if self._unstored:
+                self._store()
+            return len(taken)
+
+    def _write_lines(self, rows: list[dict[str, Any]]) -> None:
+        if self.destination == "off":
+            return
+        try:
+            text = "".join(_json_line(row) for row in rows)
+            if self.destination == "stdout":
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            elif self.destination == "stderr":
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            else:
+                # Opened for each flush: a rotated file (logrotate's create mode) is picked up within a second.
+                with open(self.destination, "a", encoding="utf-8") as file:
+                    file.write(text)
+        except Exception as error:
+            metrics.AUDIT_FAILURES.labels("log").inc()
+            log.warning("could not write %s audit event(s) to %s: %s", len(rows), self.destination, error)
+
+    def _store(self) -> None:
+        from sqlalchemy import insert
+
+        from oauthproxy.models import AuditEvent
+
+        rows = list(self._unstored)
+        try:
+            if self._engine is None:
+                from oauthproxy.models import db
+
+                with self.app.app_context():
+                    self._engine = db.engine
+            with self._engine.begin() as connection:
+                connection.execute(insert(AuditEvent), rows)
+        except Exception as error:
+            metrics.AUDIT_FAILURES.labels("database").inc()
+            if not self._failing:
+                log.warning(
+                    "could not store %s audit event(s) (%s); kept in memory (at most %s) and tried again every "
+                    "%.0f s; requests are not affected",
+                    len(rows),
+                    _first_line(error),
+                    MAX_BUFFERED,
+                    self.interval,
+                )
+            self._failing = True
+            return
+        for _ in rows:
+            self._unstored.popleft()
+        if self._failing:
+            log.info("audit events stored again (%s written)", len(rows))
+            self._failing = False
+
+
+def _first_line(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    document = {key: value for key, value in row.items() if value is not None and key != "details"}
+    document["time"] = row["time"].isoformat(timespec="milliseconds") + "Z"
+    if row.get("details"):
+        document.update({k: v for k, v in json.loads(row["details"]).items() if k not in document})
+    return json.dumps(document, ensure_ascii=False) + "\n"
+
+
+def init_audit(app: Flask) -> AuditTrail | None:
+    """This app's trail; none with AUDIT_ENABLED=false (then record() and the tool-call hooks do nothing)."""
+    if not app.config["SETTINGS"].audit_enabled:
+        return None
+    trail = AuditTrail(app, app.config["SETTINGS"].audit_log)
+    app.extensions[EXTENSION_KEY] = trail
+    atexit.register(trail.flush)
+    return trail
+
+
+def flush(app: Any) -> None:
+    """Write out this process's buffered events (gunicorn's worker_exit; anything but our app is left alone)."""
+    trail = getattr(app, "extensions", {}).get(EXTENSION_KEY) if isinstance(app, Flask) else None
+    if trail is not None:
+        trail.flush()
+
+
+# -- reading the trail ---------------------------------------------------------------------------------------
+
+#: The most rows one query returns.
+MAX_LIMIT = 10_000
+_RELATIVE = re.compile(r"(\d{1,9})([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class BadTime(ValueError):
+    """A time filter that is neither ISO 8601 nor a relative duration such as `2h`."""
+
+
+def parse_time(value: str, now: datetime | None = None) -> datetime:
+    """`2026-11-30`, `2026-11-30T14:00`, `2026-11-30T14:00:00+01:00` (naive means UTC), or a duration back from now:
+    `90s`, `15m`, `2h`, `7d`, `2w`. Returns naive UTC, as stored."""
+    text = value.strip()
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    relative = _RELATIVE.fullmatch(text)
+    if relative:
+        seconds = int(relative.group(1)) * _UNITS[relative.group(2)]
+        try:
+            return now - timedelta(seconds=seconds)
+        except OverflowError:
+            raise BadTime(f"{value!r} reaches back before year 1") from None
+    if len(text) > 40:
+        raise BadTime(f"expected an ISO 8601 time (2026-11-30T14:00Z) or a duration (2h, 7d); got {text[:40]!r}...")
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadTime(f"expected an ISO 8601 time (2026-11-30T14:00Z) or a duration (2h, 7d); got {value!r}") from None
+    if parsed.tzinfo is not None:
+        try:
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            raise BadTime(f"{value!r} is out of range") from None
+    return parsed
+
+
+def query_events(
+    user: str | None = None,
+    client: str | None = None,
+    route: str | None = None,
+    tool: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Events matching every filter given, newest first, at most `limit` (1 to MAX_LIMIT). `user` is a user id or
+    an email; `since`/`until` are datetimes (naive: UTC). Values are bound parameters, never SQL."""
+    from sqlalchemy import or_, select
+
+    from oauthproxy.models import AuditEvent, db
+
+    limit = max(1, min(int(limit), MAX_LIMIT))
+    query = select(AuditEvent)
+    if user:
+        query = query.where(or_(AuditEvent.user_id == user, AuditEvent.user_email == user.lower()))
+    if client:
+        query = query.where(AuditEvent.client_id == client)
+    if route:
+        query = query.where(AuditEvent.route == route)
+    if tool:
+        query = query.where(AuditEvent.tool == tool)
+    if since is not None:
+        query = query.where(AuditEvent.time >= _naive(since))
+    if until is not None:
+        query = query.where(AuditEvent.time <= _naive(until))
+    query = query.order_by(AuditEvent.time.desc(), AuditEvent.id.desc()).limit(limit)
+    return [row.as_dict() for row in db.session.scalars(query)]
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def purge_old_events(retention_days: int) -> int:
+    """Delete events older than the retention; the caller commits."""
+    from sqlalchemy import delete
+
+    from oauthproxy.models import AuditEvent, db, rows_affected, utcnow
+
+    cutoff = utcnow() - timedelta(days=retention_days)
+    return rows_affected(db.session.execute(delete(AuditEvent).where(AuditEvent.time < cutoff)))
