@@ -353,6 +353,38 @@ def test_bodies_the_proxy_cannot_check_are_refused(
     assert error["code"] == code and message in error["message"], error
 
 
+@SQLITE_ONLY
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        # Express's body-parser decodes by charset through iconv-lite: in UTF-7 this is tools/call of "wait", which
+        # the proxy (reading UTF-8) would take for a method it does not gate.
+        ({"Content-Type": "application/json; charset=utf-7"}, 'charset "utf-7" is not UTF-8'),
+        ({"Content-Type": 'application/json; charset="UTF-7"'}, "is not UTF-8"),
+        ({"Content-Type": "application/json; charset=utf-16"}, "is not UTF-8"),
+        ({"Content-Type": "application/json; charset=latin1"}, "is not UTF-8"),
+        ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, 'encoded ("gzip")'),
+        ({"Content-Type": "application/json", "Content-Encoding": "x-anything"}, "send it uncompressed"),
+    ],
+)
+def test_bodies_in_another_charset_or_encoding_are_refused(
+    setup: PolicySetup, alice: dict[str, Login], headers: dict[str, str], message: str
+) -> None:
+    body = b'{"jsonrpc":"2.0","id":1,"method":"tools+AC8-call","params":{"name":"wait","arguments":{}}}'
+    response = refused_before_the_downstream(setup, alice["echo"], body, **headers)
+    assert response.status_code == 415, response.text
+    assert message in jsonrpc_error(response)["message"]
+
+
+@SQLITE_ONLY
+def test_utf8_spelled_any_way_passes(setup: PolicySetup, alice: dict[str, Login]) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/json; charset=UTF8", "application/json"):
+        seen = len(setup.echo.seen)
+        response = post(setup, alice["echo"], "echo", call("progress"), **{"Content-Type": content_type})
+        assert response.status_code == 200, (content_type, response.text)
+        assert len(setup.echo.seen) == seen + 1
+
+
 MISMATCHES = [
     # (headers, body): each disagrees, so neither a router reading headers nor a server reading the body is fooled.
     ({"Mcp-Method": "tools/list"}, call("wait")),

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from werkzeug.http import parse_options_header
+
 from oauthproxy import audit, metrics
 from oauthproxy.downstream_credentials import Caller
 from oauthproxy.proxy.request_body import whole_body
@@ -121,6 +123,12 @@ def inspect_request(
         f"the request body is larger than {limit} bytes: on this route the proxy reads each JSON-RPC message "
         "before forwarding it, to apply the route's tool rules",
     )
+    try:
+        check_body_encoding(environ)
+    except _Refused as refused:
+        log.info("route %s: request refused before forwarding: %s", route.name, refused)
+        metrics.TOOL_POLICY_REFUSALS.labels(route.name, refused.refusal.reason).inc()
+        return refused.refusal
     body = whole_body(environ, stream, limit, too_large)
     try:
         messages, batch = parse_messages(body)
@@ -169,6 +177,37 @@ def _no_constant(name: str) -> Any:
 def _valid_id(value: Any) -> bool:
     # JSON-RPC 2.0 §4: a string, a number or null (a boolean is none of them, though Python's bool is an int).
     return value is None or isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+#: The spellings of UTF-8 a `charset` parameter may carry (the WHATWG encoding labels of UTF-8).
+UTF8_LABELS = frozenset({"utf-8", "utf8", "unicode-1-1-utf-8", "unicode11utf8", "unicode20utf8", "x-unicode20utf8"})
+
+
+def check_body_encoding(environ: dict[str, Any]) -> None:
+    """The proxy reads the body as UTF-8 JSON (RFC 8259 §8.1); a downstream must read the same bytes the same way.
+
+    Some do not: Express's body-parser decodes by the request's `charset` through iconv-lite, UTF-7 included, so
+    `{"method":"tools+AC8-call"}` is no tool call to the proxy and `tools/call` to such a server. A body in another
+    charset, or with a Content-Encoding (which a server may undo before parsing), is refused before it is read."""
+    _mimetype, options = parse_options_header(environ.get("CONTENT_TYPE", ""))
+    charset = options.get("charset")
+    if charset is not None and charset.strip().lower() not in UTF8_LABELS:
+        raise _Refused(
+            415,
+            INVALID_REQUEST,
+            f"The request body's charset {_shown(charset)} is not UTF-8: on this route JSON-RPC messages are read as "
+            "UTF-8 (RFC 8259 §8.1); send Content-Type: application/json.",
+            reason="unsupported_encoding",
+        )
+    encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _Refused(
+            415,
+            INVALID_REQUEST,
+            f"The request body is encoded ({_shown(encoding)}): on this route the proxy reads each JSON-RPC message "
+            "before forwarding it; send it uncompressed.",
+            reason="unsupported_encoding",
+        )
 
 
 def parse_messages(body: bytes) -> tuple[list[dict[str, Any]], bool]:
