@@ -371,6 +371,7 @@ def start_connection_hop(token: str, browser: str) -> str:
         url, hop_secrets = downstream.provider.create_authorization_url(
             callback_url(), scopes, downstream.authorize_params
         )
+        metadata = downstream.provider.load_metadata()
     except ProviderError as error:
         log.warning("route %s: cannot start the connect hop (%s): %s", route.name, error.kind, error.description)
         if error.kind == "transient":
@@ -391,10 +392,29 @@ def start_connection_hop(token: str, browser: str) -> str:
         route,
         login,
         claimed.client_id,
-        json.dumps({**hop_secrets, "scopes": scopes}),
+        json.dumps(
+            {
+                **hop_secrets,
+                "scopes": scopes,
+                # Every route's server returns to the one /connect/callback: RFC 9207's `iss` says which one answered.
+                "issuer": metadata.get("issuer"),
+                "issuer_in_response": metadata.get("authorization_response_iss_parameter_supported") is True,
+            }
+        ),
     )
     db.session.commit()
     return url
+
+
+def answered_by_another_server(args: dict[str, str], hop_secrets: dict) -> bool:
+    """RFC 9207 §2.4: the `iss` of the answer must be the issuer the hop went to, and present where that server says
+    it sends one. Without this, a route's authorization server could send the browser on to another route's server
+    with its own state and PKCE challenge, and have the victim's code there redeemed to itself (a mix-up attack)."""
+    issuer, required = hop_secrets.pop("issuer", None), hop_secrets.pop("issuer_in_response", False)
+    answered = args.get("iss")
+    if answered is None:
+        return bool(required)
+    return not isinstance(issuer, str) or answered != issuer
 
 
 def finish_connection_hop(args: dict[str, str], browser: str) -> BaseResponse:
@@ -418,6 +438,13 @@ def finish_connection_hop(args: dict[str, str], browser: str) -> BaseResponse:
     def client_error(error: str, description: str) -> AuthorizationRedirectError:
         return AuthorizationRedirectError(validated.redirect_uri, error, description, validated.state)
 
+    hop_secrets = claimed.open_secrets()
+    scopes = hop_secrets.pop("scopes", [])
+    if answered_by_another_server(args, hop_secrets):
+        log.warning(
+            "user %s: the connect hop for route %s was answered by another issuer", login.identity.id, route.name
+        )
+        raise client_error("server_error", "the answer came from another authorization server than the one asked")
     if args.get("error") or not args.get("code"):
         if not args.get("error"):
             raise client_error("server_error", "the MCP server's sign-in returned no code")
@@ -426,8 +453,6 @@ def finish_connection_hop(args: dict[str, str], browser: str) -> BaseResponse:
         log.info("user %s: the connect hop for route %s ended with %s", login.identity.id, route.name, kind)
         error = {"access_denied": "access_denied", "transient": "temporarily_unavailable"}.get(kind, "server_error")
         raise client_error(error, "signing in to the MCP server's account failed")
-    hop_secrets = claimed.open_secrets()
-    scopes = hop_secrets.pop("scopes", [])
     try:
         downstream = connection_provider(route)
         tokens, token_response = downstream.provider.redeem_code(

@@ -158,6 +158,22 @@ def test_forged_code_is_refused_for_the_client(connect: ConnectProxy) -> None:
     assert nothing_stored(connect, client)
 
 
+def test_an_answer_from_another_authorization_server_is_refused(
+    connect: ConnectProxy, connect_provider: OidcProvider
+) -> None:
+    """RFC 9207: the test provider names itself in `iss`; an answer naming another issuer, or none, is a mix-up
+    (another route's server answering with this hop's state) and its code is never redeemed."""
+    client, browser, url = to_callback(connect)
+    assert query_of(url)["iss"] == connect_provider.issuer  # what an honest answer carries
+    other = without(url, "iss") + "&iss=" + requests.utils.quote("https://as.attacker.example", safe="")
+    assert_error_redirect(get(browser.session, other), connect.proxy, client, "server_error")
+    assert nothing_stored(connect, client)
+    # This server advertises that it always sends `iss`: an answer without one is refused too.
+    client, browser, url = to_callback(connect)
+    assert_error_redirect(get(browser.session, without(url, "iss")), connect.proxy, client, "server_error")
+    assert nothing_stored(connect, client)
+
+
 def test_callback_for_an_expired_hop_is_a_page(connect: ConnectProxy) -> None:
     client, browser, url = to_callback(connect)
     expire_pending(connect)
