@@ -20,7 +20,7 @@ from oauthproxy.clients import Client, load_client
 from oauthproxy.components import components
 from oauthproxy.config import Settings
 from oauthproxy.crypto import DecryptionError, hash_token
-from oauthproxy.downstream_connections import connections_of, disconnect, store_connection
+from oauthproxy.downstream_connections import connections_of, disconnect, forget_everywhere, store_connection
 from oauthproxy.logs import set_request_user
 from oauthproxy.models import DownstreamConnection, Grant, OAuthClient, PendingAuthorization, Token, db
 from oauthproxy.providers import OAuthProvider, ProviderError, ProviderIdentity
@@ -387,6 +387,7 @@ def replace_api_key(user: AccountUser, route: Route, value: str) -> str | None:
         except ConnectRetry as refused:
             return refused.message
     store_connection(route, user_id, api_key=value)
+    forget_everywhere(route, user_id)  # no worker goes on sending the key it replaces
     log.info("user %s stored a new API key for route %s on the account page", user_id, route.name)
     return None
 

@@ -156,14 +156,16 @@ def _details(details: dict[str, Any]) -> str | None:
 
 
 def tool_names(environ: dict[str, Any], body: Any) -> list[str]:
-    """The tools a request calls, when known cheaply: the 2026-07-28 `Mcp-Method`/`Mcp-Name` headers, else a body
-    already read whole (small bodies, and every body on routes with tool rules) that mentions `"tools/call"`.
-    A large streamed body is not read for this: its call is recorded only when its headers name the tool."""
-    method = environ.get("HTTP_MCP_METHOD")
-    if method is not None:
+    """The tools a request calls, when known cheaply: from a body already read whole (small bodies, and every body
+    on routes with tool rules) that mentions `"tools/call"`, else from the 2026-07-28 `Mcp-Method`/`Mcp-Name`
+    headers. The body wins: it is what a downstream on an earlier protocol reads, so headers that disagree with it
+    (not checked on routes without tool rules) cannot hide a call or name another tool. A large streamed body is not
+    read for this: its call is recorded only when its headers name the tool."""
+    if not isinstance(body, bytes):
+        method = environ.get("HTTP_MCP_METHOD")
         name = environ.get("HTTP_MCP_NAME")
         return [(name or "?")[: SIZES["tool"]]] if method == "tools/call" else []
-    if not isinstance(body, bytes) or _TOOLS_CALL not in body:
+    if _TOOLS_CALL not in body:
         return []  # the common case (not a tool call): one substring search of a small body
     try:
         document = json.loads(body)

@@ -202,20 +202,26 @@ def disconnect(route: Route, user_id: str) -> bool:
         if row is None:
             return False
         connection.execute(delete(CONNECTIONS).where(CONNECTIONS.c.id == row["id"]))
+    forget_everywhere(route, user_id)
+    log.info("deleted the connection of user %s to route %s", user_id, route.name)
+    audit.record("connection_removed", user=user_id, route=route.name, outcome="succeeded", kind=row["kind"])
+    if row["kind"] == "oauth" and route.oauth is not None:
+        _revoke(route, row)
+    return True
+
+
+def forget_everywhere(route: Route, user_id: str) -> None:
+    """Every worker of every instance drops the user's cached tokens for the route, which carry the credential that
+    was just removed or replaced: through the revocation feed, as for a revoked grant. The grants stay valid (their
+    next request reads the connection as it is now); the feed only ends what the workers cached."""
+    with db.engine.connect() as connection:
         grant_ids = connection.scalars(
             select(Grant.id).where(
                 Grant.user_id == user_id, Grant.resource == route.resource, Grant.revoked_at.is_(None)
             )
         ).all()
     _forget_cached(current_application(), route, user_id)
-    # The grants stay valid (their next request finds no connection and is told to authorize again); the feed only
-    # makes the other workers forget what they cached with the deleted credential.
     announce_revoked(grant_ids)
-    log.info("deleted the connection of user %s to route %s", user_id, route.name)
-    audit.record("connection_removed", user=user_id, route=route.name, outcome="succeeded", kind=row["kind"])
-    if row["kind"] == "oauth" and route.oauth is not None:
-        _revoke(route, row)
-    return True
 
 
 def _revoke(route: Route, row: Any) -> None:

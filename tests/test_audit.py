@@ -203,7 +203,10 @@ def test_tool_names_from_headers_and_small_bodies() -> None:
     call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami"}}).encode()
     assert tool_names({}, call) == ["whoami"]
     assert tool_names({"HTTP_MCP_METHOD": "tools/call", "HTTP_MCP_NAME": "echo"}, None) == ["echo"]
-    assert tool_names({"HTTP_MCP_METHOD": "tools/list"}, call) == []  # the headers are the 2026-07-28 truth
+    # A body read whole wins over headers that disagree with it: they cannot hide a call or rename the tool.
+    assert tool_names({"HTTP_MCP_METHOD": "tools/list"}, call) == ["whoami"]
+    assert tool_names({"HTTP_MCP_METHOD": "tools/call", "HTTP_MCP_NAME": "harmless"}, call) == ["whoami"]
+    assert tool_names({"HTTP_MCP_METHOD": "tools/call", "HTTP_MCP_NAME": "echo"}, b'{"method": "ping"}') == []
     batch = json.dumps([json.loads(call), {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {}}]).encode()
     assert tool_names({}, batch) == ["whoami", "?"]
     assert tool_names({}, b'{"method": "tools/list"}') == []

@@ -435,7 +435,8 @@ def test_every_revocation_in_the_code_goes_through_revoke_grant() -> None:
         for path in package.rglob("*.py")
         if "migrations" not in path.parts
         for number, line in enumerate(path.read_text().splitlines(), 1)
-        if re.search(r"\brevoked_at\s*=(?!=)", line) and "Mapped[" not in line
+        if re.search(r"\brevoked_at\s*=(?!=)", line)
+        and "Mapped[" not in line
         # Copying a row's value into a view (admin.py's GrantRow) reads it; it revokes nothing.
         and not re.search(r"\brevoked_at=\w+\.revoked_at\b", line)
     }
