@@ -111,7 +111,9 @@ class IdentityAssertions:
         # Signed outside the lock: two greenlets missing at once both sign (harmless), nobody waits on the other.
         issued_at = int(time.time())
         token = key.sign(
-            assertion_claims(self.issuer, route, client_id, caller, issued_at, self.lifetime, secrets.token_urlsafe(16)),
+            assertion_claims(
+                self.issuer, route, client_id, caller, issued_at, self.lifetime, secrets.token_urlsafe(16)
+            ),
             typ=ASSERTION_TYPE,
         )
         self.signatures += 1
