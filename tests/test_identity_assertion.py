@@ -775,8 +775,10 @@ def test_the_readme_examples_verify_an_assertion_and_refuse_a_forged_one(
     token = echo_downstream.last().header("X-Forwarded-Identity")
     assert token is not None
     with proxy.app.app_context():
-        untyped = components().signing_keys.signing_key().sign(
-            jwt.decode(token, options={"verify_signature": False}), typ="JWT"
+        untyped = (
+            components()
+            .signing_keys.signing_key()
+            .sign(jwt.decode(token, options={"verify_signature": False}), typ="JWT")
         )
     examples = readme_examples()
     assert len(examples) == 2  # PyJWT, joserfc
