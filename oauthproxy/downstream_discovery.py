@@ -10,15 +10,18 @@ stored from before, else its own client metadata document (served at `CLIENT_MET
 them and PUBLIC_URL is https, else dynamic client registration (RFC 7591), stored for every worker and restart.
 
 Every request is bounded (PROVIDER_HTTP_TIMEOUT per request, a byte limit per answer, a budget for the whole walk),
-follows no redirect, and goes to https only (plain http on loopback). The result is cached per app and route; a
+follows no redirect, and goes to https only (plain http on loopback). A downstream that is not on loopback may not
+send the proxy to a loopback, private, link-local, unspecified or multicast address (`PublicAddressGuard`). The result is cached per app and route; a
 failure is remembered for `FAILURE_TTL` seconds so that a page reloaded in a loop does not walk it again each time.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -43,7 +46,7 @@ from oauthproxy.providers import ConnectionProviderSettings, OAuthProvider, Prov
 from oauthproxy.providers.base import OFFLINE_ACCESS
 from oauthproxy.providers.errors import ErrorKind, clip
 from oauthproxy.routes import Route
-from oauthproxy.urls import MalformedURL, canonical_resource, split_url
+from oauthproxy.urls import MalformedURL, canonical_resource, is_loopback_host, is_loopback_url, split_url
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +304,114 @@ def _is_transient_status(status: int) -> bool:
     return status >= 500 or status == 429
 
 
-def _secure_url_problem(url: object, plain_origin: str | None = None) -> str | None:
-    """Why `url` may not be fetched or sent to: https, or http on loopback (OAuth 2.1 §1.5); absolute; bounded.
+def _address_kind(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What makes `address` internal (a phrase), or None for a publicly routable one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address (169.254.0.0/16, fe80::/10: cloud metadata services live there)"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_private:
+        return "a private address (RFC 1918, fc00::/7 and other non-public ranges)"
+    if not address.is_global:
+        return "an address that is not publicly routable"
+    return None
+
+
+def _resolve(host: str, timeout: float) -> list[str]:
+    """The addresses `host` resolves to, within `timeout` (getaddrinfo itself has no timeout: a thread waits for it).
+
+    A failure or a timeout raises `ProviderError("transient")`: the request to that host would fail the same way."""
+    outcome: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+        except (OSError, UnicodeError) as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=lookup, name="discovery-resolve", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise ProviderError("transient", f"resolving {clip(host, 200)} took longer than {timeout:g} s")
+    if isinstance(outcome[0], Exception):
+        raise ProviderError("transient", f"could not resolve {clip(host, 200)}: {clip(str(outcome[0]))}")
+    return [str(info[4][0]) for info in outcome[0]]
+
+
+def internal_address_problem(host: str, *, timeout: float) -> str | None:
+    """Why `host` is no place a remote downstream's metadata may send the proxy (blind SSRF), or None.
+
+    Refused: loopback (urls.is_loopback_host, the one definition), then any IP literal or resolved address that is
+    loopback, private, link-local, unspecified, multicast or otherwise not publicly routable. A name is resolved (as
+    the request would) and refused when ANY of its addresses is internal; a spelling only the resolver reads as an
+    address (`127.1`, `2130706433`) is resolved too. An IPv6 zone id is refused outright. DNS may answer differently
+    at the request (rebinding): this stops a metadata document that names an internal host, not a hostile resolver.
+    """
+    host = host.lower().strip("[]")
+    if "%" in host:
+        return "has an IPv6 zone id, which only names an interface of this machine"
+    if is_loopback_host(host):
+        return "is a loopback host"
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        addresses = [ipaddress.ip_address(address.split("%")[0]) for address in _resolve(host, timeout)]
+    for address in addresses:
+        kind = _address_kind(address)
+        if kind is not None:
+            return f"is {kind}" if str(address) == host else f"resolves to {address}, {kind}"
+    return None
+
+
+class PublicAddressGuard:
+    """Keeps discovery of a remote downstream on public addresses.
+
+    The downstream's metadata names the URLs the proxy then calls: GETs for metadata, a registration, token requests
+    carrying users' codes, revocations carrying users' tokens. When the operator's downstream URL is not on loopback,
+    a URL there on an internal address is refused (ProviderError "misconfigured"), except on the downstream's own host,
+    which the operator chose. A downstream on loopback (tests, local setups) may name anything, as before."""
+
+    def __init__(self, downstream_url: str, *, timeout: float):
+        self.active = not is_loopback_url(downstream_url)
+        self.timeout = timeout
+        self.own_host = (urlsplit(downstream_url).hostname or "").lower()
+        self._problems: dict[str, str | None] = {}
+
+    def problem(self, url: str) -> str | None:
+        """Why the proxy may not call `url` for this downstream, or None (one resolution per host per walk)."""
+        if not self.active:
+            return None
+        try:
+            host = (split_url(url).hostname or "").lower()
+        except MalformedURL:
+            return "is not a well-formed URL"
+        if host == self.own_host:
+            return None
+        if host not in self._problems:
+            found = internal_address_problem(host, timeout=self.timeout)
+            self._problems[host] = (
+                None
+                if found is None
+                else (
+                    f"names a host that {found}: the downstream {self.own_host} is not on loopback, so its metadata may "
+                    "not send the proxy (with users' codes and tokens) to an internal address"
+                )
+            )
+        return self._problems[host]
+
+
+def _secure_url_problem(
+    url: object, plain_origin: str | None = None, guard: PublicAddressGuard | None = None
+) -> str | None:
+    """Why `url` may not be fetched or sent to: https, or http on loopback (OAuth 2.1 §1.5); absolute; bounded; not
+    internal when `guard` says the downstream is remote.
 
     `plain_origin`: an origin where plain http is accepted too (the downstream's own, which the operator chose: the
     MCP traffic goes there the same way)."""
@@ -318,7 +427,7 @@ def _secure_url_problem(url: object, plain_origin: str | None = None) -> str | N
         return "contains a user name, a password or a fragment"
     if not discovery.is_secure_url(url) and not (parts.scheme == "http" and _origin(url) == plain_origin):
         return "is not an https URL (plain http only on a loopback host)"
-    return None
+    return guard.problem(url) if guard is not None else None
 
 
 # -- discovery ------------------------------------------------------------------------------------------------------
@@ -357,8 +466,9 @@ def discover_authorization(
     later), `misconfigured` with what is wrong and where otherwise."""
     own = http is None
     http = http or BoundedHttp(timeout=timeout, ca_bundle=ca_bundle, budget=BUDGET_TIMEOUTS * timeout)
+    guard = PublicAddressGuard(downstream_url, timeout=http.timeout)
     try:
-        challenge_url, first_answer = _challenge(http, downstream_url)
+        challenge_url, first_answer = _challenge(http, downstream_url, guard)
         document, resource_metadata_url = _protected_resource_metadata(
             http, downstream_url, challenge_url, first_answer
         )
@@ -370,9 +480,9 @@ def discover_authorization(
                 f"{clip(resource, 200)!r}, not the downstream {downstream_url} (RFC 9728 §3.3: a client must not use "
                 "it): set the route's url to the URL the MCP server calls itself, or fix the server's resource URL",
             )
-        issuer = _first_authorization_server(document, resource_metadata_url)
+        issuer = _first_authorization_server(document, resource_metadata_url, guard)
         scopes = _scopes(document, resource_metadata_url)
-        metadata, metadata_url = _authorization_server_metadata(http, issuer)
+        metadata, metadata_url = _authorization_server_metadata(http, issuer, guard)
         return DiscoveredAuthorization(
             downstream_url=downstream_url,
             resource=resource,
@@ -387,7 +497,7 @@ def discover_authorization(
             http.close()
 
 
-def _challenge(http: BoundedHttp, downstream_url: str) -> tuple[str | None, str]:
+def _challenge(http: BoundedHttp, downstream_url: str, guard: PublicAddressGuard) -> tuple[str | None, str]:
     """POST an unauthenticated `initialize`: the challenge's resource_metadata URL (or None), and how it answered."""
     answer = http.request(
         "POST",
@@ -416,6 +526,11 @@ def _challenge(http: BoundedHttp, downstream_url: str) -> tuple[str | None, str]
     problem = _secure_url_problem(url, plain_origin=_origin(downstream_url))
     if problem is not None:
         return None, described + f" naming resource_metadata {clip(url, 200)!r}, which {problem}"
+    problem = guard.problem(url)
+    if problem is not None:
+        raise ProviderError(
+            "misconfigured", f"the downstream {described} naming resource_metadata {clip(url, 200)!r}, which {problem}"
+        )
     return url, described
 
 
@@ -460,7 +575,7 @@ def _metadata_headers() -> dict[str, str]:
     return {"Accept": "application/json", "MCP-Protocol-Version": MCP_PROTOCOL_VERSION}
 
 
-def _first_authorization_server(document: Mapping[str, Any], source: str) -> str:
+def _first_authorization_server(document: Mapping[str, Any], source: str, guard: PublicAddressGuard) -> str:
     servers = document.get("authorization_servers")
     if not isinstance(servers, list) or not servers or not isinstance(servers[0], str):
         raise ProviderError(
@@ -468,7 +583,7 @@ def _first_authorization_server(document: Mapping[str, Any], source: str) -> str
             f"the protected resource metadata at {source} names no authorization server (authorization_servers)",
         )
     issuer: str = servers[0]
-    problem = _secure_url_problem(issuer)
+    problem = _secure_url_problem(issuer, guard=guard)
     if problem is not None:
         raise ProviderError(
             "misconfigured",
@@ -495,7 +610,9 @@ def _scopes(document: Mapping[str, Any], source: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(scopes))
 
 
-def _authorization_server_metadata(http: BoundedHttp, issuer: str) -> tuple[dict[str, Any], str]:
+def _authorization_server_metadata(
+    http: BoundedHttp, issuer: str, guard: PublicAddressGuard
+) -> tuple[dict[str, Any], str]:
     tried: list[str] = []
     transient = False
     for url in authorization_server_metadata_urls(issuer):
@@ -508,7 +625,7 @@ def _authorization_server_metadata(http: BoundedHttp, issuer: str) -> tuple[dict
         if metadata is None:
             tried.append(f"{url} ({reason})")
             continue
-        _check_authorization_server(metadata, url, issuer)
+        _check_authorization_server(metadata, url, issuer, guard)
         return metadata, url
     raise ProviderError(
         "transient" if transient else "misconfigured",
@@ -517,7 +634,9 @@ def _authorization_server_metadata(http: BoundedHttp, issuer: str) -> tuple[dict
     )
 
 
-def _check_authorization_server(metadata: Mapping[str, Any], source: str, issuer: str) -> None:
+def _check_authorization_server(
+    metadata: Mapping[str, Any], source: str, issuer: str, guard: PublicAddressGuard
+) -> None:
     named = metadata.get("issuer")
     if not isinstance(named, str) or named.rstrip("/") != issuer.rstrip("/"):
         # RFC 8414 §3.3: another server's metadata (a mix-up attack, or a misconfigured proxy in front).
@@ -533,9 +652,18 @@ def _check_authorization_server(metadata: Mapping[str, Any], source: str, issuer
             "MCP requires PKCE S256, and the proxy signs no one in without it",
         )
     discovery.check_metadata(metadata, source)
-    for key in ("issuer", "authorization_endpoint", "token_endpoint", "revocation_endpoint", "registration_endpoint"):
+    # Every URL the provider may call (userinfo and jwks_uri too) or send the browser to.
+    for key in (
+        "issuer",
+        "authorization_endpoint",
+        "token_endpoint",
+        "revocation_endpoint",
+        "registration_endpoint",
+        "userinfo_endpoint",
+        "jwks_uri",
+    ):
         value = metadata.get(key)
-        problem = None if value is None else _secure_url_problem(value)
+        problem = None if value is None else _secure_url_problem(value, guard=guard)
         if problem is not None:
             raise ProviderError("misconfigured", f"{source}: {key} {clip(str(value), 200)!r} {problem}")
 

@@ -22,6 +22,10 @@ JWKS_PATH = "/.well-known/jwks.json"
 #: An assertion is reused until this fraction of its lifetime has passed: the rest covers the request's way to the
 #: downstream and clocks a little apart.
 REUSE_FRACTION = 0.8
+#: The assertion's `typ` (RFC 8725 §3.11 explicit typing). Its `iss` is the authorization server, whose metadata
+#: publishes the same keys as `jwks_uri`: with plain "JWT", an access-token checker that ignores `typ` could take an
+#: assertion (sent to every downstream) for an access token of this server. A downstream checks this value.
+ASSERTION_TYPE = "oauthproxy-identity+jwt"
 
 
 def assertion_claims(
@@ -107,7 +111,10 @@ class IdentityAssertions:
         # Signed outside the lock: two greenlets missing at once both sign (harmless), nobody waits on the other.
         issued_at = int(time.time())
         token = key.sign(
-            assertion_claims(self.issuer, route, client_id, caller, issued_at, self.lifetime, secrets.token_urlsafe(16))
+            assertion_claims(
+                self.issuer, route, client_id, caller, issued_at, self.lifetime, secrets.token_urlsafe(16)
+            ),
+            typ=ASSERTION_TYPE,
         )
         self.signatures += 1
         IDENTITY_ASSERTIONS_SIGNED.labels(route.name).inc()

@@ -74,8 +74,9 @@ class PrivateKey:
     algorithm: str
     key: ECKey | OKPKey
 
-    def sign(self, claims: dict[str, Any]) -> str:
-        header = {"alg": self.algorithm, "kid": self.kid, "typ": "JWT"}
+    def sign(self, claims: dict[str, Any], typ: str) -> str:
+        """A JWS of `claims`; `typ` says what kind of token it is (RFC 8725 §3.11 explicit typing)."""
+        header = {"alg": self.algorithm, "kid": self.kid, "typ": typ}
         return jwt.encode(header, claims, self.key, algorithms=[self.algorithm])
 
 

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ import requests
 from flask import Flask
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from requests.structures import CaseInsensitiveDict
 
 from oauthproxy import create_app
 from oauthproxy.client_metadata import validate_metadata_document
@@ -35,10 +37,15 @@ from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH, ConnectionPro
 from oauthproxy.database import rotate_encryption_key, upgrade_database
 from oauthproxy.downstream_discovery import (
     CLIENT_METADATA_PATH,
+    Answer,
+    BoundedHttp,
     ClientIdentity,
     DiscoveredProvider,
+    PublicAddressGuard,
     bearer_parameter,
+    discover_authorization,
     forget_discovery,
+    internal_address_problem,
     parse_challenges,
     store_registration,
     stored_registration,
@@ -815,3 +822,173 @@ def test_a_downstream_that_is_down_is_a_transient_failure_remembered_briefly(
     assert world.hit_count("POST", "/mcp") == 1
     spoiled.forget()
     assert spoiled.provider().issuer == world.issuer
+
+
+# -- a remote downstream's metadata may not send the proxy to an internal address (blind SSRF) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.9.9.9", "loopback"),
+        ("[::1]", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),  # an IPv4-mapped spelling reaches the same place
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("fd12:3456::1", "private"),
+        ("169.254.169.254", "link-local"),  # cloud instance metadata
+        ("fe80::1", "link-local"),
+        ("[fe80::1%25eth0]", "zone id"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("100.64.0.1", "not publicly routable"),  # carrier-grade NAT
+        ("localhost", "loopback"),
+        ("127.1", "resolves to 127.0.0.1, a loopback"),  # only the resolver reads it as an address: it is resolved
+    ],
+)
+def test_internal_addresses_are_refused(host: str, kind: str) -> None:
+    problem = internal_address_problem(host, timeout=5)
+    assert problem is not None and kind in problem, problem
+
+
+@pytest.mark.parametrize("host", ["93.184.215.14", "8.8.8.8", "2606:4700:4700::1111", "[2606:4700:4700::1111]"])
+def test_public_address_literals_pass(host: str) -> None:
+    assert internal_address_problem(host, timeout=5) is None
+
+
+def fake_resolver(monkeypatch: pytest.MonkeyPatch, names: dict[str, list[str]], delay: float = 0.0) -> list[str]:
+    """socket.getaddrinfo answering `names` (a name not listed: unknown); returns the names asked for."""
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        asked.append(host)
+        time.sleep(delay)
+        if host not in names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in names[host]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_a_name_is_refused_when_any_of_its_addresses_is_internal(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_resolver(
+        monkeypatch,
+        {
+            "public.example": ["93.184.215.14", "2606:4700:4700::1111"],
+            "rebound.example": ["93.184.215.14", "10.0.0.7"],
+            "metadata.example": ["169.254.169.254"],
+        },
+    )
+    assert internal_address_problem("public.example", timeout=5) is None
+    assert "resolves to 10.0.0.7, a private address" in str(internal_address_problem("rebound.example", timeout=5))
+    assert "resolves to 169.254.169.254, a link-local" in str(internal_address_problem("metadata.example", timeout=5))
+    # A name that does not resolve cannot be reached either: retry later, as for a request that fails.
+    with pytest.raises(ProviderError) as unknown:
+        internal_address_problem("unknown.example", timeout=5)
+    assert unknown.value.kind == "transient" and "could not resolve unknown.example" in str(unknown.value)
+
+
+def test_resolution_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_resolver(monkeypatch, {"slow.example": ["93.184.215.14"]}, delay=3)
+    started = time.monotonic()
+    with pytest.raises(ProviderError) as slow:
+        internal_address_problem("slow.example", timeout=0.3)
+    assert time.monotonic() - started < 1.5
+    assert slow.value.kind == "transient" and "took longer than 0.3 s" in str(slow.value)
+
+
+def test_the_guard_applies_only_to_a_downstream_that_is_not_on_loopback() -> None:
+    internal = "https://10.0.0.7/token"
+    assert PublicAddressGuard("http://127.0.0.1:8000/mcp", timeout=5).problem(internal) is None
+    assert PublicAddressGuard("http://localhost:8000/mcp", timeout=5).problem(internal) is None
+    remote = PublicAddressGuard("https://93.184.215.14/mcp", timeout=5)
+    assert "is a private address" in str(remote.problem(internal))
+    assert "is a loopback host" in str(remote.problem("http://127.0.0.1:9000/token"))
+    # The downstream's own host is the operator's choice, whatever its address.
+    assert PublicAddressGuard("https://10.0.0.5/mcp", timeout=5).problem("https://10.0.0.5/.well-known/x") is None
+
+
+class CannedHttp(BoundedHttp):
+    """The one fetch function discovery uses, answering from `answers` by (method, URL), recording every request:
+    a downstream on a public address cannot be reached from the tests, and what is checked here is pure logic."""
+
+    def __init__(self, answers: dict[tuple[str, str], tuple[int, dict[str, str], Any]]):
+        super().__init__(timeout=5, ca_bundle=None, budget=15)
+        self.answers = answers
+        self.sent: list[tuple[str, str]] = []
+
+    def request(self, method: str, url: str, what: str, **kwargs: Any) -> Answer:
+        self.sent.append((method, url))
+        status, headers, body = self.answers.get((method, url), (404, {}, {"error": "not_found"}))
+        return Answer(status, CaseInsensitiveDict(headers), json.dumps(body).encode())
+
+
+REMOTE = "https://mcp.example/mcp"
+REMOTE_PRM = "https://mcp.example/.well-known/oauth-protected-resource/mcp"
+REMOTE_ISSUER = "https://auth.example"
+
+
+def remote_world(
+    resource_metadata: str = REMOTE_PRM, issuer: str = REMOTE_ISSUER, **endpoints: str
+) -> dict[tuple[str, str], tuple[int, dict[str, str], Any]]:
+    """A remote downstream and its authorization server, as their documents say; `endpoints` override the AS's."""
+    metadata = {
+        "issuer": issuer,
+        "authorization_endpoint": issuer + "/authorize",
+        "token_endpoint": issuer + "/token",
+        "registration_endpoint": issuer + "/register",
+        "revocation_endpoint": issuer + "/revoke",
+        "code_challenge_methods_supported": ["S256"],
+        "response_types_supported": ["code"],
+        **endpoints,
+    }
+    return {
+        ("POST", REMOTE): (401, {"WWW-Authenticate": f'Bearer resource_metadata="{resource_metadata}"'}, {}),
+        ("GET", resource_metadata): (200, {}, {"resource": REMOTE, "authorization_servers": [issuer]}),
+        ("GET", issuer + "/.well-known/oauth-authorization-server"): (200, {}, metadata),
+    }
+
+
+@pytest.fixture
+def public_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return fake_resolver(monkeypatch, {"mcp.example": ["93.184.215.14"], "auth.example": ["93.184.215.15"]})
+
+
+def test_a_remote_downstream_with_public_metadata_is_discovered(public_names: list[str]) -> None:
+    http = CannedHttp(remote_world())
+    found = discover_authorization(REMOTE, timeout=5, ca_bundle=None, http=http)
+    assert found.issuer == REMOTE_ISSUER and found.metadata["token_endpoint"] == REMOTE_ISSUER + "/token"
+    assert public_names == ["auth.example"]  # resolved once per walk; the downstream's own host is not checked
+
+
+@pytest.mark.parametrize(
+    ("world", "refused"),
+    [
+        (remote_world(resource_metadata="http://127.0.0.1:8080/prm"), "resource_metadata 'http://127.0.0.1:8080/prm'"),
+        (remote_world(issuer="http://127.0.0.1:9000"), "authorization server 'http://127.0.0.1:9000'"),
+        (remote_world(issuer="https://169.254.169.254"), "authorization server 'https://169.254.169.254'"),
+        (remote_world(token_endpoint="http://127.0.0.1:9000/token"), "token_endpoint 'http://127.0.0.1:9000/token'"),
+        (remote_world(registration_endpoint="https://10.0.0.7/register"), "registration_endpoint"),
+        (remote_world(revocation_endpoint="https://[fd00::1]/revoke"), "revocation_endpoint"),
+        (remote_world(authorization_endpoint="https://192.168.1.1/authorize"), "authorization_endpoint"),
+        (remote_world(token_endpoint="https://localhost/token"), "token_endpoint 'https://localhost/token'"),
+    ],
+)
+def test_a_remote_downstreams_metadata_may_not_name_an_internal_address(
+    public_names: list[str], world: dict[tuple[str, str], tuple[int, dict[str, str], Any]], refused: str
+) -> None:
+    http = CannedHttp(world)
+    with pytest.raises(ProviderError) as error:
+        discover_authorization(REMOTE, timeout=5, ca_bundle=None, http=http)
+    assert error.value.kind == "misconfigured"
+    assert refused in str(error.value) and "is not on loopback" in str(error.value), error.value
+    # Refused before anything was sent there.
+    internal = ("127.0.0.1", "169.254.169.254", "10.0.0.7", "fd00::1", "192.168.1.1", "localhost")
+    assert not [url for _, url in http.sent if any(host in url for host in internal)], http.sent

@@ -28,7 +28,7 @@ from oauthproxy.components import components
 from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.crypto import generate_key
 from oauthproxy.downstream_credentials import Caller
-from oauthproxy.identity_assertions import assertion_claims
+from oauthproxy.identity_assertions import ASSERTION_TYPE, assertion_claims
 from oauthproxy.models import SigningKey, db
 from oauthproxy.routes import Route
 from oauthproxy.signing_keys import KeyTiming, SigningKeys, SigningUnavailable, rotate_signing_key
@@ -140,7 +140,8 @@ def test_the_real_mcp_server_receives_an_assertion_it_verifies_with_the_jwks(rou
     assert abs(claims["iat"] - time.time()) < 60
     assert "groups" not in claims  # the login provider gives none here
     header = jwt.get_unverified_header(token)
-    assert header["alg"] == "ES256" and header["typ"] == "JWT"
+    # RFC 8725 §3.11: typed, so that nothing checking this issuer's access tokens can take it for one.
+    assert header["alg"] == "ES256" and header["typ"] == ASSERTION_TYPE == "oauthproxy-identity+jwt"
 
     # Another audience: an assertion for /mcp/signed is refused where /mcp/custom is expected, and the reverse.
     with pytest.raises(jwt.InvalidAudienceError):
@@ -428,6 +429,7 @@ def test_an_eddsa_key_verifies_with_pyjwt_and_joserfc(
     post(proxy.url + "/mcp/a", login.access_token)
     token = echo_downstream.last().header("X-Forwarded-Identity")
     assert token is not None and jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    assert jwt.get_unverified_header(token)["typ"] == ASSERTION_TYPE
     assert verify(token, proxy.url, proxy.url + "/mcp/a")["sub"] == "alice"
     # joserfc, the other library the README names.
     keys = KeySet.import_key_set(requests.get(proxy.url + "/.well-known/jwks.json", timeout=10).json())
@@ -772,6 +774,12 @@ def test_the_readme_examples_verify_an_assertion_and_refuse_a_forged_one(
     post(proxy.url + "/mcp/a", login.access_token)
     token = echo_downstream.last().header("X-Forwarded-Identity")
     assert token is not None
+    with proxy.app.app_context():
+        untyped = (
+            components()
+            .signing_keys.signing_key()
+            .sign(jwt.decode(token, options={"verify_signature": False}), typ="JWT")
+        )
     examples = readme_examples()
     assert len(examples) == 2  # PyJWT, joserfc
     for example in examples:
@@ -789,3 +797,8 @@ def test_the_readme_examples_verify_an_assertion_and_refuse_a_forged_one(
         # Another route's downstream refuses it: not its audience.
         with pytest.raises(Exception, match=r"(?i)aud"):
             caller_for("/mcp/b")({"X-Forwarded-Identity": token})
+        # The same claims signed by the same key but typed as a plain JWT (as an access token of this issuer might
+        # be) are refused: the examples check `typ`.
+        with pytest.raises(Exception, match="not an oauthproxy identity assertion") as refused:
+            caller_for("/mcp/a")({"X-Forwarded-Identity": untyped})
+        assert type(refused.value).__module__.split(".")[0] in ("jwt", "joserfc"), refused.value
