@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from oauthproxy import metrics
 from oauthproxy.logs import CLIENT_ID_KEY, REQUEST_ID_KEY, USER_ID_KEY
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +220,16 @@ class AuditTrail:
     """This process's buffer of events, and the thread (greenlet) that writes them out."""
 
     def __init__(self, app: Flask, destination: str, interval: float = FLUSH_INTERVAL, batch: int = FLUSH_EVENTS):
-        self.app, self.destination, self.interval, self.batch = app, destination, interval, batch
+        # Weak: a trail (its flusher thread, the exit hook) must not keep an app that is done with, and its database
+        # connection pool, alive. Tests and commands build many apps in one process.
+        self._app = weakref.ref(app)
+        self.destination, self.interval, self.batch = destination, interval, batch
         self._events: deque[dict[str, Any]] = deque()
         self._unstored: deque[dict[str, Any]] = deque()  # written as lines, not yet in the table (a failed INSERT)
         self._lock = threading.Lock()  # one flush at a time (the flusher, worker exit, a test)
         self._wake = threading.Event()
         self._pid: int | None = None
         self.flusher: threading.Thread | None = None
-        self._engine: Engine | None = None
         self._failing = False
 
     def append(self, row: dict[str, Any]) -> None:
@@ -299,16 +302,16 @@ class AuditTrail:
     def _store(self) -> None:
         from sqlalchemy import insert
 
-        from oauthproxy.models import AuditEvent
+        from oauthproxy.models import AuditEvent, db
 
         rows = list(self._unstored)
+        app = self._app()
+        if app is None:
+            return  # the app is gone, and with it its database: nothing to store the rows in
         try:
-            if self._engine is None:
-                from oauthproxy.models import db
-
-                with self.app.app_context():
-                    self._engine = db.engine
-            with self._engine.begin() as connection:
+            with app.app_context():
+                engine = db.engine
+            with engine.begin() as connection:
                 connection.execute(insert(AuditEvent), rows)
         except Exception as error:
             metrics.AUDIT_FAILURES.labels("database").inc()
@@ -349,8 +352,14 @@ def init_audit(app: Flask) -> AuditTrail | None:
         return None
     trail = AuditTrail(app, app.config["SETTINGS"].audit_log)
     app.extensions[EXTENSION_KEY] = trail
-    atexit.register(trail.flush)
+    atexit.register(_flush_at_exit, weakref.ref(trail))
     return trail
+
+
+def _flush_at_exit(trail: weakref.ref[AuditTrail]) -> None:
+    alive = trail()
+    if alive is not None:
+        alive.flush()
 
 
 def flush(app: Any) -> None:

@@ -376,13 +376,20 @@ class PublicAddressGuard:
     The downstream's metadata names the URLs the proxy then calls: GETs for metadata, a registration, token requests
     carrying users' codes, revocations carrying users' tokens. When the operator's downstream URL is not on loopback,
     a URL there on an internal address is refused (ProviderError "misconfigured"), except on the downstream's own host,
-    which the operator chose. A downstream on loopback (tests, local setups) may name anything, as before."""
+    which the operator chose. A downstream that is itself on an internal address (loopback in tests and local setups,
+    a private network inside a company, where its authorization server is internal too) may name anything, as
+    before: the guard is for a downstream on the public internet, which is not the operator's to trust."""
 
     def __init__(self, downstream_url: str, *, timeout: float):
-        self.active = not is_loopback_url(downstream_url)
         self.timeout = timeout
         self.own_host = (urlsplit(downstream_url).hostname or "").lower()
         self._problems: dict[str, str | None] = {}
+        try:
+            self.active = not is_loopback_url(downstream_url) and (
+                internal_address_problem(self.own_host, timeout=timeout) is None
+            )
+        except ProviderError:
+            self.active = True  # the downstream's name does not resolve now: its walk fails anyway; guard it meanwhile
 
     def problem(self, url: str) -> str | None:
         """Why the proxy may not call `url` for this downstream, or None (one resolution per host per walk)."""

@@ -904,7 +904,7 @@ def test_resolution_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert slow.value.kind == "transient" and "took longer than 0.3 s" in str(slow.value)
 
 
-def test_the_guard_applies_only_to_a_downstream_that_is_not_on_loopback() -> None:
+def test_the_guard_applies_only_to_a_downstream_on_a_public_address() -> None:
     internal = "https://10.0.0.7/token"
     assert PublicAddressGuard("http://127.0.0.1:8000/mcp", timeout=5).problem(internal) is None
     assert PublicAddressGuard("http://localhost:8000/mcp", timeout=5).problem(internal) is None
@@ -913,6 +913,8 @@ def test_the_guard_applies_only_to_a_downstream_that_is_not_on_loopback() -> Non
     assert "is a loopback host" in str(remote.problem("http://127.0.0.1:9000/token"))
     # The downstream's own host is the operator's choice, whatever its address.
     assert PublicAddressGuard("https://10.0.0.5/mcp", timeout=5).problem("https://10.0.0.5/.well-known/x") is None
+    # A downstream inside a private network may have its authorization server there too (an internal Keycloak).
+    assert PublicAddressGuard("https://10.0.0.5/mcp", timeout=5).problem("https://10.0.0.6/realms/x") is None
 
 
 class CannedHttp(BoundedHttp):
