@@ -967,7 +967,8 @@ def test_a_remote_downstream_with_public_metadata_is_discovered(public_names: li
     http = CannedHttp(remote_world())
     found = discover_authorization(REMOTE, timeout=5, ca_bundle=None, http=http)
     assert found.issuer == REMOTE_ISSUER and found.metadata["token_endpoint"] == REMOTE_ISSUER + "/token"
-    assert public_names == ["auth.example"]  # resolved once per walk; the downstream's own host is not checked
+    # Each resolved once per walk: the downstream's own host (public, so the guard applies), then the issuer's.
+    assert public_names == ["mcp.example", "auth.example"]
 
 
 @pytest.mark.parametrize(
