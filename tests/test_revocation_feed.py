@@ -814,7 +814,12 @@ def test_a_revocation_reaches_every_worker_of_both_instances_within_a_second(
         extra["REVOCATION_REDIS_URL"] = REDIS_URL
     with fleet_of(oidc_provider, database_dsn, echo_downstream, tmp_path, **extra) as fleet:
         for instance in fleet.instances:
-            assert f"revocation feed ({feed}) listening" in instance.logs()
+            # Each worker's listener starts after the worker boots and says so in the log: wait for both (a worker
+            # that measured before its listener was up would time the fallback, not the feed).
+            deadline = time.monotonic() + 15
+            while instance.logs().count(f"revocation feed ({feed}) listening") < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert instance.logs().count(f"revocation feed ({feed}) listening") >= 2, instance.logs()[-3000:]
         pinned = pin_every_worker(fleet.instances, fleet.log_in().access_token)
         runs = [measure_once(fleet, pinned, fleet.instances[index % 2]) for index in range(RUNS)]
         for connection in pinned:
