@@ -153,3 +153,15 @@ def artifacts_dir() -> Path:
     path = Path(os.environ.get("TEST_ARTIFACTS", "test-artifacts"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_finished_apps() -> Iterator[None]:
+    """After each test file, collect the apps its tests built and dropped: a Flask app is a reference cycle, freed
+    (and its database pool's connections closed) only by the cycle collector, which may not run for a long while.
+    Four test processes each keeping dead apps' PostgreSQL connections ran the server out of them (max_connections
+    100) while the gunicorn fleets of other files needed theirs."""
+    yield
+    import gc
+
+    gc.collect()
