@@ -38,6 +38,8 @@ from mcp import Client
 from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientMetadata
+from playwright.sync_api import Browser as ChromiumBrowser
+from playwright.sync_api import Page, sync_playwright
 
 from oauthproxy.config import normalise_database_dsn
 from oauthproxy.crypto import hash_token
@@ -331,6 +333,36 @@ def which_chromium() -> str:
     if not Path(path).exists():
         pytest.fail("/usr/bin/chromium is missing: run scripts/install-test-deps (or `make install`).")
     return path
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[ChromiumBrowser]:
+    """Debian's chromium under Playwright, one per test file; each test opens its own context (a new profile)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium: ChromiumBrowser) -> Iterator[Page]:
+    """A fresh browser profile (its own cookies): one person, not yet known to the proxy."""
+    context = chromium.new_context(viewport={"width": 1000, "height": 800}, locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
 
 
 # -- the MCP TypeScript SDK as a client -----------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from playwright.sync_api import Browser as ChromiumBrowser
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from sqlalchemy import delete, func, select
 
 from oauthproxy import account
@@ -32,12 +32,10 @@ from tests.bad_input_fixtures import assert_page
 from tests.conftest import RunningProxy
 from tests.downstream_auth_fixtures import ApiKeyDownstream
 from tests.flows import Browser, McpOAuthClient
-from tests.interop_fixtures import which_chromium
 from tests.proxy_fixtures import Login, McpDownstream
 from tests.support.databases import SQLITE_ONLY
 from tests.support.settings import TEST_KEY
 from tests.test_bad_input_logs import MIGRATION_CONFIGURED_LOGGERS
-from tests.test_interop_browser import CHROMIUM_FLAGS
 
 CALENDAR_SECRET = "calendar-connector-secret"
 #: Never contacted: the page only names the calendar's authorization server (its display name).
@@ -100,14 +98,6 @@ def start_account_proxy(
 @pytest.fixture
 def account_proxy(start_account_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     return start_account_proxy()
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[ChromiumBrowser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 from playwright.sync_api import Browser as ChromiumBrowser
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
 from oauthproxy import admin
@@ -34,7 +34,6 @@ from oauthproxy.models import Grant, db
 from tests.bad_input_fixtures import assert_page
 from tests.conftest import RunningProxy
 from tests.flows import Browser, McpOAuthClient
-from tests.interop_fixtures import which_chromium
 from tests.proxy_fixtures import McpDownstream
 from tests.support.databases import SQLITE_ONLY
 from tests.support.settings import TEST_KEY
@@ -50,7 +49,6 @@ from tests.test_account_page import (
     routes_toml,
     user_id_of,
 )
-from tests.test_interop_browser import CHROMIUM_FLAGS
 
 ALICE = "alice@example.com"  # the test provider's alice, verified: the admin here
 BOB = "bob@example.org"
@@ -73,14 +71,6 @@ def start_admin_proxy(
 @pytest.fixture
 def admin_proxy(start_admin_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     return start_admin_proxy(ADMIN_EMAILS=ALICE)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[ChromiumBrowser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

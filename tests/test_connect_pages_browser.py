@@ -3,30 +3,16 @@ Cancel), a refused key is announced and the field is ready again, Continue leads
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.connect_fixtures import ConnectProxy, mcp_initialize
 from tests.flows import McpOAuthClient
-from tests.interop_fixtures import RedirectListener, which_chromium
+from tests.interop_fixtures import RedirectListener
 from tests.support.databases import SQLITE_ONLY
-from tests.test_interop_browser import CHROMIUM_FLAGS
 
 pytestmark = SQLITE_ONLY  # pages; what is stored is checked on both databases in test_connect_flow.py
-
-
-@pytest.fixture
-def page() -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
-        context = browser.new_context(viewport={"width": 1000, "height": 800}, locale="en-US")
-        page = context.new_page()
-        page.set_default_timeout(15_000)
-        yield page
-        browser.close()
 
 
 def open_connect_page(connect: ConnectProxy, page: Page, listener: RedirectListener) -> McpOAuthClient:
@@ -83,6 +69,8 @@ def test_key_page_works_with_the_keyboard(
 def test_cancel_is_reachable_by_keyboard(start_connect_proxy, page: Page, redirect_listener: RedirectListener) -> None:
     connect = start_connect_proxy("user_api_key", credential_header="X-API-Key")
     client = open_connect_page(connect, page, redirect_listener)
+    # The field takes focus once the page has loaded (autofocus); Tab before that would start from the document.
+    expect(page.get_by_label("API key")).to_be_focused()
     page.keyboard.press("Tab")  # from the key field to Cancel
     expect(page.get_by_role("button", name="Cancel")).to_be_focused()
     page.keyboard.press("Enter")

@@ -15,24 +15,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser as ChromiumBrowser
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.flows import McpOAuthClient, with_query
-from tests.interop_fixtures import ON_INTEROP_DATABASE, RedirectListener, StartGunicorn, which_chromium
+from tests.interop_fixtures import ON_INTEROP_DATABASE, RedirectListener, StartGunicorn
 from tests.proxy_fixtures import GunicornProxy, McpDownstream
 
 pytestmark = ON_INTEROP_DATABASE
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 SCOPES = ["openid", "email", "profile"]
 
 
@@ -42,24 +32,6 @@ def browser_proxy(start_gunicorn: StartGunicorn, mcp_downstream: McpDownstream) 
     proxy = start_gunicorn(MCP_SERVER_URL=mcp_downstream.url, ALLOWED_EMAIL_DOMAINS="example.com,example.org")
     yield proxy
     proxy.stop()
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[ChromiumBrowser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(chromium: ChromiumBrowser) -> Iterator[Page]:
-    """A fresh browser profile (its own cookies): one person, not yet known to the proxy."""
-    context = chromium.new_context(viewport={"width": 1000, "height": 800}, locale="en-US")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    yield page
-    context.close()
 
 
 def register(proxy: GunicornProxy, listener: RedirectListener, name: str) -> McpOAuthClient:

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import requests
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.conftest import RunningProxy
 from tests.flows import McpOAuthClient
-from tests.interop_fixtures import which_chromium
 from tests.support.databases import SQLITE_ONLY
-from tests.test_interop_browser import CHROMIUM_FLAGS
 
 pytestmark = SQLITE_ONLY  # a page, no storage checks
 
 CURSOR = "cursor://anysphere.cursor-retrieval/oauth/user-mcp/callback"
-
-
-@pytest.fixture
-def page() -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=which_chromium(), headless=True, args=CHROMIUM_FLAGS)
-        context = browser.new_context(viewport={"width": 1000, "height": 800}, locale="en-US")
-        page = context.new_page()
-        page.set_default_timeout(15_000)
-        yield page
-        browser.close()
 
 
 def test_consent_page_names_the_app_behind_a_private_use_scheme(
