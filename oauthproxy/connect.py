@@ -43,6 +43,7 @@ from oauthproxy.login import (
     validate_authorization_request,
 )
 from oauthproxy.logs import set_request_user
+from oauthproxy.mcp_initialize import initialize_request
 from oauthproxy.models import DownstreamConnection, PendingConnection, db
 from oauthproxy.providers import ProviderError, ProviderIdentity, ProviderTokens, error_from_callback
 from oauthproxy.routes import Route
@@ -55,17 +56,8 @@ TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 MAX_API_KEY_CHARACTERS = 4096
 #: Trying a key: the downstream's `initialize` answer (its headers) within this many seconds.
 VERIFY_READ_TIMEOUT = 10.0
-#: The MCP `initialize` a key is tried with (the revision every current server still accepts).
-INITIALIZE_REQUEST = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "oauthproxy key check", "version": "1"},
-    },
-}
+#: The MCP `initialize` a key is tried with.
+INITIALIZE_REQUEST = initialize_request("oauthproxy key check")
 
 EXPIRED_TITLE = "This page has expired"
 EXPIRED_MESSAGE = "This sign-in step has expired or was already used. Start again from your MCP client."

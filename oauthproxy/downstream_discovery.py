@@ -41,6 +41,7 @@ from oauthproxy.components import components, current_application
 from oauthproxy.config import Settings
 from oauthproxy.connection_providers import CONNECT_CALLBACK_PATH, ConnectionProvider
 from oauthproxy.crypto import DecryptionError, hash_token
+from oauthproxy.mcp_initialize import initialize_request
 from oauthproxy.models import DownstreamRegistration, db
 from oauthproxy.providers import ConnectionProviderSettings, OAuthProvider, ProviderError, discovery
 from oauthproxy.providers.base import OFFLINE_ACCESS
@@ -72,16 +73,7 @@ BUDGET_TIMEOUTS = 3
 FAILURE_TTL = 10.0
 #: The revision the unauthenticated `initialize` speaks; a server answers 401 before it reads the body anyway.
 MCP_PROTOCOL_VERSION = "2025-11-25"
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": MCP_PROTOCOL_VERSION,
-        "capabilities": {},
-        "clientInfo": {"name": "oauthproxy", "version": "1"},
-    },
-}
+INITIALIZE = initialize_request("oauthproxy", MCP_PROTOCOL_VERSION)
 _TOKEN_AUTH_METHODS = frozenset({"none", "client_secret_post", "client_secret_basic"})
 #: Fields of a registration response that are secrets: sealed (client_secret) or not kept at all.
 _SECRET_FIELDS = ("client_secret", "registration_access_token")

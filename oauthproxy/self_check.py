@@ -15,27 +15,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from oauthproxy.components import components
 from oauthproxy.config import Settings
+from oauthproxy.mcp_initialize import DEFAULT_PROTOCOL_VERSION, initialize_request
 from oauthproxy.providers import OAuthProvider
 from oauthproxy.routes import Route
 from oauthproxy.urls import canonical_resource
 
 Level = Literal["ok", "info", "warn", "fail"]
 
-#: An MCP `initialize` request: what a client sends first, so servers answer it as they would a real client.
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "oauthproxy-check", "version": "1"},
-    },
-}
+INITIALIZE = initialize_request("oauthproxy-check")
 MCP_HEADERS = {
     "Accept": "application/json, text/event-stream",
     "Content-Type": "application/json",
-    "MCP-Protocol-Version": "2025-06-18",
+    "MCP-Protocol-Version": DEFAULT_PROTOCOL_VERSION,
 }
 #: Words providers use when they refuse a redirect URI (Google, Microsoft Entra, Keycloak, Auth0, Okta,
 #: oidc-provider, GitHub). Checked in the provider's answer to an authorization request.
