@@ -122,7 +122,9 @@ def start_proxy(
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
         client_id = f"proxy-{port}"
-        env = {**base_env(port, provider, database_dsn, client_id), **overrides}
+        # In-process, the audit trail's default destination (stdout) is pytest's own: a flush landing while a test
+        # reads a CLI command's captured output would mix into it. Tests of the trail name a file.
+        env = {**base_env(port, provider, database_dsn, client_id), "AUDIT_LOG": "off", **overrides}
         provider.register_client(client_id, env["OAUTH_CLIENT_SECRET"], [f"{env['PUBLIC_URL']}/callback"])
         app = create_app(env)
         if env["DATABASE_DSN"] not in migrated_databases:
