@@ -100,10 +100,10 @@ def launch_protected_downstream(provider: OidcProvider, log_dir: Path) -> Protec
         log_dir,
         "--issuer",
         provider.issuer,
-        "--client-id",
-        client_id,
-        "--client-secret",
-        client_secret,
+        f"--client-id={client_id}",
+        # One argument with "=": a secret that starts with "-" (token_urlsafe's alphabet has it)
+        # would otherwise be read by argparse as an option.
+        f"--client-secret={client_secret}",
         "--scopes",
         DOWNSTREAM_SCOPE,
         kind=ProtectedDownstream,
