@@ -14,18 +14,16 @@ import os
 import re
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, current_app, has_app_context, has_request_context, request
 
 from oauthproxy import metrics
 from oauthproxy.logs import CLIENT_ID_KEY, REQUEST_ID_KEY, USER_ID_KEY
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +53,31 @@ TOOL_CALLS_KEY = "oauthproxy.audit.tool_calls"
 _TOOLS_CALL = b'"tools/call"'
 
 
+#: A buffered event: the table's columns in this order (models.AuditEvent), `time` as seconds since the epoch and
+#: `details` as JSON text (an object) or None; values are cut to their columns when flushed.
+COLUMNS = (
+    "time",
+    "event",
+    "user_id",
+    "user_email",
+    "client_id",
+    "route",
+    "request_id",
+    "outcome",
+    "reason",
+    "tool",
+    "duration_ms",
+    "details",
+)
+Event = tuple[Any, ...]
+_SIZED = tuple((index, SIZES[name]) for index, name in enumerate(COLUMNS) if name in SIZES)
+_encode_json = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 def _cut(value: Any, size: int) -> str | None:
     if value is None:
         return None
-    text = str(value)
+    text = value if isinstance(value, str) else str(value)
     return text if len(text) <= size else text[:size]
 
 
@@ -81,13 +100,13 @@ def record(
         trail = current_app.extensions.get(EXTENSION_KEY) if has_app_context() else None
         if trail is not None:
             environ = request.environ if has_request_context() else {}
-            trail.append(_row(event, environ, user, client, route, outcome, reason, tool, duration_ms, details))
+            trail.append(_event(event, environ, user, client, route, outcome, reason, tool, duration_ms, details))
     except Exception:
         metrics.AUDIT_FAILURES.labels("record").inc()
         log.exception("could not record audit event %s", event)
 
 
-def _row(
+def _event(
     event: str,
     environ: dict[str, Any],
     user: str | None,
@@ -98,25 +117,25 @@ def _row(
     tool: str | None,
     duration_ms: float | None,
     details: dict[str, Any],
-) -> dict[str, Any]:
+) -> Event:
     email = details.pop("email", None)
     resource = details.pop("resource", None)
     if route is None and isinstance(resource, str):
         route = _route_name(resource)
-    return {
-        "time": datetime.now(UTC).replace(tzinfo=None),
-        "event": _cut(event, SIZES["event"]),
-        "user_id": _cut(user or environ.get(USER_ID_KEY), SIZES["user_id"]),
-        "user_email": _cut(email.lower() if isinstance(email, str) else None, SIZES["user_email"]),
-        "client_id": _cut(client or environ.get(CLIENT_ID_KEY), SIZES["client_id"]),
-        "route": _cut(route, SIZES["route"]),
-        "request_id": _cut(environ.get(REQUEST_ID_KEY), SIZES["request_id"]),
-        "outcome": _cut(outcome, SIZES["outcome"]),
-        "reason": _cut(reason, SIZES["reason"]),
-        "tool": _cut(tool, SIZES["tool"]),
-        "duration_ms": round(float(duration_ms), 1) if duration_ms is not None else None,
-        "details": _details(details),
-    }
+    return (
+        time.time(),
+        event,
+        user or environ.get(USER_ID_KEY),
+        email.lower() if isinstance(email, str) else None,
+        client or environ.get(CLIENT_ID_KEY),
+        route,
+        environ.get(REQUEST_ID_KEY),
+        outcome,
+        reason,
+        tool,
+        float(duration_ms) if duration_ms is not None else None,
+        _details(details),
+    )
 
 
 def _route_name(resource: str) -> str | None:
@@ -147,10 +166,13 @@ def record_revocation(grant_id: int, reason: str) -> None:
 
 
 def _details(details: dict[str, Any]) -> str | None:
-    if not details:
+    """JSON text of an object, or None: serialised now, so a value changed after the event cannot change it. Keys
+    that name a column are left out: the JSON line splices these keys in beside the columns (_json_line)."""
+    kept = {key: value for key, value in details.items() if value is not None and key not in COLUMNS}
+    if not kept:
         return None
-    text = json.dumps({k: v for k, v in details.items() if v is not None}, default=str, ensure_ascii=False)
-    return text if len(text) <= MAX_DETAIL_CHARS else json.dumps({"truncated": text[:MAX_DETAIL_CHARS]})
+    text = _encode_json(kept)
+    return text if len(text) <= MAX_DETAIL_CHARS else _encode_json({"truncated": text[:MAX_DETAIL_CHARS]})
 
 
 # -- tool calls at the MCP endpoint --------------------------------------------------------------------------
@@ -196,16 +218,22 @@ def note_tool_calls(environ: dict[str, Any], route: str, body: Any) -> None:
 
 def request_finished(environ: dict[str, Any], status: int, duration: float) -> None:
     """The request log's end-of-response hook: one `tool_call` event per tool the request called, with the HTTP
-    status as outcome and the time until the response ended (a streamed answer: its last event)."""
+    status as outcome and the time until the response ended (a streamed answer: its last event).
+
+    On every tool call's path, so the event is built here directly, without record()'s lookups."""
     noted = environ.get(TOOL_CALLS_KEY)
     if noted is None:
         return
     try:
         trail, route, names = noted
+        now = time.time()
+        user, client, request_id = environ.get(USER_ID_KEY), environ.get(CLIENT_ID_KEY), environ.get(REQUEST_ID_KEY)
         outcome = "ok" if status < 400 else f"http_{status}"
+        details = f'{{"status": {int(status)}}}'
         for name in names:
-            details = {"status": status}
-            trail.append(_row("tool_call", environ, None, None, route, outcome, None, name, duration * 1000, details))
+            trail.append(
+                (now, "tool_call", user, None, client, route, request_id, outcome, None, name, duration * 1000, details)
+            )
     except Exception:
         metrics.AUDIT_FAILURES.labels("record").inc()
         log.exception("could not record a tool call")
@@ -224,19 +252,20 @@ class AuditTrail:
         # connection pool, alive. Tests and commands build many apps in one process.
         self._app = weakref.ref(app)
         self.destination, self.interval, self.batch = destination, interval, batch
-        self._events: deque[dict[str, Any]] = deque()
-        self._unstored: deque[dict[str, Any]] = deque()  # written as lines, not yet in the table (a failed INSERT)
+        self._events: deque[Event] = deque()
+        self._unstored: deque[Event] = deque()  # written as lines, not yet in the table (a failed INSERT)
         self._lock = threading.Lock()  # one flush at a time (the flusher, worker exit, a test)
         self._wake = threading.Event()
         self._pid: int | None = None
         self.flusher: threading.Thread | None = None
         self._failing = False
+        self._insert: tuple[Any, str, Any] | None = None  # (engine, its INSERT statement, its time bind processor)
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, event: Event) -> None:
         if len(self._events) >= MAX_BUFFERED:
             self._events.popleft()
             metrics.AUDIT_FAILURES.labels("dropped").inc()
-        self._events.append(row)
+        self._events.append(event)
         if self._pid != os.getpid():
             self._start()
         if len(self._events) >= self.batch:
@@ -267,9 +296,9 @@ class AuditTrail:
     def flush(self) -> int:
         """Write out what is buffered: JSON lines, then the table. Returns how many events were taken."""
         with self._lock:
-            taken: list[dict[str, Any]] = []
+            taken: list[Event] = []
             while self._events:
-                taken.append(self._events.popleft())
+                taken.append(_bounded(self._events.popleft()))
             if taken:
                 self._write_lines(taken)
                 self._unstored.extend(taken)
@@ -280,11 +309,11 @@ class AuditTrail:
                 self._store()
             return len(taken)
 
-    def _write_lines(self, rows: list[dict[str, Any]]) -> None:
+    def _write_lines(self, events: list[Event]) -> None:
         if self.destination == "off":
             return
         try:
-            text = "".join(_json_line(row) for row in rows)
+            text = "".join([_json_line(event) for event in events])
             if self.destination == "stdout":
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -297,40 +326,69 @@ class AuditTrail:
                     file.write(text)
         except Exception as error:
             metrics.AUDIT_FAILURES.labels("log").inc()
-            log.warning("could not write %s audit event(s) to %s: %s", len(rows), self.destination, error)
+            log.warning("could not write %s audit event(s) to %s: %s", len(events), self.destination, error)
 
-    def _store(self) -> None:
-        from sqlalchemy import insert
-
+    def _insert_statement(self, app: Flask) -> tuple[Any, str, Any]:
+        """The engine, its driver-level INSERT and how it binds a time: built once. The rows go to the driver's
+        executemany as tuples, not through SQLAlchemy's per-row parameter processing (most of a row's cost)."""
         from oauthproxy.models import AuditEvent, db
 
-        rows = list(self._unstored)
+        with app.app_context():
+            engine = db.engine
+        if self._insert is None or self._insert[0] is not engine:
+            table = AuditEvent.__table__
+            marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+            # Identifiers from our own constants; every value is a bound parameter.
+            sql = f"INSERT INTO {table.name} ({', '.join(COLUMNS)}) VALUES ({', '.join([marker] * len(COLUMNS))})"  # noqa: S608
+            bind_time = table.c.time.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+            self._insert = (engine, sql, bind_time)
+        return self._insert
+
+    def _store(self) -> None:
+        events = list(self._unstored)
         app = self._app()
         if app is None:
             return  # the app is gone, and with it its database: nothing to store the rows in
         try:
-            with app.app_context():
-                engine = db.engine
+            engine, sql, bind_time = self._insert_statement(app)
+            rows = [_table_row(event, bind_time) for event in events]
             with engine.begin() as connection:
-                connection.execute(insert(AuditEvent), rows)
+                connection.exec_driver_sql(sql, rows)
         except Exception as error:
             metrics.AUDIT_FAILURES.labels("database").inc()
             if not self._failing:
                 log.warning(
                     "could not store %s audit event(s) (%s); kept in memory (at most %s) and tried again every "
                     "%.0f s; requests are not affected",
-                    len(rows),
+                    len(events),
                     _first_line(error),
                     MAX_BUFFERED,
                     self.interval,
                 )
             self._failing = True
             return
-        for _ in rows:
+        for _ in events:
             self._unstored.popleft()
         if self._failing:
-            log.info("audit events stored again (%s written)", len(rows))
+            log.info("audit events stored again (%s written)", len(events))
             self._failing = False
+
+
+def _bounded(event: Event) -> Event:
+    """The event with its values cut to their columns (so PostgreSQL never refuses a row) and its time a datetime."""
+    values = list(event)
+    values[0] = datetime.fromtimestamp(event[0], UTC).replace(tzinfo=None)
+    for index, size in _SIZED:
+        value = values[index]
+        if value is not None and (type(value) is not str or len(value) > size):
+            values[index] = _cut(value, size)
+    if values[10] is not None:
+        values[10] = round(values[10], 1)
+    return tuple(values)
+
+
+def _table_row(event: Event, bind_time: Any) -> Event:
+    return (bind_time(event[0]), *event[1:]) if bind_time is not None else event
 
 
 def _first_line(error: BaseException) -> str:
@@ -338,12 +396,12 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _json_line(row: dict[str, Any]) -> str:
-    document = {key: value for key, value in row.items() if value is not None and key != "details"}
-    document["time"] = row["time"].isoformat(timespec="milliseconds") + "Z"
-    if row.get("details"):
-        document.update({k: v for k, v in json.loads(row["details"]).items() if k not in document})
-    return json.dumps(document, ensure_ascii=False) + "\n"
+def _json_line(event: Event) -> str:
+    document = {name: value for name, value in zip(COLUMNS[1:11], event[1:11], strict=True) if value is not None}
+    text = _encode_json({"time": event[0].isoformat(timespec="milliseconds") + "Z", **document})
+    details = event[11]
+    # The details are an object whose keys name no column (_details): spliced in, they are not parsed again.
+    return (text[:-1] + ", " + details[1:] if details else text) + "\n"
 
 
 def init_audit(app: Flask) -> AuditTrail | None:

@@ -416,7 +416,7 @@ def test_an_idle_flusher_ends_and_the_next_event_starts_another(
     flushers = []
     for round_number in range(2):
         with proxy.app.app_context():
-            trail.append(audit._row("sign_in", {}, f"idle-{marker}", None, None, None, None, None, None, {}))
+            trail.append(audit._event("sign_in", {}, f"idle-{marker}", None, None, None, None, None, None, {}))
         assert trail.flusher is not None and trail.flusher.is_alive()
         flushers.append(trail.flusher)
         trail.flusher.join(5)
