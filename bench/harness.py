@@ -136,23 +136,30 @@ class Target:
     downstream: Service | None = None
 
 
+def _wrk_command(url: str, connections: int, seconds: int, script: Path) -> list[str]:
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
+
+
+def _wrk_result(stdout: str, stderr: str) -> dict[str, Any]:
+    line = next((line for line in stdout.splitlines() if line.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{stdout}\n{stderr}")
+    result = json.loads(line.removeprefix("BENCH_JSON "))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
 def run_wrk(
     url: str, connections: int, seconds: int, token: str, script: Path = LUA_SCRIPT, body: str = ""
 ) -> dict[str, Any]:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
     completed = subprocess.run(
-        command,
+        _wrk_command(url, connections, seconds, script),
         capture_output=True,
         text=True,
         timeout=seconds + 60,
         env={**os.environ, "BENCH_TOKEN": token, "BENCH_BODY": body},
     )
-    line = next((line for line in completed.stdout.splitlines() if line.startswith("BENCH_JSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk printed no summary:\n{completed.stdout}\n{completed.stderr}")
-    result = json.loads(line.removeprefix("BENCH_JSON "))
-    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    return result
+    return _wrk_result(completed.stdout, completed.stderr)
 
 
 def measure_wrk(
@@ -167,6 +174,33 @@ def measure_wrk(
     if target.downstream:
         result["downstream_cpu_us_per_request"] = (cpu_seconds(downstream_pids) - downstream_before) * 1e6 / served
     return result
+
+
+def measure_wrk_side_by_side(
+    targets: list[Target], connections: int, seconds: int, script: Path, body: str
+) -> list[dict[str, Any]]:
+    """One wrk per target, all at once: whatever disturbs the machine meanwhile (another tenant of the host, a change
+    of clock speed) falls on every target alike, so their difference is measured under the same conditions. Taken
+    one after another on these machines, identical targets differ by up to 20 % in CPU per request."""
+    pids = [target.service.pids() for target in targets]
+    before = [cpu_seconds(found) for found in pids]
+    running = [
+        subprocess.Popen(
+            _wrk_command(target.url, connections, seconds, script),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "BENCH_TOKEN": target.token, "BENCH_BODY": body},
+        )
+        for target in targets
+    ]
+    outputs = [process.communicate(timeout=seconds + 60) for process in running]
+    results = []
+    for found, cpu_before, (stdout, stderr) in zip(pids, before, outputs, strict=True):
+        result = _wrk_result(stdout, stderr)
+        result["cpu_us_per_request"] = (cpu_seconds(found) - cpu_before) * 1e6 / max(result["requests"], 1)
+        results.append(result)
+    return results
 
 
 def check_target(target: Target) -> None:
@@ -186,6 +220,43 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["errors"] = sum(sum(run["errors"].values()) for run in runs)
     summary["rounds"] = [{key: run[key] for key in ("rps", "p50_us", "p99_us")} for run in runs]
     return summary
+
+
+def audit_event_cpu(folder: Path, provider: OidcProvider, events: int = 2000, batches: int = 7) -> dict[str, float]:
+    """CPU µs per tool call of the audit trail's two halves, measured in this process: the request's hooks (the
+    tool name read from the body, the event built and buffered) and the flush (its JSON line written to a file and
+    its row inserted with the rest of the batch into SQLite). The best of `batches` batches of `events`: unlike a
+    difference between two wrk runs, a figure that does not move with the machine's load."""
+    from oauthproxy import audit, create_app
+    from oauthproxy.database import upgrade_database
+    from tests.support.settings import base_env
+
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {
+        **base_env(1, provider, f"sqlite:///{folder / 'audit.sqlite3'}", "bench-in-process"),
+        "AUDIT_LOG": str(folder / "audit.jsonl"),
+    }
+    app = create_app(env)
+    upgrade_database(app)
+    trail = app.extensions[audit.EXTENSION_KEY]
+    trail.batch = events + 1  # the test flushes; the background flusher waits its second
+    body = ALLOWED_CALL_BODY.encode()
+    hooks, flush = [], []
+    with app.test_request_context("/mcp"):
+        for _ in range(batches):
+            environs = [
+                {"oauthproxy.user_id": "user-1", "oauthproxy.client_id": "client-1", "oauthproxy.request_id": f"r{n}"}
+                for n in range(events)
+            ]
+            started = time.process_time()
+            for environ in environs:
+                audit.note_tool_calls(environ, "mcp", body)
+                audit.request_finished(environ, 200, 0.001)
+            buffered = time.process_time()
+            trail.flush()
+            hooks.append((buffered - started) * 1e6 / events)
+            flush.append((time.process_time() - buffered) * 1e6 / events)
+    return {"hooks_us": min(hooks), "flush_us": min(flush), "events": events, "batches": batches}
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -704,32 +775,42 @@ class Bench:
 
     def audit(self) -> None:
         """The same route with the audit trail on (JSON lines to a file, rows to the table) and off, in front of the
-        fixed-answer nginx, measured alternately: what recording a tool call costs per request (its name read from
-        the body, one event buffered, written in batches off the request path), and what a request that is no tool
-        call pays (one substring search of its body)."""
+        fixed-answer nginx, loaded side by side (measure_wrk_side_by_side): what recording a tool call costs per
+        request (its name read from the body, one event buffered, written in batches off the request path), and what
+        a request that is no tool call pays (one substring search of its body)."""
         options = self.options
         self.log(f"audit: starting nginx and two proxies, audit trail on and off ({options.workers} worker(s))")
         downstream = self.keep(start_fast_downstream(self.run_dir / "nginx-downstream-audit"))
         audit_log = self.run_dir / "audit.jsonl"
         recording = self.proxy(downstream.url + "/mcp", options.workers, AUDIT_LOG=str(audit_log))
         silent = self.proxy(downstream.url + "/mcp", options.workers, AUDIT_ENABLED="false")
-        scenarios = [
-            ("audit off", "tools/call", silent, ALLOWED_CALL_BODY),
-            ("audit on", "tools/call", recording, ALLOWED_CALL_BODY),
-            ("audit off", "tools/list", silent, JSON_RPC_BODY),
-            ("audit on", "tools/list", recording, JSON_RPC_BODY),
-        ]
-        for _, _, instance, body in scenarios:
-            run_wrk(instance.url + "/mcp", 20, 2, instance.token, LUA_SCRIPT, body)  # warm-up
+        # The control: a second proxy with the trail off. What it differs from the first by, loaded the same way, is
+        # the noise that the trail's own figure has to be read against.
+        twin = self.proxy(downstream.url + "/mcp", options.workers, AUDIT_ENABLED="false")
+        off, on, control = (
+            Target(name, instance.url + "/mcp", instance.service, instance.token)
+            for name, instance in (("audit off", silent), ("audit on", recording), ("audit off, control", twin))
+        )
+        requests_sent = (("tools/call", ALLOWED_CALL_BODY), ("tools/list", JSON_RPC_BODY))
+        for target in (off, on, control):
+            for _, body in requests_sent:
+                run_wrk(target.url, 20, 2, target.token, LUA_SCRIPT, body)  # warm-up
         runs: dict[str, list[dict[str, Any]]] = {}
+        added: dict[str, list[float]] = {}
         for round_number in range(1, options.rounds + 1):
             for connections in options.connections:
-                for mode, request, instance, body in scenarios:
-                    self.log(f"audit round {round_number}/{options.rounds}: {mode}, {request}, {connections} conn.")
-                    target = Target(mode, instance.url + "/mcp", instance.service, instance.token)
-                    runs.setdefault(f"{mode}|{request}|{connections}", []).append(
-                        measure_wrk(target, connections, options.seconds, LUA_SCRIPT, body)
-                    )
+                for request, body in requests_sent:
+                    for pair in ([off, on], [off, control]):
+                        self.log(
+                            f"audit round {round_number}/{options.rounds}: {request}, {connections} conn., "
+                            f"{pair[1].name} beside audit off"
+                        )
+                        results = measure_wrk_side_by_side(pair, connections, options.seconds, LUA_SCRIPT, body)
+                        runs.setdefault(f"{pair[1].name}|{request}|{connections}", []).append(results[1])
+                        if pair[1] is on:
+                            runs.setdefault(f"audit off|{request}|{connections}", []).append(results[0])
+                        difference = results[1]["cpu_us_per_request"] - results[0]["cpu_us_per_request"]
+                        added.setdefault(f"{pair[1].name}|{request}|{connections}", []).append(difference)
         time.sleep(2)  # the last batch flushed
         lines = audit_log.read_text().count('"tool_call"') if audit_log.exists() else 0
         calls = sum(
@@ -737,8 +818,12 @@ class Bench:
             for key, found in runs.items()
             if key.startswith("audit on|tools/call")
         )
+        self.log("audit: the trail's CPU per tool call, in-process")
+        in_process = audit_event_cpu(self.run_dir / "audit-in-process", self.provider)
         self.results["audit"] = {
+            "in_process": in_process,
             "wrk": {key: summarise_runs(found) for key, found in runs.items()},
+            "cpu_added": {key: {"median": statistics.median(found), "rounds": found} for key, found in added.items()},
             "tool_calls_served": calls,
             "tool_call_lines": lines,
         }

@@ -582,20 +582,35 @@ def _audit(results: dict[str, Any]) -> list[str]:
     out = [
         "## Audit trail",
         "",
-        "wrk against two proxies in front of the fixed-answer nginx, measured alternately: the audit trail on "
+        "wrk against two proxies in front of the fixed-answer nginx, loaded at the same time (one wrk each, so "
+        "that whatever disturbs the machine falls on both alike): the audit trail on "
         "(`AUDIT_LOG` a file, and the `audit_events` table) and off (`AUDIT_ENABLED=false`). A `tools/call` is "
         "recorded: its tool name read from the body, one event buffered, written with the others about once a "
         "second by a background greenlet (JSON lines, one batched INSERT). A `tools/list` is not recorded: it pays "
-        "one substring search of its body. *CPU added*: proxy CPU µs per request, on minus off. "
+        "one substring search of its body. *CPU added*: proxy CPU µs per request minus the `audit off` proxy's "
+        "beside it, the median over rounds of each round's difference (the rounds' differences in brackets). The "
+        "control is a second proxy with the trail off: its difference is the noise the trail's figure stands in. "
         f"Tool calls served with the trail on: {_num(audit['tool_calls_served'])}; `tool_call` lines written (warm-up runs included): "
         f"{_num(audit['tool_call_lines'])}.",
         "",
     ]
+    in_process = audit.get("in_process")
+    if in_process:
+        out += [
+            f"In-process, best of {in_process['batches']} batches of {_num(in_process['events'])} tool calls: the "
+            f"request's hooks {in_process['hooks_us']:.1f} µs per call (the tool name read from the body, the event "
+            f"built and buffered), the flush {in_process['flush_us']:.1f} µs per event (its JSON line to a file, its "
+            "row in one batched INSERT into SQLite), off the request's path but in the same worker.",
+            "",
+        ]
     rows = []
     wrk = audit["wrk"]
-    for key, figure in wrk.items():
+    added = audit.get("cpu_added", {})
+    modes = ("audit off", "audit on", "audit off, control")
+    for key in sorted(wrk, key=lambda key: (int(key.split("|")[2]), key.split("|")[1], modes.index(key.split("|")[0]))):
+        figure = wrk[key]
         mode, request, connections = key.split("|")
-        off = wrk.get(f"audit off|{request}|{connections}")
+        difference = added.get(key)
         rows.append(
             [
                 mode,
@@ -605,7 +620,9 @@ def _audit(results: dict[str, Any]) -> list[str]:
                 _ms(figure["p50_us"]),
                 _ms(figure["p99_us"]),
                 _num(figure["cpu_us_per_request"]),
-                _num(figure["cpu_us_per_request"] - off["cpu_us_per_request"]) if off and mode == "audit on" else DASH,
+                f"{_num(difference['median'])} ({', '.join(_num(value) for value in difference['rounds'])})"
+                if difference
+                else DASH,
                 str(figure["errors"]),
             ]
         )

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import logging
 import os
@@ -17,8 +18,10 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 from flask import Flask, current_app, has_app_context, has_request_context, request
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Seconds between flushes, and the buffer size that flushes at once.
 FLUSH_INTERVAL = 1.0
 FLUSH_EVENTS = 200
+#: Events written and inserted at a time, with a yield to the worker's requests between slices (about 1 ms of work).
+FLUSH_SLICE = 50
 #: Empty flushes after which the flusher ends (the next event starts it again).
 IDLE_FLUSHES = 60
 #: The most events a process holds while its destinations fail; past it the oldest are dropped (and counted).
@@ -294,63 +299,95 @@ class AuditTrail:
             self._start()
 
     def flush(self) -> int:
-        """Write out what is buffered: JSON lines, then the table. Returns how many events were taken."""
-        with self._lock:
-            taken: list[Event] = []
-            while self._events:
-                taken.append(_bounded(self._events.popleft()))
-            if taken:
-                self._write_lines(taken)
-                self._unstored.extend(taken)
-            while len(self._unstored) > MAX_BUFFERED:
-                self._unstored.popleft()
-                metrics.AUDIT_FAILURES.labels("dropped").inc()
-            if self._unstored:
-                self._store()
-            return len(taken)
+        """Write out what is buffered, JSON lines then the table, FLUSH_SLICE events at a time with a yield between
+        slices: a second's worth of tool calls in one go held the worker for about 15 ms, and the requests that
+        arrived meanwhile waited it out (their p99 went from 2.7 to 5.2 ms at one connection). Returns how many
+        events were taken."""
+        taken_in_all = 0
+        # What is buffered now, and no more: events keep arriving during the yields, and a flush that chased them
+        # would go on in slices of one or two, each paying a commit.
+        due = len(self._events)
+        insert = self._insert_statement()
+        table_answers = insert is not None  # a table that failed once waits for the next flush (a try may wait)
+        with self._line_writer() as write_lines:
+            while True:
+                with self._lock:
+                    count = min(FLUSH_SLICE, due - taken_in_all, len(self._events))
+                    taken = [_bounded(self._events.popleft()) for _ in range(count)]
+                    if taken:
+                        write_lines(taken)
+                        self._unstored.extend(taken)
+                    while len(self._unstored) > MAX_BUFFERED:
+                        self._unstored.popleft()
+                        metrics.AUDIT_FAILURES.labels("dropped").inc()
+                    if insert is not None and self._unstored and table_answers:
+                        table_answers = self._store(insert)
+                taken_in_all += len(taken)
+                if (taken_in_all >= due or not self._events) and not (self._unstored and table_answers):
+                    return taken_in_all
+                time.sleep(0)  # the worker's other greenlets (its requests) run between slices
 
-    def _write_lines(self, events: list[Event]) -> None:
-        if self.destination == "off":
-            return
+    @contextmanager
+    def _line_writer(self) -> Iterator[Callable[[list[Event]], None]]:
+        """A function that writes events as JSON lines to the destination, opened once for the flush. A file is
+        opened for each flush: one that logrotate moved away (its create mode) is left within a second."""
+        file: IO[str] | None = None
+        if self.destination == "stdout":
+            file = sys.stdout
+        elif self.destination == "stderr":
+            file = sys.stderr
+        elif self.destination != "off":
+            try:
+                file = open(self.destination, "a", encoding="utf-8")  # closed below
+            except OSError as error:
+                self._lines_failed(error)
+
+        def write(events: list[Event]) -> None:
+            if file is None:
+                return  # "off", or a file that would not open (counted once for the flush)
+            try:
+                file.write("".join([_json_line(event) for event in events]))
+                file.flush()
+            except Exception as error:
+                self._lines_failed(error)
+
         try:
-            text = "".join([_json_line(event) for event in events])
-            if self.destination == "stdout":
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            elif self.destination == "stderr":
-                sys.stderr.write(text)
-                sys.stderr.flush()
-            else:
-                # Opened for each flush: a rotated file (logrotate's create mode) is picked up within a second.
-                with open(self.destination, "a", encoding="utf-8") as file:
-                    file.write(text)
-        except Exception as error:
-            metrics.AUDIT_FAILURES.labels("log").inc()
-            log.warning("could not write %s audit event(s) to %s: %s", len(events), self.destination, error)
+            yield write
+        finally:
+            if file is not None and file not in (sys.stdout, sys.stderr):
+                with suppress(OSError):
+                    file.close()
 
-    def _insert_statement(self, app: Flask) -> tuple[Any, str, Any]:
-        """The engine, its driver-level INSERT and how it binds a time: built once. The rows go to the driver's
-        executemany as tuples, not through SQLAlchemy's per-row parameter processing (most of a row's cost)."""
+    def _lines_failed(self, error: Exception) -> None:
+        metrics.AUDIT_FAILURES.labels("log").inc()
+        log.warning("could not write audit events to %s: %s", self.destination, error)
+
+    def _insert_statement(self) -> tuple[Any, str, Any] | None:
+        """The engine, its driver-level INSERT and how it binds a time, built once; None once the app is gone. The
+        rows go to the driver's executemany as tuples, not through SQLAlchemy's per-row parameter processing (most
+        of a row's cost)."""
         from oauthproxy.models import AuditEvent, db
 
+        app = self._app()
+        if app is None:
+            self._unstored.clear()  # the app is gone, and with it its database: nothing to store the rows in
+            return None
         with app.app_context():
             engine = db.engine
         if self._insert is None or self._insert[0] is not engine:
             table = AuditEvent.__table__
             marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
             # Identifiers from our own constants; every value is a bound parameter.
-            sql = f"INSERT INTO {table.name} ({', '.join(COLUMNS)}) VALUES ({', '.join([marker] * len(COLUMNS))})"  # noqa: S608
+            sql = f"INSERT INTO {AuditEvent.__tablename__} ({', '.join(COLUMNS)}) VALUES ({', '.join([marker] * len(COLUMNS))})"  # noqa: S608
             bind_time = table.c.time.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
             self._insert = (engine, sql, bind_time)
         return self._insert
 
-    def _store(self) -> None:
-        events = list(self._unstored)
-        app = self._app()
-        if app is None:
-            return  # the app is gone, and with it its database: nothing to store the rows in
+    def _store(self, insert: tuple[Any, str, Any]) -> bool:
+        """Insert the oldest FLUSH_SLICE unstored events; False when the table refused them (they are kept)."""
+        events = list(itertools.islice(self._unstored, FLUSH_SLICE))
+        engine, sql, bind_time = insert
         try:
-            engine, sql, bind_time = self._insert_statement(app)
             rows = [_table_row(event, bind_time) for event in events]
             with engine.begin() as connection:
                 connection.exec_driver_sql(sql, rows)
@@ -360,18 +397,19 @@ class AuditTrail:
                 log.warning(
                     "could not store %s audit event(s) (%s); kept in memory (at most %s) and tried again every "
                     "%.0f s; requests are not affected",
-                    len(events),
+                    len(self._unstored),
                     _first_line(error),
                     MAX_BUFFERED,
                     self.interval,
                 )
             self._failing = True
-            return
+            return False
         for _ in events:
             self._unstored.popleft()
         if self._failing:
-            log.info("audit events stored again (%s written)", len(events))
+            log.info("audit events stored again")
             self._failing = False
+        return True
 
 
 def _bounded(event: Event) -> Event:
