@@ -18,11 +18,19 @@ def create_app_or_exit() -> Flask:
     from oauthproxy import create_app
     from oauthproxy.config import ConfigError
 
+    from oauthproxy.audit import EXTENSION_KEY
+
     try:
-        return create_app()
+        app = create_app()
     except ConfigError as error:
         report_config_error(error)
         sys.exit(2)
+    trail = app.extensions.get(EXTENSION_KEY)
+    if trail is not None and trail.destination == "stdout":
+        # A command's standard output is its answer, which scripts read (`oauthproxy audit --format json | jq`); the events
+        # it causes (a revocation, a rotated key) go beside it, to standard error.
+        trail.destination = "stderr"
+    return app
 
 
 def report_config_error(error) -> None:

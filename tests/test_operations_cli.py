@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -188,6 +189,26 @@ def test_clients_and_grants_can_be_listed_and_revoked(start_proxy: Callable[...,
     page = proxy.browser("bob").session.get(McpOAuthClient(proxy.url, bob_client.client_id).authorize_url(), timeout=10)
     assert page.status_code == 400 and "is not registered here" in page.text
     assert runner.invoke(args=["clients", "delete", bob_client.client_id]).exit_code == 1
+
+
+def test_a_command_prints_its_answer_alone_on_stdout_and_the_events_it_causes_on_stderr(
+    start_proxy: Callable[..., RunningProxy], database_dsn: str
+) -> None:
+    """With AUDIT_LOG at its default (stdout), a script that reads a command's output gets the answer only."""
+    proxy = start_proxy()
+    client = proxy.register_client(client_name="Scripted revoke")
+    client.exchange(client.login(proxy.browser("bob"))["code"])
+    port = urlsplit(proxy.url).port or 0
+    env = {**base_env(port, proxy.provider, database_dsn, f"proxy-{port}"), "OAUTHPROXY_ENV_FILE": "/dev/null"}
+    result = subprocess.run(
+        [sys.executable, "-m", "oauthproxy.cli", "grants", "revoke", "--client", client.client_id],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("revoked 1 grant(s): ") and "{" not in result.stdout, result.stdout
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    revoked = [event for event in events if event.get("event") == "token_revoked"]
+    assert revoked and revoked[0]["client_id"] == client.client_id and revoked[0]["reason"] == "revoked_by_operator"
 
 
 @SQLITE_ONLY
