@@ -16,9 +16,8 @@ from oauthproxy.crypto import generate_key
 
 def create_app_or_exit() -> Flask:
     from oauthproxy import create_app
-    from oauthproxy.config import ConfigError
-
     from oauthproxy.audit import EXTENSION_KEY
+    from oauthproxy.config import ConfigError
 
     try:
         app = create_app()

@@ -200,16 +200,29 @@ def test_the_report_shows_what_the_audit_trail_costs() -> None:
         return {"rps": rps, "p50_us": 700, "p99_us": 2000, "cpu_us_per_request": cpu, "requests": 10, "errors": 0}
 
     audit = {
+        "in_process": {"hooks_us": 5.7, "flush_us": 18.8, "events": 2000, "batches": 7},
         "wrk": {
-            "audit off|tools/call|1": wrk(1000, 800),
             "audit on|tools/call|1": wrk(980, 830),
+            "audit off|tools/call|1": wrk(1000, 800),
+            "audit off, control|tools/call|1": wrk(990, 810),
             "audit off|tools/list|1": wrk(1000, 790),
             "audit on|tools/list|1": wrk(1000, 792),
+        },
+        "cpu_added": {
+            "audit on|tools/call|1": {"median": 30, "rounds": [25, 30, 41]},
+            "audit off, control|tools/call|1": {"median": 10, "rounds": [-12, 10, 14]},
+            "audit on|tools/list|1": {"median": 2, "rounds": [2]},
         },
         "tool_calls_served": 10,
         "tool_call_lines": 10,
     }
     lines = report._audit({"audit": audit})
-    rows = {tuple(line.split(" | ")[:2]): line for line in lines if line.startswith("| audit on")}
-    assert "| 30 |" in rows[("| audit on", "tools/call")] and "| 2 |" in rows[("| audit on", "tools/list")]
+    rows = {tuple(line.split(" | ")[:2]): line for line in lines if line.startswith("| audit")}
+    assert "| 30 (25, 30, 41) |" in rows[("| audit on", "tools/call")]
+    assert "| 10 (-12, 10, 14) |" in rows[("| audit off, control", "tools/call")]
+    assert "| 2 (2) |" in rows[("| audit on", "tools/list")] and "| - |" in rows[("| audit off", "tools/call")]
+    # Each request's rows in the order off, on, control.
+    order = [line.split(" | ")[0] for line in lines if line.startswith("| audit") and "tools/call" in line]
+    assert order == ["| audit off", "| audit on", "| audit off, control"]
+    assert any("hooks 5.7 µs per call" in line and "flush 18.8 µs per event" in line for line in lines)
     assert report._audit({}) == []
