@@ -60,6 +60,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
     from oauthproxy.rate_limits import init_rate_limits
     from oauthproxy.resource_server import init_resource_server
     from oauthproxy.revocation_feed import init_revocation_feed
+    from oauthproxy.session_cookies import SessionCookies
 
     # Werkzeug answers `//` in a path (merge_slashes) and a missing trailing slash (strict_slashes) with a 308 to a URL
     # built from the request's Host: an open redirect to any host a client names. Every URL we send comes from
@@ -86,6 +87,7 @@ def configure_app(app: Flask, settings: Settings) -> None:
         MAX_FORM_MEMORY_SIZE=endpoints.MAX_BODY_BYTES,
         MAX_FORM_PARTS=endpoints.MAX_FORM_PARTS,
     )
+    app.session_interface = SessionCookies()
     configure_logging(settings.log_format)
 
     db.init_app(app)
