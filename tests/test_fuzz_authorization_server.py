@@ -90,7 +90,7 @@ def test_fuzz_register(
             assert len(row.client_metadata_json) <= MAX_BODY_BYTES
             settings = fuzz_proxy.app.config["SETTINGS"]
             for uri in stored["redirect_uris"]:
-                assert redirect_uri_problem(uri, settings) is None, uri
+                assert redirect_uri_problem(uri, settings.private_use_redirect_schemes) is None, uri
         else:
             assert answer.get("error"), answer
             assert client_count(fuzz_proxy) == before
