@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from oauthproxy.components import components
 from oauthproxy.config import Settings
+from oauthproxy.groups import route_uses_groups
 from oauthproxy.mcp_initialize import DEFAULT_PROTOCOL_VERSION, initialize_request
 from oauthproxy.providers import OAuthProvider
 from oauthproxy.routes import Route
@@ -163,6 +164,8 @@ class SelfCheck:
                     lambda: login.scopes_for(list(self.app.config["OAUTH_SCOPES_SUPPORTED"])),
                 )
             )
+            yield from self.groups(login)
+            yield from self.tool_rules()
             for route in self.settings.routes:
                 target = self.connection_target(route)
                 if target is not None:
@@ -243,6 +246,72 @@ class SelfCheck:
         )
         if provider_ok:
             yield from self.callback_accepted(target)
+
+    def groups(self, login: OAuthProvider) -> Iterator[Finding]:
+        """Where the users' groups come from, when anything in the configuration decides by them: a provider that
+        never states them refuses every sign-in that needs them (groups.py fails closed)."""
+        from oauthproxy.providers import ProviderError
+        from oauthproxy.providers.github import GitHubProvider
+        from oauthproxy.providers.google import GoogleProvider
+        from oauthproxy.providers.oidc import OpenIDConnectProvider
+
+        settings = self.settings
+        if not settings.reads_groups:
+            return
+        uses = ["ALLOWED_GROUPS"] if settings.allowed_groups else []
+        uses += [f"route {route.name}" for route in settings.routes if route_uses_groups(route)]
+        where = f"used by {', '.join(uses)}"
+        claim = settings.groups_claim
+        if isinstance(login, GitHubProvider):
+            yield Finding(
+                "info",
+                "groups",
+                f"{where}: GitHub organisations and teams (org:<login>, <org>/<team>), read with the read:org scope",
+            )
+            return
+        if isinstance(login, GoogleProvider):
+            yield Finding(
+                "info",
+                "groups",
+                f"{where}: Google states only the Workspace domain (domain:<hd>, for verified emails), and the "
+                f"{claim} claim only if something in front of Google adds it",
+            )
+            return
+        if not isinstance(login, OpenIDConnectProvider):
+            yield Finding(
+                "warn",
+                "groups",
+                f"{where}, but a plain OAuth 2.0 provider states no groups: every sign-in that needs them is refused",
+            )
+            return
+        try:
+            listed = login.load_metadata().get("claims_supported")
+        except ProviderError:
+            return  # the identity provider finding says why
+        top = claim.split(".", 1)[0]
+        if isinstance(listed, list) and top not in listed:
+            yield Finding(
+                "warn",
+                "groups",
+                f"{where}: the provider does not list the {top} claim (GROUPS_CLAIM={claim}) in claims_supported; "
+                "unless its ID token or userinfo carries it anyway (a Keycloak mapper, an Auth0 action or Entra ID's "
+                "groupMembershipClaims add it unlisted), every sign-in that needs groups is refused",
+            )
+            return
+        yield Finding("ok", "groups", f"{where}: read from the {claim} claim (GROUPS_CLAIM)")
+
+    def tool_rules(self) -> Iterator[Finding]:
+        for route in self.settings.routes:
+            policy = route.tool_policy
+            if policy is None:
+                continue
+            allowing = sum(1 for rule in policy.rules if rule.allow)
+            yield Finding(
+                "info",
+                f"tool rules {route.name}",
+                f"{len(policy.rules)} rule(s), {allowing} allowing; the first rule that names a tool and applies to "
+                "the caller decides, and a tool no rule names is denied (also in tools/list)",
+            )
 
     def connection_target(self, route: Route) -> SignInTarget | None:
         """A route's configured downstream authorization server (credential `oauth` with a table)."""

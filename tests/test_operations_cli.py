@@ -258,3 +258,31 @@ def test_check_covers_each_routes_own_authorization_server(checked, tmp_path, mc
         "check the network, proxies and the route's oauth authorize_url (tickets)"
         in unreachable["route tickets authorization server"]
     )
+
+
+@SQLITE_ONLY
+def test_check_says_where_groups_come_from_and_warns_when_the_provider_lists_no_such_claim(checked) -> None:
+    """groups.py fails closed: a claim the provider never sends refuses every sign-in that needs groups."""
+    _, check = checked
+    assert not [f for f in check() if f.subject == "groups"]  # nothing decides by groups: nothing to say
+    listed = {f.subject: f for f in check(ALLOWED_GROUPS="eng")}
+    assert listed["groups"].level == "ok"
+    assert listed["groups"].message == "used by ALLOWED_GROUPS: read from the groups claim (GROUPS_CLAIM)"
+    unlisted = {f.subject: f for f in check(ALLOWED_GROUPS="eng", GROUPS_CLAIM="realm_access.roles")}
+    assert unlisted["groups"].level == "warn"
+    assert "does not list the realm_access claim (GROUPS_CLAIM=realm_access.roles)" in unlisted["groups"].message
+
+
+@SQLITE_ONLY
+def test_check_reports_each_routes_tool_rules(checked, tmp_path, mcp_downstream: McpDownstream) -> None:
+    _, check = checked
+    routes = tmp_path / "routes.toml"
+    routes.write_text(
+        f'[[routes]]\nname = "tools"\npath = "/mcp"\nurl = "{mcp_downstream.url}"\n\n'
+        '[[routes.tool_rules]]\ndeny = ["delete_*"]\n\n[[routes.tool_rules]]\nallow = ["*"]\ngroups = ["staff"]\n'
+    )
+    findings = {f.subject: f for f in check(MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes))}
+    assert findings["tool rules tools"].level == "info"
+    assert findings["tool rules tools"].message.startswith("2 rule(s), 1 allowing; the first rule")
+    # A rule for a group makes groups matter: the check says where they come from.
+    assert findings["groups"].message.startswith("used by route tools: read from the groups claim")
