@@ -264,7 +264,7 @@ class AuditTrail:
         self._pid: int | None = None
         self.flusher: threading.Thread | None = None
         self._failing = False
-        self._insert: tuple[Any, str, Any] | None = None  # (engine, its INSERT statement, its time bind processor)
+        self._insert: tuple[str, str, Any] | None = None  # (dialect name, its INSERT statement, its time binding)
 
     def append(self, event: Event) -> None:
         if len(self._events) >= MAX_BUFFERED:
@@ -363,9 +363,10 @@ class AuditTrail:
         log.warning("could not write audit events to %s: %s", self.destination, error)
 
     def _insert_statement(self) -> tuple[Any, str, Any] | None:
-        """The engine, its driver-level INSERT and how it binds a time, built once; None once the app is gone. The
-        rows go to the driver's executemany as tuples, not through SQLAlchemy's per-row parameter processing (most
-        of a row's cost)."""
+        """The engine, its driver-level INSERT and how it binds a time; None once the app is gone. The rows go to
+        the driver's executemany as tuples, not through SQLAlchemy's per-row parameter processing (most of a row's
+        cost). The engine is looked up at each flush, never kept: a trail outlives its app by up to a minute (its
+        flusher), and must not keep the app's connection pool open meanwhile (PostgreSQL's max_connections)."""
         from oauthproxy.models import AuditEvent, db
 
         app = self._app()
@@ -374,14 +375,14 @@ class AuditTrail:
             return None
         with app.app_context():
             engine = db.engine
-        if self._insert is None or self._insert[0] is not engine:
-            table = AuditEvent.__table__
-            marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        dialect = engine.dialect
+        if self._insert is None or self._insert[0] != dialect.name:
+            marker = "?" if dialect.paramstyle == "qmark" else "%s"
             # Identifiers from our own constants; every value is a bound parameter.
             sql = f"INSERT INTO {AuditEvent.__tablename__} ({', '.join(COLUMNS)}) VALUES ({', '.join([marker] * len(COLUMNS))})"  # noqa: S608
-            bind_time = table.c.time.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
-            self._insert = (engine, sql, bind_time)
-        return self._insert
+            bind_time = AuditEvent.__table__.c.time.type.dialect_impl(dialect).bind_processor(dialect)
+            self._insert = (dialect.name, sql, bind_time)
+        return engine, self._insert[1], self._insert[2]
 
     def _store(self, insert: tuple[Any, str, Any]) -> bool:
         """Insert the oldest FLUSH_SLICE unstored events; False when the table refused them (they are kept)."""
