@@ -150,6 +150,21 @@ def _route_name(resource: str) -> str | None:
     return found.name if found is not None else None
 
 
+def record_for_grant(event: str, grant: Any, outcome: str, reason: str | None = None, **details: Any) -> None:
+    """record() for an event about a grant: its user, email, client, route (from its resource) and id."""
+    record(
+        event,
+        user=grant.user_id,
+        email=grant.user_email,
+        client=grant.client_id,
+        resource=grant.resource,
+        outcome=outcome,
+        reason=reason,
+        grant_id=grant.id,
+        **details,
+    )
+
+
 def record_revocation(grant_id: int, reason: str) -> None:
     """authorization_server.revoke_grant: the grant's tokens are revoked (in the caller's transaction)."""
     try:
@@ -158,16 +173,10 @@ def record_revocation(grant_id: int, reason: str) -> None:
         grant = db.session.get(Grant, grant_id)
     except Exception:
         grant = None  # the revocation itself goes on (or fails) without us; the event names the grant alone
-    record(
-        "token_revoked",
-        user=grant.user_id if grant is not None else None,
-        email=grant.user_email if grant is not None else None,
-        client=grant.client_id if grant is not None else None,
-        resource=grant.resource if grant is not None else None,
-        outcome="revoked",
-        reason=reason,
-        grant_id=grant_id,
-    )
+    if grant is None:
+        record("token_revoked", outcome="revoked", reason=reason, grant_id=grant_id)
+    else:
+        record_for_grant("token_revoked", grant, "revoked", reason)
 
 
 def _details(details: dict[str, Any]) -> str | None:

@@ -373,14 +373,10 @@ class AuthorizationServer(FlaskAuthorizationServer):
         metrics.TOKENS_ISSUED.labels(request.payload.grant_type or "unknown").inc()
         set_request_user(family.user_id)
         set_request_client(row.client_id)
-        audit.record(
+        audit.record_for_grant(
             "token_refreshed" if request.payload.grant_type == "refresh_token" else "token_issued",
-            user=family.user_id,
-            email=family.user_email,
-            client=row.client_id,
-            resource=family.resource,
-            outcome="succeeded",
-            grant_id=family.id,
+            family,
+            "succeeded",
             token_id=row.id,
         )
         return row

@@ -432,16 +432,7 @@ def store_grant(
     )
     db.session.add(family)
     db.session.flush()
-    audit.record(
-        "sign_in",
-        user=identity.id,
-        email=identity.email,
-        client=family.client_id,
-        resource=family.resource,
-        outcome="succeeded",
-        grant_id=family.id,
-        scope=family.scope,
-    )
+    audit.record_for_grant("sign_in", family, "succeeded", scope=family.scope)
     replace_previous_grants(family)  # one live grant per user, client and resource (grant_replacement.py)
     family.upstream_access_token = box.encrypt(tokens.access_token, f"grant:{family.id}:upstream_access_token")
     if tokens.refresh_token:
