@@ -30,6 +30,7 @@ pytest_plugins = [
     "tests.bad_input_fixtures",
     "tests.connect_fixtures",
     "tests.downstream_auth_fixtures",
+    "tests.account_fixtures",
 ]
 
 if TYPE_CHECKING:

@@ -356,9 +356,15 @@ def chromium() -> Iterator[ChromiumBrowser]:
 
 
 @pytest.fixture
-def page(chromium: ChromiumBrowser) -> Iterator[Page]:
+def viewport() -> dict[str, int]:
+    """The browser window `page` opens; a test file whose page needs more room overrides this fixture."""
+    return {"width": 1000, "height": 800}
+
+
+@pytest.fixture
+def page(chromium: ChromiumBrowser, viewport: dict[str, int]) -> Iterator[Page]:
     """A fresh browser profile (its own cookies): one person, not yet known to the proxy."""
-    context = chromium.new_context(viewport={"width": 1000, "height": 800}, locale="en-US")
+    context = chromium.new_context(viewport=viewport, locale="en-US")
     page = context.new_page()
     page.set_default_timeout(15_000)
     yield page

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser as ChromiumBrowser
 from playwright.sync_api import Page, expect
 from sqlalchemy import delete, func, select
 
@@ -28,18 +27,16 @@ from oauthproxy.components import components
 from oauthproxy.config import ConfigError, load_settings
 from oauthproxy.consent import CONSENT_PAGE_HEADERS
 from oauthproxy.models import DownstreamConnection, Grant, PendingAuthorization, db, utcnow
+from tests.account_fixtures import CALENDAR_ISSUER
 from tests.bad_input_fixtures import assert_page
 from tests.conftest import RunningProxy
 from tests.downstream_auth_fixtures import ApiKeyDownstream
 from tests.flows import Browser, McpOAuthClient
-from tests.proxy_fixtures import Login, McpDownstream
+from tests.proxy_fixtures import Login
 from tests.support.databases import SQLITE_ONLY
 from tests.support.settings import TEST_KEY
 from tests.test_bad_input_logs import MIGRATION_CONFIGURED_LOGGERS
 
-CALENDAR_SECRET = "calendar-connector-secret"
-#: Never contacted: the page only names the calendar's authorization server (its display name).
-CALENDAR_ISSUER = "http://127.0.0.1:9/calendar-issuer"
 HELLO = {
     "jsonrpc": "2.0",
     "id": 1,
@@ -53,60 +50,14 @@ MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
 # -- fixtures ----------------------------------------------------------------------------------------------------------
 
 
-def routes_toml(downstream_url: str, issuer: str) -> str:
-    """notes: a plain route to a real MCP server; tickets: each user's own API key; calendar: each user's connection."""
-    return f"""
-[[routes]]
-name = "notes"
-path = "/mcp/notes"
-url = "{downstream_url}"
-
-[[routes]]
-name = "tickets"
-path = "/mcp/tickets"
-url = "http://127.0.0.1:9/mcp"
-credential = "user_api_key"
-credential_header = "X-API-Key"
-api_key_help_url = "https://tickets.example.test/settings/keys"
-
-[[routes]]
-name = "calendar"
-path = "/mcp/calendar"
-url = "http://127.0.0.1:9/mcp"
-credential = "oauth"
-
-[routes.oauth]
-authorize_url = "{issuer}"
-client_id = "calendar-connector"
-client_secret_env = "CALENDAR_SECRET"
-display_name = "Calendar Sign-in"
-"""
-
-
-@pytest.fixture
-def start_account_proxy(
-    start_proxy: Callable[..., RunningProxy], mcp_downstream: McpDownstream, tmp_path: Path
-) -> Callable[..., RunningProxy]:
-    def start(**env: str) -> RunningProxy:
-        routes = tmp_path / f"routes-{secrets.token_hex(3)}.toml"
-        routes.write_text(routes_toml(mcp_downstream.url, CALENDAR_ISSUER))
-        return start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes), CALENDAR_SECRET=CALENDAR_SECRET, **env)
-
-    return start
-
-
 @pytest.fixture
 def account_proxy(start_account_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     return start_account_proxy()
 
 
 @pytest.fixture
-def page(chromium: ChromiumBrowser) -> Iterator[Page]:
-    context = chromium.new_context(viewport={"width": 1000, "height": 900}, locale="en-US")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    yield page
-    context.close()
+def viewport() -> dict[str, int]:
+    return {"width": 1000, "height": 900}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------

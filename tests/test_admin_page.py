@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import requests
-from playwright.sync_api import Browser as ChromiumBrowser
 from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
@@ -34,19 +33,15 @@ from oauthproxy.models import Grant, db
 from tests.bad_input_fixtures import assert_page
 from tests.conftest import RunningProxy
 from tests.flows import Browser, McpOAuthClient
-from tests.proxy_fixtures import McpDownstream
 from tests.support.databases import SQLITE_ONLY
 from tests.support.settings import TEST_KEY
 from tests.test_account_page import (
-    CALENDAR_ISSUER,
-    CALENDAR_SECRET,
     add_connection,
     client_login,
     connection_routes,
     csrf_of,
     live_grants,
     mcp_status,
-    routes_toml,
     user_id_of,
 )
 
@@ -55,31 +50,14 @@ BOB = "bob@example.org"
 
 
 @pytest.fixture
-def start_admin_proxy(
-    start_proxy: Callable[..., RunningProxy], mcp_downstream: McpDownstream, tmp_path: Path
-) -> Callable[..., RunningProxy]:
-    """The account page's routes (notes: a real MCP server; tickets: API keys; calendar: connections)."""
-
-    def start(**env: str) -> RunningProxy:
-        routes = tmp_path / f"routes-{secrets.token_hex(3)}.toml"
-        routes.write_text(routes_toml(mcp_downstream.url, CALENDAR_ISSUER))
-        return start_proxy(MCP_SERVER_URL="", MCP_ROUTES_FILE=str(routes), CALENDAR_SECRET=CALENDAR_SECRET, **env)
-
-    return start
+def admin_proxy(start_account_proxy: Callable[..., RunningProxy]) -> RunningProxy:
+    """The account page's routes (tests/account_fixtures.py), with alice as the admin."""
+    return start_account_proxy(ADMIN_EMAILS=ALICE)
 
 
 @pytest.fixture
-def admin_proxy(start_admin_proxy: Callable[..., RunningProxy]) -> RunningProxy:
-    return start_admin_proxy(ADMIN_EMAILS=ALICE)
-
-
-@pytest.fixture
-def page(chromium: ChromiumBrowser) -> Iterator[Page]:
-    context = chromium.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    yield page
-    context.close()
+def viewport() -> dict[str, int]:
+    return {"width": 1280, "height": 900}
 
 
 @pytest.fixture
@@ -245,9 +223,9 @@ def test_a_non_admin_gets_403_and_changes_nothing(admin_proxy: RunningProxy) -> 
 @SQLITE_ONLY
 @pytest.mark.parametrize("login_hint", ["dave", "erin"])  # email_verified false; no email_verified claim at all
 def test_an_unverified_email_on_the_list_is_no_admin(
-    start_admin_proxy: Callable[..., RunningProxy], login_hint: str
+    start_account_proxy: Callable[..., RunningProxy], login_hint: str
 ) -> None:
-    proxy = start_admin_proxy(ADMIN_EMAILS="dave@example.com,erin@example.com")
+    proxy = start_account_proxy(ADMIN_EMAILS="dave@example.com,erin@example.com")
     browser = admin_browser(proxy, login_hint=login_hint, expect_admin=False)
     refused = browser.session.get(proxy.url + "/admin", timeout=10)
     assert_page(refused, 403, "the provider vouched for no email")
@@ -255,19 +233,19 @@ def test_an_unverified_email_on_the_list_is_no_admin(
 
 
 def test_an_admin_taken_off_the_list_is_refused_after_the_restart(
-    start_admin_proxy: Callable[..., RunningProxy],
+    start_account_proxy: Callable[..., RunningProxy],
 ) -> None:
-    first = start_admin_proxy(ADMIN_EMAILS=ALICE)
+    first = start_account_proxy(ADMIN_EMAILS=ALICE)
     bobs = client_login(first, f"Bob Tool {secrets.token_hex(3)}", login_hint="bob")
     browser = admin_browser(first)
     csrf = csrf_of(browser.session.get(first.url + "/admin", timeout=10).text)
 
     # The same database and keys, restarted with ADMIN_EMAILS unchanged: the session carries over (the control) ...
-    same = start_admin_proxy(ADMIN_EMAILS=ALICE)
+    same = start_account_proxy(ADMIN_EMAILS=ALICE)
     browser.proxy_url = same.url
     assert "Signed in as" in browser.session.get(same.url + "/admin", timeout=10).text
     # ... and with alice taken off the list, the same session is refused, its forms too.
-    changed = start_admin_proxy(ADMIN_EMAILS=BOB)
+    changed = start_account_proxy(ADMIN_EMAILS=BOB)
     browser.proxy_url = changed.url
     assert_page(browser.session.get(changed.url + "/admin", timeout=10), 403, "not listed in ADMIN_EMAILS")
     data = {"csrf_token": csrf, "client_id": bobs.client.client_id}
