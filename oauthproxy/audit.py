@@ -269,6 +269,9 @@ class AuditTrail:
         self._events: deque[Event] = deque()
         self._unstored: deque[Event] = deque()  # written as lines, not yet in the table (a failed INSERT)
         self._lock = threading.Lock()  # one flush at a time (the flusher, worker exit, a test)
+        # Starting and ending the flusher has its own lock: a flush holds the one above through a database call
+        # (up to DATABASE_TIMEOUT when the database hangs), and a request's append() must never wait for that.
+        self._start_lock = threading.Lock()
         self._wake = threading.Event()
         self._pid: int | None = None
         self.flusher: threading.Thread | None = None
@@ -286,7 +289,7 @@ class AuditTrail:
             self._wake.set()
 
     def _start(self) -> None:
-        with self._lock:
+        with self._start_lock:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
@@ -302,7 +305,7 @@ class AuditTrail:
             idle = 0 if self.flush() or self._unstored else idle + 1
         # Idle a while: end, so that an app built and dropped (tests, commands) leaves no thread behind; the next
         # event starts another.
-        with self._lock:
+        with self._start_lock:
             self._pid = None
         if self._events:
             self._start()
