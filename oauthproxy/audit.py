@@ -354,14 +354,23 @@ class AuditTrail:
             except OSError as error:
                 self._lines_failed(error)
 
+        warned = False
+
         def write(events: list[Event]) -> None:
+            nonlocal warned
             if file is None:
                 return  # "off", or a file that would not open (counted once for the flush)
             try:
                 file.write("".join([_json_line(event) for event in events]))
                 file.flush()
             except Exception as error:
-                self._lines_failed(error)
+                # Each slice's failure is counted; one warning per flush, as before slicing (a full disk would
+                # otherwise log once per slice).
+                if warned:
+                    metrics.AUDIT_FAILURES.labels("log").inc()
+                else:
+                    self._lines_failed(error)
+                    warned = True
 
         try:
             yield write
