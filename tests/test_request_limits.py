@@ -114,6 +114,9 @@ def chunked_post(proxy: GunicornProxy, path: str, content_type: str, total: int)
                 sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
             else:
                 sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed between the check and this write: its answer may be waiting
+        try:
             while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < content_length(
                 answer, missing=1 << 30
             ):
