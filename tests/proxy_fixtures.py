@@ -175,6 +175,7 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        self.send_header("x-accel-buffering", "no")  # as the MCP SDK's servers send it
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()

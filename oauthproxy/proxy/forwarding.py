@@ -61,8 +61,8 @@ IDENTITY_SPOOFING_PREFIXES = (
     "x-amzn-oidc-",
     "cf-access-",
 )
-#: The WSGI server writes its own.
-DROPPED_RESPONSE_HEADERS = frozenset({"date", "server"})
+#: The WSGI server writes its own (date, server), and so does the proxy (x-accel-buffering, once, not twice).
+DROPPED_RESPONSE_HEADERS = frozenset({"date", "server", "x-accel-buffering"})
 _NEVER_FORWARDED = HOP_BY_HOP | DROPPED_REQUEST_HEADERS | IDENTITY_SPOOFING_HEADERS
 
 
