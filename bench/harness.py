@@ -567,8 +567,11 @@ class Bench:
         mcp_server = launch_mcp_downstream(self.run_dir)
         self.stack.callback(mcp_server.stop)
         proxy = self.proxy(mcp_server.url, self.options.workers)
+        # The floor (a bare Flask + requests passthrough on the same stack, no auth): what the stack itself adds.
+        floor = self.keep(start_floor(self.run_dir, mcp_server.url, self.options.workers))
         targets = (
             ("direct", mcp_server.url, {}),
+            ("floor", floor.url + "/mcp", {}),
             ("proxy", proxy.url + "/mcp", {"Authorization": f"Bearer {proxy.token}"}),
         )
         found: dict[str, dict[str, list[float]]] = {name: {"call": [], "first": []} for name, _, _ in targets}
@@ -605,12 +608,16 @@ class Bench:
         stateful = self.keep(start_mcp_server(self.run_dir, "stateful", 1))
         proxy = self.proxy(stateless.url + "/mcp", workers)
         session_proxy = self.proxy(stateful.url + "/mcp", workers)
+        # The floor in front of each: what Flask + requests on gunicorn/gevent cost on this path with no work of ours.
+        floor = self.keep(start_floor(self.run_dir, stateless.url + "/mcp", workers))
+        session_floor = self.keep(start_floor(self.run_dir, stateful.url + "/mcp", workers))
         scenarios = {
             "tools/call": (
                 LUA_SCRIPT,
                 TOOLS_CALL_BODY,
                 [
                     Target("direct", stateless.url + "/mcp", stateless),
+                    Target("floor", floor.url + "/mcp", floor, "", stateless),
                     Target("proxy", proxy.url + "/mcp", proxy.service, proxy.token, stateless),
                 ],
             ),
@@ -619,6 +626,7 @@ class Bench:
                 "",
                 [
                     Target("direct", stateful.url + "/mcp", stateful),
+                    Target("floor", session_floor.url + "/mcp", session_floor, "", stateful),
                     Target("proxy", session_proxy.url + "/mcp", session_proxy.service, session_proxy.token, stateful),
                 ],
             ),

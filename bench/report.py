@@ -487,12 +487,13 @@ def _mcp(results: dict[str, Any]) -> list[str]:
         "The MCP Python SDK client (`mcp.Client`, streamable HTTP) calls the `progress` tool of the real MCP server "
         "the tests use (`tests/mcp_downstream.py`, the SDK's server under uvicorn): three progress notifications "
         "streamed as SSE events, then the result; one session per round, calls one after another, four rounds "
-        "alternating between direct and through the proxy (worker count as in the wrk runs, real access token).",
+        "alternating between direct, through the floor (`bench/floor_app.py`: Flask + `requests` on the same "
+        "gunicorn/gevent stack, no auth) and through the proxy (worker count as in the wrk runs, real access token).",
         "",
     ]
     direct = found.get("direct")
     rows = []
-    for name in ("direct", "proxy"):
+    for name in ("direct", "floor", "proxy"):
         figure = found.get(name)
         if not figure:
             continue
@@ -531,12 +532,14 @@ def _mcp_load(results: dict[str, Any]) -> list[str]:
         "## The real MCP server under load",
         "",
         f"wrk against the MCP SDK's server under uvicorn ({workers} processes; `bench/mcp_server.py`), directly and "
-        f"through the proxy ({workers} gunicorn workers, real access token). *tools/call*: the `echo` tool on a "
+        f"through the floor (`bench/floor_app.py`, {workers} workers: the same stack with no auth, the cost of Flask "
+        f"+ `requests` on gunicorn/gevent on this path) and through the proxy ({workers} gunicorn workers, real access "
+        "token). *tools/call*: the `echo` tool on a "
         "stateless server, answered as an event stream. *session set-up*: `initialize`, then "
         "`notifications/initialized` with the session id it gave, then `DELETE` to close it "
         "(`bench/mcp_handshake.lua`), on a one-process stateful server; the proxy records each session (its "
         "binding to the token's user) and forgets it at the DELETE. CPU columns are "
-        "user+system time per request of the proxy's processes and of the MCP server's.",
+        "user+system time per request of the proxy's (or the floor's) processes and of the MCP server's.",
         "",
     ]
     rows = []
@@ -566,7 +569,7 @@ def _mcp_load(results: dict[str, Any]) -> list[str]:
             "of direct",
             "p50 ms",
             "p99 ms",
-            "proxy CPU µs/req",
+            "proxy (floor) CPU µs/req",
             "MCP server CPU µs/req",
             "errors",
         ],
