@@ -7,12 +7,14 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
+# PYTHONMALLOC=malloc: a worker gives back the memory of event streams once they close (docs/scaling.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOST=0.0.0.0 \
-    PORT=8080
+    PORT=8080 \
+    PYTHONMALLOC=malloc
 
 WORKDIR /app
 

@@ -133,6 +133,13 @@ def on_starting(server) -> None:
     leave database connections for the workers to inherit.
     """
     _reset_metrics_folder()
+    if os.environ.get("PYTHONMALLOC") != "malloc":
+        # Only the environment of the interpreter's start can choose the allocator. Python's own keeps the memory of
+        # many streams that have closed (in 1 MiB arenas that a few survivors pin); malloc's goes back to the system.
+        server.log.info(
+            "PYTHONMALLOC=malloc is not set: workers keep much of the memory of event streams after they close "
+            "(the Dockerfile and Procfile set it; docs/scaling.md)"
+        )
     pid = os.fork()
     if pid == 0:
         code = 1

@@ -184,7 +184,8 @@ def render(results: dict[str, Any]) -> str:
             [
                 "settings",
                 f"{options['workers']} gunicorn worker(s) for floor and proxy in the wrk runs; "
-                f"{options['rounds']} rounds x {options['seconds']} s per wrk figure; wrk with 1 thread",
+                f"{options['rounds']} rounds x {options['seconds']} s per wrk figure; wrk with 1 thread; floor and "
+                "proxy with `PYTHONMALLOC=malloc`, as the Dockerfile and Procfile run the proxy",
             ],
         ],
     )

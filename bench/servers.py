@@ -27,6 +27,9 @@ from tests.support.settings import base_env
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BENCH = Path(__file__).resolve().parent
+#: The allocator the proxy runs with as deployed (Dockerfile, Procfile); the floor gets the same, so that the CPU
+#: figures compare the code, not the allocators.
+MALLOC = "malloc"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: The fixed JSON-RPC result the fast downstream returns to every request (a `tools/list` answer).
 FIXED_RESULT = (
@@ -236,7 +239,13 @@ def start_sse_downstream(log_dir: Path) -> Service:
 def start_floor(log_dir: Path, downstream_url: str, workers: int) -> Service:
     port = free_port()
     log_path = log_dir / f"floor-{port}.log"
-    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": str(workers), "FLOOR_DOWNSTREAM_URL": downstream_url}
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "FLOOR_DOWNSTREAM_URL": downstream_url,
+        "PYTHONMALLOC": MALLOC,
+    }
     command = [str(BIN / "gunicorn"), "-c", str(BENCH / "floor_gunicorn_conf.py"), "bench.floor_app:app"]
     service = Service("floor gunicorn", f"http://127.0.0.1:{port}", _popen(command, log_path, env), log_path)
     _wait_until(
@@ -285,6 +294,7 @@ def start_proxy(
         **base_env(port, provider, database_dsn, f"bench-{port}"),
         "HOST": "127.0.0.1",
         "WEB_CONCURRENCY": str(workers),
+        "PYTHONMALLOC": MALLOC,
         "OAUTHPROXY_ENV_FILE": os.devnull,
         "MCP_SERVER_URL": downstream_url,
         **overrides,

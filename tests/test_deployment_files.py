@@ -80,6 +80,7 @@ def test_the_dockerfile_parses_and_matches_the_package() -> None:
         if keyword == "ENV":
             env.update(dict(pair.split("=", 1) for pair in shlex.split(arguments)))
     assert env["HOST"] == "0.0.0.0"  # reachable from outside the container; PUBLIC_URL is then required
+    assert env["PYTHONMALLOC"] == "malloc"  # memory of closed streams goes back to the system (docs/scaling.md)
     assert ("EXPOSE", env["PORT"]) in instructions
 
     # Dependencies in their own layer: the lock alone, installed with its hashes, before the application is copied.
@@ -187,6 +188,25 @@ def fresh_postgres_url() -> str:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _process_group(group: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == group:
+                    found.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return found
+
+
+def _proc(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_the_procfile_runs_as_a_platform_runs_it(
     oidc_provider: OidcProvider, fresh_postgres_url: str, tmp_path: Path
 ) -> None:
@@ -232,6 +252,11 @@ def test_the_procfile_runs_as_a_platform_runs_it(
         metadata = requests.get(public_url + "/.well-known/oauth-authorization-server", timeout=5).json()
         assert metadata["issuer"] == public_url
         assert "Running upgrade" not in log_path.read_text()  # the release phase migrated already
+        # The workers run on malloc (memory of closed streams goes back to the system), and nothing says otherwise.
+        workers = [pid for pid in _process_group(web.pid) if b"gunicorn" in _proc(pid, "cmdline")]
+        assert len(workers) >= 2, workers  # the master and its worker
+        assert all(b"\0PYTHONMALLOC=malloc\0" in b"\0" + _proc(pid, "environ") for pid in workers)
+        assert "PYTHONMALLOC=malloc is not set" not in log_path.read_text()
     finally:
         os.killpg(web.pid, signal.SIGINT)  # the shell's group: gunicorn's master and workers
         web.wait(timeout=20)
