@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -9,8 +10,10 @@ from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client import values as prometheus_values
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Request latencies are time to the response headers; the upper buckets cover slow upstream logins and tools.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -43,6 +46,89 @@ KNOWN_ERRORS = frozenset(
         "downstream_error",
     }
 )
+
+#: At most one warning per this many seconds while the metrics files cannot be opened or grown.
+STORAGE_WARNING_INTERVAL = 60.0
+_storage_warned_at: float | None = None
+
+
+def _storage_failed(error: OSError) -> None:
+    global _storage_warned_at
+    now = time.monotonic()
+    if _storage_warned_at is None or now - _storage_warned_at >= STORAGE_WARNING_INTERVAL:
+        _storage_warned_at = now
+        log.warning(
+            "metrics: samples lost, the per-worker metrics files in PROMETHEUS_MULTIPROC_DIR cannot be opened or "
+            "grown (%s); requests are served as usual",
+            error,
+        )
+
+
+def _tolerant(stored: Any) -> Any:
+    """prometheus_client's multiprocess value, whose failures lose a sample instead of failing the request.
+
+    Under gunicorn each worker keeps its samples in files (one per metric type) that it opens when a series is first
+    used and grows as series are added. A worker out of file descriptors (thousands of open streams) or a full disk
+    made those calls raise inside the request, and the client lost its answer. Creation is retried at the next use.
+    """
+
+    class TolerantValue:
+        _multiprocess = True
+        __slots__ = ("_arguments", "_value")
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._arguments: tuple[tuple[Any, ...], dict[str, Any]] | None = (args, kwargs)
+            self._value: Any = None
+            self._stored()
+
+        def _stored(self) -> Any:
+            if self._value is None and self._arguments is not None:
+                args, kwargs = self._arguments
+                try:
+                    self._value = stored(*args, **kwargs)
+                except OSError as error:
+                    _storage_failed(error)
+                    return None
+                self._arguments = None
+            return self._value
+
+        def inc(self, amount: float) -> None:
+            value = self._stored()
+            if value is not None:
+                try:
+                    value.inc(amount)
+                except OSError as error:
+                    _storage_failed(error)
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            found = self._stored()
+            if found is not None:
+                try:
+                    found.set(value, timestamp)
+                except OSError as error:
+                    _storage_failed(error)
+
+        def set_exemplar(self, exemplar: Any) -> None:
+            return
+
+        def get(self) -> float:
+            value = self._stored()
+            try:
+                return value.get() if value is not None else 0.0
+            except OSError as error:
+                _storage_failed(error)
+                return 0.0
+
+        def get_exemplar(self) -> None:
+            return None
+
+    return TolerantValue
+
+
+if getattr(prometheus_values.ValueClass, "_multiprocess", False) and not hasattr(
+    prometheus_values.ValueClass, "_stored"
+):
+    prometheus_values.ValueClass = _tolerant(prometheus_values.ValueClass)
 
 HTTP_REQUESTS = Counter(
     "oauthproxy_http_requests_total",

@@ -515,7 +515,10 @@ def _authorize_and_forward(route: Route, settings: Settings) -> BaseResponse:
     try:
         response = proxy.forward(route, request.environ, request.stream, caller)
     except DownstreamError as error:
-        return json_error(error.status, error.error, error.description, {"X-Downstream": route.name})
+        headers = {"X-Downstream": route.name}
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(error.retry_after)
+        return json_error(error.status, error.error, error.description, headers)
     answered = response.mcp_session_id
     if session_id is not None or answered is not None:
         try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
+import os
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -15,6 +19,7 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.interop_fixtures import worker_pids
 from tests.proxy_fixtures import EchoServer, GunicornProxy, Login, McpDownstream, log_in, sse_events
 
 
@@ -118,6 +123,47 @@ def test_an_unreachable_downstream_is_a_502_naming_it(start_gunicorn: Callable[.
     }
     assert response.headers["X-Downstream"] == "mcp"
     assert str(port) not in response.text  # the internal address is not shown
+    # The operator's log says why, in the system's words.
+    assert "could not connect to downstream mcp: [Errno 111] Connection refused" in proxy.logs()
+
+
+def test_a_worker_without_descriptors_left_answers_503_to_retry_and_recovers(
+    echo_proxy: tuple[GunicornProxy, Login],
+) -> None:
+    # Every open stream holds two descriptors in the worker (the client's, the downstream's). When its limit is
+    # reached, a request that needs a new downstream connection is the proxy's own capacity problem: 503 and
+    # Retry-After, not a 502 blaming the downstream; once a stream ends, requests go through again.
+    proxy, login = echo_proxy
+    (worker,) = worker_pids(proxy)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    listening, caller = http.client.HTTPConnection(host, int(port)), http.client.HTTPConnection(host, int(port))
+    for connection in (listening, caller):  # both accepted (and the token cached) before the limit
+        connection.request("POST", "/mcp", body=b"{}", headers={**login.bearer, "Content-Type": "application/json"})
+        assert connection.getresponse().read() and True
+    _, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+    used = len(os.listdir(f"/proc/{worker}/fd"))
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (used, hard))
+    try:
+        listening.request("GET", "/mcp/sse?events=1&pause=3", headers=login.bearer)  # takes the pooled connection
+        stream = listening.getresponse()
+        assert stream.status == 200
+        caller.request("POST", "/mcp", body=b"{}", headers={**login.bearer, "Content-Type": "application/json"})
+        refused = caller.getresponse()
+        body = json.loads(refused.read())
+        assert refused.status == 503, body
+        assert refused.getheader("Retry-After") == "5"
+        assert body["error"] == "temporarily_unavailable"
+        assert "too many connections open" in body["error_description"]
+        assert "could not connect to downstream mcp: [Errno 24] Too many open files" in proxy.logs()
+    finally:
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (hard, hard))
+    assert b"event 0" in stream.read()  # the open stream was never disturbed
+    caller.request("POST", "/mcp", body=b"{}", headers={**login.bearer, "Content-Type": "application/json"})
+    assert caller.getresponse().status == 200
+    listening.close()
+    caller.close()
+    # Nothing else in the worker broke meanwhile (its metrics files, for one, open on demand and lose a sample).
+    assert "Traceback" not in proxy.logs()
 
 
 def test_a_downstream_that_does_not_answer_in_time_is_a_504(echo_proxy: tuple[GunicornProxy, Login]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.client
 import logging
@@ -45,11 +46,12 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 class DownstreamError(Exception):
     """A request that cannot be forwarded, with the client's answer: 502 or 504 when the downstream could not be
-    reached or did not answer in time, 400 or 413 for a request the downstream must not receive."""
+    reached or did not answer in time, 503 (with `retry_after` seconds) when the proxy itself cannot open another
+    connection now, 400 or 413 for a request the downstream must not receive."""
 
-    def __init__(self, status: int, error: str, description: str):
+    def __init__(self, status: int, error: str, description: str, retry_after: int | None = None):
         super().__init__(description)
-        self.status, self.error, self.description = status, error, description
+        self.status, self.error, self.description, self.retry_after = status, error, description, retry_after
 
 
 @functools.cache
@@ -154,9 +156,16 @@ class _TLSConnection(_Tuned, HTTPSConnection):  # type: ignore[misc]  # as _Conn
 
 
 class _IdleNoting:
+    pool: Any
+
     def _put_conn(self, conn: Any) -> None:
         if conn is not None:
             conn.idle_since = time.monotonic()
+            if self.pool is not None and self.pool.full():
+                # More streams ended together than the pool keeps (DOWNSTREAM_POOL_SIZE): the extra connections are
+                # closed, as urllib3 would, but without its warning for each (10,000 lines when 10,000 streams end).
+                conn.close()
+                return
         super()._put_conn(conn)  # type: ignore[misc]
 
 
@@ -212,6 +221,22 @@ def _may_send_again(prepared: requests.PreparedRequest, error: requests.Connecti
     )
 
 
+#: Seconds a client is asked to wait when this worker has no file descriptor left for a downstream connection.
+NO_DESCRIPTORS_RETRY_AFTER = 5
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The error the system raised under requests' and urllib3's wrappers (refused, unreachable, no descriptors)."""
+    cause = error
+    for _ in range(10):  # a chain, never a cycle, but bounded all the same
+        reason = getattr(cause, "reason", None)  # urllib3's MaxRetryError and NewConnectionError name theirs
+        following = reason if isinstance(reason, BaseException) else cause.__context__
+        if following is None:
+            break
+        cause = following
+    return cause
+
+
 def _downstream_error(route: Route, error: requests.RequestException) -> DownstreamError:
     """The client's answer for a failed downstream request, named for what happened."""
     if isinstance(error, requests.ConnectTimeout):
@@ -230,6 +255,18 @@ def _downstream_error(route: Route, error: requests.RequestException) -> Downstr
                 502,
                 "downstream_unavailable",
                 f"the downstream MCP server {route.name!r} closed the connection without answering",
+            )
+        cause = _innermost_cause(error)
+        # Its message names no URL, header or credential: "[Errno 111] Connection refused".
+        log.warning("could not connect to downstream %s: %s", route.name, str(cause) or type(cause).__name__)
+        if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
+            # The proxy's own limit (open streams hold two descriptors each), not the downstream's failure.
+            return DownstreamError(
+                503,
+                "temporarily_unavailable",
+                f"the proxy has too many connections open to reach the downstream MCP server {route.name!r} now; "
+                "retry after the Retry-After delay",
+                retry_after=NO_DESCRIPTORS_RETRY_AFTER,
             )
         return DownstreamError(
             502, "downstream_unavailable", f"could not connect to the downstream MCP server {route.name!r}"
