@@ -107,6 +107,25 @@ def test_a_pooled_connection_is_reused_only_while_is_connected_says_so(keepalive
     assert len(set(ports)) == 2  # not reused: is_connected said no
 
 
+# transport._IdleNoting._put_conn: urllib3's pool is a queue of `maxsize` slots (placeholders or idle connections), so
+# `pool.full()` says that a connection handed back has no slot; urllib3 itself then closes it and logs a warning.
+def test_connections_beyond_the_pool_size_are_closed_without_a_warning(
+    keepalive_server: ThreadingHTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = transport._PooledAdapter(4.0, pool_connections=1, pool_maxsize=1)
+    url = f"http://127.0.0.1:{keepalive_server.server_port}/"
+    both = [adapter.send(prepare_request("GET", url, {}, None), stream=True, timeout=5) for _ in range(2)]
+    connections = [response.raw.connection for response in both]
+    pool = both[0].raw._pool
+    for response in both:
+        assert response.raw.read() == b"ok"
+        response.raw.release_conn()
+    assert "Connection pool is full" not in caplog.text
+    assert pool.pool.qsize() == 1 and pool.pool.queue[0] is connections[0]  # the first kept, idle
+    assert connections[1].sock is None  # the second closed
+    adapter.close()
+
+
 # transport._SmallBufferResponse: urllib3 parses the response with the connection's `response_class` (http.client's
 # hook), and http.client's HTTPResponse reads through the `fp` attribute its constructor sets, which we replace.
 def test_the_response_class_is_ours_and_reads_through_fp(keepalive_server: ThreadingHTTPServer) -> None:
