@@ -961,9 +961,21 @@ def _installed(name: str) -> bool:
     return True
 
 
+#: Descriptors the processes of the run may open: 10,000 streams need ~10,000 here, 20,000 and more in the proxy
+#: worker (each stream holds the client's and the downstream's), 10,000 in the downstream.
+OPEN_FILES = 65536
+
+
 def raise_open_files_limit() -> None:
-    """10,000 streams need ~10,000 descriptors here, twice that in the proxy worker, as many in the downstream."""
+    """Up to OPEN_FILES where allowed (root may raise the hard limit; these machines' is 20,000, which a worker holding
+    10,000 streams exceeds: it then answered 503 to the last dozen), else to the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < OPEN_FILES:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+            return
+        except (ValueError, OSError):
+            pass
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 

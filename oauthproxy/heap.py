@@ -12,6 +12,8 @@ from collections.abc import Callable
 OPEN_FOR_TRIM = 256
 #: A trim waits this long after the closes that call for it, so that one trim follows a burst of them.
 TRIM_DELAY = 0.5
+#: And the trim itself waits this long after the collection that precedes it.
+COLLECTED_DELAY = 0.1
 
 
 @functools.cache
@@ -56,10 +58,18 @@ class HeapTrimmer:
         timer.start(self._trim)
 
     def _trim(self) -> None:
-        self._timer = None
         # Cycles among a closed stream's objects (frames, exceptions and their tracebacks) wait for the collector's
         # oldest generation, which a quiet worker may not reach for long; collected first, their memory is trimmed too.
         gc.collect()
+        # Not at once: the sockets just collected close through callbacks that gevent's hub runs next (their watchers
+        # and buffers are freed then). Trimmed in the same pass, a worker kept ~120 MiB more after 10,000 streams.
+        from gevent import get_hub
+
+        timer = self._timer = get_hub().loop.timer(COLLECTED_DELAY)
+        timer.start(self._release)
+
+    def _release(self) -> None:
+        self._timer = None
         trim = _malloc_trim()
         if trim is not None:
             trim(0)
