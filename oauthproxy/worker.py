@@ -15,6 +15,11 @@ from gunicorn.workers.ggevent import GeventWorker
 from oauthproxy.config import load_server_settings
 from oauthproxy.heap import trimmer
 
+# Greenlets do not record who spawned them and from where (gevent's spawning tree, kept for debugging tools): one
+# greenlet is spawned per client connection, and the record costs CPU at each spawn and memory for as long as a
+# connection (an event stream) stays open (bench/analysis.md).
+gevent.config.track_greenlet_tree = False
+
 _SERVER = load_server_settings()  # gunicorn.conf.py has already reported any problem with these, and exited
 # A request head (request line and headers) must arrive within this many seconds of a new connection or of its
 # first byte on a kept-alive one; nginx's client_header_timeout plays the same part. Real clients send it at once.

@@ -215,10 +215,18 @@ class DownstreamBody:
         try:
             if self.opening:
                 yield self.opening
+            # A listening stream waits for its next event here, at the shallowest point (transport's wait_readable).
+            parsed = getattr(raw, "_original_response", None)
+            wait_readable = getattr(parsed, "wait_readable", None) if self.listening and gevent_hub_running() else None
             # What has arrived, as soon as it has (for a chunked body, at most the rest of the current chunk): one
             # SSE event reaches the client as soon as the downstream sends it. Not urllib3's read_chunked(): one
             # generator less between the WSGI server and the socket is a smaller stack for an idle stream to keep.
-            while chunk := raw.read1(CHUNK_SIZE, decode_content=False):
+            while True:
+                if wait_readable is not None:
+                    wait_readable()
+                chunk = raw.read1(CHUNK_SIZE, decode_content=False)
+                if not chunk:
+                    break
                 yield chunk
             self._completed = True
         except (urllib3.exceptions.HTTPError, OSError, ValueError, ClientDisconnected) as error:

@@ -79,6 +79,36 @@ class _SmallBufferResponse(http.client.HTTPResponse):
         super().__init__(sock, debuglevel, method, url)
         default, self.fp = self.fp, sock.makefile("rb", RESPONSE_BUFFER)
         default.close()  # nothing was read through it yet; closing it leaves the socket open
+        self._socket = sock
+
+    def wait_readable(self) -> None:
+        """Under gevent, wait until the body has bytes to read (or the connection ends, or its timeout passes:
+        TimeoutError), at the caller's depth: an idle stream parks here rather than deep inside http.client, its
+        buffered reader and gevent's socket, and a parked greenlet keeps the memory its stack touched (its saved C
+        stack, its Python frames): bench/analysis.md. Returns at once when bytes are buffered already."""
+        from gevent.socket import wait_read
+
+        sock = self._socket
+        if self.fp is None:
+            return
+        buffered = self._buffered(sock)
+        # Nothing, or only the CRLF that ends the chunk just read (http.client leaves it, and reading past it waits
+        # for the next chunk's size line): wait. Anything else is read1's to finish.
+        if buffered is not None and (not buffered or (buffered == b"\r\n" and self.chunk_left == 0)):
+            wait_read(sock.fileno(), timeout=sock.gettimeout())
+
+    def _buffered(self, sock: Any) -> bytes | None:
+        """The bytes that have arrived and not been read: the read buffer's, else what one read that does not wait
+        finds on the socket (BufferedReader.peek reads only when its buffer is empty, and keeps what it read); None
+        when that cannot be told (TLS wanting more bytes to decrypt, a socket shut meanwhile)."""
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            return self.fp.peek(1)
+        except (OSError, ValueError):
+            return None
+        finally:
+            sock.settimeout(timeout)
 
 
 class _Tuned:
