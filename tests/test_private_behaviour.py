@@ -30,6 +30,7 @@ from werkzeug.wrappers import Request
 from oauthproxy.database_faults import _bounded_psycopg_class
 from oauthproxy.proxy import transport
 from oauthproxy.proxy.request_body import prepare_request
+from oauthproxy.routes import ProxySettings
 from tests.conftest import POSTGRES_DSN
 
 
@@ -165,9 +166,9 @@ def test_the_request_head_leaves_in_one_send(keepalive_server: ThreadingHTTPServ
 
 
 # transport._may_send_again: urllib3 wraps an error of getresponse() in ProtocolError(message, error) with the
-# original as args[1], and requests wraps that in ConnectionError(ProtocolError): the attempt noted on the original
-# error (pooled? sent?) must come through both.
-def test_a_broken_answer_keeps_the_original_error_inside_two_wrappers() -> None:
+# original as args[1], and with retries=False its urlopen raises that ProtocolError itself: the attempt noted on the
+# original error (pooled? sent?) comes through.
+def test_a_broken_answer_keeps_the_original_error_inside_protocol_error() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
 
     def read_then_hang_up() -> None:
@@ -176,13 +177,24 @@ def test_a_broken_answer_keeps_the_original_error_inside_two_wrappers() -> None:
         connection.close()
 
     threading.Thread(target=read_then_hang_up, daemon=True).start()
-    adapter = transport._PooledAdapter(4.0, pool_connections=1, pool_maxsize=1)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
-    with listener, pytest.raises(requests.ConnectionError) as caught:
-        adapter.send(prepare_request("GET", url, {}, None), stream=True, timeout=5)
-    cause = caught.value.args[0]
-    assert isinstance(cause, urllib3.exceptions.ProtocolError)
-    assert cause.args[1].oauthproxy_attempt == (False, True)
+    with listener, pytest.raises(urllib3.exceptions.ProtocolError) as caught:
+        _downstream_transport()._urlopen(prepare_request("GET", url, {}, None))
+    assert caught.value.args[1].oauthproxy_attempt == (False, True)
+
+
+# transport.DownstreamTransport._route_to: requests' adapter gives the pool for a request with its TLS settings
+# (`get_connection_with_tls_context`, our pool class for the scheme) and the request target (`request_url`).
+def test_the_adapter_gives_the_pool_and_the_request_target(keepalive_server: ThreadingHTTPServer) -> None:
+    adapter = transport._PooledAdapter(4.0, pool_connections=1, pool_maxsize=1)
+    prepared = prepare_request("GET", f"http://127.0.0.1:{keepalive_server.server_port}/a/b?c=d", {}, None)
+    assert isinstance(adapter.get_connection_with_tls_context(prepared, True), transport._Pool)
+    assert adapter.request_url(prepared, {}) == "/a/b?c=d"
+    adapter.close()
+
+
+def _downstream_transport() -> transport.DownstreamTransport:
+    return transport.DownstreamTransport(ProxySettings(), None)
 
 
 # -- gevent: oauthproxy/proxy/disconnects.py ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
-import requests
+from urllib3.response import HTTPResponse
 
 from oauthproxy.downstream_credentials import Caller, credential_header_names, downstream_auth_headers
 from oauthproxy.routes import Route
@@ -221,14 +221,14 @@ class HeaderRules:
         return headers
 
     def response_headers(
-        self, route: Route, downstream: requests.Response, body_reframed: bool
+        self, route: Route, downstream: HTTPResponse, body_reframed: bool
     ) -> tuple[list[tuple[str, str]], str | None]:
         """The downstream's headers as the client gets them, and its `Mcp-Session-Id` (None without one).
         `body_reframed`: the proxy adds bytes to the body, so the downstream's Content-Length no longer holds."""
         connection_tokens = {token.strip().lower() for token in downstream.headers.get("Connection", "").split(",")}
         headers = []
         session_id = None
-        for name, value in downstream.raw.headers.items():
+        for name, value in downstream.headers.items():
             lower = name.lower()
             if lower in HOP_BY_HOP or lower in DROPPED_RESPONSE_HEADERS or lower in connection_tokens:
                 continue

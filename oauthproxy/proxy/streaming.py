@@ -96,7 +96,7 @@ class DownstreamProxy:
             watch.stop()
             raise
         try:
-            watch.attach(downstream.raw)
+            watch.attach(downstream)
             # The WSGI server keeps environ for as long as the response streams, and werkzeug parked the whole
             # Request object in it; the request context has its own reference, for as long as it needs one.
             environ.pop("werkzeug.request", None)
@@ -106,10 +106,11 @@ class DownstreamProxy:
             return response
         except BaseException:
             watch.stop()
-            downstream.close()
+            downstream.close()  # unread: the connection is closed, not reused
+            downstream.release_conn()
             raise
 
-    def _send_apart(self, route: Route, prepared: requests.PreparedRequest, watch: ClientWatch) -> requests.Response:
+    def _send_apart(self, route: Route, prepared: requests.PreparedRequest, watch: ClientWatch) -> HTTPResponse:
         """`DownstreamTransport.send` on a greenlet of its own, for GET: MCP's listening streams, held open for minutes
         or hours.
 
@@ -130,19 +131,19 @@ class DownstreamProxy:
             watch.waiting_in(current)
 
     def _response(
-        self, route: Route, environ: dict[str, Any], downstream: requests.Response, watch: ClientWatch
+        self, route: Route, environ: dict[str, Any], downstream: HTTPResponse, watch: ClientWatch
     ) -> ProxiedResponse:
         content_type = downstream.headers.get("Content-Type", "")
         is_event_stream = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
         # A comment cannot be spliced into a compressed body; such a stream starts with its own first bytes.
         opening = SSE_OPENING_COMMENT if is_event_stream and not downstream.headers.get("Content-Encoding") else b""
         if is_event_stream:
-            self.transport.set_stream_idle_timeout(downstream.raw)
+            self.transport.set_stream_idle_timeout(downstream)
         headers, session_id = self.header_rules.response_headers(route, downstream, bool(opening))
         body = DownstreamBody(
-            route, downstream.raw, opening, watch, listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET"
+            route, downstream, opening, watch, listening=is_event_stream and environ.get("REQUEST_METHOD") == "GET"
         )
-        response = ProxiedResponse(body, status=downstream.status_code, headers=headers, direct_passthrough=True)
+        response = ProxiedResponse(body, status=downstream.status, headers=headers, direct_passthrough=True)
         # Noted while the headers were copied, not looked up afterwards in Werkzeug's (or requests') headers: a lookup
         # costs CPU on every request (bench/analysis.md).
         response.mcp_session_id = session_id

@@ -40,6 +40,8 @@ KEEPALIVE_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
     for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
     if hasattr(socket, name)
 ]
+#: Distinct downstream URLs whose pool and request target are kept (then the cache starts again).
+ROUTES_CACHED = 1024
 #: RFC 9110 §9.2.2: a request with one of these methods may be sent again after a broken connection.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -233,17 +235,16 @@ class _PooledAdapter(HTTPAdapter):
             connection_class.retire_idle_before = time.monotonic()
 
 
-def _may_send_again(prepared: requests.PreparedRequest, error: requests.ConnectionError) -> bool:
+def _may_send_again(prepared: requests.PreparedRequest, error: urllib3.exceptions.ProtocolError) -> bool:
     """Whether a request that failed on a broken connection may go out once more, on a fresh connection.
 
     Only when it went out on a pooled connection (one the downstream may have been closing as we sent), broke before
     any byte of an answer, has a body we still hold, and either never left or is idempotent (RFC 9110 §9.2.2): a
     reset does not prove that a POST was not processed, and a tool must not run twice.
     """
-    cause = error.args[0] if error.args else None
-    if not isinstance(cause, urllib3.exceptions.ProtocolError) or len(cause.args) < 2:
+    if len(error.args) < 2:
         return False
-    reused, sent = getattr(cause.args[1], "oauthproxy_attempt", (False, True))
+    reused, sent = getattr(error.args[1], "oauthproxy_attempt", (False, True))
     return (
         reused
         and (prepared.body is None or isinstance(prepared.body, bytes))
@@ -267,25 +268,28 @@ def _innermost_cause(error: BaseException) -> BaseException:
     return cause
 
 
-def _downstream_error(route: Route, error: requests.RequestException) -> DownstreamError:
+def _downstream_error(route: Route, error: urllib3.exceptions.HTTPError | OSError) -> DownstreamError:
     """The client's answer for a failed downstream request, named for what happened."""
-    if isinstance(error, requests.ConnectTimeout):
+    # NewConnectionError is a ConnectTimeoutError in urllib3's hierarchy (for history's sake): it is a refusal.
+    if isinstance(error, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+        error, urllib3.exceptions.NewConnectionError
+    ):
         return DownstreamError(
             504, "downstream_timeout", f"timed out connecting to the downstream MCP server {route.name!r}"
         )
-    if isinstance(error, requests.ReadTimeout):
+    if isinstance(error, urllib3.exceptions.ReadTimeoutError):
         return DownstreamError(
             504, "downstream_timeout", f"the downstream MCP server {route.name!r} did not answer in time"
         )
-    if isinstance(error, requests.ConnectionError):
-        if isinstance(error.args[0] if error.args else None, urllib3.exceptions.ProtocolError):
-            # Connected, sent, and the connection broke (reset or closed) before an answer came.
-            log.warning("downstream %s closed the connection without answering: %r", route.name, error)
-            return DownstreamError(
-                502,
-                "downstream_unavailable",
-                f"the downstream MCP server {route.name!r} closed the connection without answering",
-            )
+    if isinstance(error, urllib3.exceptions.ProtocolError):
+        # Connected, sent, and the connection broke (reset or closed) before an answer came.
+        log.warning("downstream %s closed the connection without answering: %r", route.name, error)
+        return DownstreamError(
+            502,
+            "downstream_unavailable",
+            f"the downstream MCP server {route.name!r} closed the connection without answering",
+        )
+    if isinstance(error, urllib3.exceptions.NewConnectionError | urllib3.exceptions.SSLError | OSError):
         cause = _innermost_cause(error)
         # Its message names no URL, header or credential: "[Errno 111] Connection refused".
         log.warning("could not connect to downstream %s: %s", route.name, str(cause) or type(cause).__name__)
@@ -314,6 +318,11 @@ class DownstreamTransport:
         self._adapter: _PooledAdapter | None = None
         self._adapter_pid = 0
         self._adapter_lock = threading.Lock()
+        self._routes: dict[str, tuple[HTTPConnectionPool, str]] = {}  # per process, with the adapter
+        self._pools: dict[str, HTTPConnectionPool] = {}
+        self._timeout = urllib3.Timeout(
+            connect=settings.downstream_connect_timeout, read=settings.downstream_read_timeout
+        )
 
     @property
     def adapter(self) -> _PooledAdapter:
@@ -327,20 +336,16 @@ class DownstreamTransport:
                         pool_maxsize=self.settings.downstream_pool_size,
                     )
                     self._adapter_pid = os.getpid()
+                    self._routes, self._pools = {}, {}
         return self._adapter
 
-    def send(self, route: Route, prepared: requests.PreparedRequest) -> requests.Response:
-        """The downstream's response, its body still to be read; DownstreamError when there is none."""
-        # Straight to the pooled adapter, not through a `requests.Session`: that would keep downstream cookies in a
-        # jar shared by every user of this worker, read proxy variables and .netrc (and might route the downstream's
-        # traffic, credentials included, through an HTTP(S)_PROXY), and read a 3xx body before we could stream it.
-        adapter = self.adapter
-        timeout = (self.settings.downstream_connect_timeout, self.settings.downstream_read_timeout)
-        verify = self.ca_bundle or True  # CA_BUNDLE, per request: the environment's CA variables do not override it
+    def send(self, route: Route, prepared: requests.PreparedRequest) -> HTTPResponse:
+        """The downstream's response, its body still to be read (then `release_conn()`); DownstreamError when there
+        is none."""
         try:
             try:
-                return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
-            except requests.ConnectionError as error:
+                return self._urlopen(prepared)
+            except urllib3.exceptions.ProtocolError as error:
                 if not _may_send_again(prepared, error):
                     raise
                 log.info(
@@ -348,10 +353,55 @@ class DownstreamTransport:
                     route.name,
                     prepared.method,
                 )
-            adapter.retire_idle_connections()
-            return adapter.send(prepared, stream=True, verify=verify, timeout=timeout)
-        except requests.RequestException as error:
+            self.adapter.retire_idle_connections()
+            return self._urlopen(prepared)
+        except (urllib3.exceptions.HTTPError, OSError) as error:
             raise _downstream_error(route, error) from None
+
+    def _urlopen(self, prepared: requests.PreparedRequest) -> HTTPResponse:
+        # Straight to urllib3's pool, with what requests' adapter would pass it: not through a `requests.Session`,
+        # which would keep downstream cookies in a jar shared by every user of this worker, read proxy variables and
+        # .netrc (and might route the downstream's traffic, credentials included, through an HTTP(S)_PROXY), and
+        # read a 3xx body before we could stream it; and not through the adapter's `send` either, whose per-request
+        # work (the pool looked up from a parsed URL, a `requests.Response` with a copy of the headers and a cookie
+        # jar) was about 60-100 µs of CPU per request (bench/analysis.md).
+        pool, target = self._route_to(prepared)
+        body = prepared.body
+        return pool.urlopen(  # type: ignore[return-value]  # preload_content=False: an HTTPResponse to stream
+            prepared.method or "GET",
+            target,
+            body=body,
+            headers=prepared.headers,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            decode_content=False,
+            retries=False,  # errors as they are; the one retry that is safe is ours (send)
+            timeout=self._timeout,
+            chunked=body is not None and "Content-Length" not in prepared.headers,
+            release_conn=False,
+        )
+
+    def _route_to(self, prepared: requests.PreparedRequest) -> tuple[HTTPConnectionPool, str]:
+        """The pool for the request's URL and its request target, looked up once per distinct URL. One pool per
+        origin (scheme, host, port), made by requests' adapter with its TLS settings, kept for the process: the
+        origins are the routes' downstream URLs, a fixed few."""
+        url = prepared.url or ""
+        found = self._routes.get(url)
+        if found is None:
+            origin = "/".join(url.split("/", 3)[:3])  # scheme://host:port, as requests normalised it
+            pool = self._pools.get(origin)
+            if pool is None:
+                adapter = self.adapter
+                verify = self.ca_bundle or True  # CA_BUNDLE, per request: the environment's CA variables do not apply
+                made = adapter.get_connection_with_tls_context(prepared, verify)
+                assert isinstance(made, HTTPConnectionPool)  # ours: _Pool or _TLSPool (init_poolmanager)
+                adapter.cert_verify(made, url, verify, None)
+                pool = self._pools[origin] = made
+            if len(self._routes) >= ROUTES_CACHED:
+                self._routes.clear()
+            found = self._routes[url] = (pool, self.adapter.request_url(prepared, {}))
+        return found
 
     def set_stream_idle_timeout(self, raw: HTTPResponse) -> None:
         # The read timeout bounded the wait for headers; between events of a stream the idle limit applies.
