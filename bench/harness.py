@@ -967,8 +967,9 @@ OPEN_FILES = 65536
 
 
 def raise_open_files_limit() -> None:
-    """Up to OPEN_FILES where allowed (root may raise the hard limit; these machines' is 20,000, which a worker holding
-    10,000 streams exceeds: it then answered 503 to the last dozen), else to the hard limit."""
+    """Up to OPEN_FILES where allowed (raising the hard limit needs CAP_SYS_RESOURCE), else to the hard limit. These
+    machines' hard limit is 20,000 and may not be raised, which a worker holding 10,000 streams exceeds: it answers
+    503 to the last dozen, and the report says so."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < OPEN_FILES:
         try:

@@ -61,7 +61,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             (
                 f"{largest:,} idle SSE streams on one worker: none dropped",
                 f"{largest:,} of {largest:,}",
-                f"{kept:,} of {largest:,}",
+                f"{kept:,} of {largest:,}" + _descriptor_note(results, largest),
                 kept == largest,
             )
         )
@@ -100,6 +100,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         queries = token["queries_per_request_cached"]
         found.append(("database queries per proxied request, cached token", "0", f"{queries:g}", queries == 0))
     return found
+
+
+def _descriptor_note(results: dict[str, Any], streams: int) -> str:
+    """Why streams were refused, when the machine's descriptor limit is the reason: a worker holds two per stream
+    (the client's, the downstream's), and it answers 503 past its limit (streams that were not opened)."""
+    limit = results["machine"].get("open_files_limit")
+    if not limit or limit > 2 * streams + 200:
+        return ""
+    return f" (descriptor limit {limit:,}, 2 per stream: at most about {limit // 2 - 10:,} per worker)"
 
 
 def _mcp_load_targets(load: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
