@@ -125,6 +125,17 @@ def _upgrade_database() -> int:
     return 0
 
 
+def when_ready(server) -> None:
+    """Once started (a start that fails says only why): a word on the allocator when it is Python's own."""
+    if os.environ.get("PYTHONMALLOC") != "malloc":
+        # Only the environment of the interpreter's start can choose the allocator. Python's own keeps the memory of
+        # many streams that have closed (in 1 MiB arenas that a few survivors pin); malloc's goes back to the system.
+        server.log.info(
+            "PYTHONMALLOC=malloc is not set: workers keep much of the memory of event streams after they close "
+            "(the Dockerfile and Procfile set it; docs/scaling.md)"
+        )
+
+
 def on_starting(server) -> None:
     """Apply database migrations once, before any worker starts (upgrade_database also locks across instances).
 
@@ -133,13 +144,6 @@ def on_starting(server) -> None:
     leave database connections for the workers to inherit.
     """
     _reset_metrics_folder()
-    if os.environ.get("PYTHONMALLOC") != "malloc":
-        # Only the environment of the interpreter's start can choose the allocator. Python's own keeps the memory of
-        # many streams that have closed (in 1 MiB arenas that a few survivors pin); malloc's goes back to the system.
-        server.log.info(
-            "PYTHONMALLOC=malloc is not set: workers keep much of the memory of event streams after they close "
-            "(the Dockerfile and Procfile set it; docs/scaling.md)"
-        )
     pid = os.fork()
     if pid == 0:
         code = 1
