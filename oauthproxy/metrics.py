@@ -92,32 +92,29 @@ def _tolerant(stored: Any) -> Any:
                 self._arguments = None
             return self._value
 
-        def inc(self, amount: float) -> None:
+        def _call(self, method: str, *args: Any) -> Any:
+            """The stored value's method, or None when the value cannot be stored now (the failure is logged)."""
             value = self._stored()
-            if value is not None:
-                try:
-                    value.inc(amount)
-                except OSError as error:
-                    _storage_failed(error)
+            if value is None:
+                return None
+            try:
+                return getattr(value, method)(*args)
+            except OSError as error:
+                _storage_failed(error)
+                return None
+
+        def inc(self, amount: float) -> None:
+            self._call("inc", amount)
 
         def set(self, value: float, timestamp: float | None = None) -> None:
-            found = self._stored()
-            if found is not None:
-                try:
-                    found.set(value, timestamp)
-                except OSError as error:
-                    _storage_failed(error)
+            self._call("set", value, timestamp)
 
         def set_exemplar(self, exemplar: Any) -> None:
             return
 
         def get(self) -> float:
-            value = self._stored()
-            try:
-                return value.get() if value is not None else 0.0
-            except OSError as error:
-                _storage_failed(error)
-                return 0.0
+            found = self._call("get")
+            return 0.0 if found is None else found
 
         def get_exemplar(self) -> None:
             return None

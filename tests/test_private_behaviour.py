@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _socket
 import inspect
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -191,6 +192,20 @@ def test_the_adapter_gives_the_pool_and_the_request_target(keepalive_server: Thr
     assert isinstance(adapter.get_connection_with_tls_context(prepared, True), transport._Pool)
     assert adapter.request_url(prepared, {}) == "/a/b?c=d"
     adapter.close()
+
+
+# transport.DownstreamTransport._route_to: the pools it keeps are this process's; a forked worker makes its own
+# (a pool shared across a fork would share its sockets between two processes).
+def test_a_forked_process_gets_pools_of_its_own(keepalive_server: ThreadingHTTPServer) -> None:
+    downstream = _downstream_transport()
+    prepared = prepare_request("GET", f"http://127.0.0.1:{keepalive_server.server_port}/mcp", {}, None)
+    parents, _ = downstream._route_to(prepared)
+    assert downstream._route_to(prepared)[0] is parents  # kept within a process
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through its exit status)
+        os._exit(0 if downstream._route_to(prepared)[0] is not parents else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def _downstream_transport() -> transport.DownstreamTransport:

@@ -257,11 +257,11 @@ NO_DESCRIPTORS_RETRY_AFTER = 5
 
 
 def _innermost_cause(error: BaseException) -> BaseException:
-    """The error the system raised under requests' and urllib3's wrappers (refused, unreachable, no descriptors)."""
+    """The error the system raised under urllib3's wrappers (refused, unreachable, no descriptors): urllib3 raises
+    its own from the socket's, so the chain leads there."""
     cause = error
     for _ in range(10):  # a chain, never a cycle, but bounded all the same
-        reason = getattr(cause, "reason", None)  # urllib3's MaxRetryError and NewConnectionError name theirs
-        following = reason if isinstance(reason, BaseException) else cause.__context__
+        following = cause.__cause__ or cause.__context__
         if following is None:
             break
         cause = following
@@ -386,13 +386,13 @@ class DownstreamTransport:
         """The pool for the request's URL and its request target, looked up once per distinct URL. One pool per
         origin (scheme, host, port), made by requests' adapter with its TLS settings, kept for the process: the
         origins are the routes' downstream URLs, a fixed few."""
+        adapter = self.adapter  # first: in a forked worker it starts these caches again, so no pool is shared
         url = prepared.url or ""
         found = self._routes.get(url)
         if found is None:
             origin = "/".join(url.split("/", 3)[:3])  # scheme://host:port, as requests normalised it
             pool = self._pools.get(origin)
             if pool is None:
-                adapter = self.adapter
                 verify = self.ca_bundle or True  # CA_BUNDLE, per request: the environment's CA variables do not apply
                 made = adapter.get_connection_with_tls_context(prepared, verify)
                 assert isinstance(made, HTTPConnectionPool)  # ours: _Pool or _TLSPool (init_poolmanager)
@@ -400,7 +400,7 @@ class DownstreamTransport:
                 pool = self._pools[origin] = made
             if len(self._routes) >= ROUTES_CACHED:
                 self._routes.clear()
-            found = self._routes[url] = (pool, self.adapter.request_url(prepared, {}))
+            found = self._routes[url] = (pool, adapter.request_url(prepared, {}))
         return found
 
     def set_stream_idle_timeout(self, raw: HTTPResponse) -> None:
