@@ -305,6 +305,29 @@ def test_a_bounded_postgres_wait_ends_with_wait_timeout() -> None:
         connection.close()
 
 
+# -- Flask-Limiter: oauthproxy/rate_limits.py ---------------------------------------------------------------------
+
+
+# rate_limits.init_rate_limits: Flask-Limiter's init_app registers its bound `_check_request_limit` as an app-wide
+# before_request function, which the proxy removes; a view's own limit is checked in its decorator's wrapper.
+def test_flask_limiter_checks_decorated_views_without_its_before_request_pass() -> None:
+    from flask_limiter import Limiter
+    from flask_limiter.util import get_remote_address
+
+    app = Flask(__name__)
+    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://")
+    assert limiter._check_request_limit in app.before_request_funcs[None]
+    app.before_request_funcs[None].remove(limiter._check_request_limit)
+
+    @app.route("/limited")
+    @limiter.limit("1 per minute")
+    def limited() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert [client.get("/limited").status_code for _ in range(2)] == [200, 429]
+
+
 # -- Authlib and Flask: oauthproxy/providers/base.py (upstream.py before the providers split), components.py ----------
 
 
