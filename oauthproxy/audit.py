@@ -319,6 +319,8 @@ class AuditTrail:
         # What is buffered now, and no more: events keep arriving during the yields, and a flush that chased them
         # would go on in slices of one or two, each paying a commit.
         due = len(self._events)
+        if not due and not self._unstored:
+            return 0  # the idle flusher's round: no app context, no engine, no file opened
         insert = self._insert_statement()
         table_answers = insert is not None  # a table that failed once waits for the next flush (a try may wait)
         with self._line_writer() as write_lines:
