@@ -272,7 +272,9 @@ class StreamCounter:
     def __iter__(self) -> Iterator[bytes]:
         self._opened_at = time.monotonic()
         OPEN_STREAMS.labels(self._route).inc()
-        yield from self._body
+        # The body's own iterator, not a generator around it: the WSGI server then iterates the body directly, and
+        # an idle stream's parked greenlet keeps one interpreter frame less on its saved C stack (bench/analysis.md).
+        return iter(self._body)
 
     def close(self) -> None:
         if self._closed:
