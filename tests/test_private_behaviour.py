@@ -208,6 +208,20 @@ def test_a_forked_process_gets_pools_of_its_own(keepalive_server: ThreadingHTTPS
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+# transport.DownstreamTransport._route_to: one pool per origin, and a cache of request targets that starts again after
+# ROUTES_CACHED distinct URLs, so that a client sending endless distinct paths or queries cannot grow it.
+def test_distinct_request_urls_share_one_pool_and_a_bounded_cache(keepalive_server: ThreadingHTTPServer) -> None:
+    downstream = _downstream_transport()
+    base = f"http://127.0.0.1:{keepalive_server.server_port}/mcp"
+    pools = set()
+    for n in range(transport.ROUTES_CACHED * 3):
+        pool, target = downstream._route_to(prepare_request("GET", f"{base}/{n}?q=%2F{n}", {}, None))
+        assert target == f"/mcp/{n}?q=%2F{n}"
+        pools.add(id(pool))
+        assert len(downstream._routes) <= transport.ROUTES_CACHED
+    assert len(pools) == 1 and len(downstream._pools) == 1
+
+
 def _downstream_transport() -> transport.DownstreamTransport:
     return transport.DownstreamTransport(ProxySettings(), None)
 
