@@ -1,7 +1,10 @@
 """The real MCP server the load benchmarks run behind the proxy: the `mcp` SDK's server with one `echo` tool.
 
 `python -m bench.mcp_server PORT --app stateless|stateful --workers N` serves it on 127.0.0.1 from N uvicorn
-processes sharing one listening socket. *stateless* answers each request on its own (no session: any process can
+processes, each with a listening socket of its own on the same port (SO_REUSEPORT), so that the kernel spreads
+connections over them. With one shared socket, whichever process accepted first often took every connection: wrk's
+20 connections gave 835-947 req/s with one process doing all the work and 1,664-1,794 with both (6 runs of 4 s), so
+a ratio to "direct" depended on that draw (bench/analysis.md). *stateless* answers each request on its own (no session: any process can
 take any request), as a server scaled over several processes must; *stateful* hands out an `Mcp-Session-Id` at
 `initialize` (run it with one process: its sessions live in that process's memory). Both answer `tools/call` and
 `initialize` with an event stream, as the SDK does by default and as most real servers do.
@@ -38,17 +41,27 @@ def main() -> None:
     parser.add_argument("--app", choices=("stateless", "stateful"), default="stateless")
     parser.add_argument("--workers", type=int, default=1)
     arguments = parser.parse_args()
-    listener = socket.create_server(("127.0.0.1", arguments.port), backlog=2048)
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # All bound before any process starts, so that no connection arrives while only some of them listen.
+    listeners = [
+        socket.create_server(("127.0.0.1", arguments.port), backlog=2048, reuse_port=True)
+        for _ in range(arguments.workers)
+    ]
+    for listener in listeners:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     children = []
-    for _ in range(arguments.workers):
+    for own in listeners:
         pid = os.fork()
         if pid == 0:
+            for other in listeners:
+                if other is not own:
+                    other.close()  # a socket nobody accepts on would still be given its share of connections
             app = server.streamable_http_app(stateless_http=arguments.app == "stateless", host="127.0.0.1")
             config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-            uvicorn.Server(config).run(sockets=[listener])
+            uvicorn.Server(config).run(sockets=[own])
             os._exit(0)
         children.append(pid)
+    for listener in listeners:
+        listener.close()  # each is its process's now
 
     def stop(signum: int, _frame: object) -> None:
         for child in children:
