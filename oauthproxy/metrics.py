@@ -259,7 +259,8 @@ def instrument_provider(provider: Any) -> None:
 
 
 class StreamCounter:
-    """Wraps a streamed response body: counts it as an open stream from first byte to close, then its duration.
+    """Wraps a streamed response body: counts it as an open stream from the start of its iteration to close, then its
+    duration.
 
     `close()` is forwarded, so the body's own clean-up (ending the downstream request) still runs.
     """
