@@ -4,10 +4,12 @@
 processes, each with a listening socket of its own on the same port (SO_REUSEPORT), so that the kernel spreads
 connections over them. With one shared socket, whichever process accepted first often took every connection: wrk's
 20 connections gave 835-947 req/s with one process doing all the work and 1,664-1,794 with both (6 runs of 4 s), so
-a ratio to "direct" depended on that draw (bench/analysis.md). *stateless* answers each request on its own (no session: any process can
-take any request), as a server scaled over several processes must; *stateful* hands out an `Mcp-Session-Id` at
-`initialize` (run it with one process: its sessions live in that process's memory). Both answer `tools/call` and
-`initialize` with an event stream, as the SDK does by default and as most real servers do.
+a ratio to "direct" depended on that draw (bench/analysis.md).
+
+*stateless* answers each request on its own (no session: any process can take any request), as a server scaled over
+several processes must; *stateful* hands out an `Mcp-Session-Id` at `initialize` (run it with one process: its
+sessions live in that process's memory). Both answer `tools/call` and `initialize` with an event stream, as the SDK
+does by default and as most real servers do.
 
 Not `uvicorn --workers`: its shared socket is made without the TCP protocol number, so asyncio never sets
 TCP_NODELAY on the connections it accepts, and every keep-alive answer waits ~40 ms for the client's delayed ACK
