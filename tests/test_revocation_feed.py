@@ -273,9 +273,15 @@ def test_the_listener_forgets_what_it_hears_and_flushes_after_an_outage(caplog: 
         wait_for(lambda: subscription.subscribed == 2, what="reconnected")
         wait_for(lambda: feed.connected, what="connected again")
         assert cache.get("b") is None  # whatever was announced meanwhile went unheard: nothing cached is kept
-        messages = [record.getMessage() for record in caplog.records]
-        assert any("lost: ConnectionError: the feed went away" in m and "TOKEN_CACHE_TTL (30 s)" in m for m in messages)
-        assert any("back after" in m and "token cache flushed" in m for m in messages), messages
+
+        def messages() -> list[str]:
+            return [record.getMessage() for record in caplog.records]
+
+        # The listener logs its return just after it says it is connected: wait for the line, not only the flag.
+        wait_for(lambda: any("back after" in m and "token cache flushed" in m for m in messages()), what="back line")
+        assert any(
+            "lost: ConnectionError: the feed went away" in m and "TOKEN_CACHE_TTL (30 s)" in m for m in messages()
+        )
     finally:
         feed.stop()
     wait_for(lambda: not feed.connected, what="stopped")
