@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -197,3 +198,60 @@ def test_half_sent_requests_do_not_stop_the_worker(
     took = time.monotonic() - started
     assert took < 5, took
     assert_no_traceback(proxy)
+
+
+FLOOD_CONNECTIONS = 4
+FLOOD_REQUESTS = 1500  # per connection, pipelined: the next one is always there when the worker looks
+UNAUTHENTICATED = (
+    b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+)
+STATUS_LINE = b"HTTP/1.1 401 "
+
+
+def test_a_client_that_always_has_its_next_request_ready_does_not_starve_the_others(
+    timed_proxy: GunicornProxy,
+) -> None:
+    """Requests the proxy answers itself (a 401 here, or a denied tool call) never wait on anything. Without giving way
+    after each, a connection whose next request is always ready kept the worker to itself: 20 such connections kept
+    another client's request waiting 0.2-3.2 s. Counted in answers, not seconds: how many of the flood's requests
+    were answered while one other request waited for its turn."""
+    answered = [0] * FLOOD_CONNECTIONS
+    floods = [socket.create_connection(address(timed_proxy), timeout=30) for _ in range(FLOOD_CONNECTIONS)]
+
+    def send(sock: socket.socket) -> None:
+        sock.sendall(UNAUTHENTICATED * FLOOD_REQUESTS)
+
+    def read(index: int, sock: socket.socket) -> None:
+        tail = b""
+        while answered[index] < FLOOD_REQUESTS and (data := sock.recv(65536)):
+            seen = tail + data
+            answered[index] += seen.count(STATUS_LINE)
+            tail = seen[-(len(STATUS_LINE) - 1) :]  # a status line split across two reads is counted once
+
+    threads = [threading.Thread(target=send, args=(sock,), daemon=True) for sock in floods]
+    threads += [threading.Thread(target=read, args=(i, sock), daemon=True) for i, sock in enumerate(floods)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while sum(answered) < 200 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with socket.create_connection(address(timed_proxy), timeout=30) as probe:
+            before = sum(answered)
+            probe.sendall(UNAUTHENTICATED)
+            status = b""
+            while len(status) < len(STATUS_LINE) and (data := probe.recv(len(STATUS_LINE) - len(status))):
+                status += data
+            during = sum(answered) - before
+        assert status == STATUS_LINE
+        total = FLOOD_CONNECTIONS * FLOOD_REQUESTS
+        assert before < total, "the flood had ended before the other request was sent: nothing was contested"
+        # Served in turn, it waits for about one answer per flood connection; kept waiting, for the whole flood.
+        assert during < 100, f"{during} of the flood's requests were answered while one other request waited"
+        for thread in threads:
+            thread.join(timeout=60)
+        assert answered == [FLOOD_REQUESTS] * FLOOD_CONNECTIONS
+    finally:
+        for sock in floods:
+            sock.close()
+    assert_no_traceback(timed_proxy)
